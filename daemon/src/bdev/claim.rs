@@ -1,0 +1,1 @@
+//! Device claiming (being written).
