@@ -1,1 +1,970 @@
-//! Reactors (being written).
+//! Reactors: one pinned thread per core, each owning one io_uring, its in-flight request
+//! table, its buffer pool, its timers and pollers (DESIGN §3).
+//!
+//! The loop ([`Reactor::run`]) drains messages, delivers completions, fires timers and runs
+//! pollers; it submits every queued SQE with one `io_uring_enter` per iteration and reaps
+//! completions from shared memory. While there is work it never sleeps; after
+//! `idle_threshold_us` without work (and with no fast IO in flight) it sleeps in the kernel
+//! until a completion, the next timer or the doorbell (an eventfd read kept armed in the
+//! ring) wakes it. Ops that io_uring hands to its worker threads (fsync, fallocate) are
+//! "slow": they do not keep the reactor spinning.
+//!
+//! Must never: block on a lock shared with another reactor, call into layers above it, or
+//! allocate per IO (requests live in a preallocated slot table).
+//!
+//! Start reading at [`ReactorSet::start`], then [`Reactor::run`], then [`Reactor::submit`].
+
+pub mod buf;
+pub mod msg;
+mod timer;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+pub use buf::{BufPool, IoBuf};
+pub use msg::{Answer, Message, Remote, SendError};
+pub use timer::TimerId;
+
+/// A Linux errno carried by a failed IO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    /// Invalid argument: unaligned or out-of-range IO.
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    /// Generic IO error.
+    pub const EIO: Errno = Errno(libc::EIO);
+    /// Operation not supported by this device.
+    pub const EOPNOTSUPP: Errno = Errno(libc::EOPNOTSUPP);
+    /// Resource temporarily unavailable (queue full).
+    pub const EAGAIN: Errno = Errno(libc::EAGAIN);
+    /// No space left.
+    pub const ENOSPC: Errno = Errno(libc::ENOSPC);
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (errno {})",
+            std::io::Error::from_raw_os_error(self.0),
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Errno {}
+
+/// Result of an IO: bytes transferred (0 for flush/discard/write-zeroes) or an errno.
+pub type IoResult = Result<u32, Errno>;
+
+/// Receives completions on the reactor that submitted the request.
+///
+/// The same object usually serves many requests; `tag` tells them apart (a slot index, a
+/// ublk tag). Implementations use interior mutability: completions may submit new IO.
+pub trait Completion {
+    /// The request tagged `tag` finished with `res`; `buf` is the buffer it carried, if any.
+    fn complete(&self, rx: &Reactor, tag: u64, res: IoResult, buf: Option<IoBuf>);
+}
+
+/// Whether an op keeps the reactor polling while it is in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Completes in microseconds (reads, writes): poll for it.
+    Fast,
+    /// Runs in io_uring's worker threads (fsync, fallocate): sleep while only these remain.
+    Slow,
+}
+
+/// Why a submission was refused before reaching the device.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Every request slot of this reactor is in use; retry after a completion.
+    #[error("reactor request table is full ({0} requests in flight); retry after a completion")]
+    Full(usize),
+}
+
+/// Reactor settings. Everything is bounded.
+#[derive(Clone, Debug)]
+pub struct ReactorConfig {
+    /// Submission queue entries (power of two).
+    pub ring_entries: u32,
+    /// Requests a reactor may have in flight (slot table size; the CQ is sized to fit).
+    pub max_inflight: u32,
+    /// Poll this long without work before sleeping in the kernel.
+    pub idle_threshold_us: u64,
+    /// With fast IO in flight but no completion for this long, sleep anyway (a stuck device
+    /// must not burn a core forever).
+    pub busy_poll_limit_us: u64,
+    /// Bounded message queue capacity per reactor.
+    pub inbox_capacity: usize,
+    /// Pooled IO buffer chunk size (the largest pooled IO) and count per reactor.
+    pub buf_chunk_bytes: usize,
+    /// Number of pooled IO buffer chunks per reactor.
+    pub buf_count: usize,
+    /// Pin each reactor thread to its core.
+    pub pin: bool,
+}
+
+impl Default for ReactorConfig {
+    fn default() -> Self {
+        Self {
+            ring_entries: 256,
+            max_inflight: 1024,
+            idle_threshold_us: 200,
+            busy_poll_limit_us: 2_000,
+            inbox_capacity: 1024,
+            buf_chunk_bytes: 128 * 1024,
+            buf_count: 64,
+            pin: true,
+        }
+    }
+}
+
+/// Counters readable from any thread (metrics, tests).
+#[derive(Debug, Default)]
+pub struct ReactorStats {
+    /// Nanoseconds spent in loop iterations that found work.
+    pub busy_ns: AtomicU64,
+    /// Nanoseconds spent asleep in the kernel.
+    pub sleep_ns: AtomicU64,
+    /// Times the reactor went to sleep (counted as it goes).
+    pub sleeps: AtomicU64,
+    /// `io_uring_enter` calls.
+    pub enters: AtomicU64,
+    /// Requests completed (ring and software).
+    pub completions: AtomicU64,
+}
+
+const DOORBELL_UD: u64 = u64::MAX;
+
+struct Slot {
+    cb: Option<Rc<dyn Completion>>,
+    tag: u64,
+    buf: Option<IoBuf>,
+    kind: OpKind,
+}
+
+/// The in-flight request table: preallocated, indexed by `user_data`.
+struct Slots {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    fast_inflight: usize,
+}
+
+impl Slots {
+    fn new(n: u32) -> Self {
+        Self {
+            slots: (0..n)
+                .map(|_| Slot {
+                    cb: None,
+                    tag: 0,
+                    buf: None,
+                    kind: OpKind::Fast,
+                })
+                .collect(),
+            free: (0..n).rev().collect(),
+            fast_inflight: 0,
+        }
+    }
+
+    fn alloc(
+        &mut self,
+        cb: Rc<dyn Completion>,
+        tag: u64,
+        buf: Option<IoBuf>,
+        kind: OpKind,
+    ) -> Result<u32, (SubmitError, Option<IoBuf>)> {
+        let Some(idx) = self.free.pop() else {
+            return Err((SubmitError::Full(self.slots.len()), buf));
+        };
+        let slot = &mut self.slots[idx as usize];
+        debug_assert!(slot.cb.is_none(), "free slot {idx} still holds a request");
+        slot.cb = Some(cb);
+        slot.tag = tag;
+        slot.buf = buf;
+        slot.kind = kind;
+        if kind == OpKind::Fast {
+            self.fast_inflight += 1;
+        }
+        Ok(idx)
+    }
+
+    fn release(&mut self, idx: u32) -> (Rc<dyn Completion>, u64, Option<IoBuf>) {
+        let slot = &mut self.slots[idx as usize];
+        let cb = slot
+            .cb
+            .take()
+            .unwrap_or_else(|| panic!("completion for idle request slot {idx}"));
+        if slot.kind == OpKind::Fast {
+            self.fast_inflight -= 1;
+        }
+        let out = (cb, slot.tag, slot.buf.take());
+        self.free.push(idx);
+        out
+    }
+
+    fn inflight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
+
+/// What a poller asks of the loop after it ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollStatus {
+    /// Did something: keep the reactor awake.
+    Busy,
+    /// Found nothing to do.
+    Idle,
+}
+
+type Poller = Box<dyn FnMut(&Reactor) -> PollStatus>;
+
+/// One reactor: lives on its own thread; reached from elsewhere through its [`Remote`].
+pub struct Reactor {
+    id: usize,
+    core: Option<usize>,
+    cfg: ReactorConfig,
+    ring: RefCell<IoUring>,
+    /// SQEs pushed since the last `io_uring_enter`.
+    pending_sqes: Cell<u32>,
+    slots: RefCell<Slots>,
+    /// Requests completed in software (null, malloc, validation errors): same slot table,
+    /// same dispatch as ring completions, delivered from the loop, never inline.
+    soft_done: RefCell<VecDeque<(u32, IoResult)>>,
+    inbox: Arc<msg::Inbox>,
+    timers: RefCell<timer::Timers>,
+    pollers: RefCell<Vec<Poller>>,
+    bufs: BufPool,
+    stats: Arc<ReactorStats>,
+    stopping: Cell<bool>,
+    /// Registered file table: slots used so far.
+    files_used: RefCell<Vec<bool>>,
+    /// Landing spot of the armed doorbell read; boxed so its address never moves.
+    doorbell_buf: Box<Cell<u64>>,
+    cached_now: Cell<Instant>,
+}
+
+impl fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reactor")
+            .field("id", &self.id)
+            .field("core", &self.core)
+            .field("inflight", &self.slots.borrow().inflight())
+            .finish()
+    }
+}
+
+/// Registered-file table size per reactor.
+const MAX_FILES: u32 = 256;
+
+impl Reactor {
+    fn new(
+        id: usize,
+        core: Option<usize>,
+        cfg: ReactorConfig,
+        inbox: Arc<msg::Inbox>,
+    ) -> std::io::Result<Self> {
+        let cq_entries = cfg.max_inflight.max(cfg.ring_entries).next_power_of_two() * 2;
+        let ring = build_ring(cfg.ring_entries, cq_entries)?;
+        let bufs = BufPool::new(cfg.buf_chunk_bytes, cfg.buf_count)?;
+        let (ptr, len) = bufs.region();
+        let iov = libc::iovec {
+            iov_base: ptr.cast_mut().cast(),
+            iov_len: len,
+        };
+        // SAFETY: the iovec describes the pool's mmap, which lives as long as `bufs`, which
+        // the reactor owns and drops only after the ring (field order below is irrelevant:
+        // the ring is explicitly dropped first in `Drop`).
+        unsafe { ring.submitter().register_buffers(&[iov])? };
+        ring.submitter().register_files_sparse(MAX_FILES)?;
+        Ok(Self {
+            id,
+            core,
+            slots: RefCell::new(Slots::new(cfg.max_inflight)),
+            soft_done: RefCell::new(VecDeque::with_capacity(cfg.max_inflight as usize)),
+            cfg,
+            ring: RefCell::new(ring),
+            pending_sqes: Cell::new(0),
+            inbox,
+            timers: RefCell::new(timer::Timers::default()),
+            pollers: RefCell::new(Vec::new()),
+            bufs,
+            stats: Arc::new(ReactorStats::default()),
+            stopping: Cell::new(false),
+            files_used: RefCell::new(vec![false; MAX_FILES as usize]),
+            doorbell_buf: Box::new(Cell::new(0)),
+            cached_now: Cell::new(Instant::now()),
+        })
+    }
+
+    /// Index of this reactor in its set.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// The core this reactor is pinned to, if pinned.
+    pub fn core(&self) -> Option<usize> {
+        self.core
+    }
+
+    /// This reactor's buffer pool.
+    pub fn bufs(&self) -> &BufPool {
+        &self.bufs
+    }
+
+    /// This reactor's counters.
+    pub fn stats(&self) -> &Arc<ReactorStats> {
+        &self.stats
+    }
+
+    /// Requests in flight on this reactor.
+    pub fn inflight(&self) -> usize {
+        self.slots.borrow().inflight()
+    }
+
+    /// The time at the start of this loop iteration (cheap; good enough for timers).
+    pub fn now(&self) -> Instant {
+        self.cached_now.get()
+    }
+
+    /// Asks the loop to return once in-flight requests have drained.
+    pub fn stop(&self) {
+        self.stopping.set(true);
+    }
+
+    /// A handle that other threads use to send this reactor work.
+    pub fn remote(&self) -> Remote {
+        Remote {
+            id: self.id,
+            inbox: Arc::clone(&self.inbox),
+        }
+    }
+
+    /// Registers `fd` in this reactor's fixed-file table; the returned index stays valid
+    /// until [`Self::unregister_file`]. The caller keeps `fd` open at least that long.
+    pub fn register_file(&self, fd: RawFd) -> std::io::Result<u32> {
+        let mut used = self.files_used.borrow_mut();
+        let idx = used.iter().position(|u| !u).ok_or_else(|| {
+            std::io::Error::other(format!(
+                "reactor {} registered-file table is full ({MAX_FILES} files)",
+                self.id
+            ))
+        })?;
+        let idx_u32 = u32::try_from(idx).expect("file table index fits u32: MAX_FILES is small");
+        self.ring
+            .borrow()
+            .submitter()
+            .register_files_update(idx_u32, &[fd])?;
+        used[idx] = true;
+        Ok(idx_u32)
+    }
+
+    /// Frees a fixed-file slot taken by [`Self::register_file`].
+    pub fn unregister_file(&self, idx: u32) {
+        let mut used = self.files_used.borrow_mut();
+        if let Some(u) = used.get_mut(idx as usize) {
+            // -1 clears the slot; a failure only leaks the slot until the reactor exits.
+            let _ = self
+                .ring
+                .borrow()
+                .submitter()
+                .register_files_update(idx, &[-1]);
+            *u = false;
+        }
+    }
+
+    /// Queues an SQE. Its `user_data` is overwritten with the request's slot index; the
+    /// request (and `buf`) stays in the slot table until its completion is delivered to
+    /// `cb.complete(.., tag, ..)` on this reactor.
+    ///
+    /// # Safety
+    /// Every pointer in `sqe` must stay valid until the completion is reaped: it must point
+    /// into `buf` (which the slot owns until then) or into memory the caller keeps alive at
+    /// least as long (e.g. a `'static` or reactor-owned object). Fixed file indices must be
+    /// registered on this reactor.
+    pub unsafe fn submit(
+        &self,
+        sqe: squeue::Entry,
+        kind: OpKind,
+        cb: Rc<dyn Completion>,
+        tag: u64,
+        buf: Option<IoBuf>,
+    ) -> Result<(), (SubmitError, Option<IoBuf>)> {
+        let idx = self.slots.borrow_mut().alloc(cb, tag, buf, kind)?;
+        let sqe = sqe.user_data(u64::from(idx));
+        // SAFETY: forwarded from this function's contract (pointers live until completion).
+        unsafe { self.push_sqe(&sqe) };
+        Ok(())
+    }
+
+    /// Completes a request in software: it takes a slot like a ring request and its
+    /// completion is delivered by the loop through the same path as a ring completion.
+    pub fn complete_soft(
+        &self,
+        cb: Rc<dyn Completion>,
+        tag: u64,
+        res: IoResult,
+        buf: Option<IoBuf>,
+    ) -> Result<(), (SubmitError, Option<IoBuf>)> {
+        let idx = self.slots.borrow_mut().alloc(cb, tag, buf, OpKind::Fast)?;
+        self.soft_done.borrow_mut().push_back((idx, res));
+        Ok(())
+    }
+
+    /// # Safety
+    /// As [`Self::submit`]: the SQE's pointers stay valid until its completion is reaped.
+    unsafe fn push_sqe(&self, sqe: &squeue::Entry) {
+        let mut ring = self.ring.borrow_mut();
+        loop {
+            // SAFETY: forwarded from the caller's contract.
+            let pushed = unsafe { ring.submission().push(sqe) };
+            if pushed.is_ok() {
+                break;
+            }
+            // SQ full: hand the queued entries to the kernel, then retry.
+            self.enter(&ring, 0);
+        }
+        self.pending_sqes.set(self.pending_sqes.get() + 1);
+    }
+
+    fn enter(&self, ring: &IoUring, want: usize) {
+        self.stats.enters.fetch_add(1, Ordering::Relaxed);
+        match ring.submitter().submit_and_wait(want) {
+            Ok(_) => self.pending_sqes.set(0),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) => {}
+            Err(e) => panic!("reactor {}: io_uring_enter failed: {e}", self.id),
+        }
+    }
+
+    /// Schedules `f` to run once at or after `after` from now.
+    pub fn add_timer(&self, after: Duration, f: Box<dyn FnOnce(&Reactor)>) -> TimerId {
+        self.timers.borrow_mut().add(self.now() + after, f)
+    }
+
+    /// Cancels a timer that has not fired; returns whether it was pending.
+    pub fn cancel_timer(&self, id: TimerId) -> bool {
+        self.timers.borrow_mut().cancel(id)
+    }
+
+    /// Runs `f` every `period` (a periodic poller: journal commits, metrics).
+    pub fn add_periodic(&self, period: Duration, f: impl FnMut(&Reactor) + 'static) {
+        fn rearm(rx: &Reactor, period: Duration, mut f: Box<dyn FnMut(&Reactor)>) {
+            rx.add_timer(
+                period,
+                Box::new(move |rx: &Reactor| {
+                    f(rx);
+                    if !rx.stopping.get() {
+                        rearm(rx, period, f);
+                    }
+                }),
+            );
+        }
+        rearm(self, period, Box::new(f));
+    }
+
+    /// Runs `f` on every loop iteration (a busy poller, e.g. a ublk queue in a later issue).
+    pub fn add_poller(&self, f: impl FnMut(&Reactor) -> PollStatus + 'static) {
+        self.pollers.borrow_mut().push(Box::new(f));
+    }
+
+    fn arm_doorbell(&self) {
+        let sqe = opcode::Read::new(
+            types::Fd(self.inbox.doorbell.as_raw_fd()),
+            self.doorbell_buf.as_ptr().cast(),
+            8,
+        )
+        .build()
+        .user_data(DOORBELL_UD);
+        // SAFETY: the read lands in `doorbell_buf`, a Box owned by the reactor that outlives
+        // the ring (the ring is torn down first in Drop); the eventfd is owned by the inbox,
+        // which the reactor holds an Arc to.
+        unsafe { self.push_sqe(&sqe) };
+    }
+
+    fn drain_inbox(&self) -> usize {
+        let mut n = 0;
+        // Bounded batch so messages cannot starve IO.
+        while n < 64 {
+            let Some(m) = self.inbox.queue.pop() else {
+                break;
+            };
+            m(self);
+            n += 1;
+        }
+        n
+    }
+
+    fn deliver_soft(&self) -> usize {
+        // Only what is queued now: completions that submit more soft IO run next iteration.
+        let n = self.soft_done.borrow().len();
+        for _ in 0..n {
+            let Some((idx, res)) = self.soft_done.borrow_mut().pop_front() else {
+                break;
+            };
+            self.finish(idx, res);
+        }
+        n
+    }
+
+    fn finish(&self, idx: u32, res: IoResult) {
+        let (cb, tag, buf) = self.slots.borrow_mut().release(idx);
+        self.stats.completions.fetch_add(1, Ordering::Relaxed);
+        cb.complete(self, tag, res, buf);
+    }
+
+    /// Submits queued SQEs (one syscall for all) and runs pending task work when the kernel
+    /// says there is some; then reaps the CQ. Returns completions delivered.
+    fn submit_and_reap(&self) -> usize {
+        {
+            let mut ring = self.ring.borrow_mut();
+            let taskrun = ring.submission().taskrun();
+            if self.pending_sqes.get() > 0 || taskrun || ring.submission().cq_overflow() {
+                self.enter(&ring, 0);
+            }
+        }
+        self.reap()
+    }
+
+    fn reap(&self) -> usize {
+        let mut batch: [(u64, i32); 64] = [(0, 0); 64];
+        let mut total = 0;
+        loop {
+            let mut n = 0;
+            {
+                let mut ring = self.ring.borrow_mut();
+                let mut cq = ring.completion();
+                for cqe in &mut cq {
+                    batch[n] = (cqe.user_data(), cqe.result());
+                    n += 1;
+                    if n == batch.len() {
+                        break;
+                    }
+                }
+            }
+            for &(ud, res) in &batch[..n] {
+                if ud == DOORBELL_UD {
+                    if !self.stopping.get() || res >= 0 {
+                        self.arm_doorbell();
+                    }
+                    continue;
+                }
+                let res = if res < 0 {
+                    Err(Errno(-res))
+                } else {
+                    Ok(res.unsigned_abs())
+                };
+                let idx = u32::try_from(ud).expect("user_data of a request is its u32 slot index");
+                self.finish(idx, res);
+            }
+            total += n;
+            if n < batch.len() {
+                return total;
+            }
+        }
+    }
+
+    fn sleep(&self, next_timer: Option<Instant>) {
+        self.inbox.sleeping.store(true, Ordering::SeqCst);
+        if !self.inbox.queue.is_empty() {
+            self.inbox.sleeping.store(false, Ordering::SeqCst);
+            return;
+        }
+        let start = Instant::now();
+        self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+        {
+            let ring = self.ring.borrow();
+            self.stats.enters.fetch_add(1, Ordering::Relaxed);
+            let res = match next_timer {
+                Some(t) => {
+                    let d = t.saturating_duration_since(start);
+                    let ts = types::Timespec::from(d.max(Duration::from_micros(1)));
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    ring.submitter().submit_with_args(1, &args)
+                }
+                None => ring.submitter().submit_and_wait(1),
+            };
+            match res {
+                Ok(_) => self.pending_sqes.set(0),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => panic!("reactor {}: io_uring_enter (wait) failed: {e}", self.id),
+            }
+        }
+        self.inbox.sleeping.store(false, Ordering::SeqCst);
+        self.stats
+            .sleep_ns
+            .fetch_add(duration_ns(start.elapsed()), Ordering::Relaxed);
+    }
+
+    /// The reactor loop; returns after [`Self::stop`] once nothing is in flight.
+    pub fn run(&self) {
+        self.arm_doorbell();
+        let idle_threshold = Duration::from_micros(self.cfg.idle_threshold_us);
+        let busy_poll_limit = Duration::from_micros(self.cfg.busy_poll_limit_us);
+        let mut last_work = Instant::now();
+        loop {
+            let now = Instant::now();
+            self.cached_now.set(now);
+            let mut work = self.drain_inbox();
+            work += self.deliver_soft();
+            work += self.fire_timers(now);
+            work += self.run_pollers();
+            work += self.submit_and_reap();
+            if work > 0 {
+                self.stats
+                    .busy_ns
+                    .fetch_add(duration_ns(now.elapsed()), Ordering::Relaxed);
+                last_work = now;
+                continue;
+            }
+            if self.stopping.get() && self.inflight() == 0 && self.soft_done.borrow().is_empty() {
+                break;
+            }
+            let idle_for = now.duration_since(last_work);
+            let fast = self.slots.borrow().fast_inflight;
+            if (fast == 0 && idle_for >= idle_threshold) || idle_for >= busy_poll_limit {
+                let next = self.timers.borrow().next_deadline();
+                self.sleep(next);
+                last_work = Instant::now();
+            }
+        }
+        self.inbox.closed.store(true, Ordering::Release);
+        // Messages that raced with the close still run: nothing is dropped silently.
+        while self.drain_inbox() > 0 {}
+    }
+
+    fn fire_timers(&self, now: Instant) -> usize {
+        let due = self.timers.borrow_mut().take_due(now);
+        let n = due.len();
+        for f in due {
+            f(self);
+        }
+        n
+    }
+
+    fn run_pollers(&self) -> usize {
+        if self.pollers.borrow().is_empty() {
+            return 0;
+        }
+        let mut pollers = std::mem::take(&mut *self.pollers.borrow_mut());
+        let mut busy = 0;
+        for p in &mut pollers {
+            if p(self) == PollStatus::Busy {
+                busy += 1;
+            }
+        }
+        // Pollers added while running go after the existing ones.
+        let mut added = std::mem::take(&mut *self.pollers.borrow_mut());
+        pollers.append(&mut added);
+        *self.pollers.borrow_mut() = pollers;
+        busy
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn build_ring(sq: u32, cq: u32) -> std::io::Result<IoUring> {
+    // Best first: completions are processed only when we enter (no IPIs), by this thread.
+    let mut b = IoUring::<squeue::Entry, cqueue::Entry>::builder();
+    b.setup_cqsize(cq)
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .setup_submit_all();
+    match b.build(sq) {
+        Ok(r) => Ok(r),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Older kernel: fall back to cooperative task running, then to plain.
+            let mut b = IoUring::builder();
+            b.setup_cqsize(cq).setup_coop_taskrun().setup_taskrun_flag();
+            b.build(sq).or_else(|_| {
+                let mut b = IoUring::builder();
+                b.setup_cqsize(cq);
+                b.build(sq)
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Errors starting reactors.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `--cores` did not parse.
+    #[error("invalid core list {list:?}: {why} (expected e.g. \"0\", \"0-3\" or \"0,2,4-5\")")]
+    BadCoreList {
+        /// What was given.
+        list: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A core is not in this process's CPU set.
+    #[error("core {core} is not available to this process (allowed cores: {allowed}); pick cores from that list with --cores")]
+    CoreNotAllowed {
+        /// The core asked for.
+        core: usize,
+        /// The allowed set, formatted.
+        allowed: String,
+    },
+    /// io_uring or thread setup failed.
+    #[error("starting reactor {id} on core {core:?}: {source}")]
+    Setup {
+        /// Reactor index.
+        id: usize,
+        /// Its core.
+        core: Option<usize>,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// Parses a core list like `0-3,6`. Duplicates and empty lists are errors.
+pub fn parse_core_list(list: &str) -> Result<Vec<usize>, StartError> {
+    let bad = |why: String| StartError::BadCoreList {
+        list: list.to_string(),
+        why,
+    };
+    let mut cores = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(bad("empty element".into()));
+        }
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let lo: usize = lo
+            .parse()
+            .map_err(|_| bad(format!("{lo:?} is not a core number")))?;
+        let hi: usize = hi
+            .parse()
+            .map_err(|_| bad(format!("{hi:?} is not a core number")))?;
+        if hi < lo {
+            return Err(bad(format!("range {part} runs backwards")));
+        }
+        if hi - lo >= 4096 {
+            return Err(bad(format!("range {part} is too large")));
+        }
+        for c in lo..=hi {
+            if cores.contains(&c) {
+                return Err(bad(format!("core {c} listed twice")));
+            }
+            cores.push(c);
+        }
+    }
+    Ok(cores)
+}
+
+/// Cores this process may run on.
+pub fn allowed_cores() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: passes a live, correctly sized cpu_set_t for the kernel to fill.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return (0..std::thread::available_parallelism().map_or(1, usize::from)).collect();
+    }
+    // SAFETY: CPU_ISSET only reads the set; `c` is below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+fn pin_to(core: usize) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside `set`; `core` was checked against the allowed set.
+    unsafe { libc::CPU_SET(core, &mut set) };
+    // SAFETY: passes a live, correctly sized cpu_set_t; 0 = the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A running set of reactors, one per core.
+#[derive(Debug)]
+pub struct ReactorSet {
+    remotes: Vec<Remote>,
+    stats: Vec<Arc<ReactorStats>>,
+    threads: Vec<JoinHandle<()>>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl ReactorSet {
+    /// Starts one reactor per entry of `cores` (pinned when `cfg.pin`), each running `init`
+    /// on its own thread before entering the loop. Fails — with every started reactor
+    /// stopped — if a core is unavailable or a ring cannot be set up.
+    pub fn start(cores: &[usize], cfg: &ReactorConfig) -> Result<Self, StartError> {
+        let allowed = allowed_cores();
+        if cfg.pin {
+            for &c in cores {
+                if !allowed.contains(&c) {
+                    return Err(StartError::CoreNotAllowed {
+                        core: c,
+                        allowed: format_cores(&allowed),
+                    });
+                }
+            }
+        }
+        let mut set = Self {
+            remotes: Vec::new(),
+            stats: Vec::new(),
+            threads: Vec::new(),
+            stopped: Arc::new(AtomicBool::new(false)),
+        };
+        for (id, &core) in cores.iter().enumerate() {
+            let inbox = Arc::new(msg::Inbox::new(cfg.inbox_capacity).map_err(|source| {
+                StartError::Setup {
+                    id,
+                    core: Some(core),
+                    source,
+                }
+            })?);
+            let (tx, rx) = crossbeam::channel::bounded(1);
+            let cfg2 = cfg.clone();
+            let inbox2 = Arc::clone(&inbox);
+            let th = std::thread::Builder::new()
+                .name(format!("reactor{id}"))
+                .spawn(move || {
+                    let started = (|| {
+                        if cfg2.pin {
+                            pin_to(core)?;
+                        }
+                        Reactor::new(id, Some(core), cfg2, inbox2)
+                    })();
+                    match started {
+                        Ok(r) => {
+                            let _ = tx.send(Ok(Arc::clone(r.stats())));
+                            r.run();
+                            drop_reactor(r);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(|source| StartError::Setup {
+                    id,
+                    core: Some(core),
+                    source,
+                })?;
+            let started = rx
+                .recv()
+                .unwrap_or_else(|_| Err(std::io::Error::other("reactor thread died during start")));
+            match started {
+                Ok(stats) => {
+                    set.remotes.push(Remote { id, inbox });
+                    set.stats.push(stats);
+                    set.threads.push(th);
+                }
+                Err(source) => {
+                    let _ = th.join();
+                    set.shutdown();
+                    return Err(StartError::Setup {
+                        id,
+                        core: Some(core),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// Handles to every reactor, in core-list order.
+    pub fn remotes(&self) -> &[Remote] {
+        &self.remotes
+    }
+
+    /// Per-reactor counters.
+    pub fn stats(&self) -> &[Arc<ReactorStats>] {
+        &self.stats
+    }
+
+    /// Number of reactors.
+    pub fn len(&self) -> usize {
+        self.remotes.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.remotes.is_empty()
+    }
+
+    /// Stops every reactor (each finishes its in-flight requests) and joins the threads.
+    pub fn shutdown(&mut self) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for r in &self.remotes {
+            let _ = r.send(Box::new(|rx: &Reactor| rx.stop()));
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ReactorSet {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Tears a reactor down in the order that keeps kernel-visible memory valid: the ring (and
+/// with it every registration) goes before the buffers and the doorbell landing spot.
+fn drop_reactor(r: Reactor) {
+    let Reactor {
+        ring,
+        bufs,
+        doorbell_buf,
+        ..
+    } = r;
+    drop(ring);
+    drop(bufs);
+    drop(doorbell_buf);
+}
+
+/// Formats a core list compactly: `0-3,6`.
+pub fn format_cores(cores: &[usize]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < cores.len() {
+        let mut j = i;
+        while j + 1 < cores.len() && cores[j + 1] == cores[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            cores[i].to_string()
+        } else {
+            format!("{}-{}", cores[i], cores[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+#[cfg(test)]
+mod tests;

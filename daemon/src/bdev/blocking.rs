@@ -1,0 +1,185 @@
+//! A blocking client of a block device for non-reactor threads (control paths, tests): each
+//! call sends the request to a reactor as a message and waits for its completion. The
+//! reactor-side channel is opened once per client and kept in that reactor's thread-local
+//! table, so repeated calls cost a message each, not a channel setup.
+//!
+//! Never use this on a reactor thread: it blocks.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::{BlockDevice, Channel, Io};
+use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, Remote};
+
+thread_local! {
+    static CHANNELS: RefCell<HashMap<u64, Rc<dyn Channel>>> = RefCell::new(HashMap::new());
+}
+
+static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
+
+/// Errors of the blocking client.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockingError {
+    /// The reactor is gone.
+    #[error(transparent)]
+    Reactor(#[from] crate::reactor::SendError),
+    /// Opening the reactor's channel failed.
+    #[error("opening a channel to {device}: {source}")]
+    Channel {
+        /// Device name.
+        device: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The IO failed.
+    #[error("{op} on {device} failed: {errno}")]
+    Io {
+        /// Operation.
+        op: &'static str,
+        /// Device name.
+        device: String,
+        /// The error.
+        errno: Errno,
+    },
+}
+
+/// Synchronous access to a device through one reactor.
+#[derive(Debug)]
+pub struct BlockingDevice {
+    dev: Arc<dyn BlockDevice>,
+    remote: Remote,
+    id: u64,
+}
+
+struct Reply(crossbeam::channel::Sender<(IoResult, Option<Vec<u8>>)>);
+
+impl Completion for Reply {
+    fn complete(&self, _rx: &Reactor, _tag: u64, res: IoResult, buf: Option<IoBuf>) {
+        let _ = self.0.send((res, buf.map(|b| b.to_vec())));
+    }
+}
+
+impl BlockingDevice {
+    /// Opens a channel to `dev` on the reactor behind `remote`.
+    pub fn new(dev: Arc<dyn BlockDevice>, remote: Remote) -> Result<Self, BlockingError> {
+        let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
+        let dev2 = Arc::clone(&dev);
+        remote
+            .call(move |rx: &Reactor| -> std::io::Result<()> {
+                let ch = dev2.open_channel(rx)?;
+                CHANNELS.with(|c| c.borrow_mut().insert(id, ch));
+                Ok(())
+            })?
+            .map_err(|source| BlockingError::Channel {
+                device: dev.name().to_string(),
+                source,
+            })?;
+        Ok(Self { dev, remote, id })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    /// Runs one IO and returns its result and the buffer's bytes (IO errors are returned in
+    /// the result, not converted).
+    pub fn io(&self, io: Io) -> Result<(IoResult, Option<Vec<u8>>), BlockingError> {
+        let (tx, rx_reply) = crossbeam::channel::bounded(1);
+        let id = self.id;
+        // IoBuf is !Send (pooled buffers belong to one reactor); heap buffers are moved
+        // across as bytes and rebuilt on the reactor.
+        let (op, offset, data, fua, len) = match io {
+            Io::Read { offset, buf } => (0u8, offset, None, false, buf.len() as u64),
+            Io::Write { offset, buf, fua } => (1, offset, Some(buf.to_vec()), fua, 0),
+            Io::Flush => (2, 0, None, false, 0),
+            Io::Discard { offset, len } => (3, offset, None, false, len),
+            Io::WriteZeroes { offset, len } => (4, offset, None, false, len),
+        };
+        self.remote.send(Box::new(move |rx: &Reactor| {
+            let io = match op {
+                0 => Io::Read {
+                    offset,
+                    buf: IoBuf::alloc(usize::try_from(len).unwrap_or(0)),
+                },
+                1 => Io::Write {
+                    offset,
+                    buf: IoBuf::from_slice(data.as_deref().unwrap_or_default()),
+                    fua,
+                },
+                2 => Io::Flush,
+                3 => Io::Discard { offset, len },
+                _ => Io::WriteZeroes { offset, len },
+            };
+            let reply: Rc<dyn Completion> = Rc::new(Reply(tx.clone()));
+            match CHANNELS.with(|c| c.borrow().get(&id).cloned()) {
+                Some(ch) => ch.submit(rx, io, reply, 0),
+                None => reply.complete(rx, 0, Err(Errno::EIO), io.into_buf()),
+            }
+        }))?;
+        let (res, buf) = rx_reply
+            .recv()
+            .map_err(|_| crate::reactor::SendError::Stopped(self.remote.id()))?;
+        Ok((res, buf))
+    }
+
+    fn check(&self, op: &'static str, res: IoResult) -> Result<u32, BlockingError> {
+        res.map_err(|errno| BlockingError::Io {
+            op,
+            device: self.dev.name().to_string(),
+            errno,
+        })
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockingError> {
+        let (res, buf) = self.io(Io::Read {
+            offset,
+            buf: IoBuf::alloc(len),
+        })?;
+        self.check("read", res)?;
+        Ok(buf.unwrap_or_default())
+    }
+
+    /// Writes `data` at `offset` (FUA when asked).
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockingError> {
+        let (res, _) = self.io(Io::Write {
+            offset,
+            buf: IoBuf::from_slice(data),
+            fua,
+        })?;
+        self.check("write", res).map(drop)
+    }
+
+    /// Flushes the device.
+    pub fn flush(&self) -> Result<(), BlockingError> {
+        let (res, _) = self.io(Io::Flush)?;
+        self.check("flush", res).map(drop)
+    }
+
+    /// Discards a range.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), BlockingError> {
+        let (res, _) = self.io(Io::Discard { offset, len })?;
+        self.check("discard", res).map(drop)
+    }
+
+    /// Zeroes a range.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockingError> {
+        let (res, _) = self.io(Io::WriteZeroes { offset, len })?;
+        self.check("write-zeroes", res).map(drop)
+    }
+}
+
+impl Drop for BlockingDevice {
+    fn drop(&mut self) {
+        let id = self.id;
+        let _ = self.remote.send(Box::new(move |rx: &Reactor| {
+            if let Some(ch) = CHANNELS.with(|c| c.borrow_mut().remove(&id)) {
+                ch.close(rx);
+            }
+        }));
+    }
+}

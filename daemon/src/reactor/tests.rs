@@ -1,0 +1,209 @@
+//! Reactor tests: messages, back-pressure, timers, idle sleep and wake-up, core lists.
+
+use super::*;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant};
+
+fn cfg() -> ReactorConfig {
+    ReactorConfig {
+        pin: false,
+        inbox_capacity: 8,
+        buf_count: 4,
+        ..ReactorConfig::default()
+    }
+}
+
+fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cond()
+}
+
+/// Drives a future to completion on this thread (tests only: no tokio in the daemon core).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn call_runs_on_the_reactor_and_returns_its_answer() {
+    let set = ReactorSet::start(&[0, 1], &cfg()).expect("start");
+    for r in set.remotes() {
+        let (id, name) = r
+            .call(|rx: &Reactor| (rx.id(), std::thread::current().name().map(String::from)))
+            .expect("call");
+        assert_eq!(id, r.id());
+        assert_eq!(name.as_deref(), Some(format!("reactor{id}").as_str()));
+    }
+    let v = block_on(
+        set.remotes()[1]
+            .call_async(|rx: &Reactor| rx.id() * 10)
+            .expect("send"),
+    )
+    .expect("answer");
+    assert_eq!(v, 10);
+}
+
+#[test]
+fn a_full_queue_pushes_back_and_drops_nothing() {
+    let set = ReactorSet::start(&[0], &cfg()).expect("start");
+    let r = &set.remotes()[0];
+    let (hold_tx, hold_rx) = crossbeam::channel::bounded::<()>(0);
+    let (parked_tx, parked_rx) = crossbeam::channel::bounded::<()>(1);
+    // Park the reactor inside a message so the queue cannot drain.
+    r.send(Box::new(move |_rx: &Reactor| {
+        let _ = parked_tx.send(());
+        let _ = hold_rx.recv();
+    }))
+    .expect("send");
+    parked_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("reactor parked");
+    let ran = Arc::new(AtomicUsize::new(0));
+    let mut refused = 0;
+    let mut accepted = 0;
+    for _ in 0..20 {
+        let ran2 = Arc::clone(&ran);
+        match r.try_send(Box::new(move |_rx: &Reactor| {
+            ran2.fetch_add(1, Ordering::SeqCst);
+        })) {
+            Ok(()) => accepted += 1,
+            Err((_msg, None)) => refused += 1,
+            Err((_, Some(e))) => panic!("reactor stopped: {e}"),
+        }
+    }
+    assert_eq!(
+        accepted, 8,
+        "capacity is 8 (the held message was already taken off)"
+    );
+    assert_eq!(refused, 12);
+    // A blocking send waits for room instead of dropping.
+    let ran2 = Arc::clone(&ran);
+    let sender = std::thread::spawn({
+        let r = r.clone();
+        move || {
+            r.send(Box::new(move |_rx: &Reactor| {
+                ran2.fetch_add(1, Ordering::SeqCst);
+            }))
+        }
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        !sender.is_finished(),
+        "send must wait while the queue is full"
+    );
+    hold_tx.send(()).expect("release");
+    sender.join().expect("join").expect("send");
+    assert!(wait_until(Duration::from_secs(5), || ran
+        .load(Ordering::SeqCst)
+        == 9));
+}
+
+#[test]
+fn timers_fire_in_deadline_order_and_cancel() {
+    let set = ReactorSet::start(&[0], &cfg()).expect("start");
+    let (tx, rx_order) = crossbeam::channel::unbounded();
+    set.remotes()[0]
+        .call(move |rx: &Reactor| {
+            for (i, ms) in [(1u32, 30u64), (2, 10), (3, 20)] {
+                let tx = tx.clone();
+                rx.add_timer(
+                    Duration::from_millis(ms),
+                    Box::new(move |_| tx.send(i).expect("send")),
+                );
+            }
+            let tx2 = tx.clone();
+            let id = rx.add_timer(
+                Duration::from_millis(5),
+                Box::new(move |_| tx2.send(99).expect("send")),
+            );
+            assert!(rx.cancel_timer(id));
+            let ticks = Arc::new(AtomicUsize::new(0));
+            let t2 = Arc::clone(&ticks);
+            rx.add_periodic(Duration::from_millis(2), move |_| {
+                if t2.fetch_add(1, Ordering::SeqCst) == 4 {
+                    tx.send(100).expect("send");
+                }
+            });
+        })
+        .expect("call");
+    let got: Vec<u32> = (0..4)
+        .map(|_| {
+            rx_order
+                .recv_timeout(Duration::from_secs(5))
+                .expect("timer")
+        })
+        .collect();
+    let mut firsts: Vec<u32> = got.iter().copied().filter(|&v| v != 100).collect();
+    assert_eq!(firsts.len(), 3, "{got:?}");
+    assert!(
+        got.contains(&100),
+        "periodic poller ran five times: {got:?}"
+    );
+    firsts.dedup();
+    assert_eq!(firsts, vec![2, 3, 1]);
+}
+
+#[test]
+fn an_idle_reactor_sleeps_and_a_message_wakes_it_quickly() {
+    let set = ReactorSet::start(&[0], &cfg()).expect("start");
+    let stats = Arc::clone(&set.stats()[0]);
+    assert!(wait_until(Duration::from_secs(5), || stats
+        .sleeps
+        .load(Ordering::SeqCst)
+        > 0));
+    std::thread::sleep(Duration::from_millis(50));
+    let enters_before = stats.enters.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    let enters_idle = stats.enters.load(Ordering::SeqCst) - enters_before;
+    assert!(
+        enters_idle <= 2,
+        "an idle reactor must not spin: {enters_idle} enters in 100 ms"
+    );
+    let t = Instant::now();
+    set.remotes()[0].call(|_rx: &Reactor| ()).expect("call");
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "wake-up took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn core_lists_parse_and_bad_ones_say_why() {
+    assert_eq!(parse_core_list("0").expect("ok"), vec![0]);
+    assert_eq!(parse_core_list("0-2,5").expect("ok"), vec![0, 1, 2, 5]);
+    for bad in ["", "a", "1-0", "0,0", "0,,1", "-1"] {
+        let e = parse_core_list(bad).expect_err(bad).to_string();
+        assert!(e.contains("invalid core list"), "{e}");
+    }
+    assert_eq!(format_cores(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+    let e = ReactorSet::start(&[4095], &ReactorConfig::default()).expect_err("core 4095");
+    assert!(e.to_string().contains("not available"), "{e}");
+}
+
+#[test]
+fn stopping_a_set_joins_its_threads_and_fails_later_sends() {
+    let mut set = ReactorSet::start(&[0], &cfg()).expect("start");
+    let r = set.remotes()[0].clone();
+    set.shutdown();
+    assert!(r.call(|_rx: &Reactor| ()).is_err());
+}
