@@ -38,12 +38,12 @@ const DEFAULT_MAX_TRANSFER: u32 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// The path does not exist or cannot be opened.
-    #[error("cannot open {path}: {source} (check the path and that coreblkd runs as root)")]
+    #[error("cannot open {path}: {err} (check the path and that coreblkd runs as root)")]
     Open {
         /// The path.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// Neither a regular file nor a block device.
     #[error("{path} is neither a block device nor a regular file; give a /dev/... block device or a file")]
@@ -62,12 +62,12 @@ pub enum OpenError {
         min_bytes: u64,
     },
     /// Querying geometry failed.
-    #[error("cannot read the geometry of {path}: {source}")]
+    #[error("cannot read the geometry of {path}: {err}")]
     Geometry {
         /// The path.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        err: std::io::Error,
     },
 }
 
@@ -92,23 +92,33 @@ impl UringDevice {
     /// Opens `path` read-write with O_DIRECT. Does not claim it: claiming (exclusivity,
     /// signature checks) is [`super::claim`]'s job; this is the IO path.
     pub fn open(path: &Path) -> Result<Self, OpenError> {
+        // Check the type first: opening a directory read-write fails with a less helpful
+        // EISDIR, and opening a FIFO could block.
+        if let Ok(meta) = std::fs::metadata(path) {
+            let t = meta.file_type();
+            if !t.is_file() && !t.is_block_device() {
+                return Err(OpenError::NotBlockOrFile {
+                    path: path.to_path_buf(),
+                });
+            }
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
             .open(path)
-            .map_err(|source| OpenError::Open {
+            .map_err(|err| OpenError::Open {
                 path: path.to_path_buf(),
-                source,
+                err,
             })?;
         Self::from_file(path, file)
     }
 
     /// Wraps an already open descriptor (e.g. a claimed device, opened with O_EXCL).
     pub fn from_file(path: &Path, file: File) -> Result<Self, OpenError> {
-        let meta = file.metadata().map_err(|source| OpenError::Geometry {
+        let meta = file.metadata().map_err(|err| OpenError::Geometry {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         let (geo, backing) = if meta.file_type().is_block_device() {
             (block_geometry(path, &file)?, Backing::Block)
@@ -159,9 +169,9 @@ fn sysfs_queue_str(file: &File, attr: &str) -> Option<String> {
 }
 
 fn block_geometry(path: &Path, file: &File) -> Result<Geometry, OpenError> {
-    let err = |source| OpenError::Geometry {
+    let err = |err| OpenError::Geometry {
         path: path.to_path_buf(),
-        source,
+        err,
     };
     let fd = file.as_raw_fd();
     let mut lbs: libc::c_int = 0;
@@ -211,7 +221,7 @@ fn file_geometry(path: &Path, file: &File, len: u64) -> Result<(Geometry, Backin
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
         return Err(OpenError::Geometry {
             path: path.to_path_buf(),
-            source: std::io::Error::last_os_error(),
+            err: std::io::Error::last_os_error(),
         });
     }
     // tmpfs has no FALLOC_FL_ZERO_RANGE; a punched hole reads back zeroes there too.

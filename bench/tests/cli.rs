@@ -1,0 +1,108 @@
+//! `coreblk-bench` end to end: it runs, reports the promised JSON fields, and refuses bad
+//! input with a clear message (never a panic).
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_coreblk-bench"))
+        .args(args)
+        .output()
+        .expect("run")
+}
+
+#[test]
+fn json_report_has_the_documented_fields() {
+    let out = bench(&[
+        "--target",
+        "malloc:64M",
+        "--qd",
+        "4",
+        "--time",
+        "0.2",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    for k in ["iops", "mib_s", "cpu_ns_per_io"] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
+    }
+    for k in ["p50", "p99", "p999"] {
+        assert!(
+            v["lat_us"][k].as_f64().is_some_and(|x| x > 0.0),
+            "lat_us.{k} in {v}"
+        );
+    }
+    assert_eq!(v["errors"], 0);
+}
+
+#[test]
+fn uring_target_runs_on_a_file() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let f = dir.path().join("f.img");
+    std::fs::File::create(&f)
+        .expect("create")
+        .set_len(16 << 20)
+        .expect("size");
+    let t = format!("uring:{}", f.display());
+    let out = bench(&[
+        "--target",
+        &t,
+        "--rw",
+        "randrw:70",
+        "--qd",
+        "8",
+        "--time",
+        "0.2",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_arguments_fail_cleanly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let small = dir.path().join("small.img");
+    std::fs::write(&small, [0u8; 4096]).expect("write");
+    let small_t = format!("uring:{}", small.display());
+    for (args, needle) in [
+        (vec!["--target", "uring:/nonexistent"], "/nonexistent"),
+        (
+            vec!["--target", small_t.as_str()],
+            "smaller than the minimum",
+        ),
+        (vec!["--target", "bogus"], "unknown target"),
+        (vec!["--target", "null", "--bs", "1000"], "not a multiple"),
+        (vec!["--target", "null", "--qd", "0"], "--qd"),
+        (vec!["--target", "null", "--cores", "0"], "--cores"),
+        (
+            vec!["--target", "null", "--core-list", "9-1"],
+            "invalid core list",
+        ),
+        (vec!["--target", "null", "--rw", "sideways"], "unknown --rw"),
+        (
+            vec!["--target", "null", "--rw", "randrw:150"],
+            "read percentage",
+        ),
+        (vec!["--target", "nvme:/dev/sda"], "not an NVMe namespace"),
+    ] {
+        let out = bench(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err}"
+        );
+    }
+}
