@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use coreblk_daemon::bdev::mem::{MallocDevice, NullDevice};
-use coreblk_daemon::bdev::nvme::NvmeDevice;
+use coreblk_daemon::bdev::nvme::{NvmeDevice, NvmeOptions};
 use coreblk_daemon::bdev::uring::UringDevice;
 use coreblk_daemon::bdev::BlockDevice;
 use coreblk_daemon::config::parse_size;
@@ -64,6 +64,9 @@ struct Args {
     /// Reactor idle threshold (µs).
     #[arg(long, default_value_t = ReactorConfig::default().idle_threshold_us)]
     idle_threshold_us: u64,
+    /// nvme target: reads/writes/flushes through io_uring NVMe passthrough (/dev/ngXnY).
+    #[arg(long)]
+    passthrough: bool,
     /// Measure the latency of the first IO after the reactors idled this many seconds.
     #[arg(long)]
     idle_wake: Option<f64>,
@@ -79,7 +82,10 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn open_target(target: &str) -> anyhow::Result<Arc<dyn BlockDevice>> {
+fn open_target(target: &str, passthrough: bool) -> anyhow::Result<Arc<dyn BlockDevice>> {
+    if passthrough && !target.starts_with("nvme:") {
+        bail!("--passthrough needs an nvme:/dev/nvmeXnY target");
+    }
     let (kind, arg) = target.split_once(':').unwrap_or((target, ""));
     Ok(match kind {
         "null" => Arc::new(NullDevice::new(1 << 40)),
@@ -101,7 +107,10 @@ fn open_target(target: &str) -> anyhow::Result<Arc<dyn BlockDevice>> {
             if arg.is_empty() {
                 bail!("--target nvme needs a namespace: nvme:/dev/nvme0n1");
             }
-            Arc::new(NvmeDevice::open(&PathBuf::from(arg))?)
+            Arc::new(NvmeDevice::open_with(
+                &PathBuf::from(arg),
+                NvmeOptions { passthrough },
+            )?)
         }
         other => {
             bail!("unknown target {other:?}: use null, malloc:SIZE, uring:PATH or nvme:DEVICE")
@@ -174,7 +183,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let pattern = parse_rw(&args.rw)?;
-    let dev = open_target(&args.target)?;
+    let dev = open_target(&args.target, args.passthrough)?;
     let geo = dev.geometry().clone();
     if bs % geo.logical_block_size != 0 {
         bail!(
@@ -205,6 +214,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         buf_count: args.qd as usize,
         max_inflight: args.qd.max(64) * 2,
         ring_entries: args.qd.next_power_of_two().max(32),
+        big_sqe: args.passthrough,
         ..ReactorConfig::default()
     };
     let mut reactors = ReactorSet::start(&cores, &cfg)?;
@@ -261,7 +271,7 @@ fn print_result(args: &Args, p: &JobParams, cores: &[usize], r: &job::JobsResult
     };
     if args.json {
         let v = serde_json::json!({
-            "target": args.target, "rw": args.rw, "bs": p.bs, "qd": p.qd, "cores": cores.len(),
+            "target": args.target, "passthrough": args.passthrough, "rw": args.rw, "bs": p.bs, "qd": p.qd, "cores": cores.len(),
             "time_s": secs, "ios": r.ios, "errors": r.errors,
             "iops": iops, "mib_s": mib_s,
             "lat_us": { "mean": r.hist.mean() / 1000.0, "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": r.hist.max() as f64 / 1000.0 },

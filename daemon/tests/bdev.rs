@@ -301,9 +301,14 @@ fn uring_and_nvme_on_a_real_block_device() {
         a.discard(1 << 20, 65536).expect("uring_cmd discard");
     }
     a.write_zeroes(1 << 20, 4 * lbs).expect("write-zeroes");
-    let back = a.read(1 << 20, usize::try_from(4 * lbs).expect("small")).expect("read");
+    let back = a
+        .read(1 << 20, usize::try_from(4 * lbs).expect("small"))
+        .expect("read");
     assert!(back.iter().all(|&b| b == 0));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     if name.starts_with("nvme") {
         let nvme = coreblk_daemon::bdev::nvme::NvmeDevice::open(&path).expect("nvme open");
         let info = nvme.info();
@@ -312,6 +317,46 @@ fn uring_and_nvme_on_a_real_block_device() {
         assert!(info.serial.as_deref().is_some_and(|s| !s.is_empty()));
         assert_eq!(info.lba_bytes, geo.logical_block_size);
         let b = client(&set, Arc::new(nvme), 1);
-        assert_eq!(b.read(0, 4096).expect("read via nvme backend"), a.read(0, 4096).expect("read"));
+        assert_eq!(
+            b.read(0, 4096).expect("read via nvme backend"),
+            a.read(0, 4096).expect("read")
+        );
+
+        // Passthrough (/dev/ngXnY, 128-byte SQEs): what it writes the block path reads back
+        // and vice versa; FUA and flush are NVMe commands; discard goes to the block device.
+        let opts = coreblk_daemon::bdev::nvme::NvmeOptions { passthrough: true };
+        let pt = coreblk_daemon::bdev::nvme::NvmeDevice::open_with(&path, opts)
+            .expect("passthrough open");
+        assert!(pt.passthrough());
+        let pt: Arc<dyn BlockDevice> = Arc::new(pt);
+        assert!(
+            BlockingDevice::new(Arc::clone(&pt), set.remotes()[0].clone()).is_err(),
+            "needs big SQEs"
+        );
+        let big = ReactorSet::start(
+            &[0],
+            &ReactorConfig {
+                pin: false,
+                buf_count: 8,
+                big_sqe: true,
+                ..ReactorConfig::default()
+            },
+        )
+        .expect("big-SQE reactor");
+        let p = client(&big, pt, 0);
+        let data: Vec<u8> = (0..16384u32).map(|i| (i % 253) as u8).collect();
+        p.write(2 << 20, &data, false).expect("passthrough write");
+        p.write(3 << 20, &data, true)
+            .expect("passthrough FUA write");
+        p.flush().expect("passthrough flush");
+        assert_eq!(a.read(2 << 20, data.len()).expect("block read"), data);
+        assert_eq!(p.read(3 << 20, data.len()).expect("passthrough read"), data);
+        a.write(4 << 20, &data, false).expect("block write");
+        assert_eq!(p.read(4 << 20, data.len()).expect("passthrough read"), data);
+        p.write_zeroes(4 << 20, 4096)
+            .expect("write-zeroes via the block device");
+        assert!(p.read(4 << 20, 4096).expect("read").iter().all(|&b| b == 0));
+        assert_eq!(errno(p.read(1, 512).expect_err("unaligned")), Errno::EINVAL);
+        println!("passthrough ok");
     }
 }

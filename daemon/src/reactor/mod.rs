@@ -16,6 +16,7 @@
 
 pub mod buf;
 pub mod msg;
+mod ring;
 mod timer;
 
 use std::cell::{Cell, RefCell};
@@ -28,7 +29,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types};
+
+use ring::{PushError, Ring};
 
 pub use buf::{BufPool, IoBuf};
 pub use msg::{Answer, Message, Remote, SendError};
@@ -113,6 +116,9 @@ pub struct ReactorConfig {
     pub buf_count: usize,
     /// Pin each reactor thread to its core.
     pub pin: bool,
+    /// Use 128-byte SQEs / 32-byte CQEs (needed by NVMe passthrough; costs memory
+    /// bandwidth on every other op, so off unless asked for).
+    pub big_sqe: bool,
 }
 
 impl Default for ReactorConfig {
@@ -126,6 +132,7 @@ impl Default for ReactorConfig {
             buf_chunk_bytes: 128 * 1024,
             buf_count: 64,
             pin: true,
+            big_sqe: false,
         }
     }
 }
@@ -147,11 +154,36 @@ pub struct ReactorStats {
 
 const DOORBELL_UD: u64 = u64::MAX;
 
+/// How a request's raw CQE result becomes an [`IoResult`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResultMap {
+    /// Negative errno or bytes transferred (read, write, fsync, fallocate...).
+    Errno,
+    /// NVMe passthrough: negative errno, 0 = success (report `ok_bytes`), positive = NVMe
+    /// status (reported as EIO).
+    NvmeStatus {
+        /// Bytes the command transferred when it succeeded.
+        ok_bytes: u32,
+    },
+}
+
+impl ResultMap {
+    fn apply(self, res: i32) -> IoResult {
+        match (self, res) {
+            (_, r) if r < 0 => Err(Errno(-r)),
+            (ResultMap::Errno, r) => Ok(r.unsigned_abs()),
+            (ResultMap::NvmeStatus { ok_bytes }, 0) => Ok(ok_bytes),
+            (ResultMap::NvmeStatus { .. }, _) => Err(Errno::EIO),
+        }
+    }
+}
+
 struct Slot {
     cb: Option<Rc<dyn Completion>>,
     tag: u64,
     buf: Option<IoBuf>,
     kind: OpKind,
+    map: ResultMap,
 }
 
 /// The in-flight request table: preallocated, indexed by `user_data`.
@@ -170,6 +202,7 @@ impl Slots {
                     tag: 0,
                     buf: None,
                     kind: OpKind::Fast,
+                    map: ResultMap::Errno,
                 })
                 .collect(),
             free: (0..n).rev().collect(),
@@ -183,6 +216,7 @@ impl Slots {
         tag: u64,
         buf: Option<IoBuf>,
         kind: OpKind,
+        map: ResultMap,
     ) -> Result<u32, (SubmitError, Option<IoBuf>)> {
         let Some(idx) = self.free.pop() else {
             return Err((SubmitError::Full(self.slots.len()), buf));
@@ -193,13 +227,14 @@ impl Slots {
         slot.tag = tag;
         slot.buf = buf;
         slot.kind = kind;
+        slot.map = map;
         if kind == OpKind::Fast {
             self.fast_inflight += 1;
         }
         Ok(idx)
     }
 
-    fn release(&mut self, idx: u32) -> (Rc<dyn Completion>, u64, Option<IoBuf>) {
+    fn release(&mut self, idx: u32) -> (Rc<dyn Completion>, u64, Option<IoBuf>, ResultMap) {
         let slot = &mut self.slots[idx as usize];
         let cb = slot
             .cb
@@ -208,7 +243,7 @@ impl Slots {
         if slot.kind == OpKind::Fast {
             self.fast_inflight -= 1;
         }
-        let out = (cb, slot.tag, slot.buf.take());
+        let out = (cb, slot.tag, slot.buf.take(), slot.map);
         self.free.push(idx);
         out
     }
@@ -234,7 +269,7 @@ pub struct Reactor {
     id: usize,
     core: Option<usize>,
     cfg: ReactorConfig,
-    ring: RefCell<IoUring>,
+    ring: RefCell<Ring>,
     /// SQEs pushed since the last `io_uring_enter`.
     pending_sqes: Cell<u32>,
     slots: RefCell<Slots>,
@@ -275,7 +310,7 @@ impl Reactor {
         inbox: Arc<msg::Inbox>,
     ) -> std::io::Result<Self> {
         let cq_entries = cfg.max_inflight.max(cfg.ring_entries).next_power_of_two() * 2;
-        let ring = build_ring(cfg.ring_entries, cq_entries)?;
+        let ring = Ring::new(cfg.ring_entries, cq_entries, cfg.big_sqe)?;
         let bufs = BufPool::new(cfg.buf_chunk_bytes, cfg.buf_count)?;
         let (ptr, len) = bufs.region();
         let iov = libc::iovec {
@@ -400,10 +435,45 @@ impl Reactor {
         tag: u64,
         buf: Option<IoBuf>,
     ) -> Result<(), (SubmitError, Option<IoBuf>)> {
-        let idx = self.slots.borrow_mut().alloc(cb, tag, buf, kind)?;
+        let idx = self
+            .slots
+            .borrow_mut()
+            .alloc(cb, tag, buf, kind, ResultMap::Errno)?;
         let sqe = sqe.user_data(u64::from(idx));
         // SAFETY: forwarded from this function's contract (pointers live until completion).
-        unsafe { self.push_sqe(&sqe) };
+        unsafe { self.push_sqe(|ring| ring.push(&sqe)) };
+        Ok(())
+    }
+
+    /// Whether this reactor's ring takes 128-byte SQEs ([`Self::submit128`]).
+    pub fn has_big_sqe(&self) -> bool {
+        self.ring.borrow().is_big()
+    }
+
+    /// As [`Self::submit`] for a 128-byte SQE (NVMe passthrough); the raw result is turned
+    /// into an [`IoResult`] by `map`. The ring must have been built with `big_sqe`: check
+    /// [`Self::has_big_sqe`] first (channels do so when they open).
+    ///
+    /// # Safety
+    /// As [`Self::submit`].
+    pub unsafe fn submit128(
+        &self,
+        sqe: squeue::Entry128,
+        kind: OpKind,
+        map: ResultMap,
+        cb: Rc<dyn Completion>,
+        tag: u64,
+        buf: Option<IoBuf>,
+    ) -> Result<(), (SubmitError, Option<IoBuf>)> {
+        assert!(
+            self.has_big_sqe(),
+            "submit128 on reactor {} without big_sqe",
+            self.id
+        );
+        let idx = self.slots.borrow_mut().alloc(cb, tag, buf, kind, map)?;
+        let sqe = sqe.user_data(u64::from(idx));
+        // SAFETY: forwarded from this function's contract (pointers live until completion).
+        unsafe { self.push_sqe(|ring| ring.push128(&sqe)) };
         Ok(())
     }
 
@@ -416,28 +486,31 @@ impl Reactor {
         res: IoResult,
         buf: Option<IoBuf>,
     ) -> Result<(), (SubmitError, Option<IoBuf>)> {
-        let idx = self.slots.borrow_mut().alloc(cb, tag, buf, OpKind::Fast)?;
+        let idx = self
+            .slots
+            .borrow_mut()
+            .alloc(cb, tag, buf, OpKind::Fast, ResultMap::Errno)?;
         self.soft_done.borrow_mut().push_back((idx, res));
         Ok(())
     }
 
     /// # Safety
-    /// As [`Self::submit`]: the SQE's pointers stay valid until its completion is reaped.
-    unsafe fn push_sqe(&self, sqe: &squeue::Entry) {
+    /// As [`Self::submit`]: the SQE that `push` pushes has pointers valid until its
+    /// completion is reaped.
+    unsafe fn push_sqe(&self, push: impl Fn(&mut Ring) -> Result<(), PushError>) {
         let mut ring = self.ring.borrow_mut();
         loop {
-            // SAFETY: forwarded from the caller's contract.
-            let pushed = unsafe { ring.submission().push(sqe) };
-            if pushed.is_ok() {
-                break;
+            match push(&mut ring) {
+                Ok(()) => break,
+                // SQ full: hand the queued entries to the kernel, then retry.
+                Err(PushError::Full) => self.enter(&ring, 0),
+                Err(PushError::NeedsBigSqe) => unreachable!("checked by submit128"),
             }
-            // SQ full: hand the queued entries to the kernel, then retry.
-            self.enter(&ring, 0);
         }
         self.pending_sqes.set(self.pending_sqes.get() + 1);
     }
 
-    fn enter(&self, ring: &IoUring, want: usize) {
+    fn enter(&self, ring: &Ring, want: usize) {
         self.stats.enters.fetch_add(1, Ordering::Relaxed);
         match ring.submitter().submit_and_wait(want) {
             Ok(_) => self.pending_sqes.set(0),
@@ -490,9 +563,9 @@ impl Reactor {
         .build()
         .user_data(DOORBELL_UD);
         // SAFETY: the read lands in `doorbell_buf`, a Box owned by the reactor that outlives
-        // the ring (the ring is torn down first in Drop); the eventfd is owned by the inbox,
-        // which the reactor holds an Arc to.
-        unsafe { self.push_sqe(&sqe) };
+        // the ring (the ring is torn down first in `drop_reactor`); the eventfd is owned by
+        // the inbox, which the reactor holds an Arc to.
+        unsafe { self.push_sqe(|ring| ring.push(&sqe)) };
     }
 
     fn drain_inbox(&self) -> usize {
@@ -515,15 +588,17 @@ impl Reactor {
             let Some((idx, res)) = self.soft_done.borrow_mut().pop_front() else {
                 break;
             };
-            self.finish(idx, res);
+            self.finish(idx, |_| res);
         }
         n
     }
 
-    fn finish(&self, idx: u32, res: IoResult) {
-        let (cb, tag, buf) = self.slots.borrow_mut().release(idx);
+    /// Delivers request `idx`'s completion: the one path for ring and software completions.
+    /// `res` turns the slot's result mapping into the request's result.
+    fn finish(&self, idx: u32, res: impl FnOnce(ResultMap) -> IoResult) {
+        let (cb, tag, buf, map) = self.slots.borrow_mut().release(idx);
         self.stats.completions.fetch_add(1, Ordering::Relaxed);
-        cb.complete(self, tag, res, buf);
+        cb.complete(self, tag, res(map), buf);
     }
 
     /// Submits queued SQEs (one syscall for all) and runs pending task work when the kernel
@@ -531,8 +606,7 @@ impl Reactor {
     fn submit_and_reap(&self) -> usize {
         {
             let mut ring = self.ring.borrow_mut();
-            let taskrun = ring.submission().taskrun();
-            if self.pending_sqes.get() > 0 || taskrun || ring.submission().cq_overflow() {
+            if self.pending_sqes.get() > 0 || ring.needs_enter() {
                 self.enter(&ring, 0);
             }
         }
@@ -543,32 +617,18 @@ impl Reactor {
         let mut batch: [(u64, i32); 64] = [(0, 0); 64];
         let mut total = 0;
         loop {
-            let mut n = 0;
-            {
-                let mut ring = self.ring.borrow_mut();
-                let mut cq = ring.completion();
-                for cqe in &mut cq {
-                    batch[n] = (cqe.user_data(), cqe.result());
-                    n += 1;
-                    if n == batch.len() {
-                        break;
-                    }
-                }
-            }
+            let n = self.ring.borrow_mut().reap(&mut batch);
             for &(ud, res) in &batch[..n] {
                 if ud == DOORBELL_UD {
-                    if !self.stopping.get() || res >= 0 {
+                    // Keep the doorbell armed; while stopping, a failed read (cancelled)
+                    // is not re-armed so teardown cannot loop.
+                    if res >= 0 || !self.stopping.get() {
                         self.arm_doorbell();
                     }
                     continue;
                 }
-                let res = if res < 0 {
-                    Err(Errno(-res))
-                } else {
-                    Ok(res.unsigned_abs())
-                };
                 let idx = u32::try_from(ud).expect("user_data of a request is its u32 slot index");
-                self.finish(idx, res);
+                self.finish(idx, |map| map.apply(res));
             }
             total += n;
             if n < batch.len() {
@@ -680,30 +740,6 @@ impl Reactor {
 
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn build_ring(sq: u32, cq: u32) -> std::io::Result<IoUring> {
-    // Best first: completions are processed only when we enter (no IPIs), by this thread.
-    let mut b = IoUring::<squeue::Entry, cqueue::Entry>::builder();
-    b.setup_cqsize(cq)
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_taskrun_flag()
-        .setup_submit_all();
-    match b.build(sq) {
-        Ok(r) => Ok(r),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            // Older kernel: fall back to cooperative task running, then to plain.
-            let mut b = IoUring::builder();
-            b.setup_cqsize(cq).setup_coop_taskrun().setup_taskrun_flag();
-            b.build(sq).or_else(|_| {
-                let mut b = IoUring::builder();
-                b.setup_cqsize(cq);
-                b.build(sq)
-            })
-        }
-        Err(e) => Err(e),
-    }
 }
 
 /// Errors starting reactors.
