@@ -298,7 +298,7 @@ pub struct IdleWake {
     pub idle: Duration,
     /// Latency of the first IO after that.
     pub first_io: Duration,
-    /// Sleeps counted on reactor 0 while idle.
+    /// Times reactor 0 went to sleep since it started (≥ 1: it was asleep).
     pub sleeps: u64,
 }
 
@@ -324,9 +324,8 @@ pub fn idle_wake(
         CH.with(|c| *c.borrow_mut() = Some(ch));
         Ok(())
     })??;
-    let sleeps0 = set.stats()[0].sleeps.load(Ordering::Relaxed);
     std::thread::sleep(idle);
-    let sleeps = set.stats()[0].sleeps.load(Ordering::Relaxed) - sleeps0;
+    let sleeps = set.stats()[0].sleeps.load(Ordering::Relaxed);
     let (tx, rx_done) = crossbeam::channel::bounded(1);
     let t0 = Instant::now();
     r.send(Box::new(move |rx: &Reactor| {

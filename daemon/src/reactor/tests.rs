@@ -207,3 +207,81 @@ fn stopping_a_set_joins_its_threads_and_fails_later_sends() {
     set.shutdown();
     assert!(r.call(|_rx: &Reactor| ()).is_err());
 }
+
+struct Done(crossbeam::channel::Sender<IoResult>);
+impl Completion for Done {
+    fn complete(&self, _rx: &Reactor, _tag: u64, res: IoResult, _buf: Option<IoBuf>) {
+        let _ = self.0.send(res);
+    }
+}
+
+/// A read on an empty pipe forced into io_uring's workers (IOSQE_ASYNC) stands in for a
+/// long fsync/fallocate: while only such a "slow" op is outstanding the reactor must sleep,
+/// not spin; its completion still wakes the reactor and reaches the caller.
+fn thread_cpu_ticks(tid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("stat");
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn a_reactor_sleeps_while_only_slow_ops_are_in_flight() {
+    // A fast op in flight would keep this reactor polling for 10 s; a slow one must not.
+    let set = ReactorSet::start(
+        &[0],
+        &ReactorConfig {
+            busy_poll_limit_us: 10_000_000,
+            ..cfg()
+        },
+    )
+    .expect("start");
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = set.remotes()[0]
+        .call(|_rx: &Reactor| unsafe { libc::gettid() })
+        .expect("tid");
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the live local array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (tx, rx_done) = crossbeam::channel::bounded(1);
+    let read_fd = fds[0];
+    set.remotes()[0]
+        .call(move |rx: &Reactor| {
+            let buf = IoBuf::alloc(8);
+            let mut buf = buf;
+            let sqe = opcode::Read::new(types::Fd(read_fd), buf.as_mut_ptr(), 8)
+                .build()
+                .flags(squeue::Flags::ASYNC);
+            // SAFETY: the read targets `buf`, which moves into the request slot until the
+            // completion is reaped; the pipe stays open until the test has the result.
+            let r = unsafe { rx.submit(sqe, OpKind::Slow, Rc::new(Done(tx)), 7, Some(buf)) };
+            assert!(r.is_ok());
+        })
+        .expect("call");
+    std::thread::sleep(Duration::from_millis(50));
+    let cpu0 = thread_cpu_ticks(tid);
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu = thread_cpu_ticks(tid) - cpu0;
+    let early = rx_done.try_recv();
+    // Complete the read before asserting, so a failure cannot leave the reactor waiting.
+    // SAFETY: writes 8 bytes from a live local array into the pipe's write end.
+    let n = unsafe { libc::write(fds[1], [1u8; 8].as_ptr().cast(), 8) };
+    assert_eq!(n, 8);
+    assert!(
+        cpu <= 2,
+        "reactor spun with only a slow op in flight: {cpu} ticks of 1/100 s in 300 ms"
+    );
+    assert!(
+        early.is_err(),
+        "the read cannot have completed before the write"
+    );
+    let res = rx_done
+        .recv_timeout(Duration::from_secs(5))
+        .expect("completion delivered");
+    assert_eq!(res, Ok(8));
+    // SAFETY: closes the two descriptors this test opened, once.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+}
