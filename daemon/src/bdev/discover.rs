@@ -185,10 +185,12 @@ impl RefuseReason {
             Self::HasHolders { .. } => {
                 "remove the holders first (dmsetup remove, vgchange -an, mdadm --stop); --force never overrides a holder"
             }
-            Self::HasPartitions { .. } => "use --force to overwrite the partition table",
-            Self::Signature { .. } | Self::AmbiguousSignature | Self::DamagedLabel => {
-                "use --force to overwrite"
-            }
+            // One wording for everything --force overwrites, so a partitioned disk with a
+            // partition-table signature gets one remedy, not two.
+            Self::HasPartitions { .. }
+            | Self::Signature { .. }
+            | Self::AmbiguousSignature
+            | Self::DamagedLabel => "use --force to overwrite",
             Self::OtherPoolLabel { .. } => {
                 "use --force to take it from that pool (the pool loses its data on this device)"
             }
