@@ -7,4 +7,7 @@
 
 pub mod bdev;
 pub mod config;
+pub mod control;
+pub mod lvs;
+pub mod metrics;
 pub mod reactor;
