@@ -45,12 +45,14 @@ pub enum RecordOp {
     },
 }
 
-/// One logged request.
+/// One logged request. `submit_seq` and `complete_seq` are ticks of one clock that counts
+/// both submissions and completions, so "completed before that was submitted" is a
+/// comparison (what crash tests need to decide which writes a FLUSH covers).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
-    /// Position in submission order (0-based).
+    /// Tick at submission (increasing in submission order).
     pub submit_seq: u64,
-    /// Position in completion order, once completed.
+    /// Tick at completion, once completed (increasing in completion order).
     pub complete_seq: Option<u64>,
     /// Outcome, once completed.
     pub result: Option<IoResult>,
@@ -61,7 +63,8 @@ pub struct Record {
 #[derive(Debug, Default)]
 struct LogInner {
     records: Vec<Record>,
-    completed: u64,
+    /// The clock: ticks on every submission and completion.
+    clock: u64,
 }
 
 /// The shared log of a [`RecordingDevice`].
@@ -82,6 +85,12 @@ impl WriteLog {
         self.lock().records.clone()
     }
 
+    /// The clock now: how many submissions and completions have happened. Tests note it
+    /// when something is acknowledged, to line acknowledgements up with the device's log.
+    pub fn now(&self) -> u64 {
+        self.lock().clock
+    }
+
     /// Number of records.
     pub fn len(&self) -> usize {
         self.lock().records.len()
@@ -96,7 +105,7 @@ impl WriteLog {
     pub fn clear(&self) {
         let mut l = self.lock();
         l.records.clear();
-        l.completed = 0;
+        l.clock = 0;
     }
 
     /// Applies `records` to `image` in the given order; failed requests are skipped.
@@ -234,7 +243,8 @@ impl Channel for RecordingChannel {
         };
         let rec_idx = op.map(|op| {
             let mut l = self.log.lock();
-            let seq = l.records.len() as u64;
+            let seq = l.clock;
+            l.clock += 1;
             l.records.push(Record {
                 submit_seq: seq,
                 complete_seq: None,
@@ -261,8 +271,8 @@ impl Completion for RecordingChannel {
         };
         if let Some(i) = rec_idx {
             let mut l = self.log.lock();
-            let seq = l.completed;
-            l.completed += 1;
+            let seq = l.clock;
+            l.clock += 1;
             // A cleared log no longer holds the record.
             if let Some(r) = l.records.get_mut(i) {
                 r.complete_seq = Some(seq);

@@ -1,2 +1,11 @@
 //! Thin volume store (issue 10, DESIGN §4): pools, thin volumes, snapshots and clones on one
-//! block device, with a checksummed metadata journal. Being written.
+//! block device, with a checksummed metadata journal. `FORMAT.md` beside this file is the
+//! on-disk contract.
+//!
+//! Built so far: the on-disk encodings ([`format`]) and the journal with group commit,
+//! ordered flushes and replay ([`journal`]). Volumes, allocation, checkpoints and
+//! snapshots come next. Sits above `bdev` and `reactor`; never calls into `export` or
+//! `control`.
+
+pub mod format;
+pub mod journal;

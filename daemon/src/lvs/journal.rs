@@ -1,0 +1,349 @@
+//! The metadata journal (FORMAT.md §3): group commit, ordered device flushes, and replay.
+//!
+//! Lives on the pool's owner reactor (one owner at a time: every mutation of metadata is a
+//! message to it). Callers append records with a completion; records appended while a
+//! journal write is in flight ride in the next write together (group commit), so N
+//! concurrent allocations cost one journal write, not N. One journal write is in flight at
+//! a time and each starts after the previous one completed: the journal on the device is
+//! always a prefix plus (after a power cut) possibly holes after the last flushed block —
+//! replay stops at the first hole.
+//!
+//! FLUSH ([`Journal::flush`]) waits for the journal write in flight, then issues one
+//! device flush; flushes that arrive meanwhile share it; with nothing pending a FLUSH costs
+//! exactly one device flush (DESIGN §4 invariant 4).
+//!
+//! Must never: acknowledge a record before the write holding it completed, reorder records,
+//! or lap the ring past the last checkpoint.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::rc::{Rc, Weak};
+
+use super::format::{self, Record, Superblock, BLOCK_BYTES};
+use crate::bdev::{Channel, Io};
+use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor};
+
+/// Called once on the owner reactor when a commit or flush finishes. `Ok(seq)` carries the
+/// last journal block sequence that holds the caller's records (0 for a flush).
+pub type Done = Box<dyn FnOnce(&Reactor, Result<u64, Errno>)>;
+
+/// Most blocks one journal write carries (bounded IO size).
+const MAX_BLOCKS_PER_WRITE: u64 = 64;
+
+const TAG_WRITE: u64 = 0;
+const TAG_FLUSH: u64 = 1;
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Journal writes issued.
+    pub writes: u64,
+    /// Journal blocks written.
+    pub blocks: u64,
+    /// Records written.
+    pub records: u64,
+    /// Device flushes issued.
+    pub flushes: u64,
+    /// Commits (append calls) acknowledged.
+    pub commits: u64,
+}
+
+/// The journal writer of one pool.
+pub struct Journal {
+    me: Weak<Journal>,
+    ch: Rc<dyn Channel>,
+    sb: Superblock,
+    /// Sequence of the next block to write.
+    next_seq: Cell<u64>,
+    /// Blocks at or below this sequence may be overwritten (covered by a checkpoint).
+    reusable_below: Cell<u64>,
+    /// Records waiting for the next write, with the completions of their commits (each
+    /// completion follows its commit's last record).
+    pending: RefCell<Vec<Record>>,
+    pending_done: RefCell<Vec<(usize, Done)>>,
+    /// The write in flight: completions and the last sequence it covers.
+    inflight: RefCell<Option<(Vec<Done>, u64)>>,
+    /// Flushes waiting to start (after the write in flight) and the one in flight.
+    flush_waiting: RefCell<Vec<Done>>,
+    flush_inflight: RefCell<Option<Vec<Done>>>,
+    /// A journal write failed: the pool must be re-imported; everything fails with EIO.
+    failed: Cell<bool>,
+    stats: Cell<JournalStats>,
+}
+
+impl fmt::Debug for Journal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Journal")
+            .field("next_seq", &self.next_seq.get())
+            .field("pending", &self.pending.borrow().len())
+            .field("stats", &self.stats.get())
+            .finish()
+    }
+}
+
+impl Journal {
+    /// A journal that writes blocks from `next_seq` on, through `ch` (the owner reactor's
+    /// channel to the pool device). `reusable_below` is the superblock's first sequence.
+    pub fn new(ch: Rc<dyn Channel>, sb: Superblock, next_seq: u64) -> Rc<Self> {
+        Rc::new_cyclic(|me| Self {
+            me: me.clone(),
+            ch,
+            reusable_below: Cell::new(sb.first_seq),
+            sb,
+            next_seq: Cell::new(next_seq),
+            pending: RefCell::new(Vec::new()),
+            pending_done: RefCell::new(Vec::new()),
+            inflight: RefCell::new(None),
+            flush_waiting: RefCell::new(Vec::new()),
+            flush_inflight: RefCell::new(None),
+            failed: Cell::new(false),
+            stats: Cell::new(JournalStats::default()),
+        })
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> JournalStats {
+        self.stats.get()
+    }
+
+    /// Sequence of the next block to be written.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.get()
+    }
+
+    /// Records that a checkpoint now covers every block below `seq`.
+    pub fn set_checkpointed(&self, seq: u64) {
+        self.reusable_below.set(self.reusable_below.get().max(seq));
+    }
+
+    fn bump(&self, f: impl FnOnce(&mut JournalStats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
+    /// Appends `records` as one commit; `done` runs once the journal write holding the last
+    /// of them has completed (or failed).
+    pub fn append(&self, rx: &Reactor, records: Vec<Record>, done: Done) {
+        if self.failed.get() {
+            return done(rx, Err(Errno::EIO));
+        }
+        if let Some(r) = records
+            .iter()
+            .find(|r| r.encoded_len() > format::JOURNAL_PAYLOAD_BYTES)
+        {
+            tracing::error!(record = ?r, "journal record larger than a block");
+            return done(rx, Err(Errno::EINVAL));
+        }
+        let mut pending = self.pending.borrow_mut();
+        pending.extend(records);
+        self.pending_done.borrow_mut().push((pending.len(), done));
+        drop(pending);
+        self.kick(rx);
+    }
+
+    /// FLUSH: completes once every journal write that completed before this call — and the
+    /// one in flight — is durable, with one device flush shared by concurrent callers.
+    pub fn flush(&self, rx: &Reactor, done: Done) {
+        if self.failed.get() {
+            return done(rx, Err(Errno::EIO));
+        }
+        self.flush_waiting.borrow_mut().push(done);
+        self.try_start_flush(rx);
+    }
+
+    fn try_start_flush(&self, rx: &Reactor) {
+        if self.flush_inflight.borrow().is_some()
+            || self.inflight.borrow().is_some()
+            || self.flush_waiting.borrow().is_empty()
+        {
+            return;
+        }
+        let waiters = std::mem::take(&mut *self.flush_waiting.borrow_mut());
+        *self.flush_inflight.borrow_mut() = Some(waiters);
+        self.bump(|s| s.flushes += 1);
+        self.ch.submit(rx, Io::Flush, self.completion(), TAG_FLUSH);
+    }
+
+    fn completion(&self) -> Rc<dyn Completion> {
+        self.me
+            .upgrade()
+            .expect("the journal lives while it has IO in flight")
+    }
+
+    /// Starts the next journal write if none is in flight and records are waiting.
+    fn kick(&self, rx: &Reactor) {
+        if self.inflight.borrow().is_some() || self.pending.borrow().is_empty() {
+            return;
+        }
+        let first = self.next_seq.get();
+        let ring = self.sb.journal_blocks();
+        // Blocks up to the ring's end (a write never wraps) and never over a block that a
+        // checkpoint does not cover yet.
+        let to_end = ring - first % ring;
+        let room = (self.reusable_below.get() + ring).saturating_sub(first);
+        let max_blocks = MAX_BLOCKS_PER_WRITE.min(to_end).min(room);
+        if max_blocks == 0 {
+            tracing::error!(
+                next_seq = first,
+                "journal ring full: no checkpoint covers the oldest blocks"
+            );
+            return self.fail_pending(rx, Errno::ENOSPC);
+        }
+        // Take whole records that fit in `max_blocks`.
+        let mut pending = self.pending.borrow_mut();
+        let mut blocks = 1u64;
+        let mut used = 0usize;
+        let mut take = 0usize;
+        for r in pending.iter() {
+            let len = r.encoded_len();
+            if used + len > format::JOURNAL_PAYLOAD_BYTES {
+                if blocks == max_blocks {
+                    break;
+                }
+                blocks += 1;
+                used = 0;
+            }
+            used += len;
+            take += 1;
+        }
+        let batch: Vec<Record> = pending.drain(..take).collect();
+        drop(pending);
+        // Commits whose last record is in this batch complete with it.
+        let mut done = Vec::new();
+        {
+            let mut pd = self.pending_done.borrow_mut();
+            let split = pd
+                .iter()
+                .position(|(end, _)| *end > take)
+                .unwrap_or(pd.len());
+            for (_, d) in pd.drain(..split) {
+                done.push(d);
+            }
+            for (end, _) in pd.iter_mut() {
+                *end -= take;
+            }
+        }
+        let bytes = format::encode_journal_blocks(self.sb.journal_tag, first, &batch);
+        let nblocks = (bytes.len() / BLOCK_BYTES) as u64;
+        debug_assert_eq!(nblocks, blocks);
+        self.next_seq.set(first + nblocks);
+        *self.inflight.borrow_mut() = Some((done, first + nblocks - 1));
+        self.bump(|s| {
+            s.writes += 1;
+            s.blocks += nblocks;
+            s.records += batch.len() as u64;
+        });
+        let io = Io::Write {
+            offset: self.sb.journal_block_offset(first),
+            buf: IoBuf::from_slice(&bytes),
+            fua: false,
+        };
+        self.ch.submit(rx, io, self.completion(), TAG_WRITE);
+    }
+
+    fn fail_pending(&self, rx: &Reactor, err: Errno) {
+        self.pending.borrow_mut().clear();
+        let done = std::mem::take(&mut *self.pending_done.borrow_mut());
+        for (_, d) in done {
+            d(rx, Err(err));
+        }
+    }
+}
+
+impl Completion for Journal {
+    fn complete(&self, rx: &Reactor, tag: u64, res: IoResult, _buf: Option<IoBuf>) {
+        match tag {
+            TAG_WRITE => {
+                let (done, last_seq) = self
+                    .inflight
+                    .borrow_mut()
+                    .take()
+                    .expect("a journal write was in flight");
+                let res = match res {
+                    Ok(_) => Ok(last_seq),
+                    Err(e) => {
+                        // The journal is now of unknown state past this point: stop the pool
+                        // rather than write records after a hole that replay would ignore.
+                        tracing::error!(errno = %e, "journal write failed; the pool stops taking metadata changes");
+                        self.failed.set(true);
+                        Err(e)
+                    }
+                };
+                self.bump(|s| s.commits += done.len() as u64);
+                for d in done {
+                    d(rx, res);
+                }
+                if self.failed.get() {
+                    self.fail_pending(rx, Errno::EIO);
+                    let flushes = std::mem::take(&mut *self.flush_waiting.borrow_mut());
+                    for d in flushes {
+                        d(rx, Err(Errno::EIO));
+                    }
+                    return;
+                }
+                self.try_start_flush(rx);
+                self.kick(rx);
+            }
+            _ => {
+                let waiters = self
+                    .flush_inflight
+                    .borrow_mut()
+                    .take()
+                    .expect("a flush was in flight");
+                let res = res.map(|_| 0);
+                for d in waiters {
+                    d(rx, res);
+                }
+                self.try_start_flush(rx);
+                self.kick(rx);
+            }
+        }
+    }
+}
+
+/// What replay found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    /// Records in order, with the sequence of the block that held each.
+    pub records: Vec<(u64, Record)>,
+    /// The first sequence that did not decode: the next block to write.
+    pub next_seq: u64,
+    /// Why replay stopped there.
+    pub stop: format::DecodeError,
+}
+
+/// Replays the journal from `sb.first_seq`, reading blocks through `read_block(offset)`.
+/// Stops at the first block that fails to decode or after one full ring.
+pub fn replay(sb: &Superblock, mut read_block: impl FnMut(u64) -> Option<Vec<u8>>) -> Replay {
+    let mut records = Vec::new();
+    let mut seq = sb.first_seq;
+    let end = sb.first_seq + sb.journal_blocks();
+    let stop = loop {
+        if seq == end {
+            break format::DecodeError::Field {
+                field: "journal",
+                why: "a full ring replayed without a checkpoint".into(),
+            };
+        }
+        let Some(b) = read_block(sb.journal_block_offset(seq)) else {
+            break format::DecodeError::Field {
+                field: "journal",
+                why: format!("block {seq} unreadable"),
+            };
+        };
+        match format::decode_journal_block(&b, sb.journal_tag, seq) {
+            Ok(rs) => records.extend(rs.into_iter().map(|r| (seq, r))),
+            Err(e) => break e,
+        }
+        seq += 1;
+    };
+    Replay {
+        records,
+        next_seq: seq,
+        stop,
+    }
+}
+
+#[cfg(test)]
+mod tests;
