@@ -64,6 +64,10 @@ struct Args {
     /// Reactor idle threshold (µs).
     #[arg(long, default_value_t = ReactorConfig::default().idle_threshold_us)]
     idle_threshold_us: u64,
+    /// With IO in flight but no completion for this long (µs), sleep in the kernel instead
+    /// of polling.
+    #[arg(long, default_value_t = ReactorConfig::default().busy_poll_limit_us)]
+    busy_poll_us: u64,
     /// nvme target: reads/writes/flushes through io_uring NVMe passthrough (/dev/ngXnY).
     #[arg(long)]
     passthrough: bool,
@@ -210,6 +214,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let cfg = ReactorConfig {
         idle_threshold_us: args.idle_threshold_us,
+        busy_poll_limit_us: args.busy_poll_us,
         buf_chunk_bytes: bs as usize,
         buf_count: args.qd as usize,
         max_inflight: args.qd.max(64) * 2,
