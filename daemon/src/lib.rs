@@ -11,3 +11,5 @@ pub mod control;
 pub mod lvs;
 pub mod metrics;
 pub mod reactor;
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -10,14 +10,10 @@ use coreblk_daemon::bdev::record::{RecordOp, RecordingDevice, WriteLog};
 use coreblk_daemon::bdev::uring::{OpenError, UringDevice};
 use coreblk_daemon::bdev::BlockDevice;
 use coreblk_daemon::reactor::{Errno, ReactorConfig, ReactorSet};
+use coreblk_daemon::testing::Rng;
 
 fn reactors(n: usize) -> ReactorSet {
-    let cfg = ReactorConfig {
-        pin: false,
-        buf_count: 8,
-        ..ReactorConfig::default()
-    };
-    ReactorSet::start(&(0..n).collect::<Vec<_>>(), &cfg).expect("reactors")
+    coreblk_daemon::testing::reactors(n, 8)
 }
 
 fn client(set: &ReactorSet, dev: Arc<dyn BlockDevice>, r: usize) -> BlockingDevice {
@@ -28,20 +24,6 @@ fn errno(e: BlockingError) -> Errno {
     match e {
         BlockingError::Io { errno, .. } => errno,
         other => panic!("expected an IO error, got {other}"),
-    }
-}
-
-/// Deterministic pseudo-random stream (xorshift) so failures replay from the printed seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -170,7 +152,7 @@ fn a_replayed_recording_reproduces_the_device_image_byte_for_byte() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_1234_u64);
     println!("seed {seed} (replay with COREBLK_SEED={seed})");
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let size: u64 = 4 << 20;
     let set = reactors(2);
     let malloc: Arc<dyn BlockDevice> = Arc::new(MallocDevice::new(size).expect("malloc"));
@@ -190,7 +172,7 @@ fn a_replayed_recording_reproduces_the_device_image_byte_for_byte() {
             1 => c.discard(off, len).expect("discard"),
             2 => c.write_zeroes(off, len).expect("zeroes"),
             _ => {
-                let byte = rng.next().to_le_bytes()[0];
+                let byte = rng.next_u64().to_le_bytes()[0];
                 let data = vec![byte; usize::try_from(len).expect("small")];
                 c.write(off, &data, rng.below(4) == 0).expect("write");
             }

@@ -9,7 +9,7 @@ use coreblk_daemon::bdev::blocking::{BlockingDevice, BlockingError};
 use coreblk_daemon::bdev::mem::MallocDevice;
 use coreblk_daemon::bdev::uring::UringDevice;
 use coreblk_daemon::bdev::BlockDevice;
-use coreblk_daemon::reactor::{Errno, ReactorConfig, ReactorSet};
+use coreblk_daemon::reactor::Errno;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -147,15 +147,7 @@ fn run_model(dev: &BlockingDevice, ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 fn check(dev: Arc<dyn BlockDevice>) {
-    let set = ReactorSet::start(
-        &[0],
-        &ReactorConfig {
-            pin: false,
-            buf_count: 4,
-            ..ReactorConfig::default()
-        },
-    )
-    .expect("reactor");
+    let set = coreblk_daemon::testing::reactors(1, 4);
     let client = BlockingDevice::new(dev, set.remotes()[0].clone()).expect("channel");
     let mut runner = TestRunner::new(Config {
         cases: 24,

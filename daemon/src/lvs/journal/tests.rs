@@ -15,7 +15,7 @@ use super::*;
 use crate::bdev::mem::MallocDevice;
 use crate::bdev::record::{RecordOp, RecordingDevice};
 use crate::bdev::BlockDevice;
-use crate::reactor::{ReactorConfig, ReactorSet};
+use crate::testing::Rng;
 
 const DEV_BYTES: u64 = 8 << 20;
 
@@ -42,24 +42,8 @@ fn superblock(journal_blocks: u64) -> Superblock {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn seed() -> u64 {
-    std::env::var("COREBLK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0xC0FF_EE11)
+    crate::testing::seed_or(0xC0FF_EE11)
 }
 
 /// What the workload did, as seen on the reactor.
@@ -86,15 +70,7 @@ fn run_workload(
     journal_blocks: u64,
     spread_us: u64,
 ) -> (Outcome, Vec<crate::bdev::record::Record>, Superblock) {
-    let set = ReactorSet::start(
-        &[0],
-        &ReactorConfig {
-            pin: false,
-            buf_count: 4,
-            ..ReactorConfig::default()
-        },
-    )
-    .expect("reactor");
+    let set = crate::testing::reactors(1, 4);
     let malloc: Arc<dyn BlockDevice> = Arc::new(MallocDevice::new(DEV_BYTES).expect("malloc"));
     let (rec, log) = RecordingDevice::new(malloc);
     let rec: Arc<dyn BlockDevice> = rec;
@@ -108,7 +84,7 @@ fn run_workload(
             let j = Journal::new(ch, sb2, 1);
             let out = Rc::new(RefCell::new(Outcome::default()));
             let remaining = Rc::new(Cell::new(n));
-            let mut rng = Rng(seed | 1);
+            let mut rng = Rng::new(seed);
             for i in 0..n {
                 let nrec = 1 + rng.below(40);
                 let records: Vec<Record> = (0..nrec)
@@ -268,7 +244,7 @@ fn check_crash_points(
         .filter_map(|(i, (_, s))| s.and(out.ack_clock[i]).map(|t| (ends[i], t)))
         .collect();
     let max_tick = log.iter().filter_map(|r| r.complete_seq).max().unwrap_or(0) + 1;
-    let mut rng = Rng(seed ^ 0x9E37_79B9);
+    let mut rng = Rng::new(seed ^ 0x9E37_79B9);
     let mut distinct = HashSet::new();
     let mut points = 0;
     for c in 0..=max_tick {
