@@ -1,33 +1,116 @@
-//! Daemon configuration: what `coreblkd` serves and how its reactors run, from the command
-//! line (a config file comes with later issues). Validates everything up front so bad input
-//! is a clear error at start-up, never a panic later. Never opens devices itself, except to
-//! create the default sparse file.
+//! Daemon configuration: what `coreblkd` serves, where it listens and how its reactors run,
+//! from an optional TOML file (`--config`) and the command line; a flag given on the
+//! command line wins over the file, the file over the built-in default. Every key, with
+//! its default, is documented in `daemon/coreblkd.example.toml` (keep the two in step:
+//! a test parses the example).
+//!
+//! Validates everything up front so bad input is a clear error at start-up, never a panic
+//! later. Never opens devices itself, except to create the default sparse file.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
 
 use crate::reactor::{parse_core_list, ReactorConfig};
 
-/// Command-line arguments of `coreblkd` (serve mode).
-#[derive(Debug, Clone, clap::Args)]
+/// Where the API socket lives unless configured.
+pub const DEFAULT_SOCKET: &str = "/run/coreblk/coreblkd.sock";
+/// Where `/metrics` is served unless configured.
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9544";
+/// The state directory unless configured.
+pub const DEFAULT_VAR_DIR: &str = "./var";
+/// The default sparse device file's size unless configured.
+pub const DEFAULT_DEVICE_SIZE: &str = "4G";
+/// Reactor cores unless configured.
+pub const DEFAULT_CORES: &str = "0";
+
+/// Command-line arguments of `coreblkd` (serve mode). Options left out fall back to the
+/// config file, then to the defaults named in their help.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunArgs {
-    /// Cores to run reactors on, e.g. "0", "0-3", "0,2". Default: core 0.
-    #[arg(long, default_value = "0")]
-    pub cores: String,
-    /// Device or file to serve. Default: a sparse file under --var-dir.
+    /// TOML configuration file (every key: daemon/coreblkd.example.toml); flags win over it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Cores to run reactors on, e.g. "0", "0-3", "0,2" [default: 0].
+    #[arg(long)]
+    pub cores: Option<String>,
+    /// Device or file to serve [default: a sparse file under --var-dir].
     #[arg(long)]
     pub device: Option<PathBuf>,
-    /// State directory (default device file, later: metadata and sockets).
-    #[arg(long, default_value = "./var")]
-    pub var_dir: PathBuf,
-    /// Size of the default sparse device file, e.g. 4G, 512M.
-    #[arg(long, default_value = "4G")]
-    pub default_size: String,
-    /// Microseconds a reactor polls without work before it sleeps.
-    #[arg(long, default_value_t = ReactorConfig::default().idle_threshold_us)]
-    pub idle_threshold_us: u64,
+    /// State directory: the default device file and the record of claimed devices
+    /// [default: ./var].
+    #[arg(long)]
+    pub var_dir: Option<PathBuf>,
+    /// Size of the default sparse device file, e.g. 4G, 512M [default: 4G].
+    #[arg(long)]
+    pub default_size: Option<String>,
+    /// Microseconds a reactor polls without work before it sleeps [default: 200].
+    #[arg(long)]
+    pub idle_threshold_us: Option<u64>,
     /// Do not pin reactor threads to their cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Unix socket of the gRPC API (created mode 0600) [default: /run/coreblk/coreblkd.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Address of the Prometheus /metrics endpoint, host:port (port 0: any free port;
+    /// "off": none) [default: 127.0.0.1:9544].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<String>,
+    /// This node's id in the API [default: /etc/machine-id, else the host name].
+    #[arg(long)]
+    pub node_id: Option<String>,
+}
+
+/// The config file: the same settings as the flags, all optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `--cores`.
+    pub cores: Option<String>,
+    /// `--device`.
+    pub device: Option<PathBuf>,
+    /// `--var-dir`.
+    pub var_dir: Option<PathBuf>,
+    /// `--default-size`.
+    pub default_size: Option<String>,
+    /// `--idle-threshold-us`.
+    pub idle_threshold_us: Option<u64>,
+    /// The opposite of `--no-pin`.
+    pub pin: Option<bool>,
+    /// `--socket`.
+    pub socket: Option<PathBuf>,
+    /// `--metrics-address`.
+    pub metrics_address: Option<String>,
+    /// `--node-id`.
+    pub node_id: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses `path`.
+    ///
+    /// # Errors
+    /// The file cannot be read or is not valid TOML with known keys.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| {
+            format!(
+                "config file {} (every key is documented in coreblkd.example.toml)",
+                path.display()
+            )
+        })
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// Invalid TOML, an unknown key or a value of the wrong type.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
 }
 
 /// Where the daemon's device comes from.
@@ -44,6 +127,16 @@ pub enum DeviceSource {
     },
 }
 
+impl DeviceSource {
+    /// The path served.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Configured(p) | Self::DefaultFile { path: p, .. } => p,
+        }
+    }
+}
+
 /// Validated daemon configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -53,63 +146,170 @@ pub struct Config {
     pub reactor: ReactorConfig,
     /// The device to serve.
     pub device: DeviceSource,
+    /// State directory.
+    pub var_dir: PathBuf,
+    /// The API socket.
+    pub socket: PathBuf,
+    /// The metrics endpoint; `None`: disabled.
+    pub metrics_address: Option<SocketAddr>,
+    /// Configured node id (`None`: derive one).
+    pub node_id: Option<String>,
 }
 
 /// Name of the default device file inside the state directory.
 pub const DEFAULT_DEVICE_FILE: &str = "default-pool.img";
 
 impl Config {
-    /// Validates `args`.
+    /// Validates `args`, reading the config file they name first.
+    ///
+    /// # Errors
+    /// The config file is unreadable or invalid, or a value is.
     pub fn from_args(args: RunArgs) -> anyhow::Result<Self> {
-        let cores = parse_core_list(&args.cores)?;
-        let device = match args.device {
-            Some(p) => DeviceSource::Configured(p),
-            None => DeviceSource::DefaultFile {
-                path: args.var_dir.join(DEFAULT_DEVICE_FILE),
-                size_bytes: parse_size(&args.default_size)?,
-            },
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
         };
+        Self::merge(args, file)
+    }
+
+    /// Flags over file over defaults.
+    ///
+    /// # Errors
+    /// A value is invalid.
+    pub fn merge(args: RunArgs, file: FileConfig) -> anyhow::Result<Self> {
+        let cores_text = args
+            .cores
+            .or(file.cores)
+            .unwrap_or_else(|| DEFAULT_CORES.to_owned());
+        let cores = parse_core_list(&cores_text)?;
+        let var_dir = args
+            .var_dir
+            .or(file.var_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_VAR_DIR));
+        let device = match args.device.or(file.device) {
+            Some(p) => DeviceSource::Configured(p),
+            None => {
+                let size = args
+                    .default_size
+                    .or(file.default_size)
+                    .unwrap_or_else(|| DEFAULT_DEVICE_SIZE.to_owned());
+                DeviceSource::DefaultFile {
+                    path: var_dir.join(DEFAULT_DEVICE_FILE),
+                    size_bytes: parse_size(&size)?,
+                }
+            }
+        };
+        let defaults = ReactorConfig::default();
+        let pin = !args.no_pin && file.pin.unwrap_or(defaults.pin);
+        let socket = args
+            .socket
+            .or(file.socket)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        anyhow::ensure!(
+            !socket.as_os_str().is_empty(),
+            "invalid --socket: the path is empty"
+        );
+        let metrics_text = args
+            .metrics_address
+            .or(file.metrics_address)
+            .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.to_owned());
+        let metrics_address = parse_metrics_address(&metrics_text)?;
+        let node_id = args.node_id.or(file.node_id);
+        if let Some(id) = &node_id {
+            validate_node_id(id)?;
+        }
         Ok(Self {
             cores,
             reactor: ReactorConfig {
-                idle_threshold_us: args.idle_threshold_us,
-                pin: !args.no_pin,
-                ..ReactorConfig::default()
+                idle_threshold_us: args
+                    .idle_threshold_us
+                    .or(file.idle_threshold_us)
+                    .unwrap_or(defaults.idle_threshold_us),
+                pin,
+                ..defaults
             },
             device,
+            var_dir,
+            socket,
+            metrics_address,
+            node_id,
         })
     }
 }
 
-/// Parses a size like `4G`, `512M`, `64k` or `1048576` (binary units).
+/// `host:port`, or `off`/empty for no metrics endpoint.
+fn parse_metrics_address(text: &str) -> anyhow::Result<Option<SocketAddr>> {
+    let t = text.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    t.parse().map(Some).map_err(|_| {
+        anyhow::anyhow!(
+            "invalid --metrics-address {text:?}: expected an IP address and port such as \
+             127.0.0.1:9544 or [::1]:9544 (port 0: any free port), or \"off\""
+        )
+    })
+}
+
+/// Node ids: what Kubernetes accepts as a topology label value (≤ 63 characters of
+/// `A-Z a-z 0-9 . _ -`, alphanumeric at both ends).
+fn validate_node_id(id: &str) -> anyhow::Result<()> {
+    let ok_chars = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let ok_ends = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && id.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
+    anyhow::ensure!(
+        !id.is_empty() && id.len() <= 63 && ok_chars && ok_ends,
+        "invalid --node-id {id:?}: a node id is 1 to 63 characters from A-Z a-z 0-9 . _ - \
+         starting and ending with a letter or digit (it becomes a Kubernetes topology label)"
+    );
+    Ok(())
+}
+
+/// Parses a size in bytes: a whole number with an optional binary unit — `k`/`K`/`Ki`/
+/// `KiB`, `M`/`Mi`/`MiB`, `G`/`Gi`/`GiB`, `T`/`Ti`/`TiB`, `P`/`Pi`/`PiB`, or `B` — e.g.
+/// `4G`, `512M`, `10GiB`, `64k`, `1048576`. Decimal units (`GB`) are refused as
+/// ambiguous.
+///
+/// # Errors
+/// Not a number, an unknown or ambiguous unit, or more than `u64::MAX` bytes.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                _ => anyhow::bail!("invalid size {s:?}: unknown unit {c:?} (use k, M, G or T)"),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim_start());
+    if num.is_empty() {
+        anyhow::bail!("invalid size {s:?}: expected a whole number with an optional unit, e.g. 4G, 512MiB or 1048576");
+    }
+    let shift: u32 = match unit {
+        "" | "B" | "b" => 0,
+        "k" | "K" | "Ki" | "KiB" => 10,
+        "m" | "M" | "Mi" | "MiB" => 20,
+        "g" | "G" | "Gi" | "GiB" => 30,
+        "t" | "T" | "Ti" | "TiB" => 40,
+        "p" | "P" | "Pi" | "PiB" => 50,
+        "kB" | "KB" | "MB" | "GB" | "TB" | "PB" => anyhow::bail!(
+            "invalid size {s:?}: {unit} is ambiguous (decimal or binary?); use {}iB, binary units \
+             (1 GiB = 2^30 bytes)",
+            &unit[..1].to_ascii_uppercase()
+        ),
+        other => anyhow::bail!(
+            "invalid size {s:?}: unknown unit {other:?} (use k, M, G, T or P, binary: 1G = 2^30 bytes)"
+        ),
     };
-    let n: u64 = num.parse().map_err(|_| {
-        anyhow::anyhow!(
-            "invalid size {s:?}: expected a number with an optional k/M/G/T suffix, e.g. 4G"
-        )
-    })?;
-    n.checked_mul(mult)
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid size {s:?}: too large"))?;
+    n.checked_mul(1u64 << shift)
         .ok_or_else(|| anyhow::anyhow!("invalid size {s:?}: too large"))
 }
 
 /// Creates `path` as a sparse file of `size_bytes` if it does not exist; returns whether it
 /// was created. An existing file is left as it is (it may hold a pool).
+///
+/// # Errors
+/// The directory or the file cannot be created or sized.
 pub fn ensure_sparse_file(path: &Path, size_bytes: u64) -> anyhow::Result<bool> {
-    use anyhow::Context;
     if path.exists() {
         return Ok(false);
     }
@@ -140,9 +340,25 @@ mod tests {
         assert_eq!(parse_size("4G").expect("ok"), 4 << 30);
         assert_eq!(parse_size("512m").expect("ok"), 512 << 20);
         assert_eq!(parse_size("4096").expect("ok"), 4096);
-        for bad in ["", "G", "4X", "-1", "99999999999T"] {
+        assert_eq!(parse_size("10GiB").expect("ok"), 10 << 30);
+        assert_eq!(parse_size("10 GiB").expect("ok"), 10 << 30);
+        assert_eq!(parse_size("512Mi").expect("ok"), 512 << 20);
+        assert_eq!(parse_size("64k").expect("ok"), 64 << 10);
+        assert_eq!(parse_size("4096B").expect("ok"), 4096);
+        assert_eq!(parse_size("1T").expect("ok"), 1 << 40);
+        for bad in [
+            "",
+            "G",
+            "4X",
+            "-1",
+            "99999999999T",
+            "1.5G",
+            "99999999999999999999999",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+        let e = parse_size("10GB").expect_err("ambiguous").to_string();
+        assert!(e.contains("use GiB"), "{e}");
     }
 
     #[test]
@@ -154,5 +370,128 @@ mod tests {
         let meta = std::fs::metadata(&p).expect("meta");
         assert_eq!(meta.len(), 1 << 30);
         assert!(std::os::unix::fs::MetadataExt::blocks(&meta) < 64, "sparse");
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_given() {
+        let cfg = Config::merge(RunArgs::default(), FileConfig::default()).expect("ok");
+        assert_eq!(cfg.cores, [0]);
+        assert_eq!(cfg.socket, Path::new(DEFAULT_SOCKET));
+        assert_eq!(
+            cfg.metrics_address,
+            Some(DEFAULT_METRICS_ADDRESS.parse().expect("addr"))
+        );
+        assert_eq!(
+            cfg.device,
+            DeviceSource::DefaultFile {
+                path: Path::new(DEFAULT_VAR_DIR).join(DEFAULT_DEVICE_FILE),
+                size_bytes: 4 << 30
+            }
+        );
+        assert!(cfg.reactor.pin);
+        assert_eq!(
+            cfg.reactor.idle_threshold_us,
+            ReactorConfig::default().idle_threshold_us
+        );
+        assert_eq!(cfg.node_id, None);
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file = FileConfig::parse(
+            r#"
+            cores = "0"
+            var_dir = "/srv/coreblk"
+            default_size = "1G"
+            socket = "/tmp/file.sock"
+            metrics_address = "off"
+            pin = false
+            idle_threshold_us = 7
+            node_id = "node-a"
+            "#,
+        )
+        .expect("parse");
+        let args = RunArgs {
+            socket: Some("/tmp/flag.sock".into()),
+            idle_threshold_us: Some(9),
+            ..RunArgs::default()
+        };
+        let cfg = Config::merge(args, file).expect("ok");
+        assert_eq!(cfg.socket, Path::new("/tmp/flag.sock"));
+        assert_eq!(cfg.reactor.idle_threshold_us, 9);
+        assert_eq!(cfg.metrics_address, None);
+        assert!(!cfg.reactor.pin);
+        assert_eq!(cfg.node_id.as_deref(), Some("node-a"));
+        assert_eq!(
+            cfg.device,
+            DeviceSource::DefaultFile {
+                path: Path::new("/srv/coreblk").join(DEFAULT_DEVICE_FILE),
+                size_bytes: 1 << 30
+            }
+        );
+    }
+
+    #[test]
+    fn bad_config_is_a_clear_error() {
+        let e = FileConfig::parse("sockett = \"/x\"").expect_err("unknown key");
+        assert!(format!("{e:#}").contains("sockett"), "{e:#}");
+        let e = FileConfig::parse("cores = 3").expect_err("wrong type");
+        assert!(format!("{e:#}").contains("cores"), "{e:#}");
+        let bad_addr = RunArgs {
+            metrics_address: Some("localhost".into()),
+            ..RunArgs::default()
+        };
+        let e = Config::merge(bad_addr, FileConfig::default()).expect_err("addr");
+        assert!(e.to_string().contains("--metrics-address"), "{e}");
+        let bad_node = RunArgs {
+            node_id: Some("a b".into()),
+            ..RunArgs::default()
+        };
+        let e = Config::merge(bad_node, FileConfig::default()).expect_err("node");
+        assert!(e.to_string().contains("--node-id"), "{e}");
+    }
+
+    #[test]
+    fn the_example_file_parses_and_names_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("coreblkd.example.toml");
+        let text = std::fs::read_to_string(&path).expect("example config");
+        // Every key appears commented out with its default; uncommented, it must parse.
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.split_once(" = ").is_some_and(|(key, _)| {
+                    !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                })
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let file = FileConfig::parse(&uncommented).expect("example keys parse");
+        let cfg = Config::merge(RunArgs::default(), file).expect("example values are valid");
+        let defaults = Config::merge(RunArgs::default(), FileConfig::default()).expect("ok");
+        assert_eq!(cfg.socket, defaults.socket);
+        assert_eq!(cfg.metrics_address, defaults.metrics_address);
+        assert_eq!(cfg.cores, defaults.cores);
+        assert_eq!(cfg.reactor.pin, defaults.reactor.pin);
+        assert_eq!(
+            cfg.reactor.idle_threshold_us,
+            defaults.reactor.idle_threshold_us
+        );
+        for key in [
+            "cores",
+            "device",
+            "var_dir",
+            "default_size",
+            "idle_threshold_us",
+            "pin",
+            "socket",
+            "metrics_address",
+            "node_id",
+        ] {
+            assert!(
+                text.contains(&format!("# {key} = ")),
+                "{key} is not documented"
+            );
+        }
     }
 }

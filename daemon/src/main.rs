@@ -1,24 +1,44 @@
 //! `coreblkd`: the node daemon. Starts one reactor per core and serves the configured
-//! device — with none configured, a sparse file under `./var` — until SIGTERM or SIGINT.
-//! `coreblkd devices ...` lists and claims devices offline (no daemon needed).
+//! device — with none configured, a sparse file under `./var` — plus the gRPC API on a
+//! unix socket and `/metrics`, until SIGTERM or SIGINT. `coreblkd devices ...` lists and
+//! claims devices offline (no daemon needed).
 //!
-//! Later issues add the pool, the gRPC API and the exports on top of what starts here.
+//! Start-up order: configuration (and a check that the API socket's directory is
+//! usable), device, reactors, then the API socket (so bad input fails before anything is
+//! bound), the metrics listener, the claimed devices, the control
+//! plane. Stop order: the control plane (no new calls, in-flight calls finish, socket
+//! removed), then the reactors, then the claims are let go.
+//!
+//! Later issues add the pool and the exports on top of what starts here.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use coreblk_daemon::bdev::sysfs::SysRoot;
 use coreblk_daemon::bdev::uring::UringDevice;
 use coreblk_daemon::bdev::BlockDevice;
 use coreblk_daemon::config::{Config, DeviceSource};
+use coreblk_daemon::control::claims::Claims;
+use coreblk_daemon::control::node::{self, NodeFacts};
+use coreblk_daemon::control::server::{ControlPlane, ControlPlaneConfig, ReactorHandle, Shared};
+use coreblk_daemon::control::socket::ApiSocket;
 use coreblk_daemon::reactor::{Reactor, ReactorSet};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "coreblkd",
     version,
-    about = "coreblk node daemon: thin volumes on local NVMe, exported as ublk devices"
+    about = "coreblk node daemon: thin volumes on local NVMe, exported as ublk devices",
+    long_about = "coreblk node daemon: thin volumes on local NVMe, exported as ublk devices.\n\n\
+        With no subcommand, serves: reactors on --cores, the device (or the default sparse \
+        file), the gRPC API on --socket and Prometheus metrics on --metrics-address, until \
+        SIGTERM or SIGINT. Settings come from flags, then the --config TOML file, then the \
+        defaults shown (daemon/coreblkd.example.toml documents every key). Drive the \
+        running daemon with the `coreblk` CLI.",
+    after_help = "Logs go to stderr; set COREBLK_LOG=debug (or any tracing filter) for more."
 )]
 struct Cli {
     #[command(flatten)]
@@ -123,7 +143,10 @@ fn wait_for_stop(set: &libc::sigset_t) -> i32 {
 }
 
 fn serve(args: coreblk_daemon::config::RunArgs) -> anyhow::Result<()> {
+    let start_time = SystemTime::now();
     let cfg = Config::from_args(args)?;
+    // Fail early, before anything starts, when the API socket cannot be created at all.
+    coreblk_daemon::control::socket::check_dir(&cfg.socket)?;
     let signals = block_stop_signals()?;
     let dev: Arc<dyn BlockDevice> = match &cfg.device {
         DeviceSource::Configured(path) => {
@@ -159,16 +182,73 @@ fn serve(args: coreblk_daemon::config::RunArgs) -> anyhow::Result<()> {
         r.call(move |rx: &Reactor| d.open_channel(rx).map(|ch| ch.close(rx)))?
             .with_context(|| format!("reactor {} cannot open {}", r.id(), dev.name()))?;
     }
+
+    let socket = ApiSocket::bind(&cfg.socket)?;
+    if socket.replaced_stale() {
+        tracing::warn!(socket = %cfg.socket.display(), "replaced a stale API socket left by a daemon that is gone");
+    }
+    let metrics = cfg
+        .metrics_address
+        .map(|addr| {
+            std::net::TcpListener::bind(addr).with_context(|| {
+                format!(
+                    "cannot serve metrics on {addr} (in use? choose another --metrics-address, \
+                     or \"off\")"
+                )
+            })
+        })
+        .transpose()?;
+    let metrics_address = metrics
+        .as_ref()
+        .map(std::net::TcpListener::local_addr)
+        .transpose()?;
+    let claims = Arc::new(
+        Claims::open(&cfg.var_dir, SysRoot::host()).context("taking back the claimed devices")?,
+    );
+    let handles: Vec<ReactorHandle> = cfg
+        .cores
+        .iter()
+        .zip(reactors.stats())
+        .enumerate()
+        .map(|(id, (&core, stats))| ReactorHandle {
+            id,
+            core,
+            stats: Arc::clone(stats),
+        })
+        .collect();
+    let facts = NodeFacts {
+        node_id: node::resolve_node_id(cfg.node_id.as_deref()),
+        hostname: node::hostname(),
+        version: env!("CARGO_PKG_VERSION"),
+        kernel_release: node::kernel_release(),
+        reactors: handles.iter().map(|h| (h.id, h.core)).collect(),
+        reactors_pinned: cfg.reactor.pin,
+        served_device: cfg.device.path().to_path_buf(),
+        socket: cfg.socket.clone(),
+        metrics_address,
+        start_time,
+    };
+    tracing::info!(node_id = %facts.node_id, "node identity");
+    let shared = Arc::new(Shared::new(Arc::clone(&claims), facts, handles));
+    let control = ControlPlane::start(ControlPlaneConfig {
+        socket,
+        metrics,
+        shared,
+    })?;
     let geo = dev.geometry();
     tracing::info!(
         device = dev.name(),
         size_bytes = geo.size_bytes,
         logical_block_size = geo.logical_block_size,
+        socket = %cfg.socket.display(),
+        metrics = %metrics_address.map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics")),
         "serving; stop with SIGTERM"
     );
     let sig = wait_for_stop(&signals);
     tracing::info!(signal = sig, "stopping");
+    control.stop();
     reactors.shutdown();
+    drop(claims);
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,3 +1,27 @@
-//! Control plane (issue 11, DESIGN §6): the gRPC services on a unix socket, served by a small
-//! tokio runtime on its own thread, talking to reactors and the store only by messages.
-//! Being written.
+//! Control plane (issue 11, DESIGN §6): the `coreblk.v1` gRPC services on a unix socket,
+//! served by a small tokio runtime on its own thread, plus the registry of claimed devices.
+//!
+//! Owns: the server thread and its runtime ([`server::ControlPlane`]), the API socket
+//! ([`socket`]), the services ([`devices`], [`node`], and [`unbuilt`] for what needs the
+//! volume store or exports, which answer UNIMPLEMENTED / FAILED_PRECONDITION until those
+//! layers exist), the claimed-device registry ([`claims`]), name and label rules
+//! ([`names`]), the one error → gRPC code mapping ([`error`]) and the client side used by
+//! the `coreblk` CLI and the tests ([`client`]).
+//!
+//! Must never: run tokio on a reactor thread or block a reactor; call a reactor except by
+//! message; block the runtime (discovery and claims run `blkid` and touch disks: they go
+//! to `spawn_blocking`); build a `tonic::Status` outside [`error`].
+//!
+//! Start reading at [`server::ControlPlane::start`], then [`devices`].
+
+pub mod claims;
+pub mod client;
+pub mod devices;
+pub mod error;
+pub mod names;
+pub mod node;
+pub mod server;
+pub mod socket;
+pub mod unbuilt;
+
+pub use error::{Error, Result};

@@ -1,0 +1,170 @@
+//! The control plane's error type and its one mapping to gRPC status codes.
+//!
+//! Owns: [`Error`] (every way a control-plane call fails, named for what went wrong and
+//! carrying what a person needs to act) and `impl From<Error> for tonic::Status`, the
+//! *only* place that picks a gRPC code (STYLE: one code per error, in one place).
+//! Must never: build a `tonic::Status` anywhere else in the control plane.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::bdev::claim::ClaimError;
+use crate::bdev::discover::RefuseReason;
+
+/// Every way a control-plane call fails.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A name breaks the naming rule.
+    #[error("{what} name {name:?} is invalid: {rule}")]
+    InvalidName {
+        /// What was being named (`volume`, `pool`, `snapshot`).
+        what: &'static str,
+        /// The name as given (cut to a readable length).
+        name: String,
+        /// The rule, in words.
+        rule: String,
+    },
+    /// A request field is missing or out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The field (`path`, `size_bytes`, `labels`).
+        field: &'static str,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+    /// Claiming (or reading) a device was refused or failed.
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    /// A release (or another call) names a device this daemon does not hold.
+    #[error(
+        "device {device} is not claimed by this daemon (`coreblk device list` shows what it holds)"
+    )]
+    DeviceNotClaimed {
+        /// The path or device UUID as given.
+        device: String,
+    },
+    /// The call needs the thin volume store, which this daemon does not have yet.
+    #[error(
+        "{rpc}: the volume store is not built yet, so this coreblkd has no pools, volumes, \
+         snapshots or images; only device and node calls work"
+    )]
+    StoreNotBuilt {
+        /// The RPC that was called.
+        rpc: &'static str,
+    },
+    /// The call needs ublk exports, which this daemon cannot make yet.
+    #[error(
+        "{rpc}: exports are not available: ublk exports are not built into this coreblkd yet \
+         (and there is no volume store to export from)"
+    )]
+    ExportsNotBuilt {
+        /// The RPC that was called.
+        rpc: &'static str,
+    },
+    /// The daemon is stopping.
+    #[error("coreblkd is stopping; retry once it (or its successor) is serving again")]
+    ShuttingDown,
+    /// Recording the claimed devices on disk failed.
+    #[error("cannot record claimed devices in {}: {source} (check that the state directory is writable)", path.display())]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A bug or an unexpected failure inside the daemon.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The gRPC code this error maps to.
+    #[must_use]
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::InvalidName { .. } | Self::InvalidArgument { .. } => tonic::Code::InvalidArgument,
+            Self::Claim(ClaimError::Refused { reasons, .. }) => {
+                if reasons.iter().all(|r| matches!(r, RefuseReason::NotFound)) {
+                    tonic::Code::NotFound
+                } else if reasons.iter().all(|r| {
+                    matches!(
+                        r,
+                        RefuseReason::NotBlockOrFile { .. } | RefuseReason::UblkDevice
+                    )
+                }) {
+                    tonic::Code::InvalidArgument
+                } else {
+                    tonic::Code::FailedPrecondition
+                }
+            }
+            Self::Claim(ClaimError::Io { .. }) | Self::State { .. } | Self::Internal(_) => {
+                tonic::Code::Internal
+            }
+            Self::DeviceNotClaimed { .. } => tonic::Code::NotFound,
+            Self::StoreNotBuilt { .. } => tonic::Code::Unimplemented,
+            Self::ExportsNotBuilt { .. } => tonic::Code::FailedPrecondition,
+            Self::ShuttingDown => tonic::Code::Unavailable,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let code = e.code();
+        if code == tonic::Code::Internal {
+            tracing::error!(error = %e, "control-plane call failed");
+        }
+        tonic::Status::new(code, e.to_string())
+    }
+}
+
+/// Shorthand for control-plane results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(reasons: Vec<RefuseReason>) -> Error {
+        Error::Claim(ClaimError::Refused {
+            path: "/dev/x".into(),
+            reasons,
+            force: false,
+        })
+    }
+
+    #[test]
+    fn each_error_has_one_code_and_keeps_its_message() {
+        assert_eq!(
+            refused(vec![RefuseReason::NotFound]).code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            refused(vec![RefuseReason::UblkDevice]).code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            refused(vec![RefuseReason::DamagedLabel]).code(),
+            tonic::Code::FailedPrecondition
+        );
+        let status = tonic::Status::from(Error::StoreNotBuilt { rpc: "ListPools" });
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        assert!(status
+            .message()
+            .starts_with("ListPools: the volume store is not built yet"));
+        let status = tonic::Status::from(Error::ExportsNotBuilt {
+            rpc: "ExportVolume",
+        });
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            tonic::Status::from(Error::ShuttingDown).code(),
+            tonic::Code::Unavailable
+        );
+        let status = tonic::Status::from(Error::DeviceNotClaimed {
+            device: "/dev/nvme9n1".into(),
+        });
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(status.message().contains("/dev/nvme9n1"));
+    }
+}
