@@ -1,9 +1,1662 @@
-//! `coreblk`: the command-line client of coreblkd's gRPC API (issue 11). Until the API
-//! exists it only says so; device listing and claiming are `coreblkd devices ...`.
+//! `coreblk`: the command-line client of coreblkd's gRPC API (`coreblk.v1`, DESIGN §6).
+//!
+//! Owns: the command tree (clap), argument parsing (sizes such as `10GiB`, `512M` or
+//! bytes; `key=value` labels), the calls, and their output — human tables with binary
+//! units by default, `-o json` for scripts. Errors print the server's message and exit 1.
+//!
+//! Must never: touch devices, pools or kernel state itself; everything is an API call on
+//! the daemon's socket (`--socket`, `COREBLK_SOCKET`). The one planned exception is
+//! `export cleanup` (tearing down ublk devices left without a daemon), wired by the ublk
+//! issue.
+//!
+//! Start reading at [`run`].
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "coreblk: the daemon API is not built yet; use `coreblkd devices list|claim` for devices"
-    );
-    std::process::ExitCode::from(2)
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use coreblk_daemon::bdev::claim::human_size;
+use coreblk_daemon::config::{parse_size, DEFAULT_SOCKET};
+use coreblk_daemon::control::client::{connect, DEFAULT_SOCKET_ENV};
+use coreblk_proto::v1 as pb;
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coreblk",
+    version,
+    about = "Drive coreblkd, the coreblk node daemon, through its API",
+    after_help = "Sizes accept binary units: 4096, 64k, 512M, 10G, 10GiB (1G = 2^30 bytes).\n\
+                  Objects are named by name or UUID. Exit status: 0 ok, 1 the call failed \
+                  (the daemon's message is printed), 2 bad usage."
+)]
+struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = DEFAULT_SOCKET_ENV, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Human-readable tables.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Block devices: discover, claim, release.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
+    /// Pools on claimed devices.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
+    /// Thin volumes.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// Snapshots of volumes.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
+    /// Create a volume as a clone of a snapshot (or, with --from-volume, of a volume).
+    Clone {
+        /// The snapshot to clone (or the volume, with --from-volume).
+        source: String,
+        /// The new volume's name.
+        name: String,
+        /// SOURCE is a volume, not a snapshot.
+        #[arg(long)]
+        from_volume: bool,
+        /// Size of the clone (default: the source's size).
+        #[arg(long, value_parser = size_arg)]
+        size: Option<u64>,
+        /// Labels, key=value (repeatable).
+        #[arg(long = "label", value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+    },
+    /// Volume content as a byte stream: import from a file, export to a file.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// Export a volume as a ublk block device (or list / clean up exports).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Export {
+        #[command(subcommand)]
+        cmd: Option<ExportCmd>,
+        /// The volume to export.
+        #[arg(required = true)]
+        volume: Option<String>,
+        /// Re-create the export after a node reboot.
+        #[arg(long)]
+        persistent: bool,
+        /// Export read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Tear down a volume's export.
+    Unexport {
+        /// The volume.
+        volume: String,
+    },
+    /// This node: identity, reactors, devices.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// The daemon's state and reactor counters at a glance.
+    Status,
+    /// Print a shell completion script (e.g. `coreblk completions bash > /etc/bash_completion.d/coreblk`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCmd {
+    /// List candidate devices and whether each can be claimed (and why not).
+    List {
+        /// Also examine these paths (files; dm/loop/md devices, which the scan skips).
+        paths: Vec<PathBuf>,
+    },
+    /// Claim a device (or file) for this daemon; it stays held until released.
+    Claim {
+        /// The device or file.
+        path: PathBuf,
+        /// Overwrite a filesystem/RAID/LVM signature, a partition table or another pool's
+        /// label (never a mounted or held device).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Release a claimed device.
+    Release {
+        /// Its path, or its device UUID.
+        device: String,
+        /// Also erase its coreblk label.
+        #[arg(long)]
+        wipe_label: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCmd {
+    /// Create a pool on claimed devices.
+    Create {
+        /// The pool's name.
+        name: String,
+        /// A claimed device (path or device UUID); repeatable.
+        #[arg(long = "device", required = true)]
+        devices: Vec<String>,
+        /// Cluster size (default 1M).
+        #[arg(long, value_parser = size_arg)]
+        cluster_size: Option<u64>,
+        /// Overcommit limit: provisioned <= LIMIT x capacity (default 1.0).
+        #[arg(long)]
+        overcommit: Option<f64>,
+        /// Labels, key=value (repeatable).
+        #[arg(long = "label", value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+    },
+    /// List pools.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one pool.
+    Get {
+        /// Name or UUID.
+        pool: String,
+    },
+    /// Destroy a pool.
+    Destroy {
+        /// Name or UUID.
+        pool: String,
+        /// Destroy it with its volumes and snapshots.
+        #[arg(long)]
+        force: bool,
+        /// Erase the devices' labels too.
+        #[arg(long)]
+        release_devices: bool,
+    },
+    /// Check a pool's metadata (and, with --check-data, its data).
+    Verify {
+        /// Name or UUID.
+        pool: String,
+        /// Also read and check every allocated cluster (slow).
+        #[arg(long)]
+        check_data: bool,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct PageArgs {
+    /// Entries per page (0: the server's default).
+    #[arg(long, default_value_t = 0)]
+    page_size: u32,
+    /// Continue from this page token (printed after a partial list).
+    #[arg(long, default_value = "")]
+    page_token: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCmd {
+    /// Create a volume.
+    Create {
+        /// The volume's name.
+        name: String,
+        /// The pool (name or UUID).
+        #[arg(long)]
+        pool: String,
+        /// Size, e.g. 10GiB.
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
+        /// Reserve the whole size now.
+        #[arg(long)]
+        thick: bool,
+        /// Labels, key=value (repeatable).
+        #[arg(long = "label", value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+    },
+    /// List volumes.
+    List {
+        /// Only this pool's volumes.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Only volumes with this label, key=value (repeatable: all must match).
+        #[arg(long = "selector", short = 'l', value_parser = label_arg)]
+        selector: Vec<(String, String)>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one volume.
+    Get {
+        /// Name or UUID.
+        volume: String,
+    },
+    /// Delete a volume (its snapshots and clones stay).
+    Delete {
+        /// Name or UUID.
+        volume: String,
+    },
+    /// Grow a volume.
+    Resize {
+        /// Name or UUID.
+        volume: String,
+        /// The new size.
+        #[arg(value_parser = size_arg)]
+        size: u64,
+    },
+    /// Set or remove a volume's labels.
+    Label {
+        /// Name or UUID.
+        volume: String,
+        /// Labels to set, key=value.
+        #[arg(value_parser = label_arg)]
+        set: Vec<(String, String)>,
+        /// Label keys to remove (repeatable).
+        #[arg(long)]
+        remove: Vec<String>,
+    },
+    /// Return a volume to the content of one of its snapshots.
+    Rollback {
+        /// Name or UUID.
+        volume: String,
+        /// The snapshot (name or UUID).
+        snapshot: String,
+    },
+    /// Copy what a clone shares with its origin so it stands alone.
+    Inflate {
+        /// Name or UUID.
+        volume: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    /// Snapshot a volume; with --also, several volumes at the same instant.
+    Create {
+        /// The volume (name or UUID).
+        volume: String,
+        /// The snapshot's name.
+        name: String,
+        /// Another VOLUME=NAME to snapshot atomically with the first (repeatable).
+        #[arg(long, value_parser = label_arg)]
+        also: Vec<(String, String)>,
+        /// Labels, key=value (repeatable).
+        #[arg(long = "label", value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+    },
+    /// List snapshots.
+    List {
+        /// Only snapshots of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only this pool's snapshots.
+        #[arg(long)]
+        pool: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one snapshot.
+    Get {
+        /// Name or UUID.
+        snapshot: String,
+    },
+    /// Delete a snapshot (volumes restored from it stay).
+    Delete {
+        /// Name or UUID.
+        snapshot: String,
+    },
+    /// The byte ranges that differ between two snapshots.
+    Diff {
+        /// The older snapshot.
+        base: String,
+        /// The newer snapshot.
+        target: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Create a volume from a raw image file ("-": standard input). Zero blocks are not sent.
+    Import {
+        /// The image file.
+        file: PathBuf,
+        /// The pool.
+        #[arg(long)]
+        pool: String,
+        /// The new volume's name.
+        #[arg(long)]
+        name: String,
+        /// The volume's size (default: the file's size, rounded up to 4 KiB).
+        #[arg(long, value_parser = size_arg)]
+        size: Option<u64>,
+        /// Continue an interrupted import of this volume.
+        #[arg(long)]
+        resume: bool,
+        /// Labels, key=value (repeatable).
+        #[arg(long = "label", value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+    },
+    /// Write a volume's or snapshot's content to a (sparse) file.
+    Export {
+        /// The output file.
+        file: PathBuf,
+        /// Export this volume.
+        #[arg(
+            long,
+            conflicts_with = "snapshot",
+            required_unless_present = "snapshot"
+        )]
+        volume: Option<String>,
+        /// Export this snapshot.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Only what changed since this older snapshot (applied onto FILE's content).
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportCmd {
+    /// List exports.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Tear down ublk devices left behind without a daemon (works with no daemon).
+    Cleanup,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// Node id, version, kernel, reactors, claimed devices.
+    Info,
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn label_arg(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+fn labels(pairs: Vec<(String, String)>) -> HashMap<String, String> {
+    pairs.into_iter().collect()
+}
+
+/// Why a command failed.
+#[derive(Debug)]
+enum Failure {
+    /// The daemon answered with an error.
+    Status(tonic::Status),
+    /// Anything else (connection, files).
+    Other(anyhow::Error),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(s)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Other(e)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Self::Other(e.into())
+    }
+}
+
+type CmdResult = Result<(), Failure>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Completions { shell } = cli.cmd {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "coreblk",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coreblk: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Status(s)) => {
+            eprintln!("coreblk: {} ({})", s.message(), code_name(s.code()));
+            ExitCode::FAILURE
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("coreblk: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn code_name(code: tonic::Code) -> String {
+    // "Unimplemented" → "UNIMPLEMENTED", "NotFound" → "NOT_FOUND": the names users search for.
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+/// Runs one command against the daemon.
+async fn run(cli: Cli) -> CmdResult {
+    let out = cli.output;
+    if let Cmd::Export {
+        cmd: Some(ExportCmd::Cleanup),
+        ..
+    } = cli.cmd
+    {
+        return Err(anyhow::anyhow!(
+            "export cleanup: not available yet: it tears down ublk devices left without a daemon, \
+             and ublk exports are not built into coreblk yet"
+        )
+        .into());
+    }
+    let channel = connect(&cli.socket)
+        .await
+        .map_err(|e| Failure::Other(e.into()))?;
+    match cli.cmd {
+        Cmd::Device { cmd } => device(channel, out, cmd).await,
+        Cmd::Pool { cmd } => pool(channel, out, cmd).await,
+        Cmd::Volume { cmd } => volume(channel, out, cmd).await,
+        Cmd::Snapshot { cmd } => snapshot(channel, out, cmd).await,
+        Cmd::Clone {
+            source,
+            name,
+            from_volume,
+            size,
+            labels: l,
+        } => {
+            let source = if from_volume {
+                pb::create_volume_request::Source::SourceVolume(source)
+            } else {
+                pb::create_volume_request::Source::SourceSnapshot(source)
+            };
+            let v = pb::volumes_client::VolumesClient::new(channel)
+                .create_volume(pb::CreateVolumeRequest {
+                    pool: String::new(),
+                    name,
+                    size_bytes: size.unwrap_or(0),
+                    thick: false,
+                    labels: labels(l),
+                    source: Some(source),
+                })
+                .await?
+                .into_inner();
+            print_volumes(out, &[v], "");
+            Ok(())
+        }
+        Cmd::Image { cmd } => image(channel, out, cmd).await,
+        Cmd::Export {
+            cmd,
+            volume,
+            persistent,
+            read_only,
+        } => {
+            let mut c = pb::exports_client::ExportsClient::new(channel);
+            match (cmd, volume) {
+                (Some(ExportCmd::List { page }), _) => {
+                    let r = c
+                        .list_exports(pb::ListExportsRequest {
+                            page_size: page.page_size,
+                            page_token: page.page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    print_exports(out, &r.exports, &r.next_page_token);
+                }
+                (Some(ExportCmd::Cleanup), _) => unreachable!("handled before connecting"),
+                (None, Some(volume)) => {
+                    let e = c
+                        .export_volume(pb::ExportVolumeRequest {
+                            volume,
+                            persistent,
+                            read_only,
+                        })
+                        .await?
+                        .into_inner();
+                    print_exports(out, &[e], "");
+                }
+                (None, None) => {
+                    return Err(anyhow::anyhow!("name the volume to export").into());
+                }
+            }
+            Ok(())
+        }
+        Cmd::Unexport { volume } => {
+            pb::exports_client::ExportsClient::new(channel)
+                .unexport_volume(pb::UnexportVolumeRequest {
+                    volume: volume.clone(),
+                })
+                .await?;
+            done(out, &format!("unexported {volume}"));
+            Ok(())
+        }
+        Cmd::Node { cmd: NodeCmd::Info } => {
+            let info = pb::node_client::NodeClient::new(channel)
+                .get_node_info(pb::GetNodeInfoRequest {})
+                .await?
+                .into_inner();
+            print_node_info(out, &info);
+            Ok(())
+        }
+        Cmd::Status => status(channel, out).await,
+        Cmd::Completions { .. } => Ok(()),
+    }
+}
+
+fn done(out: Output, message: &str) {
+    match out {
+        Output::Table => println!("{message}"),
+        Output::Json => println!("{}", json!({ "ok": true, "message": message })),
+    }
+}
+
+/// Makes a path from the command line absolute (the daemon runs elsewhere).
+fn absolute(p: &Path) -> Result<String, Failure> {
+    let abs = std::path::absolute(p)
+        .map_err(|e| anyhow::anyhow!("cannot make {} absolute: {e}", p.display()))?;
+    Ok(abs.display().to_string())
+}
+
+async fn device(channel: Channel, out: Output, cmd: DeviceCmd) -> CmdResult {
+    let mut c = pb::devices_client::DevicesClient::new(channel);
+    match cmd {
+        DeviceCmd::List { paths } => {
+            let paths = paths
+                .iter()
+                .map(|p| absolute(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let r = c
+                .list_devices(pb::ListDevicesRequest { paths })
+                .await?
+                .into_inner();
+            match out {
+                Output::Json => {
+                    print_json(&Value::Array(r.devices.iter().map(device_json).collect()))
+                }
+                Output::Table => {
+                    let mut t =
+                        Table::new(&["PATH", "SIZE", "MODEL", "SERIAL", "CLAIMABLE", "REASON"]);
+                    for d in &r.devices {
+                        let claimable = if d.claimed {
+                            "claimed"
+                        } else if d.claimable {
+                            "yes"
+                        } else if d.force_allowed {
+                            "force"
+                        } else {
+                            "no"
+                        };
+                        let reason = if d.claimed {
+                            format!("held by this daemon (pool {})", d.label_pool_uuid)
+                        } else {
+                            join_or_dash(d.reasons.iter().map(|r| r.message.clone()))
+                        };
+                        t.row(vec![
+                            d.path.clone(),
+                            human_size(d.size_bytes),
+                            or_dash(&d.model),
+                            or_dash(&d.serial),
+                            claimable.to_owned(),
+                            reason,
+                        ]);
+                    }
+                    print!("{}", t.render());
+                }
+            }
+        }
+        DeviceCmd::Claim { path, force } => {
+            let path = absolute(&path)?;
+            let d = c
+                .claim_device(pb::ClaimDeviceRequest { path, force })
+                .await?
+                .into_inner();
+            match out {
+                Output::Json => print_json(&claimed_json(&d)),
+                Output::Table => {
+                    println!(
+                        "claimed {} ({}) for pool {}: device {}{}",
+                        d.path,
+                        human_size(d.size_bytes),
+                        d.pool_uuid,
+                        d.device_uuid,
+                        if d.newly_labelled {
+                            ""
+                        } else {
+                            " (already ours)"
+                        }
+                    );
+                    for r in &d.overridden {
+                        println!("  overridden with --force: {}", r.message);
+                    }
+                    for s in &d.residual_signatures {
+                        println!("  warning: libblkid still finds a {} signature", s.kind);
+                    }
+                }
+            }
+        }
+        DeviceCmd::Release { device, wipe_label } => {
+            let device = if device.contains('/') {
+                absolute(Path::new(&device))?
+            } else {
+                device
+            };
+            let r = c
+                .release_device(pb::ReleaseDeviceRequest { device, wipe_label })
+                .await?
+                .into_inner();
+            let d = r.device.unwrap_or_default();
+            match out {
+                Output::Json => print_json(&claimed_json(&d)),
+                Output::Table => println!(
+                    "released {} (device {}){}",
+                    d.path,
+                    d.device_uuid,
+                    if wipe_label { ", label erased" } else { "" }
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn pool(channel: Channel, out: Output, cmd: PoolCmd) -> CmdResult {
+    let mut c = pb::pools_client::PoolsClient::new(channel);
+    match cmd {
+        PoolCmd::Create {
+            name,
+            devices,
+            cluster_size,
+            overcommit,
+            labels: l,
+        } => {
+            let p = c
+                .create_pool(pb::CreatePoolRequest {
+                    name,
+                    devices,
+                    cluster_size_bytes: cluster_size.unwrap_or(0),
+                    overcommit_limit: overcommit,
+                    labels: labels(l),
+                })
+                .await?
+                .into_inner();
+            print_pools(out, &[p], "");
+        }
+        PoolCmd::List { page } => {
+            let r = c
+                .list_pools(pb::ListPoolsRequest {
+                    page_size: page.page_size,
+                    page_token: page.page_token,
+                })
+                .await?
+                .into_inner();
+            print_pools(out, &r.pools, &r.next_page_token);
+        }
+        PoolCmd::Get { pool } => {
+            let p = c.get_pool(pb::GetPoolRequest { pool }).await?.into_inner();
+            print_pools(out, &[p], "");
+        }
+        PoolCmd::Destroy {
+            pool,
+            force,
+            release_devices,
+        } => {
+            c.destroy_pool(pb::DestroyPoolRequest {
+                pool: pool.clone(),
+                force,
+                release_devices,
+            })
+            .await?;
+            done(out, &format!("destroyed pool {pool}"));
+        }
+        PoolCmd::Verify { pool, check_data } => {
+            let r = c
+                .verify_pool(pb::VerifyPoolRequest { pool, check_data })
+                .await?
+                .into_inner();
+            match out {
+                Output::Json => print_json(&json!({
+                    "ok": r.ok, "problems": r.problems, "checked_bytes": r.checked_bytes,
+                })),
+                Output::Table => {
+                    println!(
+                        "{} ({} checked)",
+                        if r.ok { "ok" } else { "PROBLEMS FOUND" },
+                        human_size(r.checked_bytes)
+                    );
+                    for p in &r.problems {
+                        println!("  {p}");
+                    }
+                }
+            }
+            if !r.ok {
+                return Err(anyhow::anyhow!("the pool has {} problem(s)", r.problems.len()).into());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn volume(channel: Channel, out: Output, cmd: VolumeCmd) -> CmdResult {
+    let mut c = pb::volumes_client::VolumesClient::new(channel);
+    let v = match cmd {
+        VolumeCmd::Create {
+            name,
+            pool,
+            size,
+            thick,
+            labels: l,
+        } => c
+            .create_volume(pb::CreateVolumeRequest {
+                pool,
+                name,
+                size_bytes: size,
+                thick,
+                labels: labels(l),
+                source: None,
+            })
+            .await?
+            .into_inner(),
+        VolumeCmd::List {
+            pool,
+            selector,
+            page,
+        } => {
+            let r = c
+                .list_volumes(pb::ListVolumesRequest {
+                    pool: pool.unwrap_or_default(),
+                    label_selector: labels(selector),
+                    page_size: page.page_size,
+                    page_token: page.page_token,
+                })
+                .await?
+                .into_inner();
+            print_volumes(out, &r.volumes, &r.next_page_token);
+            return Ok(());
+        }
+        VolumeCmd::Get { volume } => c
+            .get_volume(pb::GetVolumeRequest { volume })
+            .await?
+            .into_inner(),
+        VolumeCmd::Delete { volume } => {
+            c.delete_volume(pb::DeleteVolumeRequest {
+                volume: volume.clone(),
+            })
+            .await?;
+            done(out, &format!("deleted volume {volume}"));
+            return Ok(());
+        }
+        VolumeCmd::Resize { volume, size } => c
+            .resize_volume(pb::ResizeVolumeRequest {
+                volume,
+                size_bytes: size,
+            })
+            .await?
+            .into_inner(),
+        VolumeCmd::Label {
+            volume,
+            set,
+            remove,
+        } => c
+            .set_volume_labels(pb::SetVolumeLabelsRequest {
+                volume,
+                set: labels(set),
+                remove,
+            })
+            .await?
+            .into_inner(),
+        VolumeCmd::Rollback { volume, snapshot } => c
+            .rollback_volume(pb::RollbackVolumeRequest { volume, snapshot })
+            .await?
+            .into_inner(),
+        VolumeCmd::Inflate { volume } => c
+            .inflate_volume(pb::InflateVolumeRequest { volume })
+            .await?
+            .into_inner(),
+    };
+    print_volumes(out, &[v], "");
+    Ok(())
+}
+
+async fn snapshot(channel: Channel, out: Output, cmd: SnapshotCmd) -> CmdResult {
+    let mut c = pb::snapshots_client::SnapshotsClient::new(channel);
+    match cmd {
+        SnapshotCmd::Create {
+            volume,
+            name,
+            also,
+            labels: l,
+        } => {
+            if also.is_empty() {
+                let s = c
+                    .create_snapshot(pb::CreateSnapshotRequest {
+                        volume,
+                        name,
+                        labels: labels(l),
+                    })
+                    .await?
+                    .into_inner();
+                print_snapshots(out, &[s], "");
+            } else {
+                let members = std::iter::once((volume, name))
+                    .chain(also)
+                    .map(|(volume, name)| pb::create_snapshot_group_request::Member {
+                        volume,
+                        name,
+                    })
+                    .collect();
+                let r = c
+                    .create_snapshot_group(pb::CreateSnapshotGroupRequest {
+                        members,
+                        labels: labels(l),
+                    })
+                    .await?
+                    .into_inner();
+                print_snapshots(out, &r.snapshots, "");
+            }
+        }
+        SnapshotCmd::List { volume, pool, page } => {
+            let r = c
+                .list_snapshots(pb::ListSnapshotsRequest {
+                    volume: volume.unwrap_or_default(),
+                    pool: pool.unwrap_or_default(),
+                    page_size: page.page_size,
+                    page_token: page.page_token,
+                })
+                .await?
+                .into_inner();
+            print_snapshots(out, &r.snapshots, &r.next_page_token);
+        }
+        SnapshotCmd::Get { snapshot } => {
+            let s = c
+                .get_snapshot(pb::GetSnapshotRequest { snapshot })
+                .await?
+                .into_inner();
+            print_snapshots(out, &[s], "");
+        }
+        SnapshotCmd::Delete { snapshot } => {
+            c.delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot: snapshot.clone(),
+            })
+            .await?;
+            done(out, &format!("deleted snapshot {snapshot}"));
+        }
+        SnapshotCmd::Diff { base, target } => {
+            let mut stream = c
+                .diff_snapshots(pb::DiffSnapshotsRequest { base, target })
+                .await?
+                .into_inner();
+            let mut ranges = Vec::new();
+            while let Some(batch) = stream.message().await? {
+                ranges.extend(batch.changed);
+            }
+            let total: u64 = ranges.iter().map(|r| r.length_bytes).sum();
+            match out {
+                Output::Json => print_json(&json!({
+                    "changed_bytes": total,
+                    "ranges": ranges.iter().map(|r| json!({
+                        "offset_bytes": r.offset_bytes, "length_bytes": r.length_bytes,
+                    })).collect::<Vec<_>>(),
+                })),
+                Output::Table => {
+                    let mut t = Table::new(&["OFFSET", "LENGTH"]);
+                    for r in &ranges {
+                        t.row(vec![r.offset_bytes.to_string(), human_size(r.length_bytes)]);
+                    }
+                    print!("{}", t.render());
+                    println!("{} changed in {} ranges", human_size(total), ranges.len());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Largest data chunk an import sends.
+const IMPORT_CHUNK_BYTES: usize = 1 << 20;
+/// Import block granularity: holes are detected per block.
+const IMPORT_BLOCK_BYTES: u64 = 4096;
+
+async fn image(channel: Channel, out: Output, cmd: ImageCmd) -> CmdResult {
+    let mut c = pb::images_client::ImagesClient::new(channel);
+    match cmd {
+        ImageCmd::Import {
+            file,
+            pool,
+            name,
+            size,
+            resume,
+            labels: l,
+        } => {
+            let (mut reader, file_len): (Box<dyn Read + Send>, Option<u64>) =
+                if file == Path::new("-") {
+                    (Box::new(std::io::stdin()), None)
+                } else {
+                    let f = std::fs::File::open(&file)
+                        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", file.display()))?;
+                    let len = f.metadata()?.len();
+                    (Box::new(f), Some(len))
+                };
+            let size_bytes = match (size, file_len) {
+                (Some(s), _) => s,
+                (None, Some(len)) => len.div_ceil(IMPORT_BLOCK_BYTES) * IMPORT_BLOCK_BYTES,
+                (None, None) => {
+                    return Err(
+                        anyhow::anyhow!("reading standard input: give the volume's --size").into(),
+                    )
+                }
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::ImportImageRequest>(4);
+            let start = pb::ImportImageRequest {
+                msg: Some(pb::import_image_request::Msg::Start(pb::ImportStart {
+                    pool,
+                    volume_name: name,
+                    size_bytes,
+                    labels: labels(l),
+                    resume,
+                })),
+            };
+            tx.send(start)
+                .await
+                .map_err(|_| anyhow::anyhow!("the import stream closed"))?;
+            let mut responses = c
+                .import_image(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let resume_offset = match responses.message().await?.and_then(|m| m.msg) {
+                Some(pb::import_image_response::Msg::Started(s)) => s.resume_offset_bytes,
+                _ => return Err(anyhow::anyhow!("the daemon did not start the import").into()),
+            };
+            // Skip what is already durable, then send the non-zero blocks, coalesced.
+            std::io::copy(&mut (&mut reader).take(resume_offset), &mut std::io::sink())?;
+            let sender = async move {
+                let mut offset = resume_offset;
+                let mut buf = vec![0u8; IMPORT_CHUNK_BYTES];
+                loop {
+                    let n = read_full(&mut reader, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    for (start, end) in data_runs(&buf[..n], IMPORT_BLOCK_BYTES) {
+                        let chunk = pb::ImageChunk {
+                            offset_bytes: offset + u64::try_from(start).unwrap_or(u64::MAX),
+                            data: buf[start..end].to_vec(),
+                            zero: false,
+                            length_bytes: 0,
+                        };
+                        tx.send(pb::ImportImageRequest {
+                            msg: Some(pb::import_image_request::Msg::Chunk(chunk)),
+                        })
+                        .await
+                        .map_err(|_| anyhow::anyhow!("the daemon ended the import"))?;
+                    }
+                    offset += u64::try_from(n).unwrap_or(u64::MAX);
+                }
+                tx.send(pb::ImportImageRequest {
+                    msg: Some(pb::import_image_request::Msg::Finish(pb::ImportFinish {
+                        expected_size_bytes: offset,
+                    })),
+                })
+                .await
+                .map_err(|_| anyhow::anyhow!("the daemon ended the import"))?;
+                Ok::<(), anyhow::Error>(())
+            };
+            let receiver = async {
+                let mut durable = resume_offset;
+                while let Some(m) = responses.message().await? {
+                    match m.msg {
+                        Some(pb::import_image_response::Msg::Ack(a)) => {
+                            durable = a.durable_offset_bytes
+                        }
+                        Some(pb::import_image_response::Msg::Finished(v)) => {
+                            return Ok((v, durable))
+                        }
+                        _ => {}
+                    }
+                }
+                Err(Failure::Other(anyhow::anyhow!(
+                    "the import ended without finishing; resume it with --resume (durable up to byte {durable})"
+                )))
+            };
+            let (sent, received) = tokio::join!(sender, receiver);
+            let (v, _) = received?;
+            sent?;
+            print_volumes(out, &[v], "");
+        }
+        ImageCmd::Export {
+            file,
+            volume,
+            snapshot,
+            since,
+        } => {
+            let source = match (volume, snapshot) {
+                (Some(v), _) => pb::export_image_request::Source::Volume(v),
+                (None, Some(s)) => pb::export_image_request::Source::Snapshot(s),
+                (None, None) => return Err(anyhow::anyhow!("name --volume or --snapshot").into()),
+            };
+            let incremental = since.is_some();
+            let mut stream = c
+                .export_image(pb::ExportImageRequest {
+                    source: Some(source),
+                    since_snapshot: since.unwrap_or_default(),
+                    max_chunk_bytes: 0,
+                })
+                .await?
+                .into_inner();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(!incremental)
+                .open(&file)
+                .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", file.display()))?;
+            let mut data_bytes = 0u64;
+            while let Some(m) = stream.message().await? {
+                match m.msg {
+                    Some(pb::export_image_response::Msg::Header(h)) => f.set_len(h.size_bytes)?,
+                    Some(pb::export_image_response::Msg::Chunk(ch)) => {
+                        write_chunk(&f, &ch)?;
+                        data_bytes += u64::try_from(ch.data.len()).unwrap_or(u64::MAX);
+                    }
+                    Some(pb::export_image_response::Msg::Trailer(_)) | None => {}
+                }
+            }
+            f.sync_all()?;
+            done(
+                out,
+                &format!(
+                    "wrote {} of data to {}",
+                    human_size(data_bytes),
+                    file.display()
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The byte ranges of `buf` made of blocks that are not all zero, adjacent blocks
+/// coalesced.
+fn data_runs(buf: &[u8], block_bytes: u64) -> Vec<(usize, usize)> {
+    let block = usize::try_from(block_bytes).unwrap_or(4096).max(1);
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, b) in buf.chunks(block).enumerate() {
+        if b.iter().all(|x| *x == 0) {
+            continue;
+        }
+        let (start, end) = (i * block, i * block + b.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn write_chunk(f: &std::fs::File, ch: &pb::ImageChunk) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if ch.zero {
+        // A zero range: punch it out by writing zeroes only where the file has data would
+        // need fallocate; a plain zero write is simple and correct.
+        let zeros = vec![0u8; 1 << 16];
+        let mut done = 0u64;
+        while done < ch.length_bytes {
+            let n = (ch.length_bytes - done).min(zeros.len() as u64);
+            let n_usize = usize::try_from(n).unwrap_or(zeros.len());
+            f.write_all_at(&zeros[..n_usize], ch.offset_bytes + done)?;
+            done += n;
+        }
+        return Ok(());
+    }
+    f.write_all_at(&ch.data, ch.offset_bytes)
+}
+
+async fn status(channel: Channel, out: Output) -> CmdResult {
+    let mut node = pb::node_client::NodeClient::new(channel);
+    let info = node
+        .get_node_info(pb::GetNodeInfoRequest {})
+        .await?
+        .into_inner();
+    let stats = node.get_stats(pb::GetStatsRequest {}).await?.into_inner();
+    match out {
+        Output::Json => print_json(&json!({
+            "node": node_info_json(&info),
+            "stats": stats_json(&stats),
+        })),
+        Output::Table => {
+            println!(
+                "coreblkd {} on {} ({}): {}, up {}s, {} claimed device(s)",
+                info.version,
+                info.node_id,
+                info.hostname,
+                enum_name(info.state().as_str_name(), "DAEMON_STATE_"),
+                stats.uptime_seconds,
+                info.devices.len()
+            );
+            print!("{}", stats_table(&stats).render());
+        }
+    }
+    Ok(())
+}
+
+// ---- output -------------------------------------------------------------------------
+
+fn print_json(v: &Value) {
+    let mut text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    text.push('\n');
+    let _ = std::io::stdout().write_all(text.as_bytes());
+}
+
+/// "DEVICE_KIND_NVME" → "nvme".
+fn enum_name(full: &str, prefix: &str) -> String {
+    full.strip_prefix(prefix)
+        .unwrap_or(full)
+        .to_ascii_lowercase()
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn join_or_dash(items: impl Iterator<Item = String>) -> String {
+    let v: Vec<String> = items.collect();
+    if v.is_empty() {
+        "-".to_owned()
+    } else {
+        v.join("; ")
+    }
+}
+
+fn labels_text(l: &HashMap<String, String>) -> String {
+    let mut v: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    v.sort();
+    join_or_dash(v.into_iter())
+}
+
+fn sorted_labels(l: &HashMap<String, String>) -> Value {
+    let m: std::collections::BTreeMap<&String, &String> = l.iter().collect();
+    json!(m)
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
+    let Some(ts) = ts else {
+        return String::new();
+    };
+    let secs = ts.seconds;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn reason_json(r: &pb::RefuseReason) -> Value {
+    json!({
+        "code": r.code, "message": r.message, "remedy": r.remedy,
+        "force_overrides": r.force_overrides,
+    })
+}
+
+fn device_json(d: &pb::Device) -> Value {
+    json!({
+        "path": d.path,
+        "kind": enum_name(d.kind().as_str_name(), "DEVICE_KIND_"),
+        "kernel_name": d.kernel_name,
+        "size_bytes": d.size_bytes,
+        "logical_block_size_bytes": d.logical_block_size_bytes,
+        "physical_block_size_bytes": d.physical_block_size_bytes,
+        "model": d.model,
+        "serial": d.serial,
+        "nsid": d.nsid,
+        "claimable": d.claimable,
+        "force_allowed": d.force_allowed,
+        "claimed": d.claimed,
+        "reasons": d.reasons.iter().map(reason_json).collect::<Vec<_>>(),
+        "label_pool_uuid": d.label_pool_uuid,
+        "label_device_uuid": d.label_device_uuid,
+        "signatures": d.signatures.iter().map(|s| json!({"kind": s.kind, "usage": s.usage})).collect::<Vec<_>>(),
+    })
+}
+
+fn claimed_json(d: &pb::ClaimedDevice) -> Value {
+    json!({
+        "path": d.path,
+        "kind": enum_name(d.kind().as_str_name(), "DEVICE_KIND_"),
+        "pool_uuid": d.pool_uuid,
+        "device_uuid": d.device_uuid,
+        "size_bytes": d.size_bytes,
+        "logical_block_size_bytes": d.logical_block_size_bytes,
+        "physical_block_size_bytes": d.physical_block_size_bytes,
+        "direct_io": d.direct_io,
+        "newly_labelled": d.newly_labelled,
+        "present": d.present,
+        "overridden": d.overridden.iter().map(reason_json).collect::<Vec<_>>(),
+        "residual_signatures": d.residual_signatures.iter().map(|s| json!({"kind": s.kind, "usage": s.usage})).collect::<Vec<_>>(),
+    })
+}
+
+fn node_info_json(i: &pb::NodeInfo) -> Value {
+    json!({
+        "node_id": i.node_id,
+        "hostname": i.hostname,
+        "version": i.version,
+        "kernel_release": i.kernel_release,
+        "state": enum_name(i.state().as_str_name(), "DAEMON_STATE_"),
+        "start_time": rfc3339(i.start_time.as_ref()),
+        "reactors": i.reactors.iter().map(|r| json!({"id": r.id, "core": r.core})).collect::<Vec<_>>(),
+        "reactors_pinned": i.reactors_pinned,
+        "devices": i.devices.iter().map(claimed_json).collect::<Vec<_>>(),
+        "served_device_path": i.served_device_path,
+        "metrics_address": i.metrics_address,
+        "socket_path": i.socket_path,
+    })
+}
+
+fn stats_json(s: &pb::NodeStats) -> Value {
+    json!({
+        "uptime_seconds": s.uptime_seconds,
+        "reactors": s.reactors.iter().map(|r| json!({
+            "id": r.id, "core": r.core, "busy_ns": r.busy_ns, "sleep_ns": r.sleep_ns,
+            "sleeps": r.sleeps, "enters": r.enters, "completions": r.completions,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn stats_table(s: &pb::NodeStats) -> Table {
+    let mut t = Table::new(&["REACTOR", "CORE", "BUSY", "ASLEEP", "SLEEPS", "COMPLETIONS"]);
+    for r in &s.reactors {
+        t.row(vec![
+            r.id.to_string(),
+            r.core.to_string(),
+            format!(
+                "{:.3}s",
+                std::time::Duration::from_nanos(r.busy_ns).as_secs_f64()
+            ),
+            format!(
+                "{:.3}s",
+                std::time::Duration::from_nanos(r.sleep_ns).as_secs_f64()
+            ),
+            r.sleeps.to_string(),
+            r.completions.to_string(),
+        ]);
+    }
+    t
+}
+
+fn print_node_info(out: Output, i: &pb::NodeInfo) {
+    if out == Output::Json {
+        print_json(&node_info_json(i));
+        return;
+    }
+    let cores: Vec<String> = i.reactors.iter().map(|r| r.core.to_string()).collect();
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    for (k, v) in [
+        ("node id", i.node_id.clone()),
+        ("hostname", i.hostname.clone()),
+        ("version", i.version.clone()),
+        ("kernel", i.kernel_release.clone()),
+        ("state", enum_name(i.state().as_str_name(), "DAEMON_STATE_")),
+        ("started", rfc3339(i.start_time.as_ref())),
+        (
+            "reactors",
+            format!(
+                "{} on cores {}{}",
+                i.reactors.len(),
+                cores.join(","),
+                if i.reactors_pinned {
+                    " (pinned)"
+                } else {
+                    " (not pinned)"
+                }
+            ),
+        ),
+        ("served device", or_dash(&i.served_device_path)),
+        ("socket", i.socket_path.clone()),
+        ("metrics", or_dash(&i.metrics_address)),
+        ("claimed devices", i.devices.len().to_string()),
+    ] {
+        t.row(vec![k.to_owned(), v]);
+    }
+    print!("{}", t.render());
+    if !i.devices.is_empty() {
+        println!();
+        let mut d = Table::new(&["PATH", "SIZE", "POOL", "DEVICE", "PRESENT"]);
+        for c in &i.devices {
+            d.row(vec![
+                c.path.clone(),
+                human_size(c.size_bytes),
+                c.pool_uuid.clone(),
+                c.device_uuid.clone(),
+                if c.present { "yes" } else { "no" }.to_owned(),
+            ]);
+        }
+        print!("{}", d.render());
+    }
+}
+
+fn next_page(token: &str) {
+    if !token.is_empty() {
+        println!("(more: --page-token {token})");
+    }
+}
+
+fn print_pools(out: Output, pools: &[pb::Pool], next: &str) {
+    if out == Output::Json {
+        print_json(&json!({
+            "pools": pools.iter().map(|p| json!({
+                "uuid": p.uuid, "name": p.name, "device_paths": p.device_paths,
+                "cluster_size_bytes": p.cluster_size_bytes, "capacity_bytes": p.capacity_bytes,
+                "free_bytes": p.free_bytes, "allocated_bytes": p.allocated_bytes,
+                "provisioned_bytes": p.provisioned_bytes, "reserved_bytes": p.reserved_bytes,
+                "held_by_deleted_bytes": p.held_by_deleted_bytes,
+                "overcommit_limit": p.overcommit_limit, "volume_count": p.volume_count,
+                "snapshot_count": p.snapshot_count,
+                "state": enum_name(p.state().as_str_name(), "POOL_STATE_"),
+                "state_message": p.state_message, "labels": sorted_labels(&p.labels),
+            })).collect::<Vec<_>>(),
+            "next_page_token": next,
+        }));
+        return;
+    }
+    let mut t = Table::new(&[
+        "NAME",
+        "UUID",
+        "STATE",
+        "CAPACITY",
+        "FREE",
+        "ALLOCATED",
+        "PROVISIONED",
+        "OVERCOMMIT",
+        "VOLUMES",
+    ]);
+    for p in pools {
+        t.row(vec![
+            p.name.clone(),
+            p.uuid.clone(),
+            enum_name(p.state().as_str_name(), "POOL_STATE_"),
+            human_size(p.capacity_bytes),
+            human_size(p.free_bytes),
+            human_size(p.allocated_bytes),
+            human_size(p.provisioned_bytes),
+            format!("{:.2}", p.overcommit_limit),
+            p.volume_count.to_string(),
+        ]);
+    }
+    print!("{}", t.render());
+    next_page(next);
+}
+
+fn print_volumes(out: Output, volumes: &[pb::Volume], next: &str) {
+    if out == Output::Json {
+        print_json(&json!({
+            "volumes": volumes.iter().map(|v| json!({
+                "uuid": v.uuid, "name": v.name, "pool_uuid": v.pool_uuid, "pool_name": v.pool_name,
+                "size_bytes": v.size_bytes, "allocated_bytes": v.allocated_bytes,
+                "unique_bytes": v.unique_bytes, "thick": v.thick,
+                "state": enum_name(v.state().as_str_name(), "VOLUME_STATE_"),
+                "never_written": v.never_written,
+                "source_snapshot_uuid": v.source_snapshot_uuid,
+                "source_volume_uuid": v.source_volume_uuid, "device_path": v.device_path,
+                "create_time": rfc3339(v.create_time.as_ref()), "labels": sorted_labels(&v.labels),
+            })).collect::<Vec<_>>(),
+            "next_page_token": next,
+        }));
+        return;
+    }
+    let mut t = Table::new(&[
+        "NAME",
+        "UUID",
+        "POOL",
+        "SIZE",
+        "ALLOCATED",
+        "STATE",
+        "DEVICE",
+        "LABELS",
+    ]);
+    for v in volumes {
+        t.row(vec![
+            v.name.clone(),
+            v.uuid.clone(),
+            or_dash(&v.pool_name),
+            human_size(v.size_bytes),
+            human_size(v.allocated_bytes),
+            enum_name(v.state().as_str_name(), "VOLUME_STATE_"),
+            or_dash(&v.device_path),
+            labels_text(&v.labels),
+        ]);
+    }
+    print!("{}", t.render());
+    next_page(next);
+}
+
+fn print_snapshots(out: Output, snaps: &[pb::Snapshot], next: &str) {
+    if out == Output::Json {
+        print_json(&json!({
+            "snapshots": snaps.iter().map(|s| json!({
+                "uuid": s.uuid, "name": s.name, "volume_uuid": s.volume_uuid,
+                "volume_name": s.volume_name, "pool_uuid": s.pool_uuid, "size_bytes": s.size_bytes,
+                "allocated_bytes": s.allocated_bytes, "unique_bytes": s.unique_bytes,
+                "group_uuid": s.group_uuid, "create_time": rfc3339(s.create_time.as_ref()),
+                "labels": sorted_labels(&s.labels),
+            })).collect::<Vec<_>>(),
+            "next_page_token": next,
+        }));
+        return;
+    }
+    let mut t = Table::new(&["NAME", "UUID", "VOLUME", "SIZE", "UNIQUE", "CREATED"]);
+    for s in snaps {
+        t.row(vec![
+            s.name.clone(),
+            s.uuid.clone(),
+            or_dash(&s.volume_name),
+            human_size(s.size_bytes),
+            human_size(s.unique_bytes),
+            rfc3339(s.create_time.as_ref()),
+        ]);
+    }
+    print!("{}", t.render());
+    next_page(next);
+}
+
+fn print_exports(out: Output, exports: &[pb::Export], next: &str) {
+    if out == Output::Json {
+        print_json(&json!({
+            "exports": exports.iter().map(|e| json!({
+                "volume_uuid": e.volume_uuid, "volume_name": e.volume_name,
+                "device_path": e.device_path, "ublk_id": e.ublk_id, "persistent": e.persistent,
+                "read_only": e.read_only, "reactors": e.reactors,
+            })).collect::<Vec<_>>(),
+            "next_page_token": next,
+        }));
+        return;
+    }
+    let mut t = Table::new(&["VOLUME", "DEVICE", "PERSISTENT", "READ-ONLY"]);
+    for e in exports {
+        t.row(vec![
+            e.volume_name.clone(),
+            e.device_path.clone(),
+            if e.persistent { "yes" } else { "no" }.to_owned(),
+            if e.read_only { "yes" } else { "no" }.to_owned(),
+        ]);
+    }
+    print!("{}", t.render());
+    next_page(next);
+}
+
+/// A left-aligned text table; the last column is not padded.
+#[derive(Debug)]
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Self {
+        Self {
+            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        debug_assert_eq!(cells.len(), self.rows[0].len());
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let cols = self.rows[0].len();
+        let mut widths = vec![0usize; cols];
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let mut text = String::new();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+                if i + 1 == cols {
+                    line.push_str(cell);
+                } else {
+                    let _ = write!(line, "{cell:<w$}  ");
+                }
+            }
+            text.push_str(line.trim_end());
+            text.push('\n');
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn arguments_parse() {
+        assert_eq!(size_arg("10GiB"), Ok(10 << 30));
+        assert!(size_arg("ten").is_err());
+        assert_eq!(label_arg("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(label_arg("=x").is_err());
+        assert_eq!(code_name(tonic::Code::Unimplemented), "UNIMPLEMENTED");
+        assert_eq!(
+            code_name(tonic::Code::FailedPrecondition),
+            "FAILED_PRECONDITION"
+        );
+        let ts = prost_types::Timestamp {
+            seconds: 1_795_616_459,
+            nanos: 0,
+        };
+        assert_eq!(rfc3339(Some(&ts)), "2026-11-25T14:20:59Z");
+        let ts = prost_types::Timestamp {
+            seconds: 951_782_400,
+            nanos: 0,
+        };
+        let mut buf = vec![0u8; 5 * 4096 + 10];
+        buf[4096] = 1;
+        buf[2 * 4096 + 5] = 1;
+        buf[5 * 4096 + 1] = 1;
+        assert_eq!(
+            data_runs(&buf, 4096),
+            [(4096, 3 * 4096), (5 * 4096, 5 * 4096 + 10)]
+        );
+        assert_eq!(rfc3339(Some(&ts)), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn export_takes_a_volume_or_a_subcommand() {
+        let cli =
+            Cli::try_parse_from(["coreblk", "export", "vol1", "--persistent"]).expect("parse");
+        assert!(
+            matches!(cli.cmd, Cmd::Export { volume: Some(ref v), persistent: true, .. } if v == "vol1")
+        );
+        let cli = Cli::try_parse_from(["coreblk", "export", "cleanup"]).expect("parse");
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Export {
+                cmd: Some(ExportCmd::Cleanup),
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["coreblk", "export"]).is_err());
+    }
 }
