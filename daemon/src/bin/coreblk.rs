@@ -21,6 +21,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use coreblk_daemon::bdev::claim::human_size;
 use coreblk_daemon::config::{parse_size, DEFAULT_SOCKET};
 use coreblk_daemon::control::client::{connect, DEFAULT_SOCKET_ENV};
+use coreblk_daemon::control::MAX_IMAGE_MESSAGE_BYTES;
 use coreblk_proto::v1 as pb;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
@@ -964,7 +965,9 @@ const IMPORT_CHUNK_BYTES: usize = 1 << 20;
 const IMPORT_BLOCK_BYTES: u64 = 4096;
 
 async fn image(channel: Channel, out: Output, cmd: ImageCmd) -> CmdResult {
-    let mut c = pb::images_client::ImagesClient::new(channel);
+    let mut c = pb::images_client::ImagesClient::new(channel)
+        .max_decoding_message_size(MAX_IMAGE_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_IMAGE_MESSAGE_BYTES);
     match cmd {
         ImageCmd::Import {
             file,

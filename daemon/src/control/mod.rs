@@ -25,3 +25,9 @@ pub mod socket;
 pub mod unbuilt;
 
 pub use error::{Error, Result};
+
+/// Largest data chunk of an image stream (`ImageChunk.data`, in both directions).
+pub const MAX_IMAGE_CHUNK_BYTES: usize = 4 << 20;
+/// Largest image-stream message, a full chunk plus room for its framing. Both ends of
+/// the Images service raise tonic's 4 MiB default to this.
+pub const MAX_IMAGE_MESSAGE_BYTES: usize = MAX_IMAGE_CHUNK_BYTES + (64 << 10);

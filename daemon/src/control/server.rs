@@ -264,9 +264,11 @@ async fn run(
         .add_service(pb::snapshots_server::SnapshotsServer::new(Unbuilt::new(
             Arc::clone(&shared),
         )))
-        .add_service(pb::images_server::ImagesServer::new(Unbuilt::new(
-            Arc::clone(&shared),
-        )))
+        .add_service(
+            pb::images_server::ImagesServer::new(Unbuilt::new(Arc::clone(&shared)))
+                .max_decoding_message_size(super::MAX_IMAGE_MESSAGE_BYTES)
+                .max_encoding_message_size(super::MAX_IMAGE_MESSAGE_BYTES),
+        )
         .add_service(pb::exports_server::ExportsServer::new(Unbuilt::new(
             Arc::clone(&shared),
         )))
