@@ -33,7 +33,18 @@ fn default_device_idles_near_zero_cpu_and_stops_on_sigterm() {
     let log_path = dir.path().join("log");
     let log = std::fs::File::create(&log_path).expect("log");
     let mut child = coreblkd()
-        .args(["--cores", "0-1", "--no-pin", "--default-size", "64M"])
+        // Its own socket and an ephemeral metrics port: never the node-wide defaults.
+        .args([
+            "--cores",
+            "0-1",
+            "--no-pin",
+            "--default-size",
+            "64M",
+            "--metrics-address",
+            "127.0.0.1:0",
+        ])
+        .arg("--socket")
+        .arg(dir.path().join("coreblkd.sock"))
         .current_dir(dir.path())
         .stderr(log)
         .spawn()

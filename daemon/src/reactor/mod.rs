@@ -320,7 +320,19 @@ impl Reactor {
         // SAFETY: the iovec describes the pool's mmap, which lives as long as `bufs`, which
         // the reactor owns and drops only after the ring (field order below is irrelevant:
         // the ring is explicitly dropped first in `Drop`).
-        unsafe { ring.submitter().register_buffers(&[iov])? };
+        unsafe { ring.submitter().register_buffers(&[iov]) }.map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOMEM) {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot register {len} bytes of IO buffers with io_uring: the locked-memory limit is too low \
+                         (run coreblkd as root, or raise `ulimit -l` / LimitMEMLOCK)"
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
         ring.submitter().register_files_sparse(MAX_FILES)?;
         Ok(Self {
             id,
