@@ -3,11 +3,13 @@
 //! on-disk contract.
 //!
 //! Built so far: the on-disk encodings ([`format`]), the journal with group commit,
-//! ordered flushes and replay ([`journal`]), and pools ([`pool`]: layout, create, import,
-//! the volume table as journal records). Cluster maps, allocation, the volume IO path,
-//! checkpoints and snapshots come next. Sits above `bdev` and `reactor`; never calls into `export` or
+//! ordered flushes and replay ([`journal`]), pools ([`pool`]: layout, create, import,
+//! the volume table as journal records), and the allocator's free-cluster pipeline
+//! ([`alloc`]: a cluster is reused only once durably unreferenced and durably zero).
+//! Cluster maps, the volume IO path, checkpoints and snapshots come next. Sits above `bdev` and `reactor`; never calls into `export` or
 //! `control`.
 
+pub mod alloc;
 pub mod format;
 pub mod journal;
 pub mod pool;
