@@ -5,11 +5,13 @@
 //! Built so far: the on-disk encodings ([`format`]), the journal with group commit,
 //! ordered flushes and replay ([`journal`]), pools ([`pool`]: layout, create, import,
 //! the volume table as journal records), and the allocator's free-cluster pipeline
-//! ([`alloc`]: a cluster is reused only once durably unreferenced and durably zero).
-//! Cluster maps, the volume IO path, checkpoints and snapshots come next. Sits above `bdev` and `reactor`; never calls into `export` or
+//! ([`alloc`]: a cluster is reused only once durably unreferenced and durably zero), and
+//! the lock-free cluster map ([`map`]: read from any reactor, written by the owner).
+//! The volume IO path, checkpoints and snapshots come next. Sits above `bdev` and `reactor`; never calls into `export` or
 //! `control`.
 
 pub mod alloc;
 pub mod format;
 pub mod journal;
+pub mod map;
 pub mod pool;

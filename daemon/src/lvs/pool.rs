@@ -112,6 +112,13 @@ pub fn layout(
     let data_offset = align(journal_offset + journal_bytes, cluster.max(blk));
     let clusters = region_bytes.saturating_sub(data_offset) / cluster;
     let min_bytes = data_offset + 16 * cluster + (2 << 20);
+    // Maps store physical clusters as u32 + 1 (map.rs).
+    if clusters >= u64::from(u32::MAX) {
+        return Err(PoolError::BadRecord {
+            seq: 0,
+            why: format!("{clusters} clusters of {cluster_bytes} bytes is more than a pool addresses; choose a larger cluster size"),
+        });
+    }
     if clusters < 16 {
         return Err(PoolError::TooSmall {
             device_bytes,
