@@ -240,6 +240,16 @@ impl<T> ReqTable<T> {
         }
     }
 
+    /// What slot `i` holds.
+    pub fn get(&self, i: usize) -> Option<&T> {
+        self.slots.get(i)?.as_ref()
+    }
+
+    /// What slot `i` holds, mutably.
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        self.slots.get_mut(i)?.as_mut()
+    }
+
     /// Removes and returns what slot `i` holds.
     pub fn take(&mut self, i: usize) -> Option<T> {
         let v = self.slots.get_mut(i)?.take();

@@ -6,8 +6,11 @@
 //! ordered flushes and replay ([`journal`]), pools ([`pool`]: layout, create, import,
 //! the volume table as journal records), and the allocator's free-cluster pipeline
 //! ([`alloc`]: a cluster is reused only once durably unreferenced and durably zero), and
-//! the lock-free cluster map ([`map`]: read from any reactor, written by the owner).
-//! The volume IO path, checkpoints and snapshots come next. Sits above `bdev` and `reactor`; never calls into `export` or
+//! the lock-free cluster map ([`map`]: read from any reactor, written by the owner), and
+//! thin volumes ([`volume`]: the pool runtime on its owner reactor and the IO path —
+//! allocate-on-write with group-committed map records, discard, write-zeroes, flush).
+//! Next: serving volumes from every reactor, checkpoints (until then the journal ring
+//! bounds a pool's metadata commits), snapshots and clones, verify, accounting. Sits above `bdev` and `reactor`; never calls into `export` or
 //! `control`.
 
 pub mod alloc;
@@ -15,3 +18,4 @@ pub mod format;
 pub mod journal;
 pub mod map;
 pub mod pool;
+pub mod volume;

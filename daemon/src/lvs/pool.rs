@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use super::format::{self, DecodeError, Record, Superblock, BLOCK_BYTES, NO_CHECKPOINT};
 use super::journal;
+use super::map::{ClusterMap, Mapping};
 use crate::bdev::blocking::{BlockingDevice, BlockingError};
 use crate::bdev::label;
 
@@ -159,9 +160,10 @@ pub fn write_superblock(dev: &BlockingDevice, sb: &Superblock) -> Result<(), Poo
     Ok(())
 }
 
-/// Formats a pool: both superblock copies (generations 1 and 2, so either alone is valid),
-/// then a device flush. The journal needs no initialisation: its tag is new, so blocks of
-/// any earlier pool fail to decode. (Data-area zeroing comes with allocation.)
+/// Formats a pool: zeroes the data area and flushes (free clusters are durably zero), then
+/// writes both superblock copies (generations 1 and 2, so either alone is valid) and
+/// flushes. The journal needs no initialisation: its tag is new, so blocks of any earlier
+/// pool fail to decode.
 pub fn create(
     dev: &BlockingDevice,
     cluster_bytes: u32,
@@ -180,6 +182,17 @@ pub fn create(
     );
     let mut sb = layout(size, cluster_bytes, pool_uuid, tag)?;
     sb.logical_block_bytes = dev.device().geometry().logical_block_size;
+    // Free clusters must be durably zero (FORMAT.md §5): zero the data area first.
+    let data_start = sb.region_start + sb.data_offset;
+    let data_len = sb.clusters * u64::from(sb.cluster_bytes);
+    let chunk = 1u64 << 30;
+    let mut off = 0;
+    while off < data_len {
+        let len = chunk.min(data_len - off);
+        dev.write_zeroes(data_start + off, len)?;
+        off += len;
+    }
+    dev.flush()?;
     for generation in [1, 2] {
         sb.generation = generation;
         write_superblock(dev, &sb)?;
@@ -459,6 +472,50 @@ pub struct Imported {
     pub next_seq: u64,
     /// Why replay stopped (the normal end of the journal, or damage).
     pub replay_stop: DecodeError,
+    /// Each volume's cluster map.
+    pub maps: BTreeMap<u32, std::sync::Arc<ClusterMap>>,
+}
+
+/// Logical clusters of a volume of `size_bytes`.
+pub fn volume_clusters(size_bytes: u64, cluster_bytes: u32) -> u64 {
+    size_bytes.div_ceil(u64::from(cluster_bytes))
+}
+
+/// Applies map records to `maps`, refusing what cannot be (unknown volume, past its size,
+/// past the pool).
+fn apply_map_record(
+    sb: &Superblock,
+    maps: &BTreeMap<u32, std::sync::Arc<ClusterMap>>,
+    r: &Record,
+) -> Result<(), String> {
+    match *r {
+        Record::Map { vol, lc, pc, epoch } => {
+            let map = maps
+                .get(&vol)
+                .ok_or_else(|| format!("mapping for unknown volume id {vol}"))?;
+            if lc >= map.len() {
+                return Err(format!(
+                    "volume id {vol}: logical cluster {lc} past its {} clusters",
+                    map.len()
+                ));
+            }
+            if u64::from(pc) >= sb.clusters {
+                return Err(format!(
+                    "volume id {vol}: physical cluster {pc} past the pool's {}",
+                    sb.clusters
+                ));
+            }
+            map.set(lc, Mapping { pc, epoch });
+        }
+        Record::Unmap { vol, lc } => {
+            let map = maps
+                .get(&vol)
+                .ok_or_else(|| format!("unmap for unknown volume id {vol}"))?;
+            map.clear(lc);
+        }
+        Record::Blob { .. } => {}
+    }
+    Ok(())
 }
 
 /// Imports a pool: superblock, then journal replay into the volume table.
@@ -466,13 +523,35 @@ pub fn import(dev: &BlockingDevice) -> Result<Imported, PoolError> {
     let (sb, damaged_copy) = read_superblock(dev)?;
     let replay = journal::replay(&sb, |off| dev.read(off, BLOCK_BYTES).ok());
     let mut table = VolumeTable::default();
+    let mut maps = BTreeMap::new();
     for (seq, r) in &replay.records {
+        let bad = |why| PoolError::BadRecord { seq: *seq, why };
         match VolumeRecord::decode(r) {
-            Ok(Some(v)) => table
-                .apply(&v)
-                .map_err(|why| PoolError::BadRecord { seq: *seq, why })?,
-            Ok(None) => {}
-            Err(why) => return Err(PoolError::BadRecord { seq: *seq, why }),
+            Ok(Some(v)) => {
+                table.apply(&v).map_err(bad)?;
+                match &v {
+                    VolumeRecord::Create(m) => {
+                        maps.insert(
+                            m.id,
+                            std::sync::Arc::new(ClusterMap::new(volume_clusters(
+                                m.size_bytes,
+                                sb.cluster_bytes,
+                            ))),
+                        );
+                    }
+                    VolumeRecord::Delete { id } => {
+                        maps.remove(id);
+                    }
+                    VolumeRecord::Resize { id, size_bytes } => {
+                        if let Some(m) = maps.get(id) {
+                            m.grow(volume_clusters(*size_bytes, sb.cluster_bytes));
+                        }
+                    }
+                    VolumeRecord::Written { .. } => {}
+                }
+            }
+            Ok(None) => apply_map_record(&sb, &maps, r).map_err(bad)?,
+            Err(why) => return Err(bad(why)),
         }
     }
     Ok(Imported {
@@ -481,6 +560,7 @@ pub fn import(dev: &BlockingDevice) -> Result<Imported, PoolError> {
         table,
         next_seq: replay.next_seq,
         replay_stop: replay.stop,
+        maps,
     })
 }
 
