@@ -15,8 +15,9 @@
 //! elsewhere refuse with EXDEV); serving from every reactor is next. IOs that span several
 //! clusters are split and completed when every part has.
 //!
-//! Must never: acknowledge an allocating write before its map record is written, or map a
-//! cluster that is not durably zero.
+//! Must never: acknowledge an allocating write before its map record is written, map a
+//! cluster that is not durably zero, or free a cluster while an IO that found it through a
+//! mapping is still in flight (it could land after the cluster was zeroed and reused).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -70,6 +71,11 @@ pub struct PoolRt {
     allocating: RefCell<HashMap<(u32, u64), Vec<Parked>>>,
     /// Writes waiting for the pipeline to produce a zeroed cluster.
     alloc_waiters: RefCell<Vec<Parked>>,
+    /// Data IOs in flight per physical cluster: a cluster is not freed (so never zeroed and
+    /// reused) while an IO that looked it up is still on its way to or from it.
+    pc_inflight: RefCell<HashMap<u32, u32>>,
+    /// Frees waiting for a cluster's in-flight IOs: cluster → journal seq of the record.
+    deferred_free: RefCell<HashMap<u32, u64>>,
     recycling: Cell<bool>,
     /// A pipeline round is scheduled on the reactor's timers.
     scheduled: Cell<bool>,
@@ -122,6 +128,8 @@ impl PoolRt {
             maps: RefCell::new(imp.maps),
             allocating: RefCell::new(HashMap::new()),
             alloc_waiters: RefCell::new(Vec::new()),
+            pc_inflight: RefCell::new(HashMap::new()),
+            deferred_free: RefCell::new(HashMap::new()),
             recycling: Cell::new(false),
             scheduled: Cell::new(false),
             lbs,
@@ -203,8 +211,7 @@ impl PoolRt {
             Box::new(move |rx: &Reactor, res: Result<u64, Errno>| match res {
                 Ok(seq) => {
                     if let Some(map) = rt.maps.borrow_mut().remove(&id) {
-                        let mut alloc = rt.alloc.borrow_mut();
-                        map.for_each(|_, m| alloc.free(m.pc, seq));
+                        map.for_each(|_, m| rt.free_cluster(m.pc, seq));
                     }
                     rt.kick_recycle(rx);
                     let r = rt.table.borrow_mut().apply(&VolumeRecord::Delete { id });
@@ -256,6 +263,36 @@ impl PoolRt {
             geo,
             reqs: RefCell::new(ReqTable::default()),
         }))
+    }
+
+    /// An IO is about to use cluster `pc` (found through a mapping).
+    fn io_start(&self, pc: u32) {
+        *self.pc_inflight.borrow_mut().entry(pc).or_insert(0) += 1;
+    }
+
+    /// An IO on `pc` finished; a free that waited for it happens now.
+    fn io_end(&self, rx: &Reactor, pc: u32) {
+        let mut inflight = self.pc_inflight.borrow_mut();
+        let n = inflight.get_mut(&pc).expect("io_end pairs with io_start");
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        inflight.remove(&pc);
+        drop(inflight);
+        if let Some(seq) = self.deferred_free.borrow_mut().remove(&pc) {
+            self.alloc.borrow_mut().free(pc, seq);
+            self.kick_recycle(rx);
+        }
+    }
+
+    /// Frees `pc` (unreferenced by the record in block `seq`) once no IO uses it.
+    fn free_cluster(&self, pc: u32, seq: u64) {
+        if self.pc_inflight.borrow().contains_key(&pc) {
+            self.deferred_free.borrow_mut().insert(pc, seq);
+        } else {
+            self.alloc.borrow_mut().free(pc, seq);
+        }
     }
 
     fn phys(&self, pc: u32, in_cluster: u64) -> u64 {
@@ -477,7 +514,9 @@ impl VolumeChannel {
             return self.part_done(rx, slot, Ok(()));
         };
         let me = self.rc();
+        self.rt.io_start(m.pc);
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf: Option<IoBuf>| {
+            me.rt.io_end(rx, m.pc);
             if let (Ok(_), Some(b)) = (res, buf) {
                 me.with_buf(slot, |dst| {
                     dst[seg.buf_off..seg.buf_off + seg.len].copy_from_slice(&b)
@@ -518,7 +557,9 @@ impl VolumeChannel {
         let data = self.seg_bytes(slot, seg);
         if let Some(m) = self.map.get(seg.lc) {
             let me = self.rc();
+            self.rt.io_start(m.pc);
             let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| {
+                me.rt.io_end(rx, m.pc);
                 me.part_done(rx, slot, res.map(drop))
             });
             let io = Io::Write {
@@ -652,7 +693,9 @@ impl VolumeChannel {
             } else if zero_partials {
                 self.add_parts(slot, 1);
                 let me = self.rc();
+                self.rt.io_start(m.pc);
                 let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| {
+                    me.rt.io_end(rx, m.pc);
                     me.part_done(rx, slot, res.map(drop))
                 });
                 self.rt.data.submit(
@@ -675,12 +718,10 @@ impl VolumeChannel {
             records,
             Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
                 if let Ok(seq) = res {
-                    let mut alloc = me.rt.alloc.borrow_mut();
                     for (lc, pc) in pcs {
                         me.map.clear(lc);
-                        alloc.free(pc, seq);
+                        me.rt.free_cluster(pc, seq);
                     }
-                    drop(alloc);
                     me.rt.kick_recycle(rx);
                 }
                 me.part_done(rx, slot, res.map(drop));

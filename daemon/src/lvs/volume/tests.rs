@@ -497,3 +497,84 @@ fn acknowledged_writes_survive_a_daemon_crash_at_any_point() {
     println!("volume daemon-crash points checked: {points}");
     assert!(points >= 50);
 }
+
+/// A cluster unmapped while an overwrite to it is still in flight is freed only when that
+/// IO completes: it is never zeroed and handed out with the old IO still on its way.
+#[test]
+fn a_cluster_is_not_recycled_while_an_io_to_it_is_in_flight() {
+    use crate::bdev::fault::{FaultAction, FaultDevice, FaultRule, OpMatch};
+    let set = reactors(1, 8);
+    let malloc: Arc<dyn BlockDevice> = Arc::new(MallocDevice::new(96 << 20).expect("malloc"));
+    let (fdev, rules) = FaultDevice::new(malloc);
+    let dev: Arc<dyn BlockDevice> = fdev;
+    let client = BlockingDevice::new(Arc::clone(&dev), set.remotes()[0].clone()).expect("client");
+    pool::create(&client, DEFAULT_CLUSTER_BYTES, [6; 16]).expect("create");
+    let h = Harness { set, dev };
+    h.start();
+    let vol = h.create("race", 1 << 20);
+    h.io(vol, IoReq::Write(0, vec![1u8; 4096], false))
+        .expect("allocating write");
+    let in_use = h.counts().in_use;
+    // Hold the next write (an overwrite of the mapped cluster) for 300 ms.
+    rules.push(
+        FaultRule::new(
+            OpMatch::Write,
+            FaultAction::Delay(Duration::from_millis(300)),
+        )
+        .times(1),
+    );
+    let (tx, rx_done) = crossbeam::channel::bounded(1);
+    h.set.remotes()[0]
+        .call(move |rx: &Reactor| {
+            let ch = CHS.with(|c| {
+                c.borrow_mut()
+                    .entry(vol)
+                    .or_insert_with(|| {
+                        RT.with(|r| r.borrow().clone())
+                            .expect("pool")
+                            .open_volume(rx, vol)
+                            .expect("open")
+                    })
+                    .clone()
+            });
+            let io = Io::Write {
+                offset: 0,
+                buf: IoBuf::from_slice(&[2u8; 4096]),
+                fua: false,
+            };
+            ch.submit(
+                rx,
+                io,
+                FnCompletion::boxed(move |_rx, res, _| tx.send(res).expect("send")),
+                0,
+            );
+        })
+        .expect("call");
+    h.io(vol, IoReq::Discard(0, 65536))
+        .expect("discard while the overwrite is in flight");
+    std::thread::sleep(Duration::from_millis(100));
+    let during = h.counts();
+    assert_eq!(
+        (during.in_use, during.recycling),
+        (in_use, 0),
+        "unmapped but held, never zeroed, while the overwrite is in flight: {during:?}"
+    );
+    rx_done
+        .recv_timeout(Duration::from_secs(5))
+        .expect("overwrite done")
+        .expect("overwrite ok");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.counts().recycling > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        (h.counts().in_use, h.counts().recycling),
+        (in_use - 1, 0),
+        "freed and recycled after the IO finished"
+    );
+    assert_eq!(
+        h.io(vol, IoReq::Read(0, 4096)).expect("read"),
+        vec![0u8; 4096],
+        "discarded cluster reads zeroes"
+    );
+}
