@@ -517,16 +517,12 @@ impl VolumeChannel {
         self.rt.io_start(m.pc);
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf: Option<IoBuf>| {
             me.rt.io_end(rx, m.pc);
-            if let (Ok(_), Some(b)) = (res, buf) {
-                me.with_buf(slot, |dst| {
-                    dst[seg.buf_off..seg.buf_off + seg.len].copy_from_slice(&b)
-                });
-            }
+            me.seg_done(slot, seg, buf, res.is_ok());
             me.part_done(rx, slot, res.map(drop));
         });
         let io = Io::Read {
             offset: self.rt.phys(m.pc, seg.in_cluster),
-            buf: IoBuf::alloc(seg.len),
+            buf: self.seg_buf(slot, seg, false),
         };
         self.rt.data.submit(rx, io, cb, 0);
     }
@@ -537,11 +533,38 @@ impl VolumeChannel {
         }
     }
 
-    fn seg_bytes(&self, slot: usize, seg: Seg) -> IoBuf {
-        let reqs = self.reqs.borrow();
-        match reqs.get(slot).and_then(|r| r.buf.as_ref()) {
-            Some(b) => IoBuf::from_slice(&b[seg.buf_off..seg.buf_off + seg.len]),
-            None => IoBuf::alloc(seg.len),
+    /// The buffer for `seg`'s device IO: the request's own buffer when the segment is the
+    /// whole request (no copy: the common single-cluster IO), else a new buffer, holding a
+    /// copy of the segment's bytes when `copy_in` (writes).
+    fn seg_buf(&self, slot: usize, seg: Seg, copy_in: bool) -> IoBuf {
+        let mut reqs = self.reqs.borrow_mut();
+        let Some(Req { buf: Some(b), .. }) = reqs.get_mut(slot) else {
+            return IoBuf::alloc(seg.len);
+        };
+        if seg.buf_off == 0 && b.len() == seg.len {
+            return reqs
+                .get_mut(slot)
+                .and_then(|r| r.buf.take())
+                .expect("checked above");
+        }
+        if copy_in {
+            IoBuf::from_slice(&b[seg.buf_off..seg.buf_off + seg.len])
+        } else {
+            IoBuf::alloc(seg.len)
+        }
+    }
+
+    /// The device IO of `seg` is done: hands a whole-request buffer back to the request,
+    /// or copies a successful read's bytes into it.
+    fn seg_done(&self, slot: usize, seg: Seg, buf: Option<IoBuf>, copy_out: bool) {
+        let mut reqs = self.reqs.borrow_mut();
+        let (Some(r), Some(b)) = (reqs.get_mut(slot), buf) else {
+            return;
+        };
+        match &mut r.buf {
+            None => r.buf = Some(b),
+            Some(dst) if copy_out => dst[seg.buf_off..seg.buf_off + seg.len].copy_from_slice(&b),
+            Some(_) => {}
         }
     }
 
@@ -554,17 +577,17 @@ impl VolumeChannel {
             }));
             return;
         }
-        let data = self.seg_bytes(slot, seg);
         if let Some(m) = self.map.get(seg.lc) {
             let me = self.rc();
             self.rt.io_start(m.pc);
-            let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| {
+            let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
                 me.rt.io_end(rx, m.pc);
+                me.seg_done(slot, seg, buf, false);
                 me.part_done(rx, slot, res.map(drop))
             });
             let io = Io::Write {
                 offset: self.rt.phys(m.pc, seg.in_cluster),
-                buf: data,
+                buf: self.seg_buf(slot, seg, true),
                 fua,
             };
             return self.rt.data.submit(rx, io, cb, 0);
@@ -584,12 +607,13 @@ impl VolumeChannel {
         };
         self.rt.allocating.borrow_mut().insert(key, Vec::new());
         let me = self.rc();
-        let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| {
+        let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
+            me.seg_done(slot, seg, buf, false);
             me.data_written(rx, slot, seg, pc, fua, res)
         });
         let io = Io::Write {
             offset: self.rt.phys(pc, seg.in_cluster),
-            buf: data,
+            buf: self.seg_buf(slot, seg, true),
             fua,
         };
         self.rt.data.submit(rx, io, cb, 0);
