@@ -72,7 +72,6 @@ impl Harness {
     }
 
     fn create(&self, name: &str, size: u64) -> u32 {
-        let (tx, rx_done) = crossbeam::channel::bounded(1);
         let meta = VolumeMeta {
             id: 0,
             uuid: [1; 16],
@@ -82,38 +81,34 @@ impl Harness {
             thick: false,
             written: false,
         };
-        self.set.remotes()[0]
-            .call(move |rx: &Reactor| {
-                let rt = RT.with(|r| r.borrow().clone()).expect("pool running");
-                rt.create_volume(
-                    rx,
-                    meta,
-                    Box::new(move |_rx, res| tx.send(res).expect("send")),
-                );
-            })
-            .expect("call");
-        rx_done
-            .recv_timeout(Duration::from_secs(10))
-            .expect("created")
+        self.control(|rx, rt, reply| rt.create_volume(rx, meta, reply))
             .expect("create ok")
     }
 
     fn delete(&self, id: u32) {
+        self.control(move |rx, rt, reply| rt.delete_volume(rx, id, reply))
+            .expect("delete ok");
+    }
+
+    /// Runs a control operation of the pool runtime on its reactor and waits for its reply.
+    fn control<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Reactor, Rc<PoolRt>, Reply<T>) + Send + 'static,
+    ) -> Result<T, String> {
         let (tx, rx_done) = crossbeam::channel::bounded(1);
         self.set.remotes()[0]
             .call(move |rx: &Reactor| {
                 let rt = RT.with(|r| r.borrow().clone()).expect("pool running");
-                rt.delete_volume(
+                op(
                     rx,
-                    id,
+                    rt,
                     Box::new(move |_rx, res| tx.send(res).expect("send")),
                 );
             })
             .expect("call");
         rx_done
             .recv_timeout(Duration::from_secs(10))
-            .expect("deleted")
-            .expect("delete ok");
+            .expect("control operation answered")
     }
 
     fn io(&self, vol: u32, io: IoReq) -> Result<Vec<u8>, Errno> {
