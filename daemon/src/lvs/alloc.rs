@@ -16,8 +16,11 @@
 //!   count only once a device flush that *started after* the zeroing completed has finished
 //!   (invariant 2a: a mapping whose data was lost must read zeroes).
 //!
-//! Must never: hand out a cluster twice, or before it is durably zero. Memory: one byte of
-//! state per cluster plus the queues.
+//! An in-use cluster carries a reference count: the number of map leaves holding it
+//! (snapshots and clones share leaves, `map.rs`); it leaves `InUse` when the last goes.
+//!
+//! Must never: hand out a cluster twice, or before it is durably zero. Memory: three bytes
+//! per cluster (state and count) plus the queues.
 
 use std::collections::VecDeque;
 
@@ -58,6 +61,8 @@ pub struct AllocCounts {
 #[derive(Debug)]
 pub struct Allocator {
     state: Vec<ClusterState>,
+    /// References of in-use clusters (0 otherwise).
+    refs: Vec<u16>,
     /// Ready clusters, handed out lowest first within the order they became ready.
     zeroed: VecDeque<u32>,
     /// (journal block seq of the freeing record, cluster), in seq order.
@@ -91,9 +96,14 @@ impl Allocator {
                 .get_mut(c as usize)
                 .ok_or_else(|| format!("mapping to cluster {c} past the pool's {clusters}"))?;
             if *s == ClusterState::InUse {
-                return Err(format!("cluster {c} mapped twice"));
+                let r = &mut a.refs[c as usize];
+                *r = r
+                    .checked_add(1)
+                    .ok_or_else(|| format!("cluster {c} held by more than {} leaves", u16::MAX))?;
+                continue;
             }
             *s = ClusterState::InUse;
+            a.refs[c as usize] = 1;
             a.in_use += 1;
         }
         a.dirty = (0..clusters)
@@ -105,6 +115,7 @@ impl Allocator {
     fn empty(clusters: u32, fill: ClusterState) -> Self {
         Self {
             state: vec![fill; clusters as usize],
+            refs: vec![0; clusters as usize],
             zeroed: VecDeque::new(),
             freed: VecDeque::new(),
             dirty: VecDeque::new(),
@@ -142,23 +153,49 @@ impl Allocator {
             "cluster {c} on the ready queue in state {s:?}"
         );
         *s = ClusterState::InUse;
+        self.refs[c as usize] = 1;
         self.in_use += 1;
         Some(c)
     }
 
-    /// Cluster `c` is no longer referenced, by a record in journal block `seq`.
-    pub fn free(&mut self, c: u32, seq: u64) {
+    /// References to in-use cluster `c` (0 when not in use).
+    pub fn refs(&self, c: u32) -> u16 {
+        self.refs[c as usize]
+    }
+
+    /// One more leaf holds in-use cluster `c`.
+    pub fn share(&mut self, c: u32) {
+        assert_eq!(
+            self.state[c as usize],
+            ClusterState::InUse,
+            "share of cluster {c} not in use"
+        );
+        let r = &mut self.refs[c as usize];
+        *r = r
+            .checked_add(1)
+            .expect("fewer sharers than maps, and maps < u16::MAX");
+    }
+
+    /// One reference to cluster `c` went, by a record in journal block `seq`; returns
+    /// whether it was the last (the cluster starts its way back to the ready queue).
+    pub fn free(&mut self, c: u32, seq: u64) -> bool {
         let s = &mut self.state[c as usize];
         assert_eq!(
             *s,
             ClusterState::InUse,
             "free of cluster {c} in state {s:?}"
         );
+        let r = &mut self.refs[c as usize];
+        *r -= 1;
+        if *r > 0 {
+            return false;
+        }
         *s = ClusterState::Freed;
         self.in_use -= 1;
         // Mostly in sequence order; a free deferred behind in-flight IO may arrive with an
         // older seq and then waits for the entries ahead of it (later, never early).
         self.freed.push_back((seq, c));
+        true
     }
 
     /// Every journal block up to `seq` is durable (a flush covering it completed).
@@ -403,9 +440,11 @@ mod tests {
         assert!(Allocator::from_in_use(4, [9])
             .expect_err("past the end")
             .contains("past"));
-        assert!(Allocator::from_in_use(4, [1, 1])
-            .expect_err("twice")
-            .contains("twice"));
+        // A cluster listed twice is held by two leaves (a snapshot shares it).
+        let mut shared = Allocator::from_in_use(4, [1, 1]).expect("shared");
+        assert_eq!(shared.refs(1), 2);
+        assert!(!shared.free(1, 1), "one leaf still holds it");
+        assert!(shared.free(1, 1), "the last reference frees it");
         let mut a = Allocator::from_in_use(4, [2]).expect("import");
         assert_eq!(a.alloc(), None, "nothing is known zero after an import");
         assert_eq!(

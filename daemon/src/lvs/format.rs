@@ -284,7 +284,7 @@ pub enum Record {
     },
     /// Opaque bytes (volume table changes, control-plane records); decoded by their owner.
     Blob {
-        /// Record type (3..=8).
+        /// Record type (3..=15).
         kind: u8,
         /// Body.
         body: Vec<u8>,
@@ -352,7 +352,7 @@ impl Record {
                     lc: get_u64(body, 4),
                 })
             }
-            3..=8 => Ok(Record::Blob {
+            3..=15 => Ok(Record::Blob {
                 kind,
                 body: body.to_vec(),
             }),

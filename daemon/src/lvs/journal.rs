@@ -30,6 +30,9 @@ pub type Done = Box<dyn FnOnce(&Reactor, Result<u64, Errno>)>;
 /// Most blocks one journal write carries (bounded IO size).
 const MAX_BLOCKS_PER_WRITE: u64 = 64;
 
+/// A callback the journal holds (the pressure hook).
+pub type Hook = Rc<dyn Fn(&Reactor)>;
+
 const TAG_WRITE: u64 = 0;
 const TAG_FLUSH: u64 = 1;
 
@@ -68,6 +71,11 @@ pub struct Journal {
     flush_inflight: RefCell<Option<Vec<Done>>>,
     /// A journal write failed: the pool must be re-imported; everything fails with EIO.
     failed: Cell<bool>,
+    /// Last sequence whose write completed and whose completions have run.
+    completed: Cell<u64>,
+    /// Called when more than half the ring is uncovered by a checkpoint, or when it is
+    /// full and records wait (the pool then writes a checkpoint and calls `resume`).
+    pressure: RefCell<Option<Hook>>,
     stats: Cell<JournalStats>,
 }
 
@@ -97,6 +105,8 @@ impl Journal {
             flush_waiting: RefCell::new(Vec::new()),
             flush_inflight: RefCell::new(None),
             failed: Cell::new(false),
+            completed: Cell::new(next_seq.saturating_sub(1)),
+            pressure: RefCell::new(None),
             stats: Cell::new(JournalStats::default()),
         })
     }
@@ -114,6 +124,43 @@ impl Journal {
     /// Records that a checkpoint now covers every block below `seq`.
     pub fn set_checkpointed(&self, seq: u64) {
         self.reusable_below.set(self.reusable_below.get().max(seq));
+    }
+
+    /// The last sequence whose write completed: the in-memory state of the pool reflects
+    /// every record up to it and none after (completions apply records).
+    pub fn completed_seq(&self) -> u64 {
+        self.completed.get()
+    }
+
+    /// Blocks written since the checkpoint's first sequence (what replay would read).
+    pub fn uncovered_blocks(&self) -> u64 {
+        self.next_seq
+            .get()
+            .saturating_sub(self.reusable_below.get())
+    }
+
+    /// Sets the hook called under ring pressure (see the field).
+    pub fn set_pressure_hook(&self, hook: Hook) {
+        *self.pressure.borrow_mut() = Some(hook);
+    }
+
+    /// A checkpoint made room: start waiting writes.
+    pub fn resume(&self, rx: &Reactor) {
+        self.kick(rx);
+    }
+
+    /// No checkpoint could make room: fail the records waiting for it with `err`.
+    pub fn fail_waiting(&self, rx: &Reactor, err: Errno) {
+        if self.inflight.borrow().is_none() {
+            self.fail_pending(rx, err);
+        }
+    }
+
+    fn pressure(&self, rx: &Reactor) {
+        let hook = self.pressure.borrow().clone();
+        if let Some(h) = hook {
+            h(rx);
+        }
     }
 
     fn bump(&self, f: impl FnOnce(&mut JournalStats)) {
@@ -184,6 +231,10 @@ impl Journal {
         let room = (self.reusable_below.get() + ring).saturating_sub(first);
         let max_blocks = MAX_BLOCKS_PER_WRITE.min(to_end).min(room);
         if max_blocks == 0 {
+            if room == 0 && self.pressure.borrow().is_some() {
+                // Records wait for the checkpoint the hook starts (or fails).
+                return self.pressure(rx);
+            }
             tracing::error!(
                 next_seq = first,
                 "journal ring full: no checkpoint covers the oldest blocks"
@@ -240,6 +291,9 @@ impl Journal {
             fua: false,
         };
         self.ch.submit(rx, io, self.completion(), TAG_WRITE);
+        if self.uncovered_blocks() > ring / 2 {
+            self.pressure(rx);
+        }
     }
 
     fn fail_pending(&self, rx: &Reactor, err: Errno) {
@@ -273,6 +327,9 @@ impl Completion for Journal {
                 self.bump(|s| s.commits += done.len() as u64);
                 for d in done {
                     d(rx, res);
+                }
+                if res.is_ok() {
+                    self.completed.set(last_seq);
                 }
                 if self.failed.get() {
                     self.fail_pending(rx, Errno::EIO);

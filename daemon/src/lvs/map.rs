@@ -3,23 +3,50 @@
 //!
 //! Two levels: a top array of leaf pointers and leaves of [`LEAF_ENTRIES`] atomic entries,
 //! allocated when the first entry in their range is mapped (a thin volume pays for what it
-//! maps: 8 bytes per mapped cluster's leaf slot). Growing the volume installs a larger top
-//! array; the old one is retired, not freed, until the map is dropped, so a reader that
-//! loaded it a moment ago still reads valid memory (the cost: at most the sum of a
-//! geometric series of small arrays).
+//! maps). Growing the volume installs a larger top array; the old one is retired, not
+//! freed, until the map is dropped, so a reader that loaded it a moment ago still reads
+//! valid memory (the cost: at most the sum of a geometric series of small arrays).
+//!
+//! **Shared leaves** (snapshots and clones, dm-thin's idea at the leaf level): a leaf
+//! carries a count of the maps whose top points to it. [`ClusterMap::share`] makes a new
+//! map pointing to the same leaves — O(size / `LEAF_ENTRIES`) pointer copies, no entry is
+//! touched — and the first change through either map to a shared leaf copies that leaf
+//! (copy-on-write of metadata). Every map stays a complete two-level lookup, so reads never
+//! get slower as snapshots accumulate. The entries of a copied leaf are now held by one
+//! more leaf: the mutating methods report each of them to the caller (`on_copy`), which
+//! keeps the physical clusters' reference counts (`alloc.rs`).
 //!
 //! Entry encoding: `0` = unmapped, else `(physical + 1) | epoch << 32`.
 //!
 //! Must never: be written from two threads (the owner reactor is the only writer), free a
-//! leaf or a top array while the map lives.
+//! top array while the map lives, or free a leaf that a reader may still hold: a leaf is
+//! freed when the last map drops it, which today happens only on the owner reactor, the
+//! only reader (volume.rs serves IO there); serving from other reactors needs a grace
+//! period before that free.
 
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// Entries per leaf (32 KiB of entries).
-pub const LEAF_ENTRIES: usize = 4096;
+/// Entries per leaf (8 KiB of entries): small enough that copying a shared leaf on the
+/// first write after a snapshot is cheap, large enough that sharing a 1 TiB map is 16 Ki
+/// pointer copies.
+pub const LEAF_ENTRIES: usize = 1024;
 
-type Leaf = [AtomicU64; LEAF_ENTRIES];
+struct Leaf {
+    /// Maps whose top points to this leaf.
+    refs: AtomicU32,
+    e: [AtomicU64; LEAF_ENTRIES],
+}
+
+impl Leaf {
+    fn new_raw() -> *mut Leaf {
+        Box::into_raw(Box::new(Leaf {
+            refs: AtomicU32::new(1),
+            e: std::array::from_fn(|_| AtomicU64::new(0)),
+        }))
+    }
+}
+
 type Top = Box<[AtomicPtr<Leaf>]>;
 
 /// One mapping.
@@ -61,8 +88,8 @@ pub struct ClusterMap {
 }
 
 // SAFETY: every field is accessed through atomics or the mutex; the raw pointers point to
-// heap memory owned by the map and freed only in Drop (after every reader has gone, since
-// readers hold the map).
+// heap memory owned by the map (leaves: shared with other maps, counted) and freed only when
+// the last owner lets go (see the module's "Must never").
 unsafe impl Send for ClusterMap {}
 // SAFETY: as for Send: shared access goes through atomics; the single-writer rule is a
 // documented contract of the mutating methods, which only ever make entries change between
@@ -80,12 +107,56 @@ fn leaves_for(clusters: u64) -> usize {
     usize::try_from(clusters.div_ceil(LEAF_ENTRIES as u64)).expect("leaf count fits memory")
 }
 
+/// Drops one map's reference to leaf `p`; the last one frees it, first reporting each
+/// mapped entry to `on_unref`.
+///
+/// # Safety
+/// `p` is a live leaf from `Leaf::new_raw` and the caller owns one of its references
+/// (it has just removed `p` from a top array, or owns the whole map).
+unsafe fn drop_leaf_ref(p: *mut Leaf, on_unref: &mut dyn FnMut(Mapping)) {
+    // SAFETY: the caller's reference keeps `p` alive until this decrement.
+    let leaf = unsafe { &*p };
+    if leaf.refs.fetch_sub(1, Ordering::AcqRel) != 1 {
+        return;
+    }
+    for e in &leaf.e {
+        if let Some(m) = Mapping::decode(e.load(Ordering::Acquire)) {
+            on_unref(m);
+        }
+    }
+    // SAFETY: that was the last reference: no top array points to `p` any more.
+    drop(unsafe { Box::from_raw(p) });
+}
+
 impl ClusterMap {
     /// An empty map for `clusters` logical clusters.
     pub fn new(clusters: u64) -> Self {
         Self {
             top: AtomicPtr::new(new_top(leaves_for(clusters).max(1))),
             len: AtomicU64::new(clusters),
+            retired: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A new map with the same length and contents that shares every leaf with this one
+    /// (a snapshot or clone). Owner reactor only. Costs one pointer copy per leaf.
+    pub fn share(&self) -> ClusterMap {
+        let len = self.len();
+        let src = self.top();
+        let new = new_top(src.len());
+        // SAFETY: `new` was just created and is not shared yet.
+        let dst = unsafe { &*new };
+        for (d, s) in dst.iter().zip(src.iter()) {
+            let p = s.load(Ordering::Acquire);
+            // SAFETY: a non-null pointer in a live top is a live leaf (module contract).
+            if let Some(leaf) = unsafe { p.as_ref() } {
+                leaf.refs.fetch_add(1, Ordering::AcqRel);
+                d.store(p, Ordering::Relaxed);
+            }
+        }
+        Self {
+            top: AtomicPtr::new(new),
+            len: AtomicU64::new(len),
             retired: Mutex::new(Vec::new()),
         }
     }
@@ -112,8 +183,8 @@ impl ClusterMap {
         }
         let idx = usize::try_from(lc).ok()?;
         let p = self.top().get(idx / LEAF_ENTRIES)?.load(Ordering::Acquire);
-        // SAFETY: a non-null leaf pointer comes from Box::into_raw in `set` and is freed
-        // only in Drop; the Acquire load pairs with the Release store that published it.
+        // SAFETY: a non-null leaf pointer in a live top is a live leaf (module contract);
+        // the Acquire load pairs with the Release store that published it.
         let leaf = unsafe { p.as_ref()? };
         Some((leaf, idx % LEAF_ENTRIES))
     }
@@ -121,35 +192,76 @@ impl ClusterMap {
     /// The mapping of logical cluster `lc`, if any. Lock-free; any thread.
     pub fn get(&self, lc: u64) -> Option<Mapping> {
         let (leaf, i) = self.leaf(lc)?;
-        Mapping::decode(leaf[i].load(Ordering::Acquire))
+        Mapping::decode(leaf.e[i].load(Ordering::Acquire))
     }
 
-    /// Maps `lc`. Owner reactor only. Panics if `lc` is past the map's length (callers
-    /// check against the volume size first).
-    pub fn set(&self, lc: u64, m: Mapping) {
+    /// Whether the leaf holding `lc` is shared with another map (a change through this map
+    /// would copy it, and every mapping in it is shared).
+    pub fn leaf_shared(&self, lc: u64) -> bool {
+        self.leaf(lc)
+            .is_some_and(|(l, _)| l.refs.load(Ordering::Acquire) > 1)
+    }
+
+    /// The leaf holding `lc`, private to this map: copied first when shared (each mapped
+    /// entry of the copy goes to `on_copy`), created when absent and `create`.
+    fn private_leaf(
+        &self,
+        lc: u64,
+        create: bool,
+        on_copy: &mut dyn FnMut(Mapping),
+    ) -> Option<(&Leaf, usize)> {
         assert!(
             lc < self.len(),
-            "map set at {lc} past {} clusters",
+            "map change at {lc} past {} clusters",
             self.len()
         );
         let idx = usize::try_from(lc).expect("checked against len");
         let slot = &self.top()[idx / LEAF_ENTRIES];
         let mut p = slot.load(Ordering::Acquire);
         if p.is_null() {
-            let leaf: Box<Leaf> = Box::new(std::array::from_fn(|_| AtomicU64::new(0)));
-            p = Box::into_raw(leaf);
+            if !create {
+                return None;
+            }
+            p = Leaf::new_raw();
             slot.store(p, Ordering::Release);
+        } else {
+            // SAFETY: non-null pointers in a live top are live leaves.
+            let old = unsafe { &*p };
+            if old.refs.load(Ordering::Acquire) > 1 {
+                let copy = Leaf::new_raw();
+                // SAFETY: `copy` was just created and is not shared yet.
+                let c = unsafe { &*copy };
+                for (d, s) in c.e.iter().zip(old.e.iter()) {
+                    let v = s.load(Ordering::Acquire);
+                    if let Some(m) = Mapping::decode(v) {
+                        on_copy(m);
+                    }
+                    d.store(v, Ordering::Relaxed);
+                }
+                slot.store(copy, Ordering::Release);
+                // Shared: other maps still hold `old`, so this never frees it.
+                old.refs.fetch_sub(1, Ordering::AcqRel);
+                p = copy;
+            }
         }
-        // SAFETY: `p` is a live leaf (just published, or published earlier and never freed
-        // before Drop).
-        let leaf = unsafe { &*p };
-        leaf[idx % LEAF_ENTRIES].store(m.encode(), Ordering::Release);
+        // SAFETY: `p` is live: just published, or published earlier and held by this map.
+        Some((unsafe { &*p }, idx % LEAF_ENTRIES))
+    }
+
+    /// Maps `lc`, returning what it mapped before. Owner reactor only. Panics if `lc` is
+    /// past the map's length (callers check against the volume size first).
+    pub fn set(&self, lc: u64, m: Mapping, on_copy: &mut dyn FnMut(Mapping)) -> Option<Mapping> {
+        let (leaf, i) = self
+            .private_leaf(lc, true, on_copy)
+            .expect("created when absent");
+        Mapping::decode(leaf.e[i].swap(m.encode(), Ordering::AcqRel))
     }
 
     /// Unmaps `lc`, returning what it mapped. Owner reactor only.
-    pub fn clear(&self, lc: u64) -> Option<Mapping> {
-        let (leaf, i) = self.leaf(lc)?;
-        Mapping::decode(leaf[i].swap(0, Ordering::AcqRel))
+    pub fn clear(&self, lc: u64, on_copy: &mut dyn FnMut(Mapping)) -> Option<Mapping> {
+        self.get(lc)?;
+        let (leaf, i) = self.private_leaf(lc, false, on_copy)?;
+        Mapping::decode(leaf.e[i].swap(0, Ordering::AcqRel))
     }
 
     /// Grows the map to `clusters`. Owner reactor only. Readers keep working throughout.
@@ -176,34 +288,120 @@ impl ClusterMap {
         self.len.store(clusters, Ordering::Release);
     }
 
+    /// Drops every leaf of this map (a delete): leaves no other map holds are freed, and
+    /// their mappings go to `on_unref`. The map is empty afterwards. Owner reactor only.
+    pub fn release(&self, on_unref: &mut dyn FnMut(Mapping)) {
+        for slot in self.top().iter() {
+            let p = slot.swap(std::ptr::null_mut(), Ordering::AcqRel);
+            if !p.is_null() {
+                // SAFETY: `p` came out of this map's top: the map owned one reference.
+                unsafe { drop_leaf_ref(p, on_unref) };
+            }
+        }
+    }
+
+    /// Makes this map's contents those of `src` (a rollback), sharing its leaves; this
+    /// map's old leaves are dropped as by [`release`](Self::release). Clusters past `src`'s
+    /// length read unmapped. Owner reactor only.
+    pub fn replace_with(&self, src: &ClusterMap, on_unref: &mut dyn FnMut(Mapping)) {
+        let (dst, s) = (self.top(), src.top());
+        for (i, slot) in dst.iter().enumerate() {
+            let np = s
+                .get(i)
+                .map_or(std::ptr::null_mut(), |p| p.load(Ordering::Acquire));
+            // SAFETY: non-null pointers in a live top are live leaves.
+            if let Some(l) = unsafe { np.as_ref() } {
+                l.refs.fetch_add(1, Ordering::AcqRel);
+            }
+            let old = slot.swap(np, Ordering::AcqRel);
+            if !old.is_null() {
+                // SAFETY: `old` came out of this map's top: the map owned one reference.
+                unsafe { drop_leaf_ref(old, on_unref) };
+            }
+        }
+    }
+
     /// Calls `f(lc, mapping)` for every mapped cluster in order (checkpoints, accounting).
     pub fn for_each(&self, mut f: impl FnMut(u64, Mapping)) {
+        self.for_each_shared(|lc, m, _| f(lc, m));
+    }
+
+    /// Like [`for_each`](Self::for_each), also telling whether the entry's leaf is shared
+    /// with another map.
+    pub fn for_each_shared(&self, mut f: impl FnMut(u64, Mapping, bool)) {
         let len = self.len();
         for (li, slot) in self.top().iter().enumerate() {
             let p = slot.load(Ordering::Acquire);
-            // SAFETY: as in `leaf`: published leaves live until Drop.
+            // SAFETY: as in `leaf`: published leaves live while this map holds them.
             let Some(leaf) = (unsafe { p.as_ref() }) else {
                 continue;
             };
-            for (i, e) in leaf.iter().enumerate() {
+            let shared = leaf.refs.load(Ordering::Acquire) > 1;
+            for (i, e) in leaf.e.iter().enumerate() {
                 let lc = (li * LEAF_ENTRIES + i) as u64;
                 if lc >= len {
                     return;
                 }
                 if let Some(m) = Mapping::decode(e.load(Ordering::Acquire)) {
-                    f(lc, m);
+                    f(lc, m, shared);
                 }
             }
         }
     }
 
-    /// Bytes of memory the map uses (top arrays and leaves).
+    /// The leaves of this map: (leaf index, identity) for each present leaf. The identity
+    /// is the same for maps sharing the leaf (checkpoints store a shared leaf once).
+    pub fn leaf_ids(&self) -> Vec<(usize, usize)> {
+        self.top()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let p = s.load(Ordering::Acquire);
+                (!p.is_null()).then_some((i, p as usize))
+            })
+            .collect()
+    }
+
+    /// Whether leaf `index` is the same leaf in both maps (both absent counts as the same).
+    pub fn same_leaf(&self, other: &ClusterMap, index: usize) -> bool {
+        let get = |m: &ClusterMap| {
+            m.top()
+                .get(index)
+                .map_or(std::ptr::null_mut(), |p| p.load(Ordering::Acquire))
+        };
+        get(self) == get(other)
+    }
+
+    /// Makes leaf `index` of this map the same leaf as leaf `index` of `src` (import of a
+    /// checkpoint that stores a shared leaf once). This map's slot must be empty. Owner only.
+    pub fn adopt_leaf(&self, src: &ClusterMap, src_index: usize, index: usize) {
+        let p = src.top()[src_index].load(Ordering::Acquire);
+        // SAFETY: non-null pointers in a live top are live leaves.
+        let Some(l) = (unsafe { p.as_ref() }) else {
+            return;
+        };
+        let slot = &self.top()[index];
+        assert!(
+            slot.load(Ordering::Acquire).is_null(),
+            "adopt into an empty slot"
+        );
+        l.refs.fetch_add(1, Ordering::AcqRel);
+        slot.store(p, Ordering::Release);
+    }
+
+    /// Bytes of memory the map uses (top arrays, and leaves divided among the maps sharing
+    /// them).
     pub fn memory_bytes(&self) -> usize {
         let top = self.top();
-        let leaves = top
+        let leaves: usize = top
             .iter()
-            .filter(|p| !p.load(Ordering::Acquire).is_null())
-            .count();
+            .map(|p| {
+                // SAFETY: as in `leaf`.
+                unsafe { p.load(Ordering::Acquire).as_ref() }.map_or(0, |l| {
+                    std::mem::size_of::<Leaf>() / (l.refs.load(Ordering::Acquire).max(1) as usize)
+                })
+            })
+            .sum();
         let retired: usize = self
             .retired
             .lock()
@@ -212,23 +410,21 @@ impl ClusterMap {
             // SAFETY: retired tops are alive until Drop.
             .map(|&t| unsafe { (&*t).len() } * std::mem::size_of::<AtomicPtr<Leaf>>())
             .sum();
-        top.len() * std::mem::size_of::<AtomicPtr<Leaf>>()
-            + leaves * std::mem::size_of::<Leaf>()
-            + retired
+        top.len() * std::mem::size_of::<AtomicPtr<Leaf>>() + leaves + retired
     }
 }
 
 impl Drop for ClusterMap {
     fn drop(&mut self) {
         let top = *self.top.get_mut();
-        // SAFETY: `&mut self`: no reader is left. Each leaf pointer was created by
-        // Box::into_raw and appears in the current top exactly once (growth copies
-        // pointers into the new top; retired tops are freed below without their leaves).
+        // SAFETY: `&mut self`: no reader of this map is left. Each leaf pointer appears in
+        // the current top exactly once (growth copies pointers into the new top) and this
+        // map owns one reference to it; retired tops are freed below without their leaves.
         unsafe {
             for slot in (&*top).iter() {
                 let p = slot.load(Ordering::Relaxed);
                 if !p.is_null() {
-                    drop(Box::from_raw(p));
+                    drop_leaf_ref(p, &mut |_| {});
                 }
             }
             drop(Box::from_raw(top));
@@ -240,7 +436,7 @@ impl Drop for ClusterMap {
         );
         for t in retired {
             // SAFETY: retired tops came from Box::into_raw and are freed once, here; their
-            // leaves are owned by the current top and were freed above.
+            // leaves are owned by the current top and were handled above.
             drop(unsafe { Box::from_raw(t) });
         }
     }
@@ -263,10 +459,10 @@ mod tests {
                 match what {
                     0 | 1 if lc < map.len() => {
                         let m = Mapping { pc: pc % u32::MAX, epoch: pc % 7 };
-                        map.set(lc, m);
+                        map.set(lc, m, &mut |_| {});
                         model.insert(lc, m);
                     }
-                    2 => prop_assert_eq!(map.clear(lc), model.remove(&lc)),
+                    2 => prop_assert_eq!(map.clear(lc, &mut |_| {}), model.remove(&lc)),
                     3 => map.grow(map.len() + lc),
                     _ => {}
                 }
@@ -276,6 +472,135 @@ mod tests {
             map.for_each(|lc, m| seen.push((lc, m)));
             prop_assert_eq!(seen, model.into_iter().collect::<Vec<_>>());
         }
+    }
+
+    /// Reference counts the way the pool keeps them: per physical cluster, the number of
+    /// leaves holding it.
+    #[derive(Default)]
+    struct Refs(BTreeMap<u32, i64>);
+
+    impl Refs {
+        fn add(&mut self, pc: u32, d: i64) {
+            *self.0.entry(pc).or_default() += d;
+            if self.0[&pc] == 0 {
+                self.0.remove(&pc);
+            }
+        }
+    }
+
+    proptest! {
+        /// Several maps made by `share`, changed independently and released: each reads
+        /// like its own model, and the counts reported through `on_copy` / returned /
+        /// `on_unref` always equal the number of leaves holding each cluster.
+        #[test]
+        fn shared_maps_diverge_independently(ops in prop::collection::vec((0usize..4, 0u64..3000, 0u8..6), 1..300)) {
+            let mut maps: Vec<(ClusterMap, BTreeMap<u64, Mapping>)> = vec![(ClusterMap::new(3000), BTreeMap::new())];
+            let mut refs = Refs::default();
+            let mut next_pc = 0u32;
+            for (who, lc, what) in ops {
+                let i = who % maps.len();
+                match what {
+                    0 | 1 => {
+                        next_pc += 1;
+                        let m = Mapping { pc: next_pc, epoch: 0 };
+                        refs.add(next_pc, 1);
+                        let (map, model) = &mut maps[i];
+                        let old = map.set(lc, m, &mut |c| refs.add(c.pc, 1));
+                        if let Some(o) = old { refs.add(o.pc, -1); }
+                        prop_assert_eq!(old, model.insert(lc, m));
+                    }
+                    2 => {
+                        let (map, model) = &mut maps[i];
+                        let old = map.clear(lc, &mut |c| refs.add(c.pc, 1));
+                        if let Some(o) = old { refs.add(o.pc, -1); }
+                        prop_assert_eq!(old, model.remove(&lc));
+                    }
+                    3 if maps.len() < 6 => {
+                        let copy = (maps[i].0.share(), maps[i].1.clone());
+                        maps.push(copy);
+                    }
+                    4 if maps.len() > 1 => {
+                        let (map, _) = maps.remove(i);
+                        map.release(&mut |c| refs.add(c.pc, -1));
+                    }
+                    5 if maps.len() > 1 => {
+                        let j = (i + 1) % maps.len();
+                        let src_model = maps[j].1.clone();
+                        let (dst, src) = if i < j {
+                            let (a, b) = maps.split_at_mut(j);
+                            (&a[i], &b[0])
+                        } else {
+                            let (a, b) = maps.split_at_mut(i);
+                            (&b[0], &a[j])
+                        };
+                        dst.0.replace_with(&src.0, &mut |c| refs.add(c.pc, -1));
+                        maps[i].1 = src_model;
+                    }
+                    _ => {}
+                }
+            }
+            // Every map reads its model.
+            let mut want = Refs::default();
+            let mut seen_leaves = std::collections::HashSet::new();
+            for (map, model) in &maps {
+                let mut got = Vec::new();
+                map.for_each(|lc, m| got.push((lc, m)));
+                prop_assert_eq!(got, model.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>());
+                for (li, id) in map.leaf_ids() {
+                    if seen_leaves.insert(id) {
+                        for lc in (li * LEAF_ENTRIES) as u64..((li + 1) * LEAF_ENTRIES) as u64 {
+                            if let Some(m) = map.get(lc) { want.add(m.pc, 1); }
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(&refs.0, &want.0);
+            // Releasing everything returns every count to zero.
+            let mut refs = want;
+            for (map, _) in maps {
+                map.release(&mut |c| refs.add(c.pc, -1));
+            }
+            prop_assert!(refs.0.is_empty(), "left: {:?}", refs.0);
+        }
+    }
+
+    #[test]
+    fn share_costs_pointer_copies_not_entries() {
+        let map = ClusterMap::new(1 << 20);
+        for lc in 0..(1u64 << 20) {
+            map.set(
+                lc,
+                Mapping {
+                    pc: u32::try_from(lc).expect("small"),
+                    epoch: 0,
+                },
+                &mut |_| {},
+            );
+        }
+        let snap = map.share();
+        assert!(map.leaf_shared(0) && snap.leaf_shared(5));
+        let mut copied = 0;
+        map.set(
+            7,
+            Mapping {
+                pc: 9_999_999,
+                epoch: 0,
+            },
+            &mut |_| copied += 1,
+        );
+        assert_eq!(copied, LEAF_ENTRIES, "the first change copies one leaf");
+        assert!(
+            !map.leaf_shared(7) && !snap.leaf_shared(7) && map.leaf_shared(LEAF_ENTRIES as u64)
+        );
+        assert_eq!(snap.get(7), Some(Mapping { pc: 7, epoch: 0 }));
+        assert_eq!(
+            map.get(7),
+            Some(Mapping {
+                pc: 9_999_999,
+                epoch: 0
+            })
+        );
+        assert!(map.same_leaf(&snap, 3) && !map.same_leaf(&snap, 0));
     }
 
     #[test]
@@ -316,6 +641,7 @@ mod tests {
                         pc: u32::try_from(lc).expect("small") ^ 0x5a5a,
                         epoch: 3,
                     },
+                    &mut |_| {},
                 );
             }
         }
@@ -337,17 +663,17 @@ mod tests {
         let map = ClusterMap::new(1 << 24); // 16 Mi clusters = 1 TiB at 64 KiB
         let empty = map.memory_bytes();
         assert!(
-            empty <= 4096 * 8 + 64,
+            empty <= leaves_for(1 << 24) * 8 + 64,
             "an empty 1 TiB map costs only its top array: {empty}"
         );
         for lc in 0..LEAF_ENTRIES as u64 {
-            map.set(lc, Mapping { pc: 1, epoch: 0 });
+            map.set(lc, Mapping { pc: 1, epoch: 0 }, &mut |_| {});
         }
         let full_leaf = map.memory_bytes() - empty;
         assert_eq!(
             full_leaf,
-            LEAF_ENTRIES * 8,
-            "8 bytes per mapped cluster in a full leaf"
+            LEAF_ENTRIES * 8 + 8,
+            "8 bytes per mapped cluster in a full leaf, plus its reference count"
         );
     }
 }

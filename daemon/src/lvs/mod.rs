@@ -14,8 +14,10 @@
 //! `control`.
 
 pub mod alloc;
+pub mod checkpoint;
 pub mod format;
 pub mod journal;
 pub mod map;
 pub mod pool;
+pub mod table;
 pub mod volume;

@@ -11,9 +11,10 @@
 
 use std::collections::BTreeMap;
 
-use super::format::{self, DecodeError, Record, Superblock, BLOCK_BYTES, NO_CHECKPOINT};
+use super::format::{DecodeError, Record, Superblock, BLOCK_BYTES, NO_CHECKPOINT};
 use super::journal;
 use super::map::{ClusterMap, Mapping};
+pub use super::table::{validate_meta, Lineage, VolumeMeta, VolumeRecord, VolumeTable};
 use crate::bdev::blocking::{BlockingDevice, BlockingError};
 use crate::bdev::label;
 
@@ -69,6 +70,14 @@ pub enum PoolError {
         found: label::Uuid,
         /// Uuid in the label.
         expected: label::Uuid,
+    },
+    /// The checkpoint the superblock names is damaged.
+    #[error("checkpoint area {area} is damaged: {why} (the pool cannot be imported; run `coreblkd verify` and restore from a backup)")]
+    BadCheckpoint {
+        /// Area index (0 = A, 1 = B).
+        area: u32,
+        /// What is wrong.
+        why: String,
     },
     /// A journal record did not make sense.
     #[error("journal record at block {seq} is invalid: {why}")]
@@ -225,240 +234,6 @@ pub fn read_superblock(
     }
 }
 
-/// A volume as the table holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VolumeMeta {
-    /// Pool-local id (journal records use it).
-    pub id: u32,
-    /// Uuid.
-    pub uuid: [u8; 16],
-    /// Name, unique in the pool.
-    pub name: String,
-    /// Size in bytes.
-    pub size_bytes: u64,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Full size reserved at creation (thick).
-    pub thick: bool,
-    /// Has ever been written.
-    pub written: bool,
-}
-
-/// Volume-table changes as journal records (types 3–6, FORMAT.md §3).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VolumeRecord {
-    /// A volume was created.
-    Create(VolumeMeta),
-    /// A volume was deleted.
-    Delete {
-        /// Its id.
-        id: u32,
-    },
-    /// A volume was resized.
-    Resize {
-        /// Its id.
-        id: u32,
-        /// New size.
-        size_bytes: u64,
-    },
-    /// A volume was written for the first time.
-    Written {
-        /// Its id.
-        id: u32,
-    },
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    let len = u16::try_from(s.len()).expect("strings validated to fit a record");
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
-    if b.len() < n {
-        return Err(format!("truncated: wanted {n} bytes, {} left", b.len()));
-    }
-    let (head, tail) = b.split_at(n);
-    *b = tail;
-    Ok(head)
-}
-
-fn take_u16(b: &mut &[u8]) -> Result<u16, String> {
-    Ok(u16::from_le_bytes(take(b, 2)?.try_into().expect("2 bytes")))
-}
-fn take_u32(b: &mut &[u8]) -> Result<u32, String> {
-    Ok(u32::from_le_bytes(take(b, 4)?.try_into().expect("4 bytes")))
-}
-fn take_u64(b: &mut &[u8]) -> Result<u64, String> {
-    Ok(u64::from_le_bytes(take(b, 8)?.try_into().expect("8 bytes")))
-}
-fn take_str(b: &mut &[u8]) -> Result<String, String> {
-    let n = usize::from(take_u16(b)?);
-    String::from_utf8(take(b, n)?.to_vec()).map_err(|_| "string is not UTF-8".to_string())
-}
-
-/// Checks a volume's name and labels against the limits that keep its record in a block.
-pub fn validate_meta(name: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(format!(
-            "volume name must be 1..={MAX_NAME_BYTES} bytes, got {}",
-            name.len()
-        ));
-    }
-    if labels.len() > MAX_LABELS {
-        return Err(format!("at most {MAX_LABELS} labels, got {}", labels.len()));
-    }
-    if let Some((k, v)) = labels
-        .iter()
-        .find(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES)
-    {
-        return Err(format!("label {k:?}={v:?}: keys must be 1..={MAX_LABEL_BYTES} bytes, values at most {MAX_LABEL_BYTES}"));
-    }
-    Ok(())
-}
-
-impl VolumeRecord {
-    /// The journal record.
-    pub fn encode(&self) -> Record {
-        let mut body = Vec::new();
-        let kind = match self {
-            VolumeRecord::Create(m) => {
-                body.extend_from_slice(&m.id.to_le_bytes());
-                body.extend_from_slice(&m.uuid);
-                body.extend_from_slice(&m.size_bytes.to_le_bytes());
-                let flags = u32::from(m.thick) | (u32::from(m.written) << 1);
-                body.extend_from_slice(&flags.to_le_bytes());
-                put_str(&mut body, &m.name);
-                let n = u16::try_from(m.labels.len()).expect("labels validated");
-                body.extend_from_slice(&n.to_le_bytes());
-                for (k, v) in &m.labels {
-                    put_str(&mut body, k);
-                    put_str(&mut body, v);
-                }
-                3
-            }
-            VolumeRecord::Delete { id } => {
-                body.extend_from_slice(&id.to_le_bytes());
-                4
-            }
-            VolumeRecord::Resize { id, size_bytes } => {
-                body.extend_from_slice(&id.to_le_bytes());
-                body.extend_from_slice(&size_bytes.to_le_bytes());
-                5
-            }
-            VolumeRecord::Written { id } => {
-                body.extend_from_slice(&id.to_le_bytes());
-                6
-            }
-        };
-        debug_assert!(body.len() <= format::MAX_RECORD_BODY);
-        Record::Blob { kind, body }
-    }
-
-    /// Decodes a volume-table record; `Ok(None)` for records of other owners.
-    pub fn decode(r: &Record) -> Result<Option<Self>, String> {
-        let Record::Blob { kind, body } = r else {
-            return Ok(None);
-        };
-        let mut b = body.as_slice();
-        let v = match kind {
-            3 => {
-                let id = take_u32(&mut b)?;
-                let uuid = take(&mut b, 16)?.try_into().expect("16 bytes");
-                let size_bytes = take_u64(&mut b)?;
-                let flags = take_u32(&mut b)?;
-                let name = take_str(&mut b)?;
-                let n = take_u16(&mut b)?;
-                let mut labels = BTreeMap::new();
-                for _ in 0..n {
-                    let k = take_str(&mut b)?;
-                    labels.insert(k, take_str(&mut b)?);
-                }
-                VolumeRecord::Create(VolumeMeta {
-                    id,
-                    uuid,
-                    name,
-                    size_bytes,
-                    labels,
-                    thick: flags & 1 != 0,
-                    written: flags & 2 != 0,
-                })
-            }
-            4 => VolumeRecord::Delete {
-                id: take_u32(&mut b)?,
-            },
-            5 => VolumeRecord::Resize {
-                id: take_u32(&mut b)?,
-                size_bytes: take_u64(&mut b)?,
-            },
-            6 => VolumeRecord::Written {
-                id: take_u32(&mut b)?,
-            },
-            _ => return Ok(None),
-        };
-        if !b.is_empty() {
-            return Err(format!("{} trailing bytes", b.len()));
-        }
-        Ok(Some(v))
-    }
-}
-
-/// The volume table: what replay of the journal yields.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VolumeTable {
-    /// Volumes by id.
-    pub volumes: BTreeMap<u32, VolumeMeta>,
-}
-
-impl VolumeTable {
-    /// Applies one record; refuses records that contradict the table.
-    pub fn apply(&mut self, r: &VolumeRecord) -> Result<(), String> {
-        match r {
-            VolumeRecord::Create(m) => {
-                if self.volumes.contains_key(&m.id) {
-                    return Err(format!("volume id {} created twice", m.id));
-                }
-                if self.volumes.values().any(|v| v.name == m.name) {
-                    return Err(format!("volume name {:?} created twice", m.name));
-                }
-                self.volumes.insert(m.id, m.clone());
-            }
-            VolumeRecord::Delete { id } => {
-                self.volumes
-                    .remove(id)
-                    .ok_or_else(|| format!("delete of unknown volume id {id}"))?;
-            }
-            VolumeRecord::Resize { id, size_bytes } => {
-                let v = self
-                    .volumes
-                    .get_mut(id)
-                    .ok_or_else(|| format!("resize of unknown volume id {id}"))?;
-                if *size_bytes < v.size_bytes {
-                    return Err(format!(
-                        "volume id {id} shrinks from {} to {size_bytes}",
-                        v.size_bytes
-                    ));
-                }
-                v.size_bytes = *size_bytes;
-            }
-            VolumeRecord::Written { id } => {
-                self.volumes
-                    .get_mut(id)
-                    .ok_or_else(|| format!("written flag of unknown volume id {id}"))?
-                    .written = true;
-            }
-        }
-        Ok(())
-    }
-
-    /// The smallest unused id.
-    pub fn next_id(&self) -> u32 {
-        (1..)
-            .find(|id| !self.volumes.contains_key(id))
-            .unwrap_or(u32::MAX)
-    }
-}
-
 /// An imported pool, ready to hand to its owner reactor.
 #[derive(Debug)]
 pub struct Imported {
@@ -472,8 +247,10 @@ pub struct Imported {
     pub next_seq: u64,
     /// Why replay stopped (the normal end of the journal, or damage).
     pub replay_stop: DecodeError,
-    /// Each volume's cluster map.
-    pub maps: BTreeMap<u32, std::sync::Arc<ClusterMap>>,
+    /// Each volume's and snapshot's cluster map.
+    pub maps: Maps,
+    /// Grouped snapshots dropped because their group record was lost (a torn commit).
+    pub dropped_pending: Vec<u32>,
 }
 
 /// Logical clusters of a volume of `size_bytes`.
@@ -481,13 +258,79 @@ pub fn volume_clusters(size_bytes: u64, cluster_bytes: u32) -> u64 {
     size_bytes.div_ceil(u64::from(cluster_bytes))
 }
 
-/// Applies map records to `maps`, refusing what cannot be (unknown volume, past its size,
-/// past the pool).
-fn apply_map_record(
+/// The maps of a pool's volumes and snapshots by id.
+pub type Maps = BTreeMap<u32, std::sync::Arc<ClusterMap>>;
+
+/// Applies one journal record to the table and the maps, refusing what cannot be (unknown
+/// volume, past its size, past the pool). Map changes here keep no reference counts: the
+/// allocator counts references from the final maps (`Allocator::from_in_use`).
+pub fn apply_record(
     sb: &Superblock,
-    maps: &BTreeMap<u32, std::sync::Arc<ClusterMap>>,
+    table: &mut VolumeTable,
+    maps: &mut Maps,
     r: &Record,
 ) -> Result<(), String> {
+    match VolumeRecord::decode(r)? {
+        Some(v) => {
+            table.apply(&v)?;
+            match &v {
+                VolumeRecord::Create(m) => {
+                    maps.insert(
+                        m.id,
+                        std::sync::Arc::new(ClusterMap::new(volume_clusters(
+                            m.size_bytes,
+                            sb.cluster_bytes,
+                        ))),
+                    );
+                }
+                VolumeRecord::Delete { id } => {
+                    if let Some(m) = maps.remove(id) {
+                        m.release(&mut |_| {});
+                    }
+                }
+                VolumeRecord::Resize { id, size_bytes } => {
+                    if let Some(m) = maps.get(id) {
+                        m.grow(volume_clusters(*size_bytes, sb.cluster_bytes));
+                    }
+                }
+                VolumeRecord::Derive { meta, lineage, .. } => {
+                    let src = maps
+                        .get(&lineage.source)
+                        .ok_or_else(|| format!("id {} has no map", lineage.source))?;
+                    let m = src.share();
+                    m.grow(volume_clusters(meta.size_bytes, sb.cluster_bytes));
+                    maps.insert(meta.id, std::sync::Arc::new(m));
+                }
+                VolumeRecord::Rollback { id, snap } => {
+                    let (Some(dst), Some(src)) = (maps.get(id), maps.get(snap)) else {
+                        return Err(format!("rollback of id {id} to {snap}: no map"));
+                    };
+                    dst.replace_with(src, &mut |_| {});
+                }
+                VolumeRecord::Written { .. }
+                | VolumeRecord::Group { .. }
+                | VolumeRecord::Labels { .. } => {}
+            }
+            Ok(())
+        }
+        None => apply_map_record(sb, maps, r),
+    }
+}
+
+/// Drops grouped snapshots whose group record never came (a torn commit): the group
+/// appears whole or not at all. Returns their ids.
+pub fn drop_pending(table: &mut VolumeTable, maps: &mut Maps) -> Vec<u32> {
+    let ids: Vec<u32> = table.pending.keys().copied().collect();
+    for id in &ids {
+        table.pending.remove(id);
+        if let Some(m) = maps.remove(id) {
+            m.release(&mut |_| {});
+        }
+    }
+    ids
+}
+
+fn apply_map_record(sb: &Superblock, maps: &Maps, r: &Record) -> Result<(), String> {
     match *r {
         Record::Map { vol, lc, pc, epoch } => {
             let map = maps
@@ -505,55 +348,33 @@ fn apply_map_record(
                     sb.clusters
                 ));
             }
-            map.set(lc, Mapping { pc, epoch });
+            map.set(lc, Mapping { pc, epoch }, &mut |_| {});
         }
         Record::Unmap { vol, lc } => {
             let map = maps
                 .get(&vol)
                 .ok_or_else(|| format!("unmap for unknown volume id {vol}"))?;
-            map.clear(lc);
+            if lc < map.len() {
+                map.clear(lc, &mut |_| {});
+            }
         }
-        Record::Blob { .. } => {}
+        Record::Blob { kind, .. } => {
+            return Err(format!("record type {kind} does not belong in the journal"));
+        }
     }
     Ok(())
 }
 
-/// Imports a pool: superblock, then journal replay into the volume table.
+/// Imports a pool: superblock, the checkpoint it names, then journal replay.
 pub fn import(dev: &BlockingDevice) -> Result<Imported, PoolError> {
     let (sb, damaged_copy) = read_superblock(dev)?;
+    let (mut table, mut maps) = super::checkpoint::load(dev, &sb)?;
     let replay = journal::replay(&sb, |off| dev.read(off, BLOCK_BYTES).ok());
-    let mut table = VolumeTable::default();
-    let mut maps = BTreeMap::new();
     for (seq, r) in &replay.records {
-        let bad = |why| PoolError::BadRecord { seq: *seq, why };
-        match VolumeRecord::decode(r) {
-            Ok(Some(v)) => {
-                table.apply(&v).map_err(bad)?;
-                match &v {
-                    VolumeRecord::Create(m) => {
-                        maps.insert(
-                            m.id,
-                            std::sync::Arc::new(ClusterMap::new(volume_clusters(
-                                m.size_bytes,
-                                sb.cluster_bytes,
-                            ))),
-                        );
-                    }
-                    VolumeRecord::Delete { id } => {
-                        maps.remove(id);
-                    }
-                    VolumeRecord::Resize { id, size_bytes } => {
-                        if let Some(m) = maps.get(id) {
-                            m.grow(volume_clusters(*size_bytes, sb.cluster_bytes));
-                        }
-                    }
-                    VolumeRecord::Written { .. } => {}
-                }
-            }
-            Ok(None) => apply_map_record(&sb, &maps, r).map_err(bad)?,
-            Err(why) => return Err(bad(why)),
-        }
+        apply_record(&sb, &mut table, &mut maps, r)
+            .map_err(|why| PoolError::BadRecord { seq: *seq, why })?;
     }
+    let dropped_pending = drop_pending(&mut table, &mut maps);
     Ok(Imported {
         sb,
         damaged_copy,
@@ -561,6 +382,7 @@ pub fn import(dev: &BlockingDevice) -> Result<Imported, PoolError> {
         next_seq: replay.next_seq,
         replay_stop: replay.stop,
         maps,
+        dropped_pending,
     })
 }
 

@@ -1,26 +1,36 @@
-//! Thin volumes on a running pool: the pool's owner-reactor state ([`PoolRt`]) and the IO
-//! path of a volume ([`VolumeChannel`]).
+//! Thin volumes, snapshots and clones on a running pool: the pool's owner-reactor state
+//! ([`PoolRt`]) and the IO path of a volume ([`VolumeChannel`]).
 //!
 //! - Reads: mapped clusters read the device, unmapped ones read zeroes without IO.
-//! - Writes to mapped clusters go straight to the device: no metadata (DESIGN §4 inv. 4).
+//! - Writes to mapped clusters held by this volume alone go straight to the device: no
+//!   metadata (DESIGN §4 inv. 4).
 //! - A write to an unmapped cluster allocates a durably-zero cluster, writes the data into
 //!   it, then appends a map record; the write is acknowledged when the record's journal
 //!   write completed (group commit shares it). A FUA write also flushes. Writes to a
 //!   cluster whose allocation is in flight wait for it.
+//! - A write to a cluster shared with a snapshot or clone (its map leaf is shared, or the
+//!   cluster is held by another leaf) copies first: a whole-cluster write goes to a new
+//!   cluster; a partial one copies the old cluster up (read, write to a new cluster with
+//!   FUA — the copy must survive power loss before its record does), then writes in place.
 //! - FLUSH is the journal's flush. Discard and write-zeroes unmap whole clusters (freed
-//!   through the allocator's pipeline); write-zeroes writes zeroes into partial ones;
-//!   discard leaves partial ranges alone and never allocates.
+//!   when no map holds them); write-zeroes writes zeroes into partial ones; discard leaves
+//!   partial ranges alone and never allocates.
+//! - Snapshots, clones, rollback and delete *freeze* the volumes they read or replace:
+//!   new write-type requests park, and the operation runs once those in flight finished,
+//!   so a snapshot holds exactly the writes acknowledged before it and none after.
+//! - Checkpoints (`checkpoint.rs`) are written when the journal ring is half used.
 //!
-//! This first version serves a volume on the pool's owner reactor only (channels opened
+//! This version serves a volume on the pool's owner reactor only (channels opened
 //! elsewhere refuse with EXDEV); serving from every reactor is next. IOs that span several
 //! clusters are split and completed when every part has.
 //!
 //! Must never: acknowledge an allocating write before its map record is written, map a
-//! cluster that is not durably zero, or free a cluster while an IO that found it through a
-//! mapping is still in flight (it could land after the cluster was zeroed and reused).
+//! cluster that is not durably zero, write into a cluster another map holds, or free a
+//! cluster while an IO that found it through a mapping is still in flight (it could land
+//! after the cluster was zeroed and reused).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
@@ -28,9 +38,12 @@ use std::time::Duration;
 
 use super::alloc::Allocator;
 use super::format::{Record, Superblock};
-use super::journal::Journal;
-use super::map::{ClusterMap, Mapping};
-use super::pool::{volume_clusters, Imported, VolumeMeta, VolumeRecord, VolumeTable};
+use super::journal::{Journal, JournalStats};
+use super::map::{ClusterMap, Mapping, LEAF_ENTRIES};
+use super::pool::{
+    volume_clusters, Imported, Maps, VolumeMeta, VolumeRecord, VolumeTable, MAX_VOLUMES,
+};
+use super::table::Lineage;
 use crate::bdev::{BlockDevice, Channel, Geometry, Io, ReqTable};
 use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor};
 
@@ -40,11 +53,16 @@ const RECYCLE_PERIOD: Duration = Duration::from_millis(5);
 const ZERO_BATCH: usize = 1024;
 /// Most writes waiting for a cluster while the pipeline recycles (then ENOSPC).
 const MAX_ALLOC_WAITERS: usize = 4096;
+/// Checkpoint bytes per write.
+const CKPT_CHUNK: usize = 1 << 20;
 
 type Parked = Box<dyn FnOnce(&Reactor)>;
 /// Answer of a control operation on the owner reactor.
 pub type Reply<T> = Box<dyn FnOnce(&Reactor, Result<T, String>)>;
 type IoDone = Box<dyn FnOnce(&Reactor, IoResult, Option<IoBuf>)>;
+type StepDone = Box<dyn FnOnce(&Reactor, Result<(), Errno>)>;
+/// Sources to freeze, records to commit, new ids.
+type Derivation = (Vec<Rc<VolRt>>, Vec<VolumeRecord>, Vec<u32>);
 
 /// A continuation that runs at most once.
 struct Once(RefCell<Option<Parked>>);
@@ -57,16 +75,102 @@ impl Once {
     }
 }
 
+/// Space of a pool, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Data clusters × cluster size.
+    pub capacity_bytes: u64,
+    /// Not held by any map (ready, or on its way back through the zeroing pipeline).
+    pub free_bytes: u64,
+    /// Held by at least one map.
+    pub allocated_bytes: u64,
+    /// Sum of the volumes' sizes (snapshots excluded).
+    pub provisioned_bytes: u64,
+    /// Freed by deletes, discards and copy-on-write, not yet zeroed and reusable.
+    pub recycling_bytes: u64,
+    /// Volumes (incl. clones).
+    pub volumes: u64,
+    /// Snapshots.
+    pub snapshots: u64,
+}
+
+/// Space of one volume or snapshot, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ObjectUsage {
+    /// Mapped clusters × cluster size.
+    pub allocated_bytes: u64,
+    /// Clusters only this object holds: what deleting it would free.
+    pub unique_bytes: u64,
+}
+
+/// Store counters (metrics, tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// Bytes of the last checkpoint.
+    pub last_checkpoint_bytes: u64,
+    /// Clusters copied up for copy-on-write (partial writes to shared clusters, inflate).
+    pub copy_ups: u64,
+    /// Allocating writes into new clusters (first writes and whole-cluster copy-on-write).
+    pub allocations: u64,
+}
+
+/// A volume or snapshot on the owner reactor.
+struct VolRt {
+    id: u32,
+    map: Arc<ClusterMap>,
+    snapshot: bool,
+    size: Cell<u64>,
+    /// Write-type requests (and inflate steps) in flight.
+    writes: Cell<u32>,
+    /// Freezes held: new write-type requests park while > 0.
+    frozen: Cell<u32>,
+    parked: RefCell<Vec<Parked>>,
+    /// Run when `writes` drops to 0.
+    drained: RefCell<Vec<Parked>>,
+    deleted: Cell<bool>,
+}
+
+impl VolRt {
+    fn new(id: u32, map: Arc<ClusterMap>, snapshot: bool, size: u64) -> Rc<Self> {
+        Rc::new(Self {
+            id,
+            map,
+            snapshot,
+            size: Cell::new(size),
+            writes: Cell::new(0),
+            frozen: Cell::new(0),
+            parked: RefCell::new(Vec::new()),
+            drained: RefCell::new(Vec::new()),
+            deleted: Cell::new(false),
+        })
+    }
+
+    fn write_end(&self, rx: &Reactor) {
+        self.writes.set(self.writes.get() - 1);
+        if self.writes.get() == 0 {
+            let d = std::mem::take(&mut *self.drained.borrow_mut());
+            for f in d {
+                f(rx);
+            }
+        }
+    }
+}
+
 /// The pool on its owner reactor.
 pub struct PoolRt {
     me: Weak<PoolRt>,
     owner: usize,
+    /// Geometry (never changes while running).
     sb: Superblock,
+    /// The superblock as last written (checkpoint fields, generation).
+    live: RefCell<Superblock>,
     data: Rc<dyn Channel>,
     journal: Rc<Journal>,
     alloc: RefCell<Allocator>,
     table: RefCell<VolumeTable>,
-    maps: RefCell<BTreeMap<u32, Arc<ClusterMap>>>,
+    vols: RefCell<BTreeMap<u32, Rc<VolRt>>>,
     /// Allocations in flight, with the writes waiting for each.
     allocating: RefCell<HashMap<(u32, u64), Vec<Parked>>>,
     /// Writes waiting for the pipeline to produce a zeroed cluster.
@@ -79,6 +183,10 @@ pub struct PoolRt {
     recycling: Cell<bool>,
     /// A pipeline round is scheduled on the reactor's timers.
     scheduled: Cell<bool>,
+    ckpt_scheduled: Cell<bool>,
+    ckpt_running: Cell<bool>,
+    ckpt_waiters: RefCell<Vec<Reply<()>>>,
+    stats: Cell<StoreStats>,
     /// The volumes' logical block size.
     lbs: u32,
 }
@@ -87,10 +195,16 @@ impl fmt::Debug for PoolRt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoolRt")
             .field("owner", &self.owner)
-            .field("volumes", &self.table.borrow().volumes.len())
+            .field("objects", &self.vols.borrow().len())
             .field("alloc", &self.alloc.borrow().counts())
             .finish()
     }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl PoolRt {
@@ -108,32 +222,64 @@ impl PoolRt {
             .map_err(|e| format!("opening {}: {e}", dev.name()))?;
         let clusters =
             u32::try_from(imp.sb.clusters).map_err(|_| "too many clusters".to_string())?;
+        // A cluster's references are the distinct leaves holding it.
         let mut in_use = Vec::new();
+        let mut seen = HashSet::new();
         for m in imp.maps.values() {
-            m.for_each(|_, mapping| in_use.push(mapping.pc));
+            for (index, key) in m.leaf_ids() {
+                if seen.insert(key) {
+                    let base = (index * LEAF_ENTRIES) as u64;
+                    for lc in base..(base + LEAF_ENTRIES as u64).min(m.len()) {
+                        if let Some(x) = m.get(lc) {
+                            in_use.push(x.pc);
+                        }
+                    }
+                }
+            }
         }
         let alloc = Allocator::from_in_use(clusters, in_use)?;
         let lbs = dev
             .geometry()
             .logical_block_size
             .max(imp.sb.logical_block_bytes);
+        let mut vols = BTreeMap::new();
+        for (id, map) in imp.maps {
+            let (snapshot, size) = match (imp.table.volumes.get(&id), imp.table.snapshots.get(&id))
+            {
+                (Some(v), _) => (false, v.size_bytes),
+                (None, Some(s)) => (true, s.size_bytes),
+                (None, None) => return Err(format!("map of unknown id {id}")),
+            };
+            vols.insert(id, VolRt::new(id, map, snapshot, size));
+        }
         let rt = Rc::new_cyclic(|me| Self {
             me: me.clone(),
             owner: rx.id(),
             journal: Journal::new(journal_ch, imp.sb.clone(), imp.next_seq),
+            live: RefCell::new(imp.sb.clone()),
             sb: imp.sb,
             data,
             alloc: RefCell::new(alloc),
             table: RefCell::new(imp.table),
-            maps: RefCell::new(imp.maps),
+            vols: RefCell::new(vols),
             allocating: RefCell::new(HashMap::new()),
             alloc_waiters: RefCell::new(Vec::new()),
             pc_inflight: RefCell::new(HashMap::new()),
             deferred_free: RefCell::new(HashMap::new()),
             recycling: Cell::new(false),
             scheduled: Cell::new(false),
+            ckpt_scheduled: Cell::new(false),
+            ckpt_running: Cell::new(false),
+            ckpt_waiters: RefCell::new(Vec::new()),
+            stats: Cell::new(StoreStats::default()),
             lbs,
         });
+        let weak = rt.me.clone();
+        rt.journal.set_pressure_hook(Rc::new(move |rx: &Reactor| {
+            if let Some(rt) = weak.upgrade() {
+                rt.schedule_checkpoint(rx);
+            }
+        }));
         rt.kick_recycle(rx);
         Ok(rt)
     }
@@ -144,12 +290,28 @@ impl PoolRt {
             .expect("the pool runtime lives while it has work")
     }
 
+    fn bump(&self, f: impl FnOnce(&mut StoreStats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
     /// Allocator counts (accounting).
     pub fn alloc_counts(&self) -> super::alloc::AllocCounts {
         self.alloc.borrow().counts()
     }
 
-    /// The volume table.
+    /// Journal counters.
+    pub fn journal_stats(&self) -> JournalStats {
+        self.journal.stats()
+    }
+
+    /// Store counters.
+    pub fn stats(&self) -> StoreStats {
+        self.stats.get()
+    }
+
+    /// The volume table (volumes, snapshots, lineage).
     pub fn volumes(&self) -> VolumeTable {
         self.table.borrow().clone()
     }
@@ -159,25 +321,146 @@ impl PoolRt {
         u64::from(self.sb.cluster_bytes)
     }
 
+    /// The pool's superblock as last written.
+    pub fn superblock(&self) -> Superblock {
+        self.live.borrow().clone()
+    }
+
+    /// Space of the pool.
+    pub fn usage(&self) -> PoolUsage {
+        let c = self.alloc.borrow().counts();
+        let cl = self.cluster_bytes();
+        let t = self.table.borrow();
+        PoolUsage {
+            capacity_bytes: self.sb.clusters * cl,
+            free_bytes: (c.zeroed + c.recycling) * cl,
+            allocated_bytes: c.in_use * cl,
+            provisioned_bytes: t.volumes.values().map(|v| v.size_bytes).sum(),
+            recycling_bytes: c.recycling * cl,
+            volumes: t.volumes.len() as u64,
+            snapshots: t.snapshots.len() as u64,
+        }
+    }
+
+    /// Space of volume or snapshot `id` (a scan of its map).
+    pub fn object_usage(&self, id: u32) -> Option<ObjectUsage> {
+        let v = self.vols.borrow().get(&id).cloned()?;
+        let a = self.alloc.borrow();
+        let (mut mapped, mut unique) = (0u64, 0u64);
+        v.map.for_each_shared(|_, m, shared| {
+            mapped += 1;
+            if !shared && a.refs(m.pc) == 1 {
+                unique += 1;
+            }
+        });
+        let cl = self.cluster_bytes();
+        Some(ObjectUsage {
+            allocated_bytes: mapped * cl,
+            unique_bytes: unique * cl,
+        })
+    }
+
+    /// Resident bytes of metadata: maps (shared leaves divided among their maps) and the
+    /// allocator's per-cluster state.
+    pub fn metadata_memory_bytes(&self) -> u64 {
+        let maps: usize = self
+            .vols
+            .borrow()
+            .values()
+            .map(|v| v.map.memory_bytes())
+            .sum();
+        maps as u64 + self.sb.clusters * 3
+    }
+
+    /// Byte ranges whose contents differ between `from` and `to` (two objects of the pool,
+    /// usually snapshots of one lineage), at cluster granularity; with `from = None`, the
+    /// mapped ranges of `to` (what a sparse export sends). Leaves both maps share are
+    /// skipped without a look at their entries.
+    pub fn diff(&self, from: Option<u32>, to: u32) -> Result<Vec<(u64, u64)>, String> {
+        let vols = self.vols.borrow();
+        let t = vols
+            .get(&to)
+            .ok_or_else(|| format!("no volume or snapshot with id {to}"))?;
+        let f = match from {
+            Some(id) => Some(
+                vols.get(&id)
+                    .ok_or_else(|| format!("no volume or snapshot with id {id}"))?,
+            ),
+            None => None,
+        };
+        let cl = self.cluster_bytes();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |lc: u64| {
+            let off = lc * cl;
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += cl,
+                _ => out.push((off, cl)),
+            }
+        };
+        match f {
+            None => t.map.for_each(|lc, _| push(lc)),
+            Some(f) => {
+                let n = t.map.len().max(f.map.len());
+                let leaves = usize::try_from(n.div_ceil(LEAF_ENTRIES as u64)).unwrap_or(0);
+                for li in 0..leaves {
+                    if t.map.same_leaf(&f.map, li) {
+                        continue;
+                    }
+                    let base = (li * LEAF_ENTRIES) as u64;
+                    for lc in base..(base + LEAF_ENTRIES as u64).min(n) {
+                        if t.map.get(lc) != f.map.get(lc) {
+                            push(lc);
+                        }
+                    }
+                }
+            }
+        }
+        // Clip the last range to the object's size.
+        let size = t.size.get();
+        out.retain(|(o, _)| *o < size);
+        if let Some((o, l)) = out.last_mut() {
+            *l = (*l).min(size - *o);
+        }
+        Ok(out)
+    }
+
+    fn check_count(&self, adding: usize) -> Result<(), String> {
+        let n = self.table.borrow().len();
+        if n + adding > MAX_VOLUMES as usize {
+            return Err(format!(
+                "the pool holds {n} volumes and snapshots; at most {MAX_VOLUMES}: delete some first"
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_size(&self, size: u64) -> Result<(), String> {
+        if size == 0 || !size.is_multiple_of(u64::from(self.lbs)) {
+            return Err(format!(
+                "size {size} must be a non-zero multiple of {} bytes",
+                self.lbs
+            ));
+        }
+        if volume_clusters(size, self.sb.cluster_bytes) > u64::from(u32::MAX) * 64 {
+            return Err(format!("size {size} is larger than a volume can address"));
+        }
+        Ok(())
+    }
+
     /// Creates a volume (by journal record); `done` gets its id.
     pub fn create_volume(&self, rx: &Reactor, mut meta: VolumeMeta, done: Reply<u32>) {
-        if let Err(e) = super::pool::validate_meta(&meta.name, &meta.labels) {
+        let checks = super::pool::validate_meta(&meta.name, &meta.labels)
+            .and_then(|()| self.check_size(meta.size_bytes))
+            .and_then(|()| self.check_count(1));
+        if let Err(e) = checks {
             return done(rx, Err(e));
         }
-        if meta.size_bytes == 0 || !meta.size_bytes.is_multiple_of(u64::from(self.lbs)) {
-            return done(
-                rx,
-                Err(format!(
-                    "volume size {} must be a non-zero multiple of {} bytes",
-                    meta.size_bytes, self.lbs
-                )),
-            );
-        }
         let table = self.table.borrow();
-        if table.volumes.values().any(|v| v.name == meta.name) {
+        if table.volume_named(&meta.name).is_some() {
             return done(rx, Err(format!("a volume named {:?} exists", meta.name)));
         }
         meta.id = table.next_id();
+        meta.written = false;
         drop(table);
         let rec = VolumeRecord::Create(meta.clone());
         let rt = self.rc();
@@ -188,9 +471,10 @@ impl PoolRt {
                 Ok(_) => {
                     let id = meta.id;
                     let clusters = volume_clusters(meta.size_bytes, rt.sb.cluster_bytes);
-                    rt.maps
+                    let map = Arc::new(ClusterMap::new(clusters));
+                    rt.vols
                         .borrow_mut()
-                        .insert(id, Arc::new(ClusterMap::new(clusters)));
+                        .insert(id, VolRt::new(id, map, false, meta.size_bytes));
                     let applied = rt.table.borrow_mut().apply(&VolumeRecord::Create(meta));
                     done(rx, applied.map(|()| id));
                 }
@@ -199,30 +483,594 @@ impl PoolRt {
         );
     }
 
-    /// Deletes a volume; its clusters return through the free pipeline.
-    pub fn delete_volume(&self, rx: &Reactor, id: u32, done: Reply<()>) {
-        if !self.table.borrow().volumes.contains_key(&id) {
-            return done(rx, Err(format!("no volume with id {id}")));
-        }
-        let rt = self.rc();
-        self.journal.append(
-            rx,
-            vec![VolumeRecord::Delete { id }.encode()],
-            Box::new(move |rx: &Reactor, res: Result<u64, Errno>| match res {
-                Ok(seq) => {
-                    if let Some(map) = rt.maps.borrow_mut().remove(&id) {
-                        map.for_each(|_, m| rt.free_cluster(m.pc, seq));
-                    }
-                    rt.kick_recycle(rx);
-                    let r = rt.table.borrow_mut().apply(&VolumeRecord::Delete { id });
-                    done(rx, r);
+    fn vol(&self, id: u32) -> Result<Rc<VolRt>, String> {
+        self.vols
+            .borrow()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| format!("no volume or snapshot with id {id}"))
+    }
+
+    /// Freezes `ids` (new write-type requests park) and runs `then` once the writes in
+    /// flight on all of them have finished. Pair with [`thaw`](Self::thaw).
+    fn freeze(&self, rx: &Reactor, vols: &[Rc<VolRt>], then: Parked) {
+        let pending = Rc::new(Cell::new(vols.len() + 1));
+        let once = Rc::new(Once(RefCell::new(Some(then))));
+        let step = {
+            let (pending, once) = (Rc::clone(&pending), Rc::clone(&once));
+            Rc::new(move |rx: &Reactor| {
+                pending.set(pending.get() - 1);
+                if pending.get() == 0 {
+                    once.run(rx);
                 }
-                Err(e) => done(rx, Err(format!("journal: {e}"))),
+            })
+        };
+        for v in vols {
+            v.frozen.set(v.frozen.get() + 1);
+            if v.writes.get() == 0 {
+                step(rx);
+            } else {
+                let s = Rc::clone(&step);
+                v.drained
+                    .borrow_mut()
+                    .push(Box::new(move |rx: &Reactor| s(rx)));
+            }
+        }
+        step(rx);
+    }
+
+    fn thaw(&self, rx: &Reactor, vols: &[Rc<VolRt>]) {
+        for v in vols {
+            v.frozen.set(v.frozen.get() - 1);
+            if v.frozen.get() == 0 {
+                let parked = std::mem::take(&mut *v.parked.borrow_mut());
+                for p in parked {
+                    p(rx);
+                }
+            }
+        }
+    }
+
+    /// Deletes a volume or snapshot. Its name goes at once; clusters that no other map
+    /// holds return through the free pipeline; snapshots and clones made from it keep
+    /// theirs.
+    pub fn delete_volume(&self, rx: &Reactor, id: u32, done: Reply<()>) {
+        let v = match self.vol(id) {
+            Ok(v) => v,
+            Err(e) => return done(rx, Err(e)),
+        };
+        let rt = self.rc();
+        let frozen = vec![Rc::clone(&v)];
+        self.freeze(
+            rx,
+            &frozen.clone(),
+            Box::new(move |rx: &Reactor| {
+                if v.deleted.get() {
+                    rt.thaw(rx, &frozen);
+                    return done(rx, Err(format!("no volume or snapshot with id {id}")));
+                }
+                let rt2 = Rc::clone(&rt);
+                rt.journal.append(
+                    rx,
+                    vec![VolumeRecord::Delete { id }.encode()],
+                    Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
+                        let r = match res {
+                            Ok(seq) => {
+                                v.deleted.set(true);
+                                rt2.vols.borrow_mut().remove(&id);
+                                v.map.release(&mut |m| rt2.free_cluster(m.pc, seq));
+                                rt2.kick_recycle(rx);
+                                rt2.table.borrow_mut().apply(&VolumeRecord::Delete { id })
+                            }
+                            Err(e) => Err(format!("journal: {e}")),
+                        };
+                        rt2.thaw(rx, &frozen);
+                        done(rx, r);
+                    }),
+                );
             }),
         );
     }
 
-    /// Opens the IO path of volume `id` on this reactor.
+    /// Takes snapshots of several volumes at one instant (one commit; a group of one is a
+    /// plain snapshot). `group` pairs each source volume id with the new snapshot's name,
+    /// uuid and labels; `done` gets the new ids in the same order.
+    pub fn snapshot(&self, rx: &Reactor, group: Vec<(u32, VolumeMeta)>, done: Reply<Vec<u32>>) {
+        let prep = || -> Result<Derivation, String> {
+            if group.is_empty() {
+                return Err("a snapshot needs at least one volume".into());
+            }
+            self.check_count(group.len())?;
+            let table = self.table.borrow();
+            let first = table.next_id();
+            let (mut vols, mut recs, mut ids, mut names) =
+                (Vec::new(), Vec::new(), Vec::new(), HashSet::new());
+            for (next, (src, meta)) in (first..).zip(group.iter()) {
+                super::pool::validate_meta(&meta.name, &meta.labels)?;
+                let s = table
+                    .volumes
+                    .get(src)
+                    .ok_or_else(|| format!("no volume with id {src} to snapshot"))?;
+                if table.snapshot_named(&meta.name).is_some() || !names.insert(meta.name.clone()) {
+                    return Err(format!("a snapshot named {:?} exists", meta.name));
+                }
+                if vols.iter().any(|v: &Rc<VolRt>| v.id == *src) {
+                    return Err(format!("volume id {src} named twice in one group"));
+                }
+                vols.push(self.vol(*src)?);
+                let m = VolumeMeta {
+                    id: next,
+                    size_bytes: s.size_bytes,
+                    written: s.written,
+                    thick: false,
+                    ..meta.clone()
+                };
+                ids.push(next);
+                recs.push(VolumeRecord::Derive {
+                    meta: m,
+                    lineage: Lineage {
+                        source: *src,
+                        created_unix: now_unix(),
+                    },
+                    snapshot: true,
+                    grouped: group.len() > 1,
+                });
+            }
+            if group.len() > 1 {
+                recs.push(VolumeRecord::Group { ids: ids.clone() });
+            }
+            Ok((vols, recs, ids))
+        };
+        let (vols, recs, ids) = match prep() {
+            Ok(x) => x,
+            Err(e) => return done(rx, Err(e)),
+        };
+        let rt = self.rc();
+        self.freeze(
+            rx,
+            &vols.clone(),
+            Box::new(move |rx: &Reactor| rt.commit_derive(rx, vols, recs, ids, done)),
+        );
+    }
+
+    /// Makes a writable clone of snapshot (or volume) `source`; `meta.size_bytes` must be at
+    /// least the source's size (0 = the same). `done` gets the clone's id.
+    pub fn clone_volume(&self, rx: &Reactor, source: u32, meta: VolumeMeta, done: Reply<u32>) {
+        let prep = || -> Result<Derivation, String> {
+            super::pool::validate_meta(&meta.name, &meta.labels)?;
+            self.check_count(1)?;
+            let table = self.table.borrow();
+            let s = table
+                .get(source)
+                .ok_or_else(|| format!("no snapshot or volume with id {source} to clone"))?;
+            let size = if meta.size_bytes == 0 {
+                s.size_bytes
+            } else {
+                meta.size_bytes
+            };
+            self.check_size(size)?;
+            if size < s.size_bytes {
+                return Err(format!(
+                    "a clone of {} bytes cannot hold its {}-byte source",
+                    size, s.size_bytes
+                ));
+            }
+            if table.volume_named(&meta.name).is_some() {
+                return Err(format!("a volume named {:?} exists", meta.name));
+            }
+            let id = table.next_id();
+            let m = VolumeMeta {
+                id,
+                size_bytes: size,
+                written: s.written,
+                thick: false,
+                ..meta.clone()
+            };
+            let src = self.vol(source)?;
+            // A live source is frozen for the instant of the copy; a snapshot is read-only.
+            let vols = if src.snapshot { Vec::new() } else { vec![src] };
+            Ok((
+                vols,
+                vec![VolumeRecord::Derive {
+                    meta: m,
+                    lineage: Lineage {
+                        source,
+                        created_unix: now_unix(),
+                    },
+                    snapshot: false,
+                    grouped: false,
+                }],
+                vec![id],
+            ))
+        };
+        let (vols, recs, ids) = match prep() {
+            Ok(x) => x,
+            Err(e) => return done(rx, Err(e)),
+        };
+        let rt = self.rc();
+        self.freeze(
+            rx,
+            &vols.clone(),
+            Box::new(move |rx: &Reactor| {
+                rt.commit_derive(
+                    rx,
+                    vols,
+                    recs,
+                    ids,
+                    Box::new(move |rx: &Reactor, r: Result<Vec<u32>, String>| {
+                        done(rx, r.map(|ids| ids[0]))
+                    }),
+                )
+            }),
+        );
+    }
+
+    /// Journals derive records (snapshots, clones) of frozen sources and shares the maps.
+    fn commit_derive(
+        &self,
+        rx: &Reactor,
+        frozen: Vec<Rc<VolRt>>,
+        recs: Vec<VolumeRecord>,
+        ids: Vec<u32>,
+        done: Reply<Vec<u32>>,
+    ) {
+        if let Some(v) = frozen.iter().find(|v| v.deleted.get()) {
+            let id = v.id;
+            self.thaw(rx, &frozen);
+            return done(rx, Err(format!("volume id {id} was deleted meanwhile")));
+        }
+        let rt = self.rc();
+        let encoded = recs.iter().map(VolumeRecord::encode).collect();
+        self.journal.append(
+            rx,
+            encoded,
+            Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
+                let r = match res {
+                    Ok(_) => rt.apply_derive(&recs).map(|()| ids),
+                    Err(e) => Err(format!("journal: {e}")),
+                };
+                rt.thaw(rx, &frozen);
+                done(rx, r);
+            }),
+        );
+    }
+
+    fn apply_derive(&self, recs: &[VolumeRecord]) -> Result<(), String> {
+        for r in recs {
+            self.table.borrow_mut().apply(r)?;
+            if let VolumeRecord::Derive {
+                meta,
+                lineage,
+                snapshot,
+                ..
+            } = r
+            {
+                let src = self.vol(lineage.source)?;
+                let map = src.map.share();
+                map.grow(volume_clusters(meta.size_bytes, self.sb.cluster_bytes));
+                self.vols.borrow_mut().insert(
+                    meta.id,
+                    VolRt::new(meta.id, Arc::new(map), *snapshot, meta.size_bytes),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Rolls volume `id` back to snapshot `snap` (taken of it): its contents become the
+    /// snapshot's at once (its size stays; what lies past the snapshot's size reads zeroes).
+    pub fn rollback(&self, rx: &Reactor, id: u32, snap: u32, done: Reply<()>) {
+        let prep = || -> Result<(Rc<VolRt>, Rc<VolRt>), String> {
+            let t = self.table.borrow();
+            if !t.volumes.contains_key(&id) {
+                return Err(format!("no volume with id {id} to roll back"));
+            }
+            if !t.snapshots.contains_key(&snap) {
+                return Err(format!("no snapshot with id {snap}"));
+            }
+            if t.lineage.get(&snap).map(|l| l.source) != Some(id) {
+                return Err(format!(
+                    "snapshot id {snap} was not taken of volume id {id}"
+                ));
+            }
+            Ok((self.vol(id)?, self.vol(snap)?))
+        };
+        let (v, s) = match prep() {
+            Ok(x) => x,
+            Err(e) => return done(rx, Err(e)),
+        };
+        let rt = self.rc();
+        let frozen = vec![Rc::clone(&v)];
+        self.freeze(
+            rx,
+            &frozen.clone(),
+            Box::new(move |rx: &Reactor| {
+                if v.deleted.get() || s.deleted.get() {
+                    rt.thaw(rx, &frozen);
+                    return done(rx, Err("deleted meanwhile".into()));
+                }
+                let rt2 = Rc::clone(&rt);
+                let rec = VolumeRecord::Rollback { id, snap };
+                rt.journal.append(
+                    rx,
+                    vec![rec.encode()],
+                    Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
+                        let r = match res {
+                            Ok(seq) => rt2.table.borrow_mut().apply(&rec).map(|()| {
+                                v.map
+                                    .replace_with(&s.map, &mut |m| rt2.free_cluster(m.pc, seq));
+                                rt2.kick_recycle(rx);
+                            }),
+                            Err(e) => Err(format!("journal: {e}")),
+                        };
+                        rt2.thaw(rx, &frozen);
+                        done(rx, r);
+                    }),
+                );
+            }),
+        );
+    }
+
+    /// Grows volume `id` to `size_bytes` online.
+    pub fn resize(&self, rx: &Reactor, id: u32, size_bytes: u64, done: Reply<()>) {
+        let prep = || -> Result<Rc<VolRt>, String> {
+            self.check_size(size_bytes)?;
+            let t = self.table.borrow();
+            let v = t
+                .volumes
+                .get(&id)
+                .ok_or_else(|| format!("no volume with id {id} to resize"))?;
+            if size_bytes < v.size_bytes {
+                return Err(format!(
+                    "volume id {id} is {} bytes; shrinking to {size_bytes} is not supported",
+                    v.size_bytes
+                ));
+            }
+            self.vol(id)
+        };
+        let v = match prep() {
+            Ok(v) => v,
+            Err(e) => return done(rx, Err(e)),
+        };
+        let rt = self.rc();
+        let rec = VolumeRecord::Resize { id, size_bytes };
+        self.journal.append(
+            rx,
+            vec![rec.encode()],
+            Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
+                let r = match res {
+                    Ok(_) => rt.table.borrow_mut().apply(&rec).map(|()| {
+                        v.map.grow(volume_clusters(size_bytes, rt.sb.cluster_bytes));
+                        v.size.set(size_bytes);
+                    }),
+                    Err(e) => Err(format!("journal: {e}")),
+                };
+                done(rx, r);
+            }),
+        );
+    }
+
+    /// Replaces the labels of volume or snapshot `id`.
+    pub fn set_labels(
+        &self,
+        rx: &Reactor,
+        id: u32,
+        labels: BTreeMap<String, String>,
+        done: Reply<()>,
+    ) {
+        let name = match self.table.borrow().get(id) {
+            Some(m) => m.name.clone(),
+            None => return done(rx, Err(format!("no volume or snapshot with id {id}"))),
+        };
+        if let Err(e) = super::pool::validate_meta(&name, &labels) {
+            return done(rx, Err(e));
+        }
+        let rt = self.rc();
+        let rec = VolumeRecord::Labels { id, labels };
+        self.journal.append(
+            rx,
+            vec![rec.encode()],
+            Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
+                let r = match res {
+                    Ok(_) => rt.table.borrow_mut().apply(&rec),
+                    Err(e) => Err(format!("journal: {e}")),
+                };
+                done(rx, r);
+            }),
+        );
+    }
+
+    /// Inflates volume `id`: copies every cluster it shares with a snapshot or clone, so
+    /// it holds all its data alone (deleting its source then frees what only the source
+    /// held, and its unique bytes equal its allocated bytes).
+    pub fn inflate(&self, rx: &Reactor, id: u32, done: Reply<()>) {
+        let v = match self.vol(id) {
+            Ok(v) if !v.snapshot => v,
+            Ok(_) => return done(rx, Err(format!("id {id} is a snapshot; inflate a volume"))),
+            Err(e) => return done(rx, Err(e)),
+        };
+        self.inflate_from(rx, v, 0, done);
+    }
+
+    fn inflate_from(&self, rx: &Reactor, v: Rc<VolRt>, mut lc: u64, done: Reply<()>) {
+        if v.deleted.get() {
+            return done(rx, Err(format!("volume id {} was deleted", v.id)));
+        }
+        if v.frozen.get() > 0 {
+            let rt = self.rc();
+            let v2 = Rc::clone(&v);
+            v.parked.borrow_mut().push(Box::new(move |rx: &Reactor| {
+                rt.inflate_from(rx, v2, lc, done)
+            }));
+            return;
+        }
+        let len = v.map.len();
+        while lc < len {
+            match v.map.get(lc) {
+                Some(m) if self.shared(&v, lc, m) => break,
+                _ => lc += 1,
+            }
+        }
+        if lc >= len {
+            return done(rx, Ok(()));
+        }
+        v.writes.set(v.writes.get() + 1);
+        let rt = self.rc();
+        let v2 = Rc::clone(&v);
+        self.copy_up(
+            rx,
+            &v,
+            lc,
+            Box::new(move |rx: &Reactor, r: Result<(), Errno>| {
+                v2.write_end(rx);
+                match r {
+                    Ok(()) => rt.inflate_from(rx, v2, lc + 1, done),
+                    Err(e) => done(rx, Err(format!("inflate at cluster {lc}: {e}"))),
+                }
+            }),
+        );
+    }
+
+    /// Writes a checkpoint now (tests, clean shutdown); `done` when it is durable.
+    pub fn checkpoint(&self, rx: &Reactor, done: Reply<()>) {
+        self.ckpt_waiters.borrow_mut().push(done);
+        self.schedule_checkpoint(rx);
+    }
+
+    fn schedule_checkpoint(&self, rx: &Reactor) {
+        if self.ckpt_scheduled.replace(true) {
+            return;
+        }
+        let weak = self.me.clone();
+        // From a timer: no journal completion is half-applied, so the in-memory state is
+        // exactly the records up to `completed_seq`.
+        rx.add_timer(
+            Duration::ZERO,
+            Box::new(move |rx: &Reactor| {
+                if let Some(rt) = weak.upgrade() {
+                    rt.ckpt_scheduled.set(false);
+                    rt.run_checkpoint(rx);
+                }
+            }),
+        );
+    }
+
+    fn finish_checkpoint(&self, rx: &Reactor, r: Result<(), String>) {
+        self.ckpt_running.set(false);
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "checkpoint failed");
+            self.journal.fail_waiting(rx, Errno::ENOSPC);
+        }
+        let waiters = std::mem::take(&mut *self.ckpt_waiters.borrow_mut());
+        for w in waiters {
+            w(rx, r.clone());
+        }
+    }
+
+    fn run_checkpoint(&self, rx: &Reactor) {
+        if self.ckpt_running.replace(true) {
+            // The running one finishes and a later pressure call starts the next.
+            return;
+        }
+        let seq = self.journal.completed_seq();
+        let maps: Maps = self
+            .vols
+            .borrow()
+            .iter()
+            .map(|(id, v)| (*id, Arc::clone(&v.map)))
+            .collect();
+        let bytes = super::checkpoint::encode(&self.sb, &self.table.borrow(), &maps);
+        if bytes.len() as u64 > self.sb.ckpt_bytes {
+            return self.finish_checkpoint(
+                rx,
+                Err(format!(
+                    "checkpoint of {} bytes does not fit its {}-byte area: delete snapshots to shrink the metadata",
+                    bytes.len(),
+                    self.sb.ckpt_bytes
+                )),
+            );
+        }
+        let area = if self.live.borrow().active_ckpt == 0 {
+            1
+        } else {
+            0
+        };
+        let mut next = self.live.borrow().clone();
+        next.generation += 1;
+        next.active_ckpt = area;
+        next.ckpt_crc = crc32c::crc32c(&bytes);
+        next.ckpt_len = bytes.len() as u64;
+        next.first_seq = seq + 1;
+        let base = self.sb.region_start + self.sb.ckpt_offsets[area as usize];
+        self.write_ckpt_chunk(rx, Rc::new(bytes), base, 0, next);
+    }
+
+    fn write_ckpt_chunk(
+        &self,
+        rx: &Reactor,
+        bytes: Rc<Vec<u8>>,
+        base: u64,
+        off: usize,
+        next: Superblock,
+    ) {
+        let rt = self.rc();
+        if off >= bytes.len() {
+            // Checkpoint written: flush it, then the superblock that names it (FUA).
+            let rt2 = Rc::clone(&rt);
+            return self.journal.flush(
+                rx,
+                Box::new(move |rx: &Reactor, r: Result<u64, Errno>| {
+                    if let Err(e) = r {
+                        return rt2.finish_checkpoint(rx, Err(format!("flush: {e}")));
+                    }
+                    let rt3 = Rc::clone(&rt2);
+                    let io = Io::Write {
+                        offset: next.slot_offset(next.copy()),
+                        buf: IoBuf::from_slice(&next.encode()),
+                        fua: true,
+                    };
+                    rt2.data.submit(
+                        rx,
+                        io,
+                        FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| {
+                            if let Err(e) = res {
+                                return rt3
+                                    .finish_checkpoint(rx, Err(format!("superblock write: {e}")));
+                            }
+                            let first = next.first_seq;
+                            let len = next.ckpt_len;
+                            *rt3.live.borrow_mut() = next;
+                            rt3.bump(|s| {
+                                s.checkpoints += 1;
+                                s.last_checkpoint_bytes = len;
+                            });
+                            rt3.journal.set_checkpointed(first);
+                            rt3.journal.resume(rx);
+                            rt3.finish_checkpoint(rx, Ok(()));
+                        }),
+                        0,
+                    );
+                }),
+            );
+        }
+        let n = CKPT_CHUNK.min(bytes.len() - off);
+        let io = Io::Write {
+            offset: base + off as u64,
+            buf: IoBuf::from_slice(&bytes[off..off + n]),
+            fua: false,
+        };
+        self.data.submit(
+            rx,
+            io,
+            FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| match res {
+                Ok(_) => rt.write_ckpt_chunk(rx, bytes, base, off + n, next),
+                Err(e) => rt.finish_checkpoint(rx, Err(format!("checkpoint write: {e}"))),
+            }),
+            0,
+        );
+    }
+
+    /// Opens the IO path of volume or snapshot `id` on this reactor (snapshots read-only).
     pub fn open_volume(&self, rx: &Reactor, id: u32) -> Result<Rc<dyn Channel>, String> {
         if rx.id() != self.owner {
             return Err(format!(
@@ -230,24 +1078,12 @@ impl PoolRt {
                 self.owner
             ));
         }
-        let size = self
-            .table
-            .borrow()
-            .volumes
-            .get(&id)
-            .map(|v| v.size_bytes)
-            .ok_or_else(|| format!("no volume with id {id}"))?;
-        let map = self
-            .maps
-            .borrow()
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| format!("volume {id} has no map"))?;
+        let vol = self.vol(id)?;
         let dgeo = self.data.geometry();
         let geo = Geometry {
             logical_block_size: self.lbs,
             physical_block_size: dgeo.physical_block_size.max(self.lbs),
-            size_bytes: size,
+            size_bytes: vol.size.get(),
             max_transfer_bytes: dgeo.max_transfer_bytes,
             atomic_write_bytes: dgeo.atomic_write_bytes,
             discard_supported: true,
@@ -258,11 +1094,15 @@ impl PoolRt {
         Ok(Rc::new_cyclic(|me| VolumeChannel {
             me: me.clone(),
             rt: self.rc(),
-            id,
-            map,
+            vol,
             geo,
             reqs: RefCell::new(ReqTable::default()),
         }))
+    }
+
+    /// Whether a write to `lc` of `v` (mapped to `m`) must not go in place.
+    fn shared(&self, v: &VolRt, lc: u64, m: Mapping) -> bool {
+        v.map.leaf_shared(lc) || self.alloc.borrow().refs(m.pc) > 1
     }
 
     /// An IO is about to use cluster `pc` (found through a mapping).
@@ -286,12 +1126,36 @@ impl PoolRt {
         }
     }
 
-    /// Frees `pc` (unreferenced by the record in block `seq`) once no IO uses it.
+    /// Drops one reference to `pc` (by the record in block `seq`); the last one frees it
+    /// once no IO uses it.
     fn free_cluster(&self, pc: u32, seq: u64) {
-        if self.pc_inflight.borrow().contains_key(&pc) {
+        let last = self.alloc.borrow().refs(pc) == 1;
+        if last && self.pc_inflight.borrow().contains_key(&pc) {
             self.deferred_free.borrow_mut().insert(pc, seq);
         } else {
             self.alloc.borrow_mut().free(pc, seq);
+        }
+    }
+
+    /// The map changes `lc` of `v` to `new` (journaled in block `seq`), keeping the
+    /// reference counts: a copied leaf's entries gain one, the replaced mapping loses one.
+    fn set_mapping(&self, v: &VolRt, lc: u64, new: Mapping, seq: u64) {
+        let prev = {
+            let mut a = self.alloc.borrow_mut();
+            v.map.set(lc, new, &mut |c| a.share(c.pc))
+        };
+        if let Some(p) = prev {
+            self.free_cluster(p.pc, seq);
+        }
+    }
+
+    fn clear_mapping(&self, v: &VolRt, lc: u64, seq: u64) {
+        let prev = {
+            let mut a = self.alloc.borrow_mut();
+            v.map.clear(lc, &mut |c| a.share(c.pc))
+        };
+        if let Some(p) = prev {
+            self.free_cluster(p.pc, seq);
         }
     }
 
@@ -300,6 +1164,154 @@ impl PoolRt {
             + self.sb.data_offset
             + u64::from(pc) * u64::from(self.sb.cluster_bytes)
             + in_cluster
+    }
+
+    /// A durably zero cluster; `Ok(None)`: none now, but the pipeline is recycling
+    /// (park the caller with [`park_alloc`](Self::park_alloc)); ENOSPC: the pool is full.
+    fn try_alloc(&self) -> Result<Option<u32>, Errno> {
+        if let Some(pc) = self.alloc.borrow_mut().alloc() {
+            return Ok(Some(pc));
+        }
+        let recycling = self.alloc.borrow().counts().recycling > 0;
+        if recycling && self.alloc_waiters.borrow().len() < MAX_ALLOC_WAITERS {
+            return Ok(None);
+        }
+        Err(Errno::ENOSPC)
+    }
+
+    fn park_alloc(&self, retry: Parked) {
+        self.alloc_waiters.borrow_mut().push(retry);
+    }
+
+    /// A cluster allocated for `key` was never mapped: back through the pipeline (it may
+    /// hold partial data, so it is zeroed again).
+    fn abandon(&self, rx: &Reactor, pc: u32, key: (u32, u64)) {
+        self.alloc.borrow_mut().free(pc, 0);
+        self.kick_recycle(rx);
+        self.end_allocation(rx, key);
+    }
+
+    fn end_allocation(&self, rx: &Reactor, key: (u32, u64)) {
+        let waiters = self
+            .allocating
+            .borrow_mut()
+            .remove(&key)
+            .unwrap_or_default();
+        for w in waiters {
+            w(rx);
+        }
+    }
+
+    /// Copies shared cluster `lc` of `v` to a new cluster of its own (read, write FUA,
+    /// journal the mapping). `done(Ok)` also when there was nothing to copy.
+    fn copy_up(&self, rx: &Reactor, v: &Rc<VolRt>, lc: u64, done: StepDone) {
+        let key = (v.id, lc);
+        if let Some(w) = self.allocating.borrow_mut().get_mut(&key) {
+            let (rt, v2) = (self.rc(), Rc::clone(v));
+            w.push(Box::new(move |rx: &Reactor| rt.copy_up(rx, &v2, lc, done)));
+            return;
+        }
+        let Some(m) = v.map.get(lc).filter(|&m| self.shared(v, lc, m)) else {
+            return done(rx, Ok(()));
+        };
+        let pc = match self.try_alloc() {
+            Ok(Some(pc)) => pc,
+            Ok(None) => {
+                let (rt, v2) = (self.rc(), Rc::clone(v));
+                return self
+                    .park_alloc(Box::new(move |rx: &Reactor| rt.copy_up(rx, &v2, lc, done)));
+            }
+            Err(e) => return done(rx, Err(e)),
+        };
+        self.allocating.borrow_mut().insert(key, Vec::new());
+        self.bump(|s| s.copy_ups += 1);
+        self.io_start(m.pc);
+        let (rt, v2) = (self.rc(), Rc::clone(v));
+        let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf: Option<IoBuf>| {
+            rt.io_end(rx, m.pc);
+            let (Ok(_), Some(buf)) = (res, buf) else {
+                rt.abandon(rx, pc, key);
+                return done(rx, Err(res.err().unwrap_or(Errno::EIO)));
+            };
+            // The copy must be durable before the record that maps it (power loss would
+            // otherwise show zeroes where flushed data was): FUA.
+            let rt2 = Rc::clone(&rt);
+            let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| {
+                if let Err(e) = res {
+                    rt2.abandon(rx, pc, key);
+                    return done(rx, Err(e));
+                }
+                rt2.journal_mapping(rx, &v2, lc, pc, false, done);
+            });
+            let io = Io::Write {
+                offset: rt.phys(pc, 0),
+                buf,
+                fua: true,
+            };
+            rt.data.submit(rx, io, cb, 0);
+        });
+        let io = Io::Read {
+            offset: self.phys(m.pc, 0),
+            buf: IoBuf::alloc(usize::try_from(self.cluster_bytes()).expect("cluster fits memory")),
+        };
+        self.data.submit(rx, io, cb, 0);
+    }
+
+    /// Data for `lc` of `v` is in new cluster `pc`: journal the mapping (and the volume's
+    /// first-write flag), then map it and end the allocation.
+    fn journal_mapping(
+        &self,
+        rx: &Reactor,
+        v: &Rc<VolRt>,
+        lc: u64,
+        pc: u32,
+        first_write: bool,
+        done: StepDone,
+    ) {
+        let key = (v.id, lc);
+        if v.deleted.get() {
+            self.abandon(rx, pc, key);
+            return done(rx, Err(Errno(libc::ENODEV)));
+        }
+        let mut records = vec![Record::Map {
+            vol: v.id,
+            lc,
+            pc,
+            epoch: 0,
+        }];
+        let first_write = first_write
+            && self
+                .table
+                .borrow()
+                .volumes
+                .get(&v.id)
+                .is_some_and(|m| !m.written);
+        if first_write {
+            records.push(VolumeRecord::Written { id: v.id }.encode());
+        }
+        let (rt, v2) = (self.rc(), Rc::clone(v));
+        self.journal.append(
+            rx,
+            records,
+            Box::new(move |rx: &Reactor, res: Result<u64, Errno>| match res {
+                Ok(seq) => {
+                    rt.set_mapping(&v2, lc, Mapping { pc, epoch: 0 }, seq);
+                    rt.kick_recycle(rx);
+                    if first_write {
+                        let _ = rt
+                            .table
+                            .borrow_mut()
+                            .apply(&VolumeRecord::Written { id: v2.id });
+                    }
+                    rt.end_allocation(rx, key);
+                    done(rx, Ok(()));
+                }
+                Err(e) => {
+                    rt.abandon(rx, pc, key);
+                    done(rx, Err(e));
+                }
+            }),
+        );
     }
 
     /// Schedules pipeline rounds while there is something to recycle (an idle pool arms
@@ -324,7 +1336,6 @@ impl PoolRt {
             }),
         );
     }
-
     /// One round of the free-cluster pipeline: make freeing records durable, zero dirty
     /// clusters, flush zeroes, and wake writes waiting for space.
     fn recycle(&self, rx: &Reactor) {
@@ -433,14 +1444,15 @@ struct Req {
     parts: u32,
     err: Option<Errno>,
     bytes: u32,
+    /// A write-type request (counted in the volume's `writes`).
+    write: bool,
 }
 
-/// A volume's IO path on the owner reactor.
+/// A volume's (or snapshot's) IO path on the owner reactor.
 pub struct VolumeChannel {
     me: Weak<VolumeChannel>,
     rt: Rc<PoolRt>,
-    id: u32,
-    map: Arc<ClusterMap>,
+    vol: Rc<VolRt>,
     geo: Geometry,
     reqs: RefCell<ReqTable<Req>>,
 }
@@ -448,7 +1460,7 @@ pub struct VolumeChannel {
 impl fmt::Debug for VolumeChannel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VolumeChannel")
-            .field("volume", &self.id)
+            .field("volume", &self.vol.id)
             .finish()
     }
 }
@@ -461,6 +1473,15 @@ struct Seg {
     /// Offset within the request's buffer.
     buf_off: usize,
     len: usize,
+}
+
+/// What a segment writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SegOp {
+    /// The request's bytes.
+    Data { fua: bool },
+    /// Zeroes (the partial ends of a write-zeroes).
+    Zeroes,
 }
 
 fn segments(offset: u64, len: u64, cluster: u64) -> Vec<Seg> {
@@ -504,12 +1525,15 @@ impl VolumeChannel {
                 Some(e) => Err(e),
                 None => Ok(r.bytes),
             };
+            if r.write {
+                self.vol.write_end(rx);
+            }
             r.cb.complete(rx, r.tag, res, r.buf);
         }
     }
 
     fn read_seg(&self, rx: &Reactor, slot: usize, seg: Seg) {
-        let Some(m) = self.map.get(seg.lc) else {
+        let Some(m) = self.vol.map.get(seg.lc) else {
             self.with_buf(slot, |b| b[seg.buf_off..seg.buf_off + seg.len].fill(0));
             return self.part_done(rx, slot, Ok(()));
         };
@@ -568,169 +1592,139 @@ impl VolumeChannel {
         }
     }
 
-    fn write_seg(&self, rx: &Reactor, slot: usize, seg: Seg, fua: bool) {
-        let key = (self.id, seg.lc);
+    fn write_seg(&self, rx: &Reactor, slot: usize, seg: Seg, op: SegOp) {
+        let key = (self.vol.id, seg.lc);
         if let Some(waiters) = self.rt.allocating.borrow_mut().get_mut(&key) {
             let me = self.rc();
             waiters.push(Box::new(move |rx: &Reactor| {
-                me.write_seg(rx, slot, seg, fua)
+                me.write_seg(rx, slot, seg, op)
             }));
             return;
         }
-        if let Some(m) = self.map.get(seg.lc) {
-            let me = self.rc();
-            self.rt.io_start(m.pc);
-            let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
-                me.rt.io_end(rx, m.pc);
-                me.seg_done(slot, seg, buf, false);
-                me.part_done(rx, slot, res.map(drop))
-            });
-            let io = Io::Write {
-                offset: self.rt.phys(m.pc, seg.in_cluster),
+        let whole = seg.len as u64 == self.rt.cluster_bytes();
+        let cur = self.vol.map.get(seg.lc);
+        match cur {
+            None if op == SegOp::Zeroes => self.part_done(rx, slot, Ok(())),
+            Some(m) if !self.rt.shared(&self.vol, seg.lc, m) => {
+                self.write_in_place(rx, slot, seg, op, m)
+            }
+            Some(_) if !whole || op == SegOp::Zeroes => {
+                // Part of a shared cluster: copy it up, then write in place.
+                let me = self.rc();
+                self.rt.copy_up(
+                    rx,
+                    &self.vol,
+                    seg.lc,
+                    Box::new(move |rx: &Reactor, r: Result<(), Errno>| match r {
+                        Ok(()) => me.write_seg(rx, slot, seg, op),
+                        Err(e) => me.part_done(rx, slot, Err(e)),
+                    }),
+                );
+            }
+            _ => self.write_new(rx, slot, seg, op, cur.is_some()),
+        }
+    }
+
+    fn write_in_place(&self, rx: &Reactor, slot: usize, seg: Seg, op: SegOp, m: Mapping) {
+        let me = self.rc();
+        self.rt.io_start(m.pc);
+        let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
+            me.rt.io_end(rx, m.pc);
+            me.seg_done(slot, seg, buf, false);
+            me.part_done(rx, slot, res.map(drop))
+        });
+        let offset = self.rt.phys(m.pc, seg.in_cluster);
+        let io = match op {
+            SegOp::Data { fua } => Io::Write {
+                offset,
                 buf: self.seg_buf(slot, seg, true),
                 fua,
-            };
-            return self.rt.data.submit(rx, io, cb, 0);
-        }
-        let Some(pc) = self.rt.alloc.borrow_mut().alloc() else {
-            let recycling = self.rt.alloc.borrow().counts().recycling > 0;
-            let mut waiters = self.rt.alloc_waiters.borrow_mut();
-            if recycling && waiters.len() < MAX_ALLOC_WAITERS {
-                let me = self.rc();
-                waiters.push(Box::new(move |rx: &Reactor| {
-                    me.write_seg(rx, slot, seg, fua)
-                }));
-                return;
-            }
-            drop(waiters);
-            return self.part_done(rx, slot, Err(Errno::ENOSPC));
-        };
-        self.rt.allocating.borrow_mut().insert(key, Vec::new());
-        let me = self.rc();
-        let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
-            me.seg_done(slot, seg, buf, false);
-            me.data_written(rx, slot, seg, pc, fua, res)
-        });
-        let io = Io::Write {
-            offset: self.rt.phys(pc, seg.in_cluster),
-            buf: self.seg_buf(slot, seg, true),
-            fua,
+            },
+            SegOp::Zeroes => Io::WriteZeroes {
+                offset,
+                len: seg.len as u64,
+            },
         };
         self.rt.data.submit(rx, io, cb, 0);
     }
 
-    /// The data of an allocating write is on the device: journal the mapping.
-    fn data_written(&self, rx: &Reactor, slot: usize, seg: Seg, pc: u32, fua: bool, res: IoResult) {
-        let key = (self.id, seg.lc);
-        if let Err(e) = res {
-            // The cluster was never mapped: it is still zero apart from what may have
-            // landed; give it back through the pipeline as dirty.
-            self.rt.alloc.borrow_mut().free(pc, 0);
-            self.rt.kick_recycle(rx);
-            self.end_allocation(rx, key);
-            return self.part_done(rx, slot, Err(e));
-        }
-        let mut records = vec![Record::Map {
-            vol: self.id,
-            lc: seg.lc,
-            pc,
-            epoch: 0,
-        }];
-        let first_write = self
-            .rt
-            .table
-            .borrow()
-            .volumes
-            .get(&self.id)
-            .is_some_and(|v| !v.written);
-        if first_write {
-            records.push(VolumeRecord::Written { id: self.id }.encode());
-        }
+    /// Writes `seg` (data) into a newly allocated cluster: a first write, or a whole-cluster
+    /// write over a shared one (`replacing`: then the data must be durable before its
+    /// record, as for a copy-up).
+    fn write_new(&self, rx: &Reactor, slot: usize, seg: Seg, op: SegOp, replacing: bool) {
+        let SegOp::Data { fua } = op else {
+            return self.part_done(rx, slot, Ok(()));
+        };
+        let pc = match self.rt.try_alloc() {
+            Ok(Some(pc)) => pc,
+            Ok(None) => {
+                let me = self.rc();
+                return self.rt.park_alloc(Box::new(move |rx: &Reactor| {
+                    me.write_seg(rx, slot, seg, op)
+                }));
+            }
+            Err(e) => return self.part_done(rx, slot, Err(e)),
+        };
+        let key = (self.vol.id, seg.lc);
+        self.rt.allocating.borrow_mut().insert(key, Vec::new());
+        self.rt.bump(|s| s.allocations += 1);
         let me = self.rc();
-        self.rt.journal.append(
-            rx,
-            records,
-            Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
-                match res {
-                    Ok(_) => {
-                        me.map.set(seg.lc, Mapping { pc, epoch: 0 });
-                        if first_write {
-                            let _ = me
-                                .rt
-                                .table
-                                .borrow_mut()
-                                .apply(&VolumeRecord::Written { id: me.id });
-                        }
-                        me.end_allocation(rx, key);
-                        if fua {
-                            // The record must survive power loss too: one (shared) flush.
-                            let me2 = Rc::clone(&me);
-                            me.rt.journal.flush(
-                                rx,
-                                Box::new(move |rx: &Reactor, r: Result<u64, Errno>| {
-                                    me2.part_done(rx, slot, r.map(drop))
-                                }),
-                            );
-                        } else {
-                            me.part_done(rx, slot, Ok(()));
-                        }
+        let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
+            me.seg_done(slot, seg, buf, false);
+            if let Err(e) = res {
+                me.rt.abandon(rx, pc, key);
+                return me.part_done(rx, slot, Err(e));
+            }
+            let me2 = Rc::clone(&me);
+            me.rt.journal_mapping(
+                rx,
+                &me.vol,
+                seg.lc,
+                pc,
+                true,
+                Box::new(move |rx: &Reactor, r: Result<(), Errno>| match r {
+                    Ok(()) if fua => {
+                        // The record must survive power loss too: one (shared) flush.
+                        let me3 = Rc::clone(&me2);
+                        me2.rt.journal.flush(
+                            rx,
+                            Box::new(move |rx: &Reactor, r: Result<u64, Errno>| {
+                                me3.part_done(rx, slot, r.map(drop))
+                            }),
+                        );
                     }
-                    Err(e) => {
-                        me.rt.alloc.borrow_mut().free(pc, 0);
-                        me.rt.kick_recycle(rx);
-                        me.end_allocation(rx, key);
-                        me.part_done(rx, slot, Err(e));
-                    }
-                }
-            }),
-        );
-    }
-
-    fn end_allocation(&self, rx: &Reactor, key: (u32, u64)) {
-        let waiters = self
-            .rt
-            .allocating
-            .borrow_mut()
-            .remove(&key)
-            .unwrap_or_default();
-        for w in waiters {
-            w(rx);
-        }
+                    r => me2.part_done(rx, slot, r),
+                }),
+            );
+        });
+        let io = Io::Write {
+            offset: self.rt.phys(pc, seg.in_cluster),
+            buf: self.seg_buf(slot, seg, true),
+            fua: fua || replacing,
+        };
+        self.rt.data.submit(rx, io, cb, 0);
     }
 
     /// Unmaps whole clusters of `[offset, offset+len)`; `zero_partials` writes zeroes into
-    /// the mapped parts of partial clusters (write-zeroes), else leaves them (discard).
+    /// the mapped parts of partial clusters (write-zeroes, copying shared ones up first),
+    /// else leaves them (discard).
     fn unmap_range(&self, rx: &Reactor, slot: usize, offset: u64, len: u64, zero_partials: bool) {
         let cluster = self.rt.cluster_bytes();
         let mut records = Vec::new();
-        let mut pcs = Vec::new();
+        let mut lcs = Vec::new();
         for seg in segments(offset, len, cluster) {
-            let Some(m) = self.map.get(seg.lc) else {
+            if self.vol.map.get(seg.lc).is_none() {
                 continue;
-            };
+            }
             if seg.len as u64 == cluster {
                 records.push(Record::Unmap {
-                    vol: self.id,
+                    vol: self.vol.id,
                     lc: seg.lc,
                 });
-                pcs.push((seg.lc, m.pc));
+                lcs.push(seg.lc);
             } else if zero_partials {
                 self.add_parts(slot, 1);
-                let me = self.rc();
-                self.rt.io_start(m.pc);
-                let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| {
-                    me.rt.io_end(rx, m.pc);
-                    me.part_done(rx, slot, res.map(drop))
-                });
-                self.rt.data.submit(
-                    rx,
-                    Io::WriteZeroes {
-                        offset: self.rt.phys(m.pc, seg.in_cluster),
-                        len: seg.len as u64,
-                    },
-                    cb,
-                    0,
-                );
+                self.write_seg(rx, slot, seg, SegOp::Zeroes);
             }
         }
         if records.is_empty() {
@@ -742,9 +1736,8 @@ impl VolumeChannel {
             records,
             Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
                 if let Ok(seq) = res {
-                    for (lc, pc) in pcs {
-                        me.map.clear(lc);
-                        me.rt.free_cluster(pc, seq);
+                    for lc in lcs {
+                        me.rt.clear_mapping(&me.vol, lc, seq);
                     }
                     me.rt.kick_recycle(rx);
                 }
@@ -758,6 +1751,29 @@ impl VolumeChannel {
             r.parts += n;
         }
     }
+
+    fn new_req(
+        &self,
+        cb: Rc<dyn Completion>,
+        tag: u64,
+        buf: Option<IoBuf>,
+        parts: usize,
+        bytes: u32,
+        write: bool,
+    ) -> usize {
+        if write {
+            self.vol.writes.set(self.vol.writes.get() + 1);
+        }
+        self.reqs.borrow_mut().insert(Req {
+            cb,
+            tag,
+            buf,
+            parts: u32::try_from(parts).expect("segments of one IO fit u32"),
+            err: None,
+            bytes,
+            write,
+        })
+    }
 }
 
 impl Channel for VolumeChannel {
@@ -766,18 +1782,45 @@ impl Channel for VolumeChannel {
     }
 
     fn submit(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
-        if let Err(e) = io.validate(&self.geo) {
+        let size = self.vol.size.get();
+        let valid = if size == self.geo.size_bytes {
+            io.validate(&self.geo)
+        } else {
+            // Grown online since the channel was opened.
+            let mut g = self.geo.clone();
+            g.size_bytes = size;
+            io.validate(&g)
+        };
+        if let Err(e) = valid {
             return crate::bdev::fail_request(rx, cb, tag, e, io.into_buf());
         }
         if rx.id() != self.rt.owner {
             return crate::bdev::fail_request(rx, cb, tag, Errno(libc::EXDEV), io.into_buf());
+        }
+        if self.vol.deleted.get() {
+            return crate::bdev::fail_request(rx, cb, tag, Errno(libc::ENODEV), io.into_buf());
+        }
+        let write = matches!(
+            io,
+            Io::Write { .. } | Io::Discard { .. } | Io::WriteZeroes { .. }
+        );
+        if write && self.vol.snapshot {
+            return crate::bdev::fail_request(rx, cb, tag, Errno(libc::EROFS), io.into_buf());
+        }
+        if write && self.vol.frozen.get() > 0 {
+            let me = self.rc();
+            self.vol
+                .parked
+                .borrow_mut()
+                .push(Box::new(move |rx: &Reactor| me.submit(rx, io, cb, tag)));
+            return;
         }
         let cluster = self.rt.cluster_bytes();
         match io {
             Io::Read { offset, buf } => {
                 let segs = segments(offset, buf.len() as u64, cluster);
                 let bytes = u32::try_from(buf.len()).expect("validated length");
-                let slot = self.new_req(cb, tag, Some(buf), segs.len(), bytes);
+                let slot = self.new_req(cb, tag, Some(buf), segs.len(), bytes, false);
                 for s in segs {
                     self.read_seg(rx, slot, s);
                 }
@@ -785,13 +1828,13 @@ impl Channel for VolumeChannel {
             Io::Write { offset, buf, fua } => {
                 let segs = segments(offset, buf.len() as u64, cluster);
                 let bytes = u32::try_from(buf.len()).expect("validated length");
-                let slot = self.new_req(cb, tag, Some(buf), segs.len(), bytes);
+                let slot = self.new_req(cb, tag, Some(buf), segs.len(), bytes, true);
                 for s in segs {
-                    self.write_seg(rx, slot, s, fua);
+                    self.write_seg(rx, slot, s, SegOp::Data { fua });
                 }
             }
             Io::Flush => {
-                let slot = self.new_req(cb, tag, None, 1, 0);
+                let slot = self.new_req(cb, tag, None, 1, 0, false);
                 let me = self.rc();
                 self.rt.journal.flush(
                     rx,
@@ -802,30 +1845,10 @@ impl Channel for VolumeChannel {
             }
             Io::Discard { offset, len } | Io::WriteZeroes { offset, len } => {
                 let zero = matches!(io, Io::WriteZeroes { .. });
-                let slot = self.new_req(cb, tag, None, 1, 0);
+                let slot = self.new_req(cb, tag, None, 1, 0, true);
                 self.unmap_range(rx, slot, offset, len, zero);
             }
         }
-    }
-}
-
-impl VolumeChannel {
-    fn new_req(
-        &self,
-        cb: Rc<dyn Completion>,
-        tag: u64,
-        buf: Option<IoBuf>,
-        parts: usize,
-        bytes: u32,
-    ) -> usize {
-        self.reqs.borrow_mut().insert(Req {
-            cb,
-            tag,
-            buf,
-            parts: u32::try_from(parts).expect("segments of one IO fit u32"),
-            err: None,
-            bytes,
-        })
     }
 }
 
