@@ -36,11 +36,12 @@ pub struct RunArgs {
     /// Cores to run reactors on, e.g. "0", "0-3", "0,2" [default: 0].
     #[arg(long)]
     pub cores: Option<String>,
-    /// Device or file to serve [default: a sparse file under --var-dir].
+    /// Device or file of the default pool, claimed at start (the pool `default` is created
+    /// on it the first time) [default: a sparse file under --var-dir].
     #[arg(long)]
     pub device: Option<PathBuf>,
-    /// State directory: the default device file and the record of claimed devices
-    /// [default: ./var].
+    /// State directory: the default device file and the records of claimed devices and
+    /// pools [default: ./var].
     #[arg(long)]
     pub var_dir: Option<PathBuf>,
     /// Size of the default sparse device file, e.g. 4G, 512M [default: 4G].

@@ -5,11 +5,13 @@
 //!
 //! Start-up order: configuration (and a check that the API socket's directory is
 //! usable), device, reactors, then the API socket (so bad input fails before anything is
-//! bound), the metrics listener, the claimed devices, the control
-//! plane. Stop order: the control plane (no new calls, in-flight calls finish, socket
-//! removed), then the reactors, then the claims are let go.
+//! bound), the metrics listener, the claimed devices (the default device among them,
+//! claimed on the first start), the control plane, which then imports the pools (creating
+//! the default pool on the default device the first time) while it already answers.
+//! Stop order: the control plane (no new calls, in-flight calls finish, pools flushed,
+//! socket removed), then the reactors, then the claims are let go.
 //!
-//! Later issues add the pool and the exports on top of what starts here.
+//! The ublk exports (issue 12) come on top of what starts here.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use coreblk_daemon::control::claims::Claims;
 use coreblk_daemon::control::node::{self, NodeFacts};
 use coreblk_daemon::control::server::{ControlPlane, ControlPlaneConfig, ReactorHandle, Shared};
 use coreblk_daemon::control::socket::ApiSocket;
+use coreblk_daemon::control::store::Store;
 use coreblk_daemon::reactor::{Reactor, ReactorSet};
 
 #[derive(Debug, Parser)]
@@ -207,6 +210,26 @@ fn serve(args: coreblk_daemon::config::RunArgs) -> anyhow::Result<()> {
     let claims = Arc::new(
         Claims::open(&cfg.var_dir, SysRoot::host()).context("taking back the claimed devices")?,
     );
+    // The default pool's device is claimed like any other (its label finds it again after
+    // a restart); claiming it again while held is a no-op.
+    let default_path = std::path::absolute(cfg.device.path())
+        .with_context(|| format!("resolving {}", cfg.device.path().display()))?;
+    let default_claim = claims.claim(&default_path, false).with_context(|| {
+        format!(
+            "cannot claim {} for the default pool (`coreblkd devices list {}` says why;              claim it with `coreblkd devices claim --force`, or configure another --device)",
+            default_path.display(),
+            default_path.display()
+        )
+    })?;
+    let store = Arc::new(
+        Store::open(
+            &cfg.var_dir,
+            Arc::clone(&claims),
+            reactors.remotes().to_vec(),
+            Some(default_claim.device_uuid),
+        )
+        .context("reading the record of pools")?,
+    );
     let handles: Vec<ReactorHandle> = cfg
         .cores
         .iter()
@@ -231,7 +254,7 @@ fn serve(args: coreblk_daemon::config::RunArgs) -> anyhow::Result<()> {
         start_time,
     };
     tracing::info!(node_id = %facts.node_id, "node identity");
-    let shared = Arc::new(Shared::new(Arc::clone(&claims), facts, handles));
+    let shared = Arc::new(Shared::new(Arc::clone(&claims), store, facts, handles));
     let control = ControlPlane::start(ControlPlaneConfig {
         socket,
         metrics,

@@ -1,4 +1,5 @@
-//! `coreblkd` as a user runs it: the default device, idle cost, SIGTERM, and bad input.
+//! `coreblkd` as a user runs it: the default device and its pool, idle cost, SIGTERM, an
+//! image piped through `coreblk image import -` and back, and bad input.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -50,7 +51,9 @@ fn default_device_idles_near_zero_cpu_and_stops_on_sigterm() {
         .spawn()
         .expect("spawn");
     let serving = wait_for(Duration::from_secs(20), || {
-        std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("serving; stop with SIGTERM"))
+        std::fs::read_to_string(&log_path).is_ok_and(|l| {
+            l.contains("serving; stop with SIGTERM") && l.contains("pool import finished")
+        })
     });
     let text = std::fs::read_to_string(&log_path).expect("log");
     assert!(serving, "daemon did not start:\n{text}");
@@ -58,6 +61,7 @@ fn default_device_idles_near_zero_cpu_and_stops_on_sigterm() {
         text.contains("no device configured: using a sparse file"),
         "{text}"
     );
+    assert!(text.contains("created the default pool"), "{text}");
     assert!(dir.path().join("var/default-pool.img").exists());
     // Idle: two reactors together under 1% of one core over 3 s (at 100 ticks/s: < 3 ticks).
     let t0 = cpu_ticks(child.id());
@@ -73,6 +77,106 @@ fn default_device_idles_near_zero_cpu_and_stops_on_sigterm() {
     let mut exited = None;
     assert!(wait_for(Duration::from_secs(10), || {
         exited = child.try_wait().expect("wait");
+        exited.is_some()
+    }));
+    assert!(exited.expect("exited").success(), "SIGTERM is a clean stop");
+}
+
+/// Kills the daemon if a test fails before stopping it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn an_image_piped_in_comes_back_out_through_the_cli() {
+    use std::io::Write;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let socket = dir.path().join("coreblkd.sock");
+    let log_path = dir.path().join("log");
+    let mut child = KillOnDrop(
+        coreblkd()
+            .args(["--cores", "0", "--no-pin", "--default-size", "128M"])
+            .args(["--metrics-address", "127.0.0.1:0", "--var-dir"])
+            .arg(dir.path().join("var"))
+            .arg("--socket")
+            .arg(&socket)
+            .stderr(std::fs::File::create(&log_path).expect("log"))
+            .spawn()
+            .expect("spawn"),
+    );
+    let ready = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("pool import finished"))
+    });
+    assert!(
+        ready,
+        "{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
+    let coreblk = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_coreblk"));
+        c.arg("--socket").arg(&socket);
+        c
+    };
+    // 1 MiB: a pattern, a hole, a pattern.
+    let mut data = vec![0u8; 1 << 20];
+    for (i, b) in data.iter_mut().enumerate().take(200_000) {
+        *b = u8::try_from(i % 251).expect("small") + 1;
+    }
+    data[900_000..1 << 20].fill(0xa5);
+    let mut import = coreblk()
+        .args(["image", "import", "-", "--volume", "piped", "--size", "1M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("import");
+    import
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&data)
+        .expect("pipe");
+    let out = import.wait_with_output().expect("import ran");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("piped") && table.contains("ready"),
+        "{table}"
+    );
+    let back = dir.path().join("back.raw");
+    let out = coreblk()
+        .args(["image", "export", "--volume", "piped"])
+        .arg(&back)
+        .output()
+        .expect("export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&back).expect("read") == data,
+        "round trip differs"
+    );
+    let st = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let mut exited = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        exited = child.0.try_wait().expect("wait");
         exited.is_some()
     }));
     assert!(exited.expect("exited").success(), "SIGTERM is a clean stop");

@@ -166,7 +166,7 @@ enum PoolCmd {
         /// A claimed device (path or device UUID); repeatable.
         #[arg(long = "device", required = true)]
         devices: Vec<String>,
-        /// Cluster size (default 1M).
+        /// Cluster size, a power of two from 64K to 4M (default 64K).
         #[arg(long, value_parser = size_arg)]
         cluster_size: Option<u64>,
         /// Overcommit limit: provisioned <= LIMIT x capacity (default 1.0).
@@ -224,7 +224,7 @@ enum VolumeCmd {
         /// The volume's name.
         name: String,
         /// The pool (name or UUID).
-        #[arg(long)]
+        #[arg(long, default_value = "default")]
         pool: String,
         /// Size, e.g. 10GiB.
         #[arg(long, value_parser = size_arg)]
@@ -342,10 +342,10 @@ enum ImageCmd {
         /// The image file.
         file: PathBuf,
         /// The pool.
-        #[arg(long)]
+        #[arg(long, default_value = "default")]
         pool: String,
         /// The new volume's name.
-        #[arg(long)]
+        #[arg(long, visible_alias = "volume")]
         name: String,
         /// The volume's size (default: the file's size, rounded up to 4 KiB).
         #[arg(long, value_parser = size_arg)]

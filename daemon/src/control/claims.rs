@@ -285,6 +285,23 @@ impl Claims {
             .collect()
     }
 
+    /// A second descriptor of the held device `device_uuid` (for its IO path), with its
+    /// path; `None` when it is not held now. The claim stays with the registry.
+    ///
+    /// # Errors
+    /// Duplicating the descriptor fails.
+    pub fn device_file(&self, device_uuid: Uuid) -> io::Result<Option<(PathBuf, File)>> {
+        let entries = lock(&self.entries);
+        let Some(d) = entries
+            .iter()
+            .find(|e| e.device_uuid == device_uuid)
+            .and_then(|e| e.device.as_ref())
+        else {
+            return Ok(None);
+        };
+        Ok(Some((d.path().to_path_buf(), d.file().try_clone()?)))
+    }
+
     /// Claims `path` (absolute) and keeps it held. A device this daemon already holds is
     /// returned as it is; a recorded but absent device is taken back with its own pool.
     /// Blocking.

@@ -142,6 +142,28 @@ impl pb::devices_server::Devices for DevicesService {
             }
             .into());
         }
+        // A device under a pool stays: releasing it would pull the pool from under its
+        // volumes.
+        let by_uuid: Option<crate::bdev::label::Uuid> = req.device.parse().ok();
+        let canonical = std::fs::canonicalize(&req.device).ok();
+        if let Some(c) = self.shared.claims.snapshot().into_iter().find(|c| {
+            Some(c.device_uuid) == by_uuid
+                || c.path == Path::new(&req.device)
+                || canonical.as_deref() == Some(c.path.as_path())
+        }) {
+            self.shared.store.check_ready()?;
+            if let Some(p) = self.shared.store.pool_on_device(c.device_uuid) {
+                return Err(Error::InUse {
+                    what: "device",
+                    name: c.path.display().to_string(),
+                    reason: format!(
+                        "holds pool {}; destroy the pool first (`coreblk pool destroy {}`)",
+                        p.name, p.name
+                    ),
+                }
+                .into());
+            }
+        }
         let claims = Arc::clone(&self.shared.claims);
         let info = blocking(move || claims.release(&req.device, req.wipe_label)).await?;
         Ok(Response::new(pb::ReleaseDeviceResponse {

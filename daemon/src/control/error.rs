@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use crate::bdev::claim::ClaimError;
 use crate::bdev::discover::RefuseReason;
+use crate::reactor::Errno;
 
 /// Every way a control-plane call fails.
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +44,97 @@ pub enum Error {
         /// The path or device UUID as given.
         device: String,
     },
-    /// The call needs the thin volume store, which this daemon does not have yet.
+    /// The call needs a volume-store feature that is not built yet.
     #[error(
-        "{rpc}: the volume store is not built yet, so this coreblkd has no pools, volumes, \
-         snapshots or images; only device and node calls work"
+        "{rpc}: {feature} (the volume store does not have it yet); pools, volumes and images work"
     )]
-    StoreNotBuilt {
+    StoreLacks {
         /// The RPC that was called.
         rpc: &'static str,
+        /// What is missing, in words.
+        feature: &'static str,
+    },
+    /// The daemon is still importing its pools.
+    #[error("coreblkd is importing its pools ({detail}); retry in a moment")]
+    Importing {
+        /// Progress, in words.
+        detail: String,
+    },
+    /// One pool is still being imported.
+    #[error("pool {pool} is being imported (recovery running); retry in a moment")]
+    PoolImporting {
+        /// The pool's name.
+        pool: String,
+    },
+    /// A pool could not be imported and is not served.
+    #[error("pool {pool} is not served: its import failed: {reason} (fix the device, then restart coreblkd, or destroy the pool)")]
+    PoolFailed {
+        /// The pool's name.
+        pool: String,
+        /// Why the import failed.
+        reason: String,
+    },
+    /// No object of that name or UUID.
+    #[error("{what} {name:?} not found ({hint})")]
+    NotFound {
+        /// `pool`, `volume`.
+        what: &'static str,
+        /// The name or UUID as given.
+        name: String,
+        /// Where to look.
+        hint: &'static str,
+    },
+    /// A create names an existing object with other parameters.
+    #[error(
+        "{what} {name:?} already exists with {difference}; choose another name or delete it first"
+    )]
+    AlreadyExists {
+        /// `pool`, `volume`.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// How the existing object differs from the request.
+        difference: String,
+    },
+    /// The object is in a state that refuses the call.
+    #[error("{what} {name:?} {reason}")]
+    InUse {
+        /// `pool`, `volume`, `device`.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// No space: the pool is full or the overcommit limit forbids it.
+    #[error("pool {pool}: {reason}")]
+    NoSpace {
+        /// The pool's name.
+        pool: String,
+        /// The figures, and what to do.
+        reason: String,
+    },
+    /// A volume IO failed.
+    #[error("{op} of volume {volume} at byte {offset_bytes} failed: {errno}")]
+    VolumeIo {
+        /// `read`, `write`, `flush`.
+        op: &'static str,
+        /// The volume's name.
+        volume: String,
+        /// Where.
+        offset_bytes: u64,
+        /// The error.
+        errno: Errno,
+    },
+    /// A volume-store operation failed.
+    #[error("{op} {object}: {reason}")]
+    Store {
+        /// `create pool`, `import pool`, `create volume`.
+        op: &'static str,
+        /// The object's name.
+        object: String,
+        /// Why.
+        reason: String,
     },
     /// The call needs ublk exports, which this daemon cannot make yet.
     #[error(
@@ -102,7 +186,16 @@ impl Error {
                 tonic::Code::Internal
             }
             Self::DeviceNotClaimed { .. } => tonic::Code::NotFound,
-            Self::StoreNotBuilt { .. } => tonic::Code::Unimplemented,
+            Self::StoreLacks { .. } => tonic::Code::Unimplemented,
+            Self::Importing { .. } | Self::PoolImporting { .. } => tonic::Code::Unavailable,
+            Self::PoolFailed { .. } | Self::InUse { .. } => tonic::Code::FailedPrecondition,
+            Self::NotFound { .. } => tonic::Code::NotFound,
+            Self::AlreadyExists { .. } => tonic::Code::AlreadyExists,
+            Self::NoSpace { .. } => tonic::Code::ResourceExhausted,
+            Self::VolumeIo { errno, .. } if errno.0 == libc::ENOSPC => {
+                tonic::Code::ResourceExhausted
+            }
+            Self::VolumeIo { .. } | Self::Store { .. } => tonic::Code::Internal,
             Self::ExportsNotBuilt { .. } => tonic::Code::FailedPrecondition,
             Self::ShuttingDown => tonic::Code::Unavailable,
         }
@@ -148,11 +241,23 @@ mod tests {
             refused(vec![RefuseReason::DamagedLabel]).code(),
             tonic::Code::FailedPrecondition
         );
-        let status = tonic::Status::from(Error::StoreNotBuilt { rpc: "ListPools" });
+        let status = tonic::Status::from(Error::StoreLacks {
+            rpc: "CreateSnapshot",
+            feature: "snapshots",
+        });
         assert_eq!(status.code(), tonic::Code::Unimplemented);
-        assert!(status
-            .message()
-            .starts_with("ListPools: the volume store is not built yet"));
+        assert!(status.message().starts_with("CreateSnapshot: snapshots"));
+        let status = tonic::Status::from(Error::VolumeIo {
+            op: "write",
+            volume: "v".into(),
+            offset_bytes: 0,
+            errno: Errno(libc::ENOSPC),
+        });
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            tonic::Status::from(Error::Importing { detail: "x".into() }).code(),
+            tonic::Code::Unavailable
+        );
         let status = tonic::Status::from(Error::ExportsNotBuilt {
             rpc: "ExportVolume",
         });

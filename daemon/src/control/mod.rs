@@ -2,27 +2,34 @@
 //! served by a small tokio runtime on its own thread, plus the registry of claimed devices.
 //!
 //! Owns: the server thread and its runtime ([`server::ControlPlane`]), the API socket
-//! ([`socket`]), the services ([`devices`], [`node`], and [`unbuilt`] for what needs the
-//! volume store or exports, which answer UNIMPLEMENTED / FAILED_PRECONDITION until those
-//! layers exist), the claimed-device registry ([`claims`]), name and label rules
-//! ([`names`]), the one error → gRPC code mapping ([`error`]) and the client side used by
+//! ([`socket`]), the services ([`devices`], [`node`], [`pools`], [`volumes`], [`images`],
+//! and [`unbuilt`] for snapshots and exports, which answer UNIMPLEMENTED /
+//! FAILED_PRECONDITION until those layers exist), the pools as the control plane sees them
+//! ([`store`]: registry, start-up import, sessions on the owner reactors), the
+//! claimed-device registry ([`claims`]), name and label rules ([`names`]), pagination
+//! ([`page`]), the one error → gRPC code mapping ([`error`]) and the client side used by
 //! the `coreblk` CLI and the tests ([`client`]).
 //!
 //! Must never: run tokio on a reactor thread or block a reactor; call a reactor except by
 //! message; block the runtime (discovery and claims run `blkid` and touch disks: they go
 //! to `spawn_blocking`); build a `tonic::Status` outside [`error`].
 //!
-//! Start reading at [`server::ControlPlane::start`], then [`devices`].
+//! Start reading at [`server::ControlPlane::start`], then [`store`].
 
 pub mod claims;
 pub mod client;
 pub mod devices;
 pub mod error;
+pub mod images;
 pub mod names;
 pub mod node;
+pub mod page;
+pub mod pools;
 pub mod server;
 pub mod socket;
+pub mod store;
 pub mod unbuilt;
+pub mod volumes;
 
 pub use error::{Error, Result};
 

@@ -1,5 +1,5 @@
 //! The `Node` service: what this daemon is (node id, version, kernel, reactors, devices)
-//! and its counters; capacity waits for the volume store.
+//! and its counters, and each pool's capacity (what CSI GetCapacity reports).
 //!
 //! Owns: [`NodeFacts`] (gathered once at start-up) and [`resolve_node_id`]. Must never:
 //! read reactor state except through the reactors' atomic counters.
@@ -14,7 +14,6 @@ use coreblk_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::devices::claimed_message;
-use super::error::Error;
 use super::server::Shared;
 
 /// What the daemon knows about itself from start-up on.
@@ -108,6 +107,8 @@ impl pb::node_server::Node for NodeService {
         let f = &self.shared.facts;
         let state = if self.shared.is_stopping() {
             pb::DaemonState::Stopping
+        } else if !self.shared.store.is_ready() {
+            pb::DaemonState::Starting
         } else {
             pb::DaemonState::Serving
         };
@@ -142,10 +143,21 @@ impl pb::node_server::Node for NodeService {
 
     async fn get_capacity(
         &self,
-        _request: Request<pb::GetCapacityRequest>,
+        request: Request<pb::GetCapacityRequest>,
     ) -> Result<Response<pb::GetCapacityResponse>, Status> {
         self.shared.check_serving()?;
-        Err(Error::StoreNotBuilt { rpc: "GetCapacity" }.into())
+        self.shared.store.check_ready()?;
+        let pool = request.into_inner().pool;
+        let pools = if pool.is_empty() {
+            self.shared.store.pools()
+        } else {
+            vec![self.shared.store.pool(&pool)?]
+        };
+        let mut out = Vec::with_capacity(pools.len());
+        for p in &pools {
+            out.push(super::pools::capacity(&self.shared, p).await?);
+        }
+        Ok(Response::new(pb::GetCapacityResponse { pools: out }))
     }
 
     async fn get_stats(

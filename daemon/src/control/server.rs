@@ -23,9 +23,13 @@ use tokio_stream::wrappers::UnixListenerStream;
 use super::claims::Claims;
 use super::devices::DevicesService;
 use super::error::Error;
+use super::images::ImagesService;
 use super::node::{NodeFacts, NodeService};
+use super::pools::PoolsService;
 use super::socket::ApiSocket;
+use super::store::Store;
 use super::unbuilt::Unbuilt;
+use super::volumes::VolumesService;
 use crate::metrics::{self, http, DeviceSample, ReactorSample};
 use crate::reactor::ReactorStats;
 
@@ -51,6 +55,8 @@ pub struct ReactorHandle {
 pub struct Shared {
     /// The claimed devices.
     pub claims: Arc<Claims>,
+    /// The pools.
+    pub store: Arc<Store>,
     /// Facts gathered at start-up.
     pub facts: NodeFacts,
     /// The reactors.
@@ -61,9 +67,15 @@ pub struct Shared {
 impl Shared {
     /// Shared state for the services.
     #[must_use]
-    pub fn new(claims: Arc<Claims>, facts: NodeFacts, reactors: Vec<ReactorHandle>) -> Self {
+    pub fn new(
+        claims: Arc<Claims>,
+        store: Arc<Store>,
+        facts: NodeFacts,
+        reactors: Vec<ReactorHandle>,
+    ) -> Self {
         Self {
             claims,
+            store,
             facts,
             reactors,
             stopping: AtomicBool::new(false),
@@ -255,17 +267,17 @@ async fn run(
         .add_service(pb::node_server::NodeServer::new(NodeService::new(
             Arc::clone(&shared),
         )))
-        .add_service(pb::pools_server::PoolsServer::new(Unbuilt::new(
+        .add_service(pb::pools_server::PoolsServer::new(PoolsService::new(
             Arc::clone(&shared),
         )))
-        .add_service(pb::volumes_server::VolumesServer::new(Unbuilt::new(
+        .add_service(pb::volumes_server::VolumesServer::new(VolumesService::new(
             Arc::clone(&shared),
         )))
         .add_service(pb::snapshots_server::SnapshotsServer::new(Unbuilt::new(
             Arc::clone(&shared),
         )))
         .add_service(
-            pb::images_server::ImagesServer::new(Unbuilt::new(Arc::clone(&shared)))
+            pb::images_server::ImagesServer::new(ImagesService::new(Arc::clone(&shared)))
                 .max_decoding_message_size(super::MAX_IMAGE_MESSAGE_BYTES)
                 .max_encoding_message_size(super::MAX_IMAGE_MESSAGE_BYTES),
         )
@@ -275,6 +287,9 @@ async fn run(
         .serve_with_incoming_shutdown(UnixListenerStream::new(uds), shutdown);
     tracing::info!(socket = %socket.path().display(), "API serving");
     let _ = ready.send(Ok(()));
+    // Pools are imported while the API serves: until then pool, volume and image calls
+    // answer UNAVAILABLE.
+    let import = tokio::spawn(Arc::clone(&shared.store).import_all());
 
     let grace = {
         let mut rx = stop_rx.clone();
@@ -296,6 +311,8 @@ async fn run(
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
+    import.abort();
+    shared.store.stop().await;
     socket.remove();
     tracing::info!("control plane stopped");
 }

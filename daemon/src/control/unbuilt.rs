@@ -1,7 +1,7 @@
-//! The services that need layers this daemon does not have yet: pools, volumes,
-//! snapshots and images need the thin volume store (issue 10) and answer UNIMPLEMENTED;
-//! exports need ublk (issue 12) and answer FAILED_PRECONDITION. Each says so by name, so
-//! a client learns what is missing instead of getting a fake answer.
+//! The services that need layers this daemon does not have yet: snapshots need the volume
+//! store's snapshots (issue 10) and answer UNIMPLEMENTED; exports need ublk (issue 12) and
+//! answer FAILED_PRECONDITION. Each says so by name, so a client learns what is missing
+//! instead of getting a fake answer.
 //!
 //! Replace a service here with a real one as its layer lands; the API (and the CLI wired
 //! to it) does not change.
@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use coreblk_proto::v1 as pb;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use super::error::Error;
 use super::server::Shared;
@@ -37,7 +37,7 @@ impl Unbuilt {
 }
 
 macro_rules! unbuilt_service {
-    ($service:path, $refusal:ident; $($method:ident($req:ty) -> $resp:ty = $rpc:literal;)*) => {
+    ($service:path; $($method:ident($req:ty) -> $resp:ty = $refusal:expr;)*) => {
         #[tonic::async_trait]
         impl $service for Unbuilt {
             $(
@@ -45,36 +45,30 @@ macro_rules! unbuilt_service {
                     &self,
                     _request: Request<$req>,
                 ) -> Result<Response<$resp>, Status> {
-                    Err(self.refuse(Error::$refusal { rpc: $rpc }))
+                    Err(self.refuse($refusal))
                 }
             )*
         }
     };
 }
 
-unbuilt_service! { pb::pools_server::Pools, StoreNotBuilt;
-    create_pool(pb::CreatePoolRequest) -> pb::Pool = "CreatePool";
-    get_pool(pb::GetPoolRequest) -> pb::Pool = "GetPool";
-    list_pools(pb::ListPoolsRequest) -> pb::ListPoolsResponse = "ListPools";
-    destroy_pool(pb::DestroyPoolRequest) -> pb::DestroyPoolResponse = "DestroyPool";
-    verify_pool(pb::VerifyPoolRequest) -> pb::VerifyPoolResponse = "VerifyPool";
+const SNAPSHOTS: &str = "snapshots are not built in the volume store yet";
+
+fn no_snapshots(rpc: &'static str) -> Error {
+    Error::StoreLacks {
+        rpc,
+        feature: SNAPSHOTS,
+    }
 }
 
-unbuilt_service! { pb::volumes_server::Volumes, StoreNotBuilt;
-    create_volume(pb::CreateVolumeRequest) -> pb::Volume = "CreateVolume";
-    get_volume(pb::GetVolumeRequest) -> pb::Volume = "GetVolume";
-    list_volumes(pb::ListVolumesRequest) -> pb::ListVolumesResponse = "ListVolumes";
-    delete_volume(pb::DeleteVolumeRequest) -> pb::DeleteVolumeResponse = "DeleteVolume";
-    resize_volume(pb::ResizeVolumeRequest) -> pb::Volume = "ResizeVolume";
-    set_volume_labels(pb::SetVolumeLabelsRequest) -> pb::Volume = "SetVolumeLabels";
-    rollback_volume(pb::RollbackVolumeRequest) -> pb::Volume = "RollbackVolume";
-    inflate_volume(pb::InflateVolumeRequest) -> pb::Volume = "InflateVolume";
+fn no_exports(rpc: &'static str) -> Error {
+    Error::ExportsNotBuilt { rpc }
 }
 
-unbuilt_service! { pb::exports_server::Exports, ExportsNotBuilt;
-    export_volume(pb::ExportVolumeRequest) -> pb::Export = "ExportVolume";
-    unexport_volume(pb::UnexportVolumeRequest) -> pb::UnexportVolumeResponse = "UnexportVolume";
-    list_exports(pb::ListExportsRequest) -> pb::ListExportsResponse = "ListExports";
+unbuilt_service! { pb::exports_server::Exports;
+    export_volume(pb::ExportVolumeRequest) -> pb::Export = no_exports("ExportVolume");
+    unexport_volume(pb::UnexportVolumeRequest) -> pb::UnexportVolumeResponse = no_exports("UnexportVolume");
+    list_exports(pb::ListExportsRequest) -> pb::ListExportsResponse = no_exports("ListExports");
 }
 
 /// The stream type of an unbuilt streaming RPC (never produced).
@@ -88,71 +82,41 @@ impl pb::snapshots_server::Snapshots for Unbuilt {
         &self,
         _request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
-        Err(self.refuse(Error::StoreNotBuilt {
-            rpc: "CreateSnapshot",
-        }))
+        Err(self.refuse(no_snapshots("CreateSnapshot")))
     }
 
     async fn create_snapshot_group(
         &self,
         _request: Request<pb::CreateSnapshotGroupRequest>,
     ) -> Result<Response<pb::CreateSnapshotGroupResponse>, Status> {
-        Err(self.refuse(Error::StoreNotBuilt {
-            rpc: "CreateSnapshotGroup",
-        }))
+        Err(self.refuse(no_snapshots("CreateSnapshotGroup")))
     }
 
     async fn get_snapshot(
         &self,
         _request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
-        Err(self.refuse(Error::StoreNotBuilt { rpc: "GetSnapshot" }))
+        Err(self.refuse(no_snapshots("GetSnapshot")))
     }
 
     async fn list_snapshots(
         &self,
         _request: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        Err(self.refuse(Error::StoreNotBuilt {
-            rpc: "ListSnapshots",
-        }))
+        Err(self.refuse(no_snapshots("ListSnapshots")))
     }
 
     async fn delete_snapshot(
         &self,
         _request: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        Err(self.refuse(Error::StoreNotBuilt {
-            rpc: "DeleteSnapshot",
-        }))
+        Err(self.refuse(no_snapshots("DeleteSnapshot")))
     }
 
     async fn diff_snapshots(
         &self,
         _request: Request<pb::DiffSnapshotsRequest>,
     ) -> Result<Response<Self::DiffSnapshotsStream>, Status> {
-        Err(self.refuse(Error::StoreNotBuilt {
-            rpc: "DiffSnapshots",
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl pb::images_server::Images for Unbuilt {
-    type ImportImageStream = NoStream<pb::ImportImageResponse>;
-    type ExportImageStream = NoStream<pb::ExportImageResponse>;
-
-    async fn import_image(
-        &self,
-        _request: Request<Streaming<pb::ImportImageRequest>>,
-    ) -> Result<Response<Self::ImportImageStream>, Status> {
-        Err(self.refuse(Error::StoreNotBuilt { rpc: "ImportImage" }))
-    }
-
-    async fn export_image(
-        &self,
-        _request: Request<pb::ExportImageRequest>,
-    ) -> Result<Response<Self::ExportImageStream>, Status> {
-        Err(self.refuse(Error::StoreNotBuilt { rpc: "ExportImage" }))
+        Err(self.refuse(no_snapshots("DiffSnapshots")))
     }
 }

@@ -1,0 +1,425 @@
+//! The `Images` service: a volume's content in (import, from a client stream of chunks)
+//! and out (export, a server stream that skips holes).
+//!
+//! Import: the first message names the new volume; each chunk is written through a
+//! session on the pool's owner reactor and acknowledged once the write completed (written,
+//! not flushed: a completed write survives a daemon crash, DESIGN §4); `finish` flushes
+//! the pool and marks the volume ready. An interrupted import leaves the volume IMPORTING
+//! (recorded in the state file) until it is resumed or deleted.
+//!
+//! Export: the store has no "is this range mapped" query yet, so export reads every chunk
+//! and leaves out the 4 KiB blocks that are all zero (unmapped clusters read as zeroes
+//! without IO, so holes cost no device reads, only the zero check).
+//!
+//! Must never: acknowledge a chunk before its write completed; send zero blocks as data.
+
+use std::sync::Arc;
+
+use coreblk_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::error::{Error, Result};
+use super::server::Shared;
+use super::store::{Session, Store, VolumeInfo};
+use super::volumes::{volume_message, volume_spec, VOLUME_BLOCK_BYTES};
+use super::MAX_IMAGE_CHUNK_BYTES;
+
+/// Export chunk size when the request says 0.
+pub const DEFAULT_EXPORT_CHUNK_BYTES: u32 = 1 << 20;
+/// Responses queued towards a slow client before the server waits.
+const STREAM_DEPTH: usize = 8;
+
+/// The `Images` service.
+#[derive(Debug)]
+pub struct ImagesService {
+    shared: Arc<Shared>,
+}
+
+impl ImagesService {
+    /// A service over the daemon's shared state.
+    #[must_use]
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn check(&self) -> Result<(), Status> {
+        self.shared.check_serving()?;
+        self.shared.store.check_ready()?;
+        Ok(())
+    }
+}
+
+fn bad_chunk(reason: String) -> Error {
+    Error::InvalidArgument {
+        field: "chunk",
+        reason,
+    }
+}
+
+/// The byte ranges of `buf` made of `block`-sized pieces that are not all zero, adjacent
+/// pieces coalesced.
+#[must_use]
+pub fn data_runs(buf: &[u8], block: usize) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, b) in buf.chunks(block.max(1)).enumerate() {
+        if b.iter().all(|x| *x == 0) {
+            continue;
+        }
+        let (start, end) = (i * block, i * block + b.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+fn len_u64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// Checks one import chunk against the volume and the previous chunk's end; returns the
+/// range it covers.
+fn check_chunk(c: &pb::ImageChunk, size: u64, prev_end: u64) -> Result<(u64, u64)> {
+    if !c.offset_bytes.is_multiple_of(VOLUME_BLOCK_BYTES) {
+        return Err(bad_chunk(format!(
+            "offset {} is not a multiple of {VOLUME_BLOCK_BYTES}",
+            c.offset_bytes
+        )));
+    }
+    if c.offset_bytes < prev_end {
+        return Err(bad_chunk(format!(
+            "offset {} is below the end of the previous chunk ({prev_end}); send chunks in increasing offset order",
+            c.offset_bytes
+        )));
+    }
+    let len = if c.zero {
+        if !c.data.is_empty() || !c.length_bytes.is_multiple_of(VOLUME_BLOCK_BYTES) {
+            return Err(bad_chunk(format!(
+                "a zero chunk carries no data and a length that is a multiple of {VOLUME_BLOCK_BYTES}"
+            )));
+        }
+        c.length_bytes
+    } else {
+        if c.data.len() > MAX_IMAGE_CHUNK_BYTES {
+            return Err(bad_chunk(format!(
+                "{} bytes of data; a chunk carries at most {MAX_IMAGE_CHUNK_BYTES}",
+                c.data.len()
+            )));
+        }
+        if c.length_bytes != 0 && c.length_bytes != len_u64(c.data.len()) {
+            return Err(bad_chunk(format!(
+                "length_bytes {} differs from the {} bytes of data",
+                c.length_bytes,
+                c.data.len()
+            )));
+        }
+        len_u64(c.data.len())
+    };
+    let end = c.offset_bytes.saturating_add(len);
+    if end.next_multiple_of(VOLUME_BLOCK_BYTES) > size {
+        return Err(bad_chunk(format!(
+            "bytes {}..{end} reach past the volume's {size} bytes",
+            c.offset_bytes
+        )));
+    }
+    Ok((c.offset_bytes, end))
+}
+
+type ImportTx = mpsc::Sender<Result<pb::ImportImageResponse, Status>>;
+
+fn respond(msg: pb::import_image_response::Msg) -> Result<pb::ImportImageResponse, Status> {
+    Ok(pb::ImportImageResponse { msg: Some(msg) })
+}
+
+/// Receives chunks until `finish` (or an error, or the client going away).
+async fn run_import(
+    store: Arc<Store>,
+    v: VolumeInfo,
+    session: Session,
+    mut incoming: Streaming<pb::ImportImageRequest>,
+    tx: ImportTx,
+    resume_offset: u64,
+) {
+    let mut prev_end = resume_offset;
+    let result: Result<Option<pb::Volume>> = async {
+        loop {
+            let msg = match incoming.message().await {
+                Ok(Some(m)) => m.msg,
+                Ok(None) => {
+                    tracing::warn!(volume = %v.name, durable_offset_bytes = prev_end, "import stream ended without finish; the volume stays importing (resume or delete it)");
+                    return Ok(None);
+                }
+                Err(status) => {
+                    tracing::warn!(volume = %v.name, %status, durable_offset_bytes = prev_end, "import stream broke; the volume stays importing (resume or delete it)");
+                    return Ok(None);
+                }
+            };
+            match msg {
+                Some(pb::import_image_request::Msg::Chunk(c)) => {
+                    let (start, end) = check_chunk(&c, v.size_bytes, prev_end)?;
+                    if c.zero {
+                        if end > start {
+                            session.write_zeroes(start, end - start).await?;
+                        }
+                    } else if !c.data.is_empty() {
+                        let mut data = c.data;
+                        let padded = data.len().next_multiple_of(4096);
+                        data.resize(padded, 0);
+                        session.write(start, data).await?;
+                    }
+                    prev_end = end;
+                    store.import_progress(v.uuid, end).await;
+                    let ack = pb::ImportAck {
+                        durable_offset_bytes: end,
+                    };
+                    if tx
+                        .send(respond(pb::import_image_response::Msg::Ack(ack)))
+                        .await
+                        .is_err()
+                    {
+                        return Ok(None);
+                    }
+                }
+                Some(pb::import_image_request::Msg::Finish(f)) => {
+                    if f.expected_size_bytes != 0
+                        && (f.expected_size_bytes > v.size_bytes || f.expected_size_bytes < prev_end)
+                    {
+                        return Err(Error::InvalidArgument {
+                            field: "expected_size_bytes",
+                            reason: format!(
+                                "{} does not fit what was sent (data up to byte {prev_end}) in a volume of {} bytes",
+                                f.expected_size_bytes, v.size_bytes
+                            ),
+                        });
+                    }
+                    session.flush().await?;
+                    store.finish_import(v.uuid).await?;
+                    let done = VolumeInfo {
+                        importing: false,
+                        ..v.clone()
+                    };
+                    tracing::info!(volume = %v.name, bytes = prev_end, "image imported");
+                    return Ok(Some(volume_message(&done)));
+                }
+                Some(pb::import_image_request::Msg::Start(_)) => {
+                    return Err(Error::InvalidArgument {
+                        field: "start",
+                        reason: "sent twice; `start` is only the first message".to_owned(),
+                    })
+                }
+                None => {
+                    return Err(Error::InvalidArgument {
+                        field: "msg",
+                        reason: "an empty message; send a chunk or finish".to_owned(),
+                    })
+                }
+            }
+        }
+    }
+    .await;
+    drop(session);
+    let last = match result {
+        Ok(Some(vol)) => respond(pb::import_image_response::Msg::Finished(vol)),
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(volume = %v.name, error = %e, "import failed; the volume stays importing");
+            Err(e.into())
+        }
+    };
+    let _ = tx.send(last).await;
+}
+
+type ExportTx = mpsc::Sender<Result<pb::ExportImageResponse, Status>>;
+
+async fn send_export(tx: &ExportTx, msg: pb::export_image_response::Msg) -> bool {
+    tx.send(Ok(pb::ExportImageResponse { msg: Some(msg) }))
+        .await
+        .is_ok()
+}
+
+/// Reads the volume chunk by chunk and streams its non-zero blocks.
+async fn run_export(session: Session, chunk_bytes: u64, tx: ExportTx) {
+    let v = session.volume.clone();
+    let header = pb::ExportHeader {
+        source_uuid: v.uuid.to_string(),
+        size_bytes: v.size_bytes,
+        block_size_bytes: 4096,
+        since_snapshot_uuid: String::new(),
+    };
+    if !send_export(&tx, pb::export_image_response::Msg::Header(header)).await {
+        return;
+    }
+    let mut data_bytes = 0u64;
+    let mut offset = 0u64;
+    while offset < v.size_bytes {
+        let len = chunk_bytes.min(v.size_bytes - offset);
+        let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
+        let data = match session.read(offset, len_usize).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(volume = %v.name, error = %e, "export failed");
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        for (s, e) in data_runs(&data, 4096) {
+            data_bytes += len_u64(e - s);
+            let chunk = pb::ImageChunk {
+                offset_bytes: offset + len_u64(s),
+                data: data[s..e].to_vec(),
+                zero: false,
+                length_bytes: 0,
+            };
+            if !send_export(&tx, pb::export_image_response::Msg::Chunk(chunk)).await {
+                return;
+            }
+        }
+        offset += len;
+    }
+    let trailer = pb::ExportTrailer { data_bytes };
+    let _ = send_export(&tx, pb::export_image_response::Msg::Trailer(trailer)).await;
+}
+
+#[tonic::async_trait]
+impl pb::images_server::Images for ImagesService {
+    type ImportImageStream = ReceiverStream<Result<pb::ImportImageResponse, Status>>;
+    type ExportImageStream = ReceiverStream<Result<pb::ExportImageResponse, Status>>;
+
+    async fn import_image(
+        &self,
+        request: Request<Streaming<pb::ImportImageRequest>>,
+    ) -> Result<Response<Self::ImportImageStream>, Status> {
+        self.check()?;
+        let mut incoming = request.into_inner();
+        let start = match incoming.message().await?.and_then(|m| m.msg) {
+            Some(pb::import_image_request::Msg::Start(s)) => s,
+            _ => {
+                return Err(Error::InvalidArgument {
+                    field: "start",
+                    reason: "the first message of an import must be `start`".to_owned(),
+                }
+                .into())
+            }
+        };
+        let spec = volume_spec(
+            start.pool,
+            start.volume_name,
+            start.size_bytes,
+            start.labels,
+        )?;
+        let store = Arc::clone(&self.shared.store);
+        let (v, session, resume_offset) = store.begin_import(spec, start.resume).await?;
+        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+        let started = pb::ImportStarted {
+            volume_uuid: v.uuid.to_string(),
+            resume_offset_bytes: resume_offset,
+        };
+        tx.send(respond(pb::import_image_response::Msg::Started(started)))
+            .await
+            .map_err(|_| Error::Internal("the import stream closed at once".to_owned()))?;
+        tracing::info!(volume = %v.name, resume_offset_bytes = resume_offset, "image import started");
+        tokio::spawn(run_import(store, v, session, incoming, tx, resume_offset));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn export_image(
+        &self,
+        request: Request<pb::ExportImageRequest>,
+    ) -> Result<Response<Self::ExportImageStream>, Status> {
+        self.check()?;
+        let r = request.into_inner();
+        let volume = match r.source {
+            Some(pb::export_image_request::Source::Volume(v)) => v,
+            Some(pb::export_image_request::Source::Snapshot(_)) => {
+                return Err(Error::StoreLacks {
+                    rpc: "ExportImage",
+                    feature: "exporting a snapshot needs snapshots, which are not built",
+                }
+                .into())
+            }
+            None => {
+                return Err(Error::InvalidArgument {
+                    field: "source",
+                    reason: "name the volume to export".to_owned(),
+                }
+                .into())
+            }
+        };
+        if !r.since_snapshot.is_empty() {
+            return Err(Error::StoreLacks {
+                rpc: "ExportImage",
+                feature: "incremental export needs snapshots, which are not built",
+            }
+            .into());
+        }
+        let chunk = if r.max_chunk_bytes == 0 {
+            DEFAULT_EXPORT_CHUNK_BYTES
+        } else {
+            r.max_chunk_bytes
+        };
+        let max = u32::try_from(MAX_IMAGE_CHUNK_BYTES).unwrap_or(u32::MAX);
+        if !(4096..=max).contains(&chunk) {
+            return Err(Error::InvalidArgument {
+                field: "max_chunk_bytes",
+                reason: format!(
+                    "{chunk} is not between 4096 and {max} (0: {DEFAULT_EXPORT_CHUNK_BYTES})"
+                ),
+            }
+            .into());
+        }
+        let chunk = u64::from(chunk / 4096 * 4096);
+        let store = Arc::clone(&self.shared.store);
+        let v = store.volume(&volume).await?;
+        let session = store.open_session(&v, false).await?;
+        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+        tokio::spawn(run_export(session, chunk, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_skip_zero_blocks_and_coalesce() {
+        let mut b = vec![0u8; 5 * 4096];
+        b[4096] = 1;
+        b[2 * 4096 + 7] = 2;
+        b[4 * 4096 + 4095] = 3;
+        assert_eq!(
+            data_runs(&b, 4096),
+            vec![(4096, 3 * 4096), (4 * 4096, 5 * 4096)]
+        );
+        assert!(data_runs(&[0; 8192], 4096).is_empty());
+        assert_eq!(data_runs(&[1; 100], 4096), vec![(0, 100)]);
+    }
+
+    #[test]
+    fn chunks_are_checked() {
+        let c = |offset: u64, n: usize| pb::ImageChunk {
+            offset_bytes: offset,
+            data: vec![1; n],
+            zero: false,
+            length_bytes: 0,
+        };
+        assert_eq!(
+            check_chunk(&c(4096, 4096), 1 << 20, 0).expect("ok"),
+            (4096, 8192)
+        );
+        // A short last chunk is padded to the block.
+        assert_eq!(check_chunk(&c(0, 10), 4096, 0).expect("ok"), (0, 10));
+        for (chunk, prev) in [
+            (c(1, 4096), 0),
+            (c(0, 4096), 4096),
+            (c(1 << 20, 4096), 0),
+            (c(0, MAX_IMAGE_CHUNK_BYTES + 1), 0),
+        ] {
+            let e = check_chunk(&chunk, 1 << 20, prev).expect_err("bad");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        }
+    }
+}
