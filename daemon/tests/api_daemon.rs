@@ -393,13 +393,13 @@ fn unbuilt_services_answer_with_proper_statuses() {
     for args in [
         &["snapshot", "list"][..],
         &["clone", "snap1", "v2"],
-        &["volume", "resize", "v1", "2M"],
-        &["volume", "label", "v1", "a=b"],
+        &["volume", "rollback", "v1", "s1"],
+        &["volume", "inflate", "v1"],
         &["volume", "create", "v3", "--size", "1M", "--thick"],
         &["image", "export", "--snapshot", "s1", "/dev/null"],
     ] {
         let out = daemon.coreblk(args);
-        failed_with(&out, "the volume store does not have it yet");
+        failed_with(&out, "not served by this coreblkd yet");
         failed_with(&out, "(UNIMPLEMENTED)");
     }
     failed_with(
@@ -670,6 +670,24 @@ fn volumes_and_images_round_trip_and_survive_restart_and_kill() {
     let pool = daemon.json(&["pool", "get", "default"]);
     assert_eq!(pool["pools"][0]["provisioned_bytes"], 24 << 20, "{pool}");
     assert_eq!(pool["pools"][0]["volume_count"], 3);
+
+    // Grow (never shrink), and labels.
+    let grown = daemon.json(&["volume", "resize", "v1", "20M"]);
+    assert_eq!(volume_of(&grown)["size_bytes"], 20 << 20);
+    failed_with(
+        &daemon.coreblk(&["volume", "resize", "v1", "8M"]),
+        "(INVALID_ARGUMENT)",
+    );
+    failed_with(
+        &daemon.coreblk(&["volume", "resize", "v1", "1G"]),
+        "(RESOURCE_EXHAUSTED)",
+    );
+    let labelled = daemon.json(&["volume", "label", "v1", "tier=gold", "--remove", "app"]);
+    assert_eq!(
+        volume_of(&labelled)["labels"],
+        serde_json::json!({"tier": "gold"})
+    );
+    daemon.json(&["volume", "label", "v1", "app=db", "--remove", "tier"]);
 
     // Delete: gone, and a second delete is NOT_FOUND.
     daemon.json(&["volume", "delete", "v2"]);

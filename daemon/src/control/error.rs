@@ -44,10 +44,9 @@ pub enum Error {
         /// The path or device UUID as given.
         device: String,
     },
-    /// The call needs a volume-store feature that is not built yet.
-    #[error(
-        "{rpc}: {feature} (the volume store does not have it yet); pools, volumes and images work"
-    )]
+    /// The call needs a feature this daemon does not serve yet (not in the volume store, or
+    /// not wired into the control plane).
+    #[error("{rpc}: {feature}; not served by this coreblkd yet (pools, volumes and images are)")]
     StoreLacks {
         /// The RPC that was called.
         rpc: &'static str,

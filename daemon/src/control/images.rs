@@ -336,7 +336,8 @@ impl pb::images_server::Images for ImagesService {
             Some(pb::export_image_request::Source::Snapshot(_)) => {
                 return Err(Error::StoreLacks {
                     rpc: "ExportImage",
-                    feature: "exporting a snapshot needs snapshots, which are not built",
+                    feature:
+                        "exporting a snapshot needs snapshots, which the API does not serve yet",
                 }
                 .into())
             }
@@ -351,7 +352,7 @@ impl pb::images_server::Images for ImagesService {
         if !r.since_snapshot.is_empty() {
             return Err(Error::StoreLacks {
                 rpc: "ExportImage",
-                feature: "incremental export needs snapshots, which are not built",
+                feature: "incremental export needs snapshots, which the API does not serve yet",
             }
             .into());
         }

@@ -73,13 +73,7 @@ pub async fn figures(shared: &Shared, p: &PoolInfo) -> Result<PoolFigures> {
 /// The owner reactor does not answer.
 pub async fn capacity(shared: &Shared, p: &PoolInfo) -> Result<pb::PoolCapacity> {
     let f = figures(shared, p).await?;
-    #[allow(
-        clippy::cast_precision_loss,
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss
-    )]
-    // An f64 limit times a byte count: approximate by nature; `as` saturates.
-    let limit = (p.overcommit_limit * p.capacity_bytes as f64) as u64;
+    let limit = super::store::overcommit_bytes(p);
     let available = if p.state == PoolState::Online {
         limit.saturating_sub(f.provisioned_bytes) / 4096 * 4096
     } else {
@@ -236,7 +230,7 @@ impl pb::pools_server::Pools for PoolsService {
         self.shared.store.pool(&request.into_inner().pool)?;
         Err(Error::StoreLacks {
             rpc: "VerifyPool",
-            feature: "pool verification (an offline metadata checker) is not built",
+            feature: "pool verification (a metadata checker)",
         }
         .into())
     }

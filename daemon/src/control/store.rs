@@ -1091,6 +1091,80 @@ impl Store {
         Ok(v)
     }
 
+    /// Grows a volume to `size_bytes` (the same size: nothing to do).
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT (shrinking), RESOURCE_EXHAUSTED (overcommit limit), NOT_FOUND, or
+    /// the store's failure.
+    pub async fn resize_volume(&self, name_or_uuid: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        let _op = self.ops.lock().await;
+        let v = self.volume(name_or_uuid).await?;
+        if size_bytes == v.size_bytes {
+            return Ok(v);
+        }
+        if size_bytes < v.size_bytes {
+            return Err(Error::InvalidArgument {
+                field: "size_bytes",
+                reason: format!(
+                    "volume {} is {} bytes; shrinking to {size_bytes} is refused (data would be lost)",
+                    v.name, v.size_bytes
+                ),
+            });
+        }
+        let p = self.online(&v.pool_uuid.to_string())?;
+        let f = self.figures(&p).await?;
+        let limit = overcommit_bytes(&p);
+        let after = f.provisioned_bytes - v.size_bytes.min(f.provisioned_bytes) + size_bytes;
+        if after > limit {
+            return Err(Error::NoSpace {
+                pool: p.name,
+                reason: format!(
+                    "growing {} to {size_bytes} bytes would provision {after} of {limit} bytes allowed (overcommit limit {} x capacity {} bytes)",
+                    v.name, p.overcommit_limit, p.capacity_bytes
+                ),
+            });
+        }
+        let id = v.id;
+        self.pool_op(&p, move |r, rt, reply| rt.resize(r, id, size_bytes, reply))
+            .await?
+            .map_err(|reason| journal_error("resize volume", &v.name, &p.name, reason))?;
+        tracing::info!(volume = %v.name, size_bytes, "volume resized");
+        self.volume(&v.uuid.to_string()).await
+    }
+
+    /// Replaces a volume's labels with `labels` (checked by the caller against the API's
+    /// rules; the store's limits are checked here).
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT (the store's label limits), NOT_FOUND, or the store's failure.
+    pub async fn set_volume_labels(
+        &self,
+        name_or_uuid: &str,
+        set: BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<VolumeInfo> {
+        let _op = self.ops.lock().await;
+        let v = self.volume(name_or_uuid).await?;
+        let mut labels = v.labels.clone();
+        labels.extend(set);
+        for k in remove {
+            labels.remove(k);
+        }
+        if labels == v.labels {
+            return Ok(v);
+        }
+        pool::validate_meta(&v.name, &labels).map_err(|reason| Error::InvalidArgument {
+            field: "labels",
+            reason: format!("{reason} (the volume store's limit)"),
+        })?;
+        let p = self.online(&v.pool_uuid.to_string())?;
+        let id = v.id;
+        self.pool_op(&p, move |r, rt, reply| rt.set_labels(r, id, labels, reply))
+            .await?
+            .map_err(|reason| journal_error("set labels of volume", &v.name, &p.name, reason))?;
+        self.volume(&v.uuid.to_string()).await
+    }
+
     // ---- image imports ---------------------------------------------------------------
 
     /// Starts (or, with `resume`, continues) the import of a new volume: returns it, a
@@ -1361,6 +1435,20 @@ impl Store {
         })
         .await
     }
+}
+
+/// The most a pool may provision: its overcommit limit times its capacity.
+#[must_use]
+pub fn overcommit_bytes(p: &PoolInfo) -> u64 {
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    // An f64 limit times a byte count: the bound is approximate by nature, and `as`
+    // saturates.
+    let limit = (p.overcommit_limit * p.capacity_bytes as f64) as u64;
+    limit
 }
 
 /// A failed journal commit: ENOSPC means the pool's journal ring is full (checkpoints are

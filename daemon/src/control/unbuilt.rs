@@ -1,5 +1,5 @@
-//! The services that need layers this daemon does not have yet: snapshots need the volume
-//! store's snapshots (issue 10) and answer UNIMPLEMENTED; exports need ublk (issue 12) and
+//! The services this daemon does not serve yet: snapshots (the volume store has them; the
+//! control plane does not serve them yet) answer UNIMPLEMENTED; exports need ublk (issue 12) and
 //! answer FAILED_PRECONDITION. Each says so by name, so a client learns what is missing
 //! instead of getting a fake answer.
 //!
@@ -52,7 +52,7 @@ macro_rules! unbuilt_service {
     };
 }
 
-const SNAPSHOTS: &str = "snapshots are not built in the volume store yet";
+const SNAPSHOTS: &str = "snapshots are not wired from the volume store into the API";
 
 fn no_snapshots(rpc: &'static str) -> Error {
     Error::StoreLacks {

@@ -1,6 +1,6 @@
 //! The `Volumes` service: create (idempotent by name), get, list (by pool and labels,
-//! paginated), delete. Resize, labels, rollback and inflate answer UNIMPLEMENTED naming
-//! the store feature they wait for; so do thick volumes and clones.
+//! paginated), delete, resize (grow), set labels. Rollback and inflate answer
+//! UNIMPLEMENTED until the control plane serves snapshots and clones; so do thick volumes.
 //!
 //! Must never: create a volume the store could not record (its own name and label limits
 //! are checked here too, with the rule in the error).
@@ -130,14 +130,14 @@ impl pb::volumes_server::Volumes for VolumesService {
         if r.source.is_some() {
             return Err(Error::StoreLacks {
                 rpc: "CreateVolume",
-                feature: "clones (of a snapshot or a volume) need snapshots, which are not built",
+                feature: "clones (of a snapshot or a volume) are not wired from the volume store into the API",
             }
             .into());
         }
         if r.thick {
             return Err(Error::StoreLacks {
                 rpc: "CreateVolume",
-                feature: "thick volumes (space reserved up front) are not built; create it thin",
+                feature: "thick volumes (space reserved up front); create it thin",
             }
             .into());
         }
@@ -197,13 +197,25 @@ impl pb::volumes_server::Volumes for VolumesService {
     ) -> Result<Response<pb::Volume>, Status> {
         self.check()?;
         let r = request.into_inner();
-        Err(self
-            .lacks(
-                &r.volume,
-                "ResizeVolume",
-                "resizing a volume (the pool runtime has no resize operation yet)",
-            )
-            .await)
+        if r.size_bytes == 0
+            || !r.size_bytes.is_multiple_of(VOLUME_BLOCK_BYTES)
+            || r.size_bytes > MAX_VOLUME_BYTES
+        {
+            return Err(Error::InvalidArgument {
+                field: "size_bytes",
+                reason: format!(
+                    "{} is not a non-zero multiple of {VOLUME_BLOCK_BYTES} up to {MAX_VOLUME_BYTES}",
+                    r.size_bytes
+                ),
+            }
+            .into());
+        }
+        let v = self
+            .shared
+            .store
+            .resize_volume(&r.volume, r.size_bytes)
+            .await?;
+        Ok(Response::new(volume_message(&v)))
     }
 
     async fn set_volume_labels(
@@ -212,13 +224,13 @@ impl pb::volumes_server::Volumes for VolumesService {
     ) -> Result<Response<pb::Volume>, Status> {
         self.check()?;
         let r = request.into_inner();
-        Err(self
-            .lacks(
-                &r.volume,
-                "SetVolumeLabels",
-                "changing a volume's labels (the journal has no label record yet; labels are set at create)",
-            )
-            .await)
+        validate_labels(&r.set)?;
+        let v = self
+            .shared
+            .store
+            .set_volume_labels(&r.volume, label_map(r.set), &r.remove)
+            .await?;
+        Ok(Response::new(volume_message(&v)))
     }
 
     async fn rollback_volume(
@@ -231,7 +243,7 @@ impl pb::volumes_server::Volumes for VolumesService {
             .lacks(
                 &r.volume,
                 "RollbackVolume",
-                "rollback needs snapshots, which are not built",
+                "rollback needs snapshots, which the API does not serve yet",
             )
             .await)
     }
@@ -246,7 +258,7 @@ impl pb::volumes_server::Volumes for VolumesService {
             .lacks(
                 &r.volume,
                 "InflateVolume",
-                "inflating needs clones, which are not built",
+                "inflating needs clones, which the API does not create yet",
             )
             .await)
     }
