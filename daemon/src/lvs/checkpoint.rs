@@ -162,7 +162,6 @@ pub fn decode(sb: &Superblock, bytes: &[u8]) -> Result<(VolumeTable, Maps), Stri
     let mut maps: Maps = BTreeMap::new();
     // Leaves are built in a scratch map per leaf id, then adopted by the maps using them.
     let mut leaves: HashMap<u32, ClusterMap> = HashMap::new();
-    let mut seen_tops = false;
     for (i, b) in bytes.chunks(BLOCK_BYTES).enumerate() {
         let seq = i as u64 + 1;
         let recs =
@@ -175,9 +174,6 @@ pub fn decode(sb: &Superblock, bytes: &[u8]) -> Result<(VolumeTable, Maps), Stri
             match *kind {
                 KIND_FLOOR => table.id_floor = take_u32(&mut b)?,
                 KIND_LEAF => {
-                    if seen_tops {
-                        return Err(format!("block {seq}: leaf after map records"));
-                    }
                     let id = take_u32(&mut b)?;
                     let first = usize::from(take_u16(&mut b)?);
                     let leaf = leaves
@@ -212,7 +208,6 @@ pub fn decode(sb: &Superblock, bytes: &[u8]) -> Result<(VolumeTable, Maps), Stri
                     }
                 }
                 KIND_TOP => {
-                    seen_tops = true;
                     let id = take_u32(&mut b)?;
                     let size = table
                         .get(id)

@@ -573,3 +573,430 @@ fn a_cluster_is_not_recycled_while_an_io_to_it_is_in_flight() {
         "discarded cluster reads zeroes"
     );
 }
+
+/// Model-based test (issue 10): random sequences of create / write / read / FUA / discard /
+/// write-zeroes / snapshot / group snapshot / clone / rollback / inflate / delete (incl.
+/// with dependents) / resize / flush / checkpoint / reopen against a plain in-memory
+/// model. Every read equals the model; diffs between objects equal the model's; the pool's
+/// allocated clusters and each object's allocated and unique bytes equal what the model
+/// implies; the written flag matches.
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CL: u64 = 65536;
+
+    /// One object of the model: bytes, and per cluster a token naming the write that
+    /// produced its contents (None = unmapped). Tokens are what the store's physical
+    /// clusters correspond to: shared tokens ⇔ shared clusters.
+    #[derive(Clone, Debug)]
+    struct Obj {
+        id: u32,
+        data: Vec<u8>,
+        tokens: Vec<Option<u64>>,
+        snapshot: bool,
+        source: Option<u32>,
+        written: bool,
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create(u8),
+        Write {
+            obj: u8,
+            off: u16,
+            len: u8,
+            fua: bool,
+        },
+        Read {
+            obj: u8,
+            off: u16,
+            len: u8,
+        },
+        Discard {
+            obj: u8,
+            off: u16,
+            len: u8,
+        },
+        Zero {
+            obj: u8,
+            off: u16,
+            len: u8,
+        },
+        Snapshot {
+            a: u8,
+            b: Option<u8>,
+        },
+        Clone {
+            snap: u8,
+            grow: u8,
+        },
+        Rollback {
+            obj: u8,
+            snap: u8,
+        },
+        Inflate(u8),
+        Delete(u8),
+        Resize {
+            obj: u8,
+            grow: u8,
+        },
+        Diff {
+            a: u8,
+            b: u8,
+        },
+        Flush,
+        Checkpoint,
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => any::<u8>().prop_map(Op::Create),
+            8 => (any::<u8>(), any::<u16>(), 1u8..40, prop::bool::weighted(0.1)).prop_map(|(obj, off, len, fua)| Op::Write { obj, off, len, fua }),
+            5 => (any::<u8>(), any::<u16>(), 1u8..64).prop_map(|(obj, off, len)| Op::Read { obj, off, len }),
+            1 => (any::<u8>(), any::<u16>(), 1u8..64).prop_map(|(obj, off, len)| Op::Discard { obj, off, len }),
+            1 => (any::<u8>(), any::<u16>(), 1u8..64).prop_map(|(obj, off, len)| Op::Zero { obj, off, len }),
+            2 => (any::<u8>(), prop::option::weighted(0.4, any::<u8>())).prop_map(|(a, b)| Op::Snapshot { a, b }),
+            1 => (any::<u8>(), 0u8..3).prop_map(|(snap, grow)| Op::Clone { snap, grow }),
+            1 => (any::<u8>(), any::<u8>()).prop_map(|(obj, snap)| Op::Rollback { obj, snap }),
+            1 => any::<u8>().prop_map(Op::Inflate),
+            1 => any::<u8>().prop_map(Op::Delete),
+            1 => (any::<u8>(), 1u8..3).prop_map(|(obj, grow)| Op::Resize { obj, grow }),
+            2 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::Diff { a, b }),
+            1 => Just(Op::Flush),
+            1 => Just(Op::Checkpoint),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    fn pick(objs: &BTreeMap<u32, Obj>, i: u8, f: impl Fn(&Obj) -> bool) -> Option<u32> {
+        let ids: Vec<u32> = objs.values().filter(|o| f(o)).map(|o| o.id).collect();
+        (!ids.is_empty()).then(|| ids[usize::from(i) % ids.len()])
+    }
+
+    fn idx(v: u64) -> usize {
+        usize::try_from(v).expect("small")
+    }
+
+    /// Clamps a 4 KiB-block range into the object.
+    fn range(o: &Obj, off: u16, len: u8) -> (u64, u64) {
+        let blocks = o.data.len() as u64 / 4096;
+        let off = u64::from(off) % blocks;
+        let len = u64::from(len).min(blocks - off);
+        (off * 4096, len * 4096)
+    }
+
+    fn meta(name: &str, size: u64) -> VolumeMeta {
+        VolumeMeta {
+            name: name.into(),
+            uuid: [2; 16],
+            size_bytes: size,
+            ..VolumeMeta::default()
+        }
+    }
+
+    fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let h = Harness::new(96 << 20);
+        let mut objs: BTreeMap<u32, Obj> = BTreeMap::new();
+        let mut token = 0u64;
+        let mut names = 0u32;
+        let mut next_name = || {
+            names += 1;
+            format!("o{names}")
+        };
+        for (step, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Create(n) => {
+                    let size = (16 + u64::from(n % 17)) * CL;
+                    let id = h.create(&next_name(), size);
+                    objs.insert(
+                        id,
+                        Obj {
+                            id,
+                            data: vec![0; idx(size)],
+                            tokens: vec![None; idx(size / CL)],
+                            snapshot: false,
+                            source: None,
+                            written: false,
+                        },
+                    );
+                }
+                Op::Write { obj, off, len, fua } => {
+                    let Some(id) = pick(&objs, obj, |o| !o.snapshot) else {
+                        continue;
+                    };
+                    let o = objs.get_mut(&id).expect("picked");
+                    let (off, len) = range(o, off, len);
+                    token += 1;
+                    let fill = u8::try_from(token % 251).expect("small") + 1;
+                    h.io(id, IoReq::Write(off, vec![fill; idx(len)], fua))
+                        .map_err(|e| TestCaseError::fail(format!("step {step}: write: {e}")))?;
+                    o.data[idx(off)..idx(off + len)].fill(fill);
+                    for c in off / CL..(off + len).div_ceil(CL) {
+                        token += 1;
+                        o.tokens[idx(c)] = Some(token);
+                    }
+                    o.written = true;
+                }
+                Op::Read { obj, off, len } => {
+                    let Some(id) = pick(&objs, obj, |_| true) else {
+                        continue;
+                    };
+                    let o = &objs[&id];
+                    let (off, len) = range(o, off, len);
+                    let got = h
+                        .io(id, IoReq::Read(off, idx(len)))
+                        .map_err(|e| TestCaseError::fail(format!("step {step}: read: {e}")))?;
+                    prop_assert!(
+                        got == o.data[idx(off)..idx(off + len)],
+                        "step {}: read {}+{} of id {} differs from the model",
+                        step,
+                        off,
+                        len,
+                        id
+                    );
+                }
+                Op::Discard { obj, off, len } | Op::Zero { obj, off, len } => {
+                    let zero = matches!(op, Op::Zero { .. });
+                    let Some(id) = pick(&objs, obj, |o| !o.snapshot) else {
+                        continue;
+                    };
+                    let o = objs.get_mut(&id).expect("picked");
+                    let (off, len) = range(o, off, len);
+                    let req = if zero {
+                        IoReq::Zero(off, len)
+                    } else {
+                        IoReq::Discard(off, len)
+                    };
+                    h.io(id, req).map_err(|e| {
+                        TestCaseError::fail(format!("step {step}: discard/zero: {e}"))
+                    })?;
+                    let (first, end) = (off.div_ceil(CL), (off + len) / CL);
+                    for c in first..end.max(first) {
+                        o.tokens[idx(c)] = None;
+                        o.data[idx(c * CL)..idx((c + 1) * CL)].fill(0);
+                    }
+                    if zero {
+                        o.data[idx(off)..idx(off + len)].fill(0);
+                        // Partial clusters that were mapped got zeroes written (a new token).
+                        for c in [off / CL, (off + len - 1) / CL] {
+                            if (c < first || c >= end) && o.tokens[idx(c)].is_some() {
+                                token += 1;
+                                o.tokens[idx(c)] = Some(token);
+                            }
+                        }
+                    }
+                }
+                Op::Snapshot { a, b } => {
+                    let Some(x) = pick(&objs, a, |o| !o.snapshot) else {
+                        continue;
+                    };
+                    let mut srcs = vec![x];
+                    if let Some(y) = b.and_then(|b| pick(&objs, b, |o| !o.snapshot)) {
+                        if y != x {
+                            srcs.push(y);
+                        }
+                    }
+                    let group: Vec<(u32, VolumeMeta)> =
+                        srcs.iter().map(|&s| (s, meta(&next_name(), 0))).collect();
+                    let ids = h
+                        .control(move |rx, rt, reply| rt.snapshot(rx, group, reply))
+                        .map_err(|e| TestCaseError::fail(format!("step {step}: snapshot: {e}")))?;
+                    for (s, id) in srcs.iter().zip(ids) {
+                        let mut o = objs[s].clone();
+                        o.id = id;
+                        o.snapshot = true;
+                        o.source = Some(*s);
+                        objs.insert(id, o);
+                    }
+                }
+                Op::Clone { snap, grow } => {
+                    let Some(s) = pick(&objs, snap, |o| o.snapshot) else {
+                        continue;
+                    };
+                    let mut o = objs[&s].clone();
+                    let size = o.data.len() as u64 + u64::from(grow) * CL;
+                    let m = meta(&next_name(), size);
+                    let id = h
+                        .control(move |rx, rt, reply| rt.clone_volume(rx, s, m, reply))
+                        .map_err(|e| TestCaseError::fail(format!("step {step}: clone: {e}")))?;
+                    o.id = id;
+                    o.snapshot = false;
+                    o.source = Some(s);
+                    o.data.resize(idx(size), 0);
+                    o.tokens.resize(idx(size / CL), None);
+                    objs.insert(id, o);
+                }
+                Op::Rollback { obj, snap } => {
+                    let Some(v) = pick(&objs, obj, |o| !o.snapshot) else {
+                        continue;
+                    };
+                    let Some(s) = pick(&objs, snap, |o| o.snapshot && o.source == Some(v)) else {
+                        continue;
+                    };
+                    h.control(move |rx, rt, reply| rt.rollback(rx, v, s, reply))
+                        .map_err(|e| TestCaseError::fail(format!("step {step}: rollback: {e}")))?;
+                    let snap_o = objs[&s].clone();
+                    let o = objs.get_mut(&v).expect("picked");
+                    o.data.fill(0);
+                    o.data[..snap_o.data.len()].copy_from_slice(&snap_o.data);
+                    o.tokens.fill(None);
+                    o.tokens[..snap_o.tokens.len()].copy_from_slice(&snap_o.tokens);
+                    o.written |= snap_o.written;
+                }
+                Op::Inflate(obj) => {
+                    let Some(v) = pick(&objs, obj, |o| !o.snapshot) else {
+                        continue;
+                    };
+                    h.control(move |rx, rt, reply| rt.inflate(rx, v, reply))
+                        .map_err(|e| TestCaseError::fail(format!("step {step}: inflate: {e}")))?;
+                    // Every cluster another object shares gets a copy of its own.
+                    let others: std::collections::HashSet<u64> = objs
+                        .values()
+                        .filter(|o| o.id != v)
+                        .flat_map(|o| o.tokens.iter().flatten().copied())
+                        .collect();
+                    let o = objs.get_mut(&v).expect("picked");
+                    for t in o.tokens.iter_mut().flatten() {
+                        if others.contains(t) {
+                            token += 1;
+                            *t = token;
+                        }
+                    }
+                }
+                Op::Delete(obj) => {
+                    let Some(id) = pick(&objs, obj, |_| true) else {
+                        continue;
+                    };
+                    h.delete(id);
+                    objs.remove(&id);
+                }
+                Op::Resize { obj, grow } => {
+                    let Some(id) = pick(&objs, obj, |o| !o.snapshot) else {
+                        continue;
+                    };
+                    let o = objs.get_mut(&id).expect("picked");
+                    let size = o.data.len() as u64 + u64::from(grow) * CL;
+                    h.control(move |rx, rt, reply| rt.resize(rx, id, size, reply))
+                        .map_err(|e| TestCaseError::fail(format!("step {step}: resize: {e}")))?;
+                    o.data.resize(idx(size), 0);
+                    o.tokens.resize(idx(size / CL), None);
+                }
+                Op::Diff { a, b } => {
+                    let (Some(x), Some(y)) = (pick(&objs, a, |_| true), pick(&objs, b, |_| true))
+                    else {
+                        continue;
+                    };
+                    let got = h
+                        .control(move |_rx, rt, reply| reply(_rx, rt.diff(Some(x), y)))
+                        .map_err(|e| TestCaseError::fail(format!("step {step}: diff: {e}")))?;
+                    let (ox, oy) = (&objs[&x], &objs[&y]);
+                    let mut want: Vec<(u64, u64)> = Vec::new();
+                    let n = ox.tokens.len().max(oy.tokens.len());
+                    for c in 0..n {
+                        let tx = ox.tokens.get(c).copied().flatten();
+                        let ty = oy.tokens.get(c).copied().flatten();
+                        if tx != ty && (c as u64) * CL < oy.data.len() as u64 {
+                            let off = c as u64 * CL;
+                            match want.last_mut() {
+                                Some((o, l)) if *o + *l == off => *l += CL,
+                                _ => want.push((off, CL)),
+                            }
+                        }
+                    }
+                    prop_assert_eq!(got, want, "step {}: diff {} -> {}", step, x, y);
+                }
+                Op::Flush => {
+                    if let Some(id) = pick(&objs, 0, |_| true) {
+                        h.io(id, IoReq::Flush)
+                            .map_err(|e| TestCaseError::fail(format!("step {step}: flush: {e}")))?;
+                    }
+                }
+                Op::Checkpoint => {
+                    h.control(|rx, rt, reply| rt.checkpoint(rx, reply))
+                        .map_err(|e| {
+                            TestCaseError::fail(format!("step {step}: checkpoint: {e}"))
+                        })?;
+                }
+                Op::Reopen => {
+                    h.stop();
+                    h.start();
+                }
+            }
+            // Invariants after every step.
+            let (usage, per, table) = h.set.remotes()[0]
+                .call(move |_rx: &Reactor| {
+                    RT.with(|r| {
+                        let rt = r.borrow().clone().expect("pool");
+                        let t = rt.volumes();
+                        let per: BTreeMap<u32, ObjectUsage> = t
+                            .volumes
+                            .keys()
+                            .chain(t.snapshots.keys())
+                            .map(|&id| (id, rt.object_usage(id).expect("usage")))
+                            .collect();
+                        (rt.alloc_counts(), per, t)
+                    })
+                })
+                .expect("call");
+            let mut all: BTreeMap<u64, usize> = BTreeMap::new();
+            for o in objs.values() {
+                for t in o.tokens.iter().flatten() {
+                    *all.entry(*t).or_default() += 1;
+                }
+            }
+            prop_assert_eq!(
+                usage.in_use,
+                all.len() as u64,
+                "step {}: allocated clusters",
+                step
+            );
+            prop_assert_eq!(per.len(), objs.len(), "step {}: objects", step);
+            for o in objs.values() {
+                let u = per[&o.id];
+                let mapped = o.tokens.iter().flatten().count() as u64;
+                let unique = o
+                    .tokens
+                    .iter()
+                    .flatten()
+                    .filter(|t| {
+                        all[t] == 1 && o.tokens.iter().flatten().filter(|u| u == t).count() == 1
+                    })
+                    .count() as u64;
+                prop_assert_eq!(
+                    u.allocated_bytes,
+                    mapped * CL,
+                    "step {}: id {} allocated",
+                    step,
+                    o.id
+                );
+                prop_assert_eq!(
+                    u.unique_bytes,
+                    unique * CL,
+                    "step {}: id {} unique",
+                    step,
+                    o.id
+                );
+                let m = table.get(o.id).expect("in the table");
+                prop_assert_eq!(
+                    m.written,
+                    o.written,
+                    "step {}: id {} written flag",
+                    step,
+                    o.id
+                );
+                prop_assert_eq!(table.is_snapshot(o.id), o.snapshot);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn the_store_behaves_like_the_model(ops in prop::collection::vec(op(), 1..70)) {
+            run(ops)?;
+        }
+    }
+}
