@@ -1,7 +1,12 @@
 //! One benchmark job per reactor: keeps `qd` requests in flight, times each, and reports
-//! back to the main thread when its time is up and its requests have drained.
+//! back to the main thread when its time is up and its requests have drained. With
+//! `flush_every = N` a job follows every N-th completed write with a FLUSH from the same
+//! slot (the slot's next IO waits for it); flushes are timed into their own histogram and
+//! are not counted as IOs. [`prefill`] writes a target's range once, sequentially, before a
+//! run.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,7 +41,12 @@ pub struct JobParams {
     pub warmup: Duration,
     /// Counted time.
     pub time: Duration,
+    /// Issue a FLUSH after every this many writes (0: never).
+    pub flush_every: u64,
 }
+
+/// Tag bit marking a slot's FLUSH (the low bits are the slot).
+const FLUSH_TAG: u64 = 1 << 63;
 
 /// One job's outcome.
 #[derive(Debug)]
@@ -45,6 +55,10 @@ struct JobResult {
     errors: u64,
     first_error: Option<String>,
     hist: Histogram<u64>,
+    flushes: u64,
+    inline_completions: u64,
+    flush_hist: Histogram<u64>,
+    write_bytes_all: u64,
 }
 
 /// All jobs' outcome.
@@ -64,6 +78,16 @@ pub struct JobsResult {
     pub cpu_ns: u64,
     /// Counted IOs per reactor.
     pub per_core_ios: Vec<u64>,
+    /// Counted flushes.
+    pub flushes: u64,
+    /// Completions delivered inside `submit` instead of from the reactor loop (an
+    /// ARCHITECTURE.md invariant says this happens only for a full request table).
+    pub inline_completions: u64,
+    /// Flush latency in ns, all reactors merged.
+    pub flush_hist: Histogram<u64>,
+    /// Bytes of every successful write, warm-up and drain included (the run's whole
+    /// user-visible write volume, for write amplification).
+    pub write_bytes_all: u64,
 }
 
 struct Job {
@@ -72,6 +96,19 @@ struct Job {
     p: JobParams,
     /// Per-slot submit time.
     started: RefCell<Vec<Instant>>,
+    /// Per-slot: the IO in flight is a write.
+    writing: RefCell<Vec<bool>>,
+    /// Per-slot buffer held while the slot's FLUSH is in flight.
+    parked: RefCell<Vec<Option<IoBuf>>>,
+    writes_since_flush: Cell<u64>,
+    /// Inside `ch.submit`: a completion now arrived inline (not from the reactor loop).
+    in_submit: Cell<bool>,
+    /// Some frame is draining `deferred`: nested submits leave inline completions to it.
+    draining: Cell<bool>,
+    /// Completions that arrived inline, handled after `submit` returned (a trampoline:
+    /// handling them in place would recurse once per IO and overflow the stack).
+    deferred: RefCell<VecDeque<(u64, IoResult, Option<IoBuf>)>>,
+    inline_completions: Cell<u64>,
     rng: Cell<u64>,
     next_seq: Cell<u64>,
     /// Region of the target this job's sequential stream walks.
@@ -83,6 +120,9 @@ struct Job {
     errors: Cell<u64>,
     first_error: RefCell<Option<String>>,
     hist: RefCell<Histogram<u64>>,
+    flushes: Cell<u64>,
+    flush_hist: RefCell<Histogram<u64>>,
+    write_bytes_all: Cell<u64>,
     done: RefCell<Option<crossbeam::channel::Sender<JobResult>>>,
 }
 
@@ -116,7 +156,8 @@ impl Job {
 
     fn issue(&self, rx: &Reactor, slot: u64, buf: IoBuf, now: Instant) {
         let offset = self.next_offset();
-        let io = if self.is_read() {
+        let read = self.is_read();
+        let io = if read {
             Io::Read { offset, buf }
         } else {
             Io::Write {
@@ -125,13 +166,45 @@ impl Job {
                 fua: false,
             }
         };
-        self.started.borrow_mut()[usize::try_from(slot).expect("slot < qd")] = now;
+        let i = usize::try_from(slot).expect("slot < qd");
+        self.started.borrow_mut()[i] = now;
+        self.writing.borrow_mut()[i] = !read;
+        self.submit(rx, io, slot);
+    }
+
+    /// Holds `buf` and sends a FLUSH from `slot`; the slot's next IO follows its completion.
+    fn issue_flush(&self, rx: &Reactor, slot: u64, buf: Option<IoBuf>, now: Instant) {
+        let i = usize::try_from(slot).expect("slot < qd");
+        self.parked.borrow_mut()[i] = buf;
+        self.started.borrow_mut()[i] = now;
+        self.submit(rx, Io::Flush, slot | FLUSH_TAG);
+    }
+
+    fn submit(&self, rx: &Reactor, io: Io, tag: u64) {
         self.inflight.set(self.inflight.get() + 1);
         let me: Rc<dyn Completion> = self
             .me
             .upgrade()
             .expect("the job lives until its last completion");
-        self.ch.submit(rx, io, me, slot);
+        self.in_submit.set(true);
+        self.ch.submit(rx, io, me, tag);
+        self.in_submit.set(false);
+        if self.draining.replace(true) {
+            return;
+        }
+        loop {
+            let next = self.deferred.borrow_mut().pop_front();
+            let Some((tag, res, buf)) = next else { break };
+            self.on_complete(rx, tag, res, buf);
+        }
+        self.draining.set(false);
+    }
+
+    fn record_error(&self, e: &coreblk_daemon::reactor::Errno, what: &str) {
+        self.errors.set(self.errors.get() + 1);
+        self.first_error
+            .borrow_mut()
+            .get_or_insert_with(|| format!("{what}: {e}"));
     }
 
     fn finish(&self) {
@@ -141,6 +214,10 @@ impl Job {
                 errors: self.errors.get(),
                 first_error: self.first_error.borrow_mut().take(),
                 hist: self.hist.borrow().clone(),
+                flushes: self.flushes.get(),
+                inline_completions: self.inline_completions.get(),
+                flush_hist: self.flush_hist.borrow().clone(),
+                write_bytes_all: self.write_bytes_all.get(),
             });
         }
     }
@@ -149,28 +226,64 @@ impl Job {
 /// Completion handler of a job; `Rc<Job>` is what gets registered.
 impl Completion for Job {
     fn complete(&self, rx: &Reactor, tag: u64, res: IoResult, buf: Option<IoBuf>) {
+        if self.in_submit.get() {
+            self.inline_completions
+                .set(self.inline_completions.get() + 1);
+            self.deferred.borrow_mut().push_back((tag, res, buf));
+            return;
+        }
+        self.on_complete(rx, tag, res, buf);
+    }
+}
+
+impl Job {
+    fn on_complete(&self, rx: &Reactor, tag: u64, res: IoResult, mut buf: Option<IoBuf>) {
         let now = Instant::now();
         self.inflight.set(self.inflight.get() - 1);
-        let started = self.started.borrow()[usize::try_from(tag).expect("slot < qd")];
-        if started >= self.measure_from {
+        let slot = tag & !FLUSH_TAG;
+        let i = usize::try_from(slot).expect("slot < qd");
+        let started = self.started.borrow()[i];
+        let counted = started >= self.measure_from;
+        let ns = u64::try_from(now.duration_since(started).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        if tag & FLUSH_TAG != 0 {
             match res {
-                Ok(_) => {
-                    self.ios.set(self.ios.get() + 1);
-                    let ns =
-                        u64::try_from(now.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
-                    self.hist.borrow_mut().saturating_record(ns.max(1));
+                Ok(_) if counted => {
+                    self.flushes.set(self.flushes.get() + 1);
+                    self.flush_hist.borrow_mut().saturating_record(ns);
                 }
-                Err(e) => {
-                    self.errors.set(self.errors.get() + 1);
-                    self.first_error
-                        .borrow_mut()
-                        .get_or_insert_with(|| e.to_string());
+                Ok(_) => {}
+                Err(e) => self.record_error(&e, "flush"),
+            }
+            buf = self.parked.borrow_mut()[i].take();
+        } else {
+            let write = self.writing.borrow()[i];
+            match res {
+                Ok(n) => {
+                    if counted {
+                        self.ios.set(self.ios.get() + 1);
+                        self.hist.borrow_mut().saturating_record(ns);
+                    }
+                    if write {
+                        self.write_bytes_all
+                            .set(self.write_bytes_all.get() + u64::from(n));
+                    }
                 }
+                Err(e) => self.record_error(&e, if write { "write" } else { "read" }),
+            }
+            if write && self.p.flush_every > 0 && now < self.end {
+                let n = self.writes_since_flush.get() + 1;
+                if n >= self.p.flush_every {
+                    self.writes_since_flush.set(0);
+                    return self.issue_flush(rx, slot, buf, now);
+                }
+                self.writes_since_flush.set(n);
             }
         }
         if now < self.end {
             if let Some(buf) = buf {
-                self.issue(rx, tag, buf, now);
+                self.issue(rx, slot, buf, now);
                 return;
             }
         }
@@ -221,6 +334,13 @@ pub fn run_jobs(
                 me: me.clone(),
                 ch,
                 started: RefCell::new(vec![start; p2.qd as usize]),
+                writing: RefCell::new(vec![false; p2.qd as usize]),
+                parked: RefCell::new((0..p2.qd).map(|_| None).collect()),
+                writes_since_flush: Cell::new(0),
+                in_submit: Cell::new(false),
+                draining: Cell::new(false),
+                deferred: RefCell::new(VecDeque::new()),
+                inline_completions: Cell::new(0),
                 rng: Cell::new(
                     0x9E37_79B9_7F4A_7C15
                         ^ (rx.id() as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9),
@@ -233,7 +353,10 @@ pub fn run_jobs(
                 ios: Cell::new(0),
                 errors: Cell::new(0),
                 first_error: RefCell::new(None),
-                hist: RefCell::new(hist),
+                hist: RefCell::new(hist.clone()),
+                flushes: Cell::new(0),
+                flush_hist: RefCell::new(hist),
+                write_bytes_all: Cell::new(0),
                 done: RefCell::new(Some(tx)),
                 p: p2,
             });
@@ -275,6 +398,10 @@ pub fn run_jobs(
         elapsed,
         cpu_ns: cpu1.saturating_sub(cpu0),
         per_core_ios: Vec::new(),
+        flushes: 0,
+        inline_completions: 0,
+        flush_hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).context("histogram")?,
+        write_bytes_all: 0,
     };
     for w in waits {
         let r = w
@@ -287,8 +414,149 @@ pub fn run_jobs(
             out.first_error = r.first_error;
         }
         out.hist.add(&r.hist).context("merging histograms")?;
+        out.flushes += r.flushes;
+        out.inline_completions += r.inline_completions;
+        out.write_bytes_all += r.write_bytes_all;
+        out.flush_hist
+            .add(&r.flush_hist)
+            .context("merging histograms")?;
     }
     Ok(out)
+}
+
+/// What a prefill did.
+#[derive(Debug)]
+pub struct Prefilled {
+    /// Bytes written.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// The sequential writer of [`prefill`] on reactor 0.
+struct Prefill {
+    me: std::rc::Weak<Prefill>,
+    ch: Rc<dyn Channel>,
+    span_bytes: u64,
+    /// Logical block size: the last write is cut to whole blocks.
+    lbs: u64,
+    next_offset: Cell<u64>,
+    inflight: Cell<u32>,
+    bytes: Cell<u64>,
+    first_error: RefCell<Option<String>>,
+    done: RefCell<Option<crossbeam::channel::Sender<Result<u64, String>>>>,
+}
+
+impl Prefill {
+    /// Writes the next chunk with `buf` (cut to what is left); false when nothing is left.
+    fn issue(&self, rx: &Reactor, buf: IoBuf) -> bool {
+        let off = self.next_offset.get();
+        let left = self.span_bytes.saturating_sub(off) / self.lbs * self.lbs;
+        if left == 0 || self.first_error.borrow().is_some() {
+            return false;
+        }
+        let buf = if (buf.len() as u64) <= left {
+            buf
+        } else {
+            let len = usize::try_from(left).expect("less than a buffer");
+            IoBuf::from_slice(&buf[..len])
+        };
+        self.next_offset.set(off + buf.len() as u64);
+        self.inflight.set(self.inflight.get() + 1);
+        let me: Rc<dyn Completion> = self.me.upgrade().expect("prefill lives until drained");
+        self.ch.submit(
+            rx,
+            Io::Write {
+                offset: off,
+                buf,
+                fua: false,
+            },
+            me,
+            0,
+        );
+        true
+    }
+}
+
+impl Completion for Prefill {
+    fn complete(&self, rx: &Reactor, _tag: u64, res: IoResult, buf: Option<IoBuf>) {
+        self.inflight.set(self.inflight.get() - 1);
+        match res {
+            Ok(n) => self.bytes.set(self.bytes.get() + u64::from(n)),
+            Err(e) => {
+                self.first_error.borrow_mut().get_or_insert_with(|| {
+                    format!("prefill write near offset {}: {e}", self.next_offset.get())
+                });
+            }
+        }
+        if let Some(buf) = buf {
+            if self.issue(rx, buf) {
+                return;
+            }
+        }
+        if self.inflight.get() == 0 {
+            self.ch.close(rx);
+            if let Some(tx) = self.done.borrow_mut().take() {
+                let res = match self.first_error.borrow_mut().take() {
+                    Some(e) => Err(e),
+                    None => Ok(self.bytes.get()),
+                };
+                let _ = tx.send(res);
+            }
+        }
+    }
+}
+
+/// Writes `[0, span_bytes)` of `dev` once, sequentially, from reactor 0: `chunk_bytes`
+/// writes, `qd` in flight, buffers filled with a non-zero pattern (so nothing can shortcut
+/// zeroes). Runs before the reactors time anything.
+pub fn prefill(
+    set: &ReactorSet,
+    dev: &Arc<dyn BlockDevice>,
+    span_bytes: u64,
+    chunk_bytes: u32,
+    qd: u32,
+) -> anyhow::Result<Prefilled> {
+    let t0 = Instant::now();
+    let (tx, done) = crossbeam::channel::bounded(1);
+    let d = Arc::clone(dev);
+    let lbs = u64::from(dev.geometry().logical_block_size.max(1));
+    set.remotes()[0].call(move |rx: &Reactor| -> anyhow::Result<()> {
+        let ch = d
+            .open_channel(rx)
+            .with_context(|| format!("opening {} for the prefill", d.name()))?;
+        let p = Rc::new_cyclic(|me| Prefill {
+            me: me.clone(),
+            ch,
+            span_bytes,
+            lbs,
+            next_offset: Cell::new(0),
+            inflight: Cell::new(0),
+            bytes: Cell::new(0),
+            first_error: RefCell::new(None),
+            done: RefCell::new(Some(tx)),
+        });
+        let mut any = false;
+        for _ in 0..qd {
+            let mut buf = IoBuf::alloc(chunk_bytes as usize);
+            buf.fill(0x5A);
+            any |= p.issue(rx, buf);
+        }
+        if !any {
+            if let Some(tx) = p.done.borrow_mut().take() {
+                let _ = tx.send(Ok(0));
+            }
+        }
+        Ok(())
+    })??;
+    let bytes = done
+        .recv_timeout(Duration::from_secs(3600))
+        .context("the prefill did not finish within an hour (stuck IO?)")?
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Prefilled {
+        bytes,
+        elapsed: t0.elapsed(),
+    })
 }
 
 /// Result of the idle wake-up probe.

@@ -7,23 +7,37 @@
 //! over the measured window divided by IOs). `--warmup` seconds run first and are not
 //! counted. `--idle-wake SECS` instead measures how long the first IO takes after the
 //! reactors have slept for SECS.
+//!
+//! `lvol:` targets ([`lvol`]) format a pool on a device and bench one thin volume on it;
+//! `--prefill` writes the range once before timing (allocated clusters instead of first
+//! writes), `--flush-every N` follows every N-th write with a FLUSH. Target specs are parsed
+//! in [`target`].
 
 mod job;
+mod lvol;
+mod target;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use coreblk_daemon::bdev::mem::{MallocDevice, NullDevice};
-use coreblk_daemon::bdev::nvme::{NvmeDevice, NvmeOptions};
-use coreblk_daemon::bdev::uring::UringDevice;
 use coreblk_daemon::bdev::BlockDevice;
 use coreblk_daemon::config::parse_size;
+use coreblk_daemon::lvs::alloc::AllocCounts;
 use coreblk_daemon::reactor::{ReactorConfig, ReactorSet};
 
 use job::{JobParams, Pattern};
+use lvol::{DevCounts, Lvol};
+use target::TargetSpec;
+
+/// Largest prefill write.
+const PREFILL_CHUNK_BYTES: u32 = 1 << 20;
+/// Prefill writes in flight.
+const PREFILL_QD: u32 = 16;
+/// Most cluster-sized segments one prefill write is split into on a volume (bounds the
+/// device IOs in flight: `PREFILL_QD` × this).
+const PREFILL_MAX_SEGMENTS: u64 = 16;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,7 +45,10 @@ use job::{JobParams, Pattern};
     about = "bdevperf-style benchmark on the coreblk reactors"
 )]
 struct Args {
-    /// null | malloc:SIZE | uring:PATH | nvme:DEVICE
+    /// null | malloc:SIZE | uring:PATH | nvme:DEVICE | lvol:PATH[,cluster=SIZE] |
+    /// lvol:malloc:SIZE[,cluster=SIZE]. An lvol target formats a new pool on PATH (its
+    /// contents are lost) and benches one thin volume on it (default size: 90% of the pool's
+    /// data space, or --size); one core only.
     #[arg(long, default_value = "null")]
     target: String,
     /// randread | randwrite | read | write | randrw[:READPCT]
@@ -55,9 +72,19 @@ struct Args {
     /// Seconds run first and not counted.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Limit IO to the first SIZE bytes of the target (default: all of it).
+    /// Limit IO to the first SIZE bytes of the target (default: all of it); for lvol
+    /// targets, the volume's size.
     #[arg(long)]
     size: Option<String>,
+    /// Before the timed run, write the whole range once sequentially (1 MiB writes, QD 16),
+    /// so the run measures allocated clusters (lvol) / written blocks (files).
+    #[arg(long)]
+    prefill: bool,
+    /// Each job issues a FLUSH after every N of its writes (0: never). Flushes are timed
+    /// separately (flush latency) and not counted as IOs; a slot waits for its flush before
+    /// its next IO. `--rw randwrite --qd 1 --flush-every 1` is a database's write+fdatasync.
+    #[arg(long, default_value_t = 0)]
+    flush_every: u64,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -84,42 +111,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn open_target(target: &str, passthrough: bool) -> anyhow::Result<Arc<dyn BlockDevice>> {
-    if passthrough && !target.starts_with("nvme:") {
-        bail!("--passthrough needs an nvme:/dev/nvmeXnY target");
-    }
-    let (kind, arg) = target.split_once(':').unwrap_or((target, ""));
-    Ok(match kind {
-        "null" => Arc::new(NullDevice::new(1 << 40)),
-        "malloc" => {
-            let size = if arg.is_empty() {
-                1 << 30
-            } else {
-                parse_size(arg)?
-            };
-            Arc::new(MallocDevice::new(size).context("allocating the malloc target")?)
-        }
-        "uring" => {
-            if arg.is_empty() {
-                bail!("--target uring needs a path: uring:/path/to/file-or-device");
-            }
-            Arc::new(UringDevice::open(&PathBuf::from(arg))?)
-        }
-        "nvme" => {
-            if arg.is_empty() {
-                bail!("--target nvme needs a namespace: nvme:/dev/nvme0n1");
-            }
-            Arc::new(NvmeDevice::open_with(
-                &PathBuf::from(arg),
-                NvmeOptions { passthrough },
-            )?)
-        }
-        other => {
-            bail!("unknown target {other:?}: use null, malloc:SIZE, uring:PATH or nvme:DEVICE")
-        }
-    })
 }
 
 fn parse_rw(rw: &str) -> anyhow::Result<Pattern> {
@@ -163,6 +154,20 @@ fn parse_rw(rw: &str) -> anyhow::Result<Pattern> {
     })
 }
 
+/// What the lvol target adds to a run's report.
+#[derive(Debug)]
+struct LvolReport {
+    cluster_bytes: u64,
+    volume_bytes: u64,
+    pool_clusters: u64,
+    /// Allocator counts after the run.
+    alloc: AllocCounts,
+    /// Clusters allocated during the timed run (first writes).
+    clusters_allocated: u64,
+    /// What the store wrote to its device during the timed run (warm-up and drain included).
+    device: DevCounts,
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let bs = parse_size(&args.bs)?;
     let bs = u32::try_from(bs)
@@ -187,9 +192,96 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let pattern = parse_rw(&args.rw)?;
-    let dev = open_target(&args.target, args.passthrough)?;
+    let spec = TargetSpec::parse(&args.target)?;
+    let size = args.size.as_deref().map(parse_size).transpose()?;
+    if spec.is_lvol() {
+        if cores.len() != 1 {
+            bail!(
+                "{}: lvol targets run on one core only (--cores 1 or a one-core --core-list): \
+                 a volume is served only on its pool's owner reactor in this version (other \
+                 reactors get EXDEV)",
+                args.target
+            );
+        }
+        if args.passthrough {
+            bail!("--passthrough needs an nvme:/dev/nvmeXnY target");
+        }
+        if args.idle_wake.is_some() {
+            bail!("--idle-wake is not supported on lvol targets");
+        }
+    }
+    let raw = if spec.is_lvol() {
+        None
+    } else {
+        Some(spec.open_raw(args.passthrough)?)
+    };
+    let cfg = ReactorConfig {
+        idle_threshold_us: args.idle_threshold_us,
+        busy_poll_limit_us: args.busy_poll_us,
+        buf_chunk_bytes: bs as usize,
+        buf_count: args.qd as usize,
+        // A volume IO can become several device IOs (one per cluster, plus journal writes);
+        // a prefill keeps PREFILL_QD × PREFILL_MAX_SEGMENTS in flight.
+        max_inflight: if spec.is_lvol() {
+            (args.qd * 4).max(1024)
+        } else {
+            args.qd.max(64) * 2
+        },
+        ring_entries: args.qd.next_power_of_two().max(32),
+        big_sqe: args.passthrough,
+        ..ReactorConfig::default()
+    };
+    let mut reactors = ReactorSet::start(&cores, &cfg)?;
+    let res = run_on(&args, &reactors, &spec, raw, size, bs, pattern, &cores);
+    reactors.shutdown();
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_on(
+    args: &Args,
+    reactors: &ReactorSet,
+    spec: &TargetSpec,
+    raw: Option<Arc<dyn BlockDevice>>,
+    size: Option<u64>,
+    bs: u32,
+    pattern: Pattern,
+    cores: &[usize],
+) -> anyhow::Result<()> {
+    let (dev, lv) = match (raw, spec) {
+        (Some(dev), _) => (dev, None),
+        (
+            None,
+            TargetSpec::Lvol {
+                backing,
+                cluster_bytes,
+            },
+        ) => {
+            let lv = Lvol::setup(reactors, backing, *cluster_bytes, size)?;
+            (Arc::clone(&lv.dev), Some(lv))
+        }
+        (None, _) => bail!("internal: no device for {}", args.target),
+    };
+    let res = run_dev(args, reactors, &dev, lv.as_ref(), size, bs, pattern, cores);
+    if let Some(lv) = &lv {
+        lv.stop(reactors)?;
+    }
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_dev(
+    args: &Args,
+    reactors: &ReactorSet,
+    dev: &Arc<dyn BlockDevice>,
+    lv: Option<&Lvol>,
+    size: Option<u64>,
+    bs: u32,
+    pattern: Pattern,
+    cores: &[usize],
+) -> anyhow::Result<()> {
     let geo = dev.geometry().clone();
-    if bs % geo.logical_block_size != 0 {
+    if !bs.is_multiple_of(geo.logical_block_size) {
         bail!(
             "--bs {bs} is not a multiple of the target's logical block size {}",
             geo.logical_block_size
@@ -201,10 +293,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             geo.max_transfer_bytes
         );
     }
-    let span = match &args.size {
-        Some(s) => parse_size(s)?.min(geo.size_bytes),
-        None => geo.size_bytes,
-    };
+    let span = size.map_or(geo.size_bytes, |s| s.min(geo.size_bytes));
     if span < u64::from(bs) * cores.len() as u64 {
         bail!(
             "target {} is too small ({span} bytes) for --bs {bs} on {} cores",
@@ -212,22 +301,30 @@ fn run(args: Args) -> anyhow::Result<()> {
             cores.len()
         );
     }
-    let cfg = ReactorConfig {
-        idle_threshold_us: args.idle_threshold_us,
-        busy_poll_limit_us: args.busy_poll_us,
-        buf_chunk_bytes: bs as usize,
-        buf_count: args.qd as usize,
-        max_inflight: args.qd.max(64) * 2,
-        ring_entries: args.qd.next_power_of_two().max(32),
-        big_sqe: args.passthrough,
-        ..ReactorConfig::default()
-    };
-    let mut reactors = ReactorSet::start(&cores, &cfg)?;
     if let Some(secs) = args.idle_wake {
-        let r = job::idle_wake(&reactors, &dev, bs, Duration::from_secs_f64(secs))?;
-        reactors.shutdown();
-        print_idle(&args, &r);
+        let r = job::idle_wake(reactors, dev, bs, Duration::from_secs_f64(secs))?;
+        print_idle(args, &r);
         return Ok(());
+    }
+    if args.prefill {
+        let lbs = geo.logical_block_size.max(1);
+        let mut chunk = PREFILL_CHUNK_BYTES.min(geo.max_transfer_bytes);
+        if let Some(lv) = lv {
+            let most = u32::try_from(lv.cluster_bytes * PREFILL_MAX_SEGMENTS).unwrap_or(u32::MAX);
+            chunk = chunk.min(most);
+        }
+        let chunk = (chunk / lbs * lbs).max(lbs);
+        let r = job::prefill(reactors, dev, span, chunk, PREFILL_QD)?;
+        if let Some(lv) = lv {
+            lv.settle(reactors)?;
+        }
+        eprintln!(
+            "prefilled {} MiB of {} in {:.2} s ({:.0} MiB/s)",
+            r.bytes >> 20,
+            dev.name(),
+            r.elapsed.as_secs_f64(),
+            r.bytes as f64 / (1 << 20) as f64 / r.elapsed.as_secs_f64().max(1e-9)
+        );
     }
     let params = JobParams {
         bs,
@@ -236,10 +333,28 @@ fn run(args: Args) -> anyhow::Result<()> {
         span_bytes: span,
         warmup: Duration::from_secs_f64(args.warmup),
         time: Duration::from_secs_f64(args.time),
+        flush_every: args.flush_every,
     };
-    let result = job::run_jobs(&reactors, &dev, &params)?;
-    reactors.shutdown();
-    print_result(&args, &params, &cores, &result);
+    let before = match lv {
+        Some(lv) => Some((lv.device_counts(), lv.alloc_counts(reactors)?)),
+        None => None,
+    };
+    let result = job::run_jobs(reactors, dev, &params)?;
+    let lvol_report = match (lv, before) {
+        (Some(lv), Some((dev0, alloc0))) => {
+            let alloc = lv.alloc_counts(reactors)?;
+            Some(LvolReport {
+                cluster_bytes: lv.cluster_bytes,
+                volume_bytes: lv.volume_bytes,
+                pool_clusters: lv.pool_clusters,
+                alloc,
+                clusters_allocated: alloc.in_use.saturating_sub(alloc0.in_use),
+                device: lv.device_counts().since(&dev0),
+            })
+        }
+        _ => None,
+    };
+    print_result(args, &params, cores, &result, lvol_report.as_ref());
     if result.errors > 0 {
         bail!(
             "{} IOs failed (first error: {})",
@@ -264,34 +379,66 @@ fn print_idle(args: &Args, r: &job::IdleWake) {
     }
 }
 
-fn print_result(args: &Args, p: &JobParams, cores: &[usize], r: &job::JobsResult) {
+/// Write amplification of the run: what the store wrote to its device (data + metadata) per
+/// byte the jobs wrote. `None` without writes.
+fn write_amplification(l: &LvolReport, user_write_bytes: u64) -> Option<f64> {
+    (user_write_bytes > 0).then(|| {
+        (l.device.data_write_bytes + l.device.meta_write_bytes) as f64 / user_write_bytes as f64
+    })
+}
+
+fn print_result(
+    args: &Args,
+    p: &JobParams,
+    cores: &[usize],
+    r: &job::JobsResult,
+    lvol: Option<&LvolReport>,
+) {
     let secs = r.elapsed.as_secs_f64();
     let iops = r.ios as f64 / secs;
     let mib_s = r.ios as f64 * f64::from(p.bs) / secs / (1 << 20) as f64;
     let q = |x: f64| r.hist.value_at_quantile(x) as f64 / 1000.0;
+    let fq = |x: f64| r.flush_hist.value_at_quantile(x) as f64 / 1000.0;
     let cpu_ns_per_io = if r.ios > 0 {
         r.cpu_ns as f64 / r.ios as f64
     } else {
         0.0
     };
     if args.json {
+        let flush_lat = (r.flushes > 0).then(|| {
+            serde_json::json!({ "mean": r.flush_hist.mean() / 1000.0, "p50": fq(0.5), "p99": fq(0.99), "p999": fq(0.999), "max": r.flush_hist.max() as f64 / 1000.0 })
+        });
+        let lvol = lvol.map(|l| {
+            serde_json::json!({
+                "cluster_bytes": l.cluster_bytes, "volume_bytes": l.volume_bytes, "pool_clusters": l.pool_clusters,
+                "alloc": { "zeroed": l.alloc.zeroed, "in_use": l.alloc.in_use, "recycling": l.alloc.recycling },
+                "clusters_allocated": l.clusters_allocated,
+                "user_write_bytes": r.write_bytes_all,
+                "device": l.device,
+                "write_amplification": write_amplification(l, r.write_bytes_all),
+            })
+        });
         let v = serde_json::json!({
             "target": args.target, "passthrough": args.passthrough, "rw": args.rw, "bs": p.bs, "qd": p.qd, "cores": cores.len(),
+            "prefill": args.prefill, "flush_every": p.flush_every,
             "time_s": secs, "ios": r.ios, "errors": r.errors,
             "iops": iops, "mib_s": mib_s,
             "lat_us": { "mean": r.hist.mean() / 1000.0, "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": r.hist.max() as f64 / 1000.0 },
+            "flushes": r.flushes, "flush_lat_us": flush_lat, "inline_completions": r.inline_completions,
             "cpu_ns_per_io": cpu_ns_per_io,
             "per_core_iops": r.per_core_ios.iter().map(|n| *n as f64 / secs).collect::<Vec<_>>(),
+            "lvol": lvol,
         });
         println!("{v}");
     } else {
         println!(
-            "{} {} bs={} qd={} cores={}: {:.0} IOPS, {:.1} MiB/s, lat µs p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}, {:.0} CPU ns/IO, {} errors",
+            "{} {} bs={} qd={} cores={}{}: {:.0} IOPS, {:.1} MiB/s, lat µs p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}, {:.0} CPU ns/IO, {} errors",
             args.target,
             args.rw,
             p.bs,
             p.qd,
             cores.len(),
+            if args.prefill { " prefilled" } else { "" },
             iops,
             mib_s,
             q(0.5),
@@ -301,5 +448,46 @@ fn print_result(args: &Args, p: &JobParams, cores: &[usize], r: &job::JobsResult
             cpu_ns_per_io,
             r.errors
         );
+        if r.inline_completions > 0 {
+            println!(
+                "  {} completions arrived inline (inside submit, not from the reactor loop)",
+                r.inline_completions
+            );
+        }
+        if p.flush_every > 0 {
+            println!(
+                "  flush every {} writes: {} flushes ({:.0}/s), flush lat µs p50 {:.1} p99 {:.1} max {:.1}",
+                p.flush_every,
+                r.flushes,
+                r.flushes as f64 / secs,
+                fq(0.5),
+                fq(0.99),
+                r.flush_hist.max() as f64 / 1000.0
+            );
+        }
+        if let Some(l) = lvol {
+            let d = &l.device;
+            println!(
+                "  lvol: cluster {} KiB, volume {} MiB, pool clusters {} (zeroed {}, in use {}, recycling {}); run allocated {} clusters",
+                l.cluster_bytes >> 10,
+                l.volume_bytes >> 20,
+                l.pool_clusters,
+                l.alloc.zeroed,
+                l.alloc.in_use,
+                l.alloc.recycling,
+                l.clusters_allocated
+            );
+            println!(
+                "  device writes: data {} MiB, metadata {} KiB ({} write IOs), zeroes {} MiB, {} flushes; user writes {} MiB; write amplification {}",
+                d.data_write_bytes >> 20,
+                d.meta_write_bytes >> 10,
+                d.write_ios,
+                d.zeroes_bytes >> 20,
+                d.flushes,
+                r.write_bytes_all >> 20,
+                write_amplification(l, r.write_bytes_all)
+                    .map_or_else(|| "n/a (no writes)".to_string(), |w| format!("{w:.3}"))
+            );
+        }
     }
 }
