@@ -27,9 +27,8 @@ use std::sync::Arc;
 
 use super::format::{self, Record, Superblock, BLOCK_BYTES, NO_CHECKPOINT};
 use super::map::{ClusterMap, Mapping, LEAF_ENTRIES};
-use super::pool::{volume_clusters, Maps, PoolError};
+use super::pool::{volume_clusters, Maps, MetaSource, PoolError};
 use super::table::{take_u16, take_u32, VolumeRecord, VolumeTable};
-use crate::bdev::blocking::BlockingDevice;
 
 /// Distinguishes checkpoint blocks from journal blocks of the same pool.
 pub const CKPT_TAG_XOR: u64 = 0x434B_5054_434B_5054;
@@ -115,7 +114,7 @@ fn encode_leaf(map: &ClusterMap, index: usize, leaf_id: u32, out: &mut Vec<Recor
 }
 
 /// Loads the checkpoint the superblock names (an empty table without one).
-pub fn load(dev: &BlockingDevice, sb: &Superblock) -> Result<(VolumeTable, Maps), PoolError> {
+pub fn load(dev: &impl MetaSource, sb: &Superblock) -> Result<(VolumeTable, Maps), PoolError> {
     if sb.active_ckpt == NO_CHECKPOINT {
         return Ok((VolumeTable::default(), BTreeMap::new()));
     }
@@ -138,7 +137,7 @@ pub fn load(dev: &BlockingDevice, sb: &Superblock) -> Result<(VolumeTable, Maps)
     let mut off = 0;
     while off < sb.ckpt_len {
         let n = chunk.min(sb.ckpt_len - off);
-        let b = dev.read(
+        let b = dev.read_at(
             sb.region_start + area + off,
             usize::try_from(n).expect("chunk fits usize"),
         )?;

@@ -210,14 +210,37 @@ pub fn create(
     Ok(sb)
 }
 
+/// Where import reads a pool's metadata from: the device, or (crash tests, offline
+/// tools) an image of it.
+pub trait MetaSource {
+    /// Size of the device in bytes.
+    fn device_bytes(&self) -> u64;
+    /// A name for errors.
+    fn source_name(&self) -> String;
+    /// Reads `len` bytes at `offset`.
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, PoolError>;
+}
+
+impl MetaSource for BlockingDevice {
+    fn device_bytes(&self) -> u64 {
+        self.device().geometry().size_bytes
+    }
+    fn source_name(&self) -> String {
+        self.device().name().to_string()
+    }
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, PoolError> {
+        Ok(self.read(offset, len)?)
+    }
+}
+
 /// Reads both superblock copies and returns the valid one with the higher generation, and
 /// the other copy's problem (if any) for the import report.
 pub fn read_superblock(
-    dev: &BlockingDevice,
+    dev: &impl MetaSource,
 ) -> Result<(Superblock, Option<DecodeError>), PoolError> {
-    let region = label::data_region(dev.device().geometry().size_bytes);
+    let region = label::data_region(dev.device_bytes());
     let read = |copy: u32| -> Result<Result<Superblock, DecodeError>, PoolError> {
-        let b = dev.read(
+        let b = dev.read_at(
             region.start + u64::from(copy) * BLOCK_BYTES as u64,
             BLOCK_BYTES,
         )?;
@@ -227,7 +250,7 @@ pub fn read_superblock(
         (Ok(a), Ok(b)) => Ok((if a.generation >= b.generation { a } else { b }, None)),
         (Ok(a), Err(e)) | (Err(e), Ok(a)) => Ok((a, Some(e))),
         (Err(copy0), Err(copy1)) => Err(PoolError::NoSuperblock {
-            device: dev.device().name().to_string(),
+            device: dev.source_name(),
             copy0,
             copy1,
         }),
@@ -366,10 +389,10 @@ fn apply_map_record(sb: &Superblock, maps: &Maps, r: &Record) -> Result<(), Stri
 }
 
 /// Imports a pool: superblock, the checkpoint it names, then journal replay.
-pub fn import(dev: &BlockingDevice) -> Result<Imported, PoolError> {
+pub fn import(dev: &impl MetaSource) -> Result<Imported, PoolError> {
     let (sb, damaged_copy) = read_superblock(dev)?;
     let (mut table, mut maps) = super::checkpoint::load(dev, &sb)?;
-    let replay = journal::replay(&sb, |off| dev.read(off, BLOCK_BYTES).ok());
+    let replay = journal::replay(&sb, |off| dev.read_at(off, BLOCK_BYTES).ok());
     for (seq, r) in &replay.records {
         apply_record(&sb, &mut table, &mut maps, r)
             .map_err(|why| PoolError::BadRecord { seq: *seq, why })?;

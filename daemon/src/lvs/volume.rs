@@ -1097,6 +1097,7 @@ impl PoolRt {
             vol,
             geo,
             reqs: RefCell::new(ReqTable::default()),
+            in_submit: Cell::new(false),
         }))
     }
 
@@ -1455,6 +1456,8 @@ pub struct VolumeChannel {
     vol: Rc<VolRt>,
     geo: Geometry,
     reqs: RefCell<ReqTable<Req>>,
+    /// Inside `submit`: completions are deferred to the reactor loop.
+    in_submit: Cell<bool>,
 }
 
 impl fmt::Debug for VolumeChannel {
@@ -1528,7 +1531,13 @@ impl VolumeChannel {
             if r.write {
                 self.vol.write_end(rx);
             }
-            r.cb.complete(rx, r.tag, res, r.buf);
+            if self.in_submit.get() {
+                // Completed inside `submit` (unmapped reads, nothing to unmap, ENOSPC):
+                // through the reactor's software completions, never re-entrantly.
+                crate::bdev::complete_soft(rx, r.cb, r.tag, res, r.buf);
+            } else {
+                r.cb.complete(rx, r.tag, res, r.buf);
+            }
         }
     }
 
@@ -1616,6 +1625,18 @@ impl VolumeChannel {
                     &self.vol,
                     seg.lc,
                     Box::new(move |rx: &Reactor, r: Result<(), Errno>| match r {
+                        Ok(()) if op == (SegOp::Data { fua: true }) => {
+                            // The FUA write lands in the copy: the copy's record must be
+                            // durable first, or power loss maps the old cluster back.
+                            let me2 = Rc::clone(&me);
+                            me.rt.journal.flush(
+                                rx,
+                                Box::new(move |rx: &Reactor, r: Result<u64, Errno>| match r {
+                                    Ok(_) => me2.write_seg(rx, slot, seg, op),
+                                    Err(e) => me2.part_done(rx, slot, Err(e)),
+                                }),
+                            );
+                        }
                         Ok(()) => me.write_seg(rx, slot, seg, op),
                         Err(e) => me.part_done(rx, slot, Err(e)),
                     }),
@@ -1815,6 +1836,14 @@ impl Channel for VolumeChannel {
                 .push(Box::new(move |rx: &Reactor| me.submit(rx, io, cb, tag)));
             return;
         }
+        self.in_submit.set(true);
+        self.dispatch(rx, io, cb, tag);
+        self.in_submit.set(false);
+    }
+}
+
+impl VolumeChannel {
+    fn dispatch(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
         let cluster = self.rt.cluster_bytes();
         match io {
             Io::Read { offset, buf } => {

@@ -1,7 +1,7 @@
 //! Thin volumes end to end on a malloc-backed pool: random IO against a byte model across
 //! cluster boundaries, re-import after the runtime is dropped, accounting, and a full pool.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -574,6 +574,8 @@ fn a_cluster_is_not_recycled_while_an_io_to_it_is_in_flight() {
     );
 }
 
+mod crash;
+
 /// Model-based test (issue 10): random sequences of create / write / read / FUA / discard /
 /// write-zeroes / snapshot / group snapshot / clone / rollback / inflate / delete (incl.
 /// with dependents) / resize / flush / checkpoint / reopen against a plain in-memory
@@ -999,4 +1001,76 @@ mod model {
             run(ops)?;
         }
     }
+}
+
+/// Requests that complete without device IO (reads of unmapped clusters, discards of
+/// nothing) complete from the reactor loop, never inside `submit`: a caller that resubmits
+/// from its completion (every benchmark and the ublk queue do) must not recurse.
+#[test]
+fn completions_without_device_io_never_run_inside_submit() {
+    struct Again {
+        ch: Rc<dyn Channel>,
+        left: Cell<u32>,
+        depth: Cell<u32>,
+        max_depth: Cell<u32>,
+        done: RefCell<Option<crossbeam::channel::Sender<u32>>>,
+    }
+    impl Completion for Again {
+        fn complete(&self, rx: &Reactor, _tag: u64, res: IoResult, buf: Option<IoBuf>) {
+            res.expect("read");
+            self.depth.set(self.depth.get() + 1);
+            self.max_depth.set(self.max_depth.get().max(self.depth.get()));
+            if self.left.get() == 0 {
+                if let Some(tx) = self.done.borrow_mut().take() {
+                    tx.send(self.max_depth.get()).expect("send");
+                }
+            } else {
+                self.left.set(self.left.get() - 1);
+                let me: Rc<dyn Completion> = AGAIN.with(|a| a.borrow().clone()).expect("set");
+                let io = Io::Read {
+                    offset: if self.left.get() % 2 == 0 { 0 } else { 4096 },
+                    buf: buf.expect("buffer back"),
+                };
+                self.ch.submit(rx, io, me, 0);
+            }
+            self.depth.set(self.depth.get() - 1);
+        }
+    }
+    thread_local! {
+        static AGAIN: RefCell<Option<Rc<dyn Completion>>> = const { RefCell::new(None) };
+    }
+    let h = Harness::new(96 << 20);
+    let vol = h.create("inline", 1 << 20);
+    let (tx, rx_done) = crossbeam::channel::bounded(1);
+    h.set.remotes()[0]
+        .call(move |rx: &Reactor| {
+            let rt = RT.with(|r| r.borrow().clone()).expect("pool");
+            let ch = rt.open_volume(rx, vol).expect("open");
+            let again = Rc::new(Again {
+                ch: Rc::clone(&ch),
+                left: Cell::new(100_000),
+                depth: Cell::new(0),
+                max_depth: Cell::new(0),
+                done: RefCell::new(Some(tx)),
+            });
+            let cb: Rc<dyn Completion> = again;
+            AGAIN.with(|a| *a.borrow_mut() = Some(Rc::clone(&cb)));
+            ch.submit(
+                rx,
+                Io::Read {
+                    offset: 0,
+                    buf: IoBuf::alloc(4096),
+                },
+                cb,
+                0,
+            );
+        })
+        .expect("call");
+    let depth = rx_done
+        .recv_timeout(Duration::from_secs(60))
+        .expect("100k resubmissions completed");
+    assert_eq!(depth, 1, "a completion never runs inside another's submit");
+    h.set.remotes()[0]
+        .call(|_rx: &Reactor| AGAIN.with(|a| drop(a.borrow_mut().take())))
+        .expect("call");
 }
