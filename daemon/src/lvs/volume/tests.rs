@@ -1019,7 +1019,8 @@ fn completions_without_device_io_never_run_inside_submit() {
         fn complete(&self, rx: &Reactor, _tag: u64, res: IoResult, buf: Option<IoBuf>) {
             res.expect("read");
             self.depth.set(self.depth.get() + 1);
-            self.max_depth.set(self.max_depth.get().max(self.depth.get()));
+            self.max_depth
+                .set(self.max_depth.get().max(self.depth.get()));
             if self.left.get() == 0 {
                 if let Some(tx) = self.done.borrow_mut().take() {
                     tx.send(self.max_depth.get()).expect("send");

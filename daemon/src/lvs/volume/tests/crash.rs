@@ -604,7 +604,9 @@ fn every_crash_point_of_a_mixed_workload_keeps_the_contract_in_both_models() {
     let mut base = Image::new();
     let chunk = 1u64 << 20;
     for off in (0..DEV).step_by(usize::try_from(chunk).expect("small")) {
-        let b = client.read(off, usize::try_from(chunk).expect("small")).expect("read");
+        let b = client
+            .read(off, usize::try_from(chunk).expect("small"))
+            .expect("read");
         for (k, blk) in b.chunks(BLK_USIZE).enumerate() {
             if blk.iter().any(|&x| x != 0) {
                 base.insert(off + k as u64 * BLK, Rc::from(blk));
