@@ -1,7 +1,8 @@
 //! `coreblkd`: the node daemon. Starts one reactor per core and serves the configured
 //! device — with none configured, a sparse file under `./var` — plus the gRPC API on a
 //! unix socket and `/metrics`, until SIGTERM or SIGINT. `coreblkd devices ...` lists and
-//! claims devices offline (no daemon needed).
+//! claims devices offline (no daemon needed); `coreblkd verify --device PATH`
+//! checks a pool offline (`lvs::verify`).
 //!
 //! Start-up order: configuration (and a check that the API socket's directory is
 //! usable), device, reactors, then the API socket (so bad input fails before anything is
@@ -57,6 +58,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DevicesCmd,
     },
+    /// Check a pool offline (fsck): every metadata structure and cross-reference. Reads
+    /// only; run it while no daemon holds the device. Exit status: 0 clean (warnings
+    /// allowed), 1 damaged, 2 could not check.
+    Verify {
+        /// The pool's device or file.
+        #[arg(long)]
+        device: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,6 +101,7 @@ fn main() -> std::process::ExitCode {
     init_logging();
     let res = match cli.cmd {
         Some(Cmd::Devices { cmd }) => devices(cmd),
+        Some(Cmd::Verify { device, json }) => return verify(&device, json),
         None => serve(cli.run),
     };
     match res {
@@ -117,6 +130,33 @@ fn devices(cmd: DevicesCmd) -> anyhow::Result<()> {
         DevicesCmd::Claim { path, force, json } => {
             coreblk_daemon::bdev::claim::cli_claim(&path, force, json)
         }
+    }
+}
+
+/// `coreblkd verify`: exit 0 clean, 1 damaged, 2 could not check.
+fn verify(device: &std::path::Path, json: bool) -> std::process::ExitCode {
+    let report = match coreblk_daemon::lvs::verify::verify_offline(device) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("coreblkd verify: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("coreblkd verify: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{report}");
+    }
+    match (report.incomplete.is_some(), report.is_clean()) {
+        (true, _) => std::process::ExitCode::from(2),
+        (false, true) => std::process::ExitCode::SUCCESS,
+        (false, false) => std::process::ExitCode::from(1),
     }
 }
 

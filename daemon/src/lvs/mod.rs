@@ -20,4 +20,5 @@ pub mod journal;
 pub mod map;
 pub mod pool;
 pub mod table;
+pub mod verify;
 pub mod volume;
