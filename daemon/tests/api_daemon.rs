@@ -1,7 +1,8 @@
 //! The API end to end: a real `coreblkd` on a temp socket, driven only through the
 //! `coreblk` CLI and a tonic client — devices (claim, idempotency, release, restart),
 //! node info, pools and volumes (idempotency, error codes, pagination), image import and
-//! export (holes, byte-identical round trip, interrupted and resumed imports), data that
+//! export (holes, byte-identical round trip, interrupted and resumed imports), snapshots,
+//! group snapshots, clones, rollback, inflate, diff and incremental export, data that
 //! survives a restart and a `kill -9`, the unbuilt services' status codes, socket
 //! ownership (a second daemon is refused, a stale socket replaced), SIGTERM, and
 //! `/metrics`.
@@ -338,12 +339,6 @@ fn unbuilt_services_answer_with_proper_statuses() {
     let daemon = Daemon::start(dir.path(), &dir.path().join("api.sock"));
     rt().block_on(async {
         let channel = connect(&daemon.socket).await.expect("connect");
-        let e = pb::snapshots_client::SnapshotsClient::new(channel.clone())
-            .list_snapshots(pb::ListSnapshotsRequest::default())
-            .await
-            .expect_err("no snapshots yet");
-        assert_eq!(e.code(), tonic::Code::Unimplemented);
-        assert!(e.message().contains("snapshots"), "{}", e.message());
         let e = pb::exports_client::ExportsClient::new(channel.clone())
             .export_volume(pb::ExportVolumeRequest {
                 volume: "v".into(),
@@ -357,14 +352,6 @@ fn unbuilt_services_answer_with_proper_statuses() {
             "{}",
             e.message()
         );
-        let e = pb::images_client::ImagesClient::new(channel.clone())
-            .export_image(pb::ExportImageRequest {
-                source: Some(pb::export_image_request::Source::Snapshot("s".into())),
-                ..Default::default()
-            })
-            .await
-            .expect_err("no snapshots yet");
-        assert_eq!(e.code(), tonic::Code::Unimplemented);
         let e = pb::pools_client::PoolsClient::new(channel.clone())
             .verify_pool(pb::VerifyPoolRequest {
                 pool: "default".into(),
@@ -390,18 +377,9 @@ fn unbuilt_services_answer_with_proper_statuses() {
     });
     // The CLI prints the server's message and the code, and exits 1.
     daemon.json(&["volume", "create", "v1", "--size", "1M"]);
-    for args in [
-        &["snapshot", "list"][..],
-        &["clone", "snap1", "v2"],
-        &["volume", "rollback", "v1", "s1"],
-        &["volume", "inflate", "v1"],
-        &["volume", "create", "v3", "--size", "1M", "--thick"],
-        &["image", "export", "--snapshot", "s1", "/dev/null"],
-    ] {
-        let out = daemon.coreblk(args);
-        failed_with(&out, "not served by this coreblkd yet");
-        failed_with(&out, "(UNIMPLEMENTED)");
-    }
+    let out = daemon.coreblk(&["volume", "create", "v3", "--size", "1M", "--thick"]);
+    failed_with(&out, "not served by this coreblkd yet");
+    failed_with(&out, "(UNIMPLEMENTED)");
     failed_with(
         &daemon.coreblk(&["export", "v1", "--persistent"]),
         "(FAILED_PRECONDITION)",
@@ -879,6 +857,7 @@ fn an_interrupted_import_is_marked_and_resumes_from_the_last_ack() {
             size_bytes: 1 << 20,
             labels: Default::default(),
             resume,
+            overwrite: false,
         })),
     };
     rt().block_on(async {
@@ -1000,4 +979,476 @@ async fn wait_importing(
         .await
         .expect("get")
         .into_inner()
+}
+
+/// A piece of data written over a volume: bytes at an offset, or a zeroed range.
+enum Piece {
+    Data(u64, Vec<u8>),
+    Zero(u64, u64),
+}
+
+/// Writes `pieces` (in increasing offset order) over the existing `volume` through
+/// `ImportImage` with `overwrite`, and applies them to `model`.
+async fn write_over(
+    channel: tonic::transport::Channel,
+    volume: &str,
+    pieces: Vec<Piece>,
+    model: &mut [u8],
+) {
+    let mut msgs = vec![pb::ImportImageRequest {
+        msg: Some(pb::import_image_request::Msg::Start(pb::ImportStart {
+            volume_name: volume.to_owned(),
+            overwrite: true,
+            ..Default::default()
+        })),
+    }];
+    for p in pieces {
+        let chunk = match p {
+            Piece::Data(offset, data) => {
+                let at = usize::try_from(offset).expect("fits");
+                model[at..at + data.len()].copy_from_slice(&data);
+                pb::ImageChunk {
+                    offset_bytes: offset,
+                    data,
+                    zero: false,
+                    length_bytes: 0,
+                }
+            }
+            Piece::Zero(offset, len) => {
+                let (at, n) = (
+                    usize::try_from(offset).expect("fits"),
+                    usize::try_from(len).expect("fits"),
+                );
+                model[at..at + n].fill(0);
+                pb::ImageChunk {
+                    offset_bytes: offset,
+                    data: Vec::new(),
+                    zero: true,
+                    length_bytes: len,
+                }
+            }
+        };
+        msgs.push(pb::ImportImageRequest {
+            msg: Some(pb::import_image_request::Msg::Chunk(chunk)),
+        });
+    }
+    msgs.push(pb::ImportImageRequest {
+        msg: Some(pb::import_image_request::Msg::Finish(pb::ImportFinish {
+            expected_size_bytes: 0,
+        })),
+    });
+    let mut responses = pb::images_client::ImagesClient::new(channel)
+        .max_encoding_message_size(coreblk_daemon::control::MAX_IMAGE_MESSAGE_BYTES)
+        .import_image(tokio_stream::iter(msgs))
+        .await
+        .expect("overwrite starts")
+        .into_inner();
+    let mut finished = false;
+    while let Some(m) = responses.message().await.expect("overwrite runs") {
+        finished |= matches!(m.msg, Some(pb::import_image_response::Msg::Finished(_)));
+    }
+    assert!(finished, "the overwrite of {volume} did not finish");
+}
+
+/// Exports a volume or snapshot through the API: (data chunks as (offset, len), zero
+/// chunks as (offset, len), the bytes applied over `base`).
+async fn export_api(
+    channel: tonic::transport::Channel,
+    source: pb::export_image_request::Source,
+    since: &str,
+    base: &[u8],
+) -> (Vec<(u64, u64)>, Vec<(u64, u64)>, Vec<u8>) {
+    let mut stream = pb::images_client::ImagesClient::new(channel)
+        .max_decoding_message_size(coreblk_daemon::control::MAX_IMAGE_MESSAGE_BYTES)
+        .export_image(pb::ExportImageRequest {
+            source: Some(source),
+            since_snapshot: since.to_owned(),
+            max_chunk_bytes: 0,
+        })
+        .await
+        .expect("export starts")
+        .into_inner();
+    let (mut data, mut zeros, mut out) = (Vec::new(), Vec::new(), base.to_vec());
+    while let Some(m) = stream.message().await.expect("export runs") {
+        if let Some(pb::export_image_response::Msg::Chunk(c)) = m.msg {
+            let at = usize::try_from(c.offset_bytes).expect("fits");
+            if c.zero {
+                let n = usize::try_from(c.length_bytes).expect("fits");
+                out[at..at + n].fill(0);
+                zeros.push((c.offset_bytes, c.length_bytes));
+            } else {
+                out[at..at + c.data.len()].copy_from_slice(&c.data);
+                data.push((c.offset_bytes, c.data.len() as u64));
+            }
+        }
+    }
+    (data, zeros, out)
+}
+
+/// Whether every range of `inner` lies inside one of `outer`.
+fn covered(inner: &[(u64, u64)], outer: &[(u64, u64)]) -> bool {
+    inner
+        .iter()
+        .all(|&(o, l)| outer.iter().any(|&(so, sl)| o >= so && o + l <= so + sl))
+}
+
+fn seeded(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = coreblk_daemon::testing::Rng::new(seed);
+    (0..len)
+        .map(|_| rng.next_u64().to_le_bytes()[0] | 1)
+        .collect()
+}
+
+fn snap_of(v: &Value) -> &Value {
+    &v["snapshots"][0]
+}
+
+/// Exports a snapshot through the CLI to a new file and returns its bytes.
+fn export_snapshot(daemon: &Daemon, dir: &Path, snapshot: &str) -> Vec<u8> {
+    let out = dir.join(format!("export-{snapshot}-{}.raw", unique()));
+    daemon.json(&["image", "export", path_str(&out), "--snapshot", snapshot]);
+    std::fs::read(&out).expect("read export")
+}
+
+#[test]
+fn snapshots_clones_rollback_inflate_diff_and_incremental_export() {
+    const MIB: u64 = 1 << 20;
+    const CLUSTER: u64 = 64 << 10;
+    let dir = workdir();
+    let socket = dir.path().join("api.sock");
+    let daemon = Daemon::start(dir.path(), &socket);
+    let rt = rt();
+    let channel = rt.block_on(connect(&daemon.socket)).expect("connect");
+    let vol_a = volume_of(&daemon.json(&["volume", "create", "a", "--size", "4M"])).clone();
+
+    // Content A: data in [0, 1 MiB) and [2, 3 MiB), holes elsewhere.
+    let mut a = vec![0u8; 4 << 20];
+    rt.block_on(write_over(
+        channel.clone(),
+        "a",
+        vec![
+            Piece::Data(0, seeded(1 << 20, 1)),
+            Piece::Data(2 * MIB, seeded(1 << 20, 2)),
+        ],
+        &mut a,
+    ));
+    let content_a = a.clone();
+
+    // A snapshot: shares every cluster with its volume.
+    let s1 = snap_of(&daemon.json(&["snapshot", "create", "a", "s1", "--label", "k=v"])).clone();
+    assert_eq!(s1["volume_name"], "a", "{s1}");
+    assert_eq!(s1["volume_uuid"], vol_a["uuid"], "{s1}");
+    assert_eq!(s1["size_bytes"], 4 * MIB);
+    assert_eq!(s1["allocated_bytes"], 2 * MIB, "{s1}");
+    assert_eq!(s1["unique_bytes"], 0, "{s1}");
+    assert_eq!(s1["group_uuid"], "");
+    assert_ne!(s1["create_time"], "-", "{s1}");
+    // Idempotent by name; other parameters are ALREADY_EXISTS naming them.
+    let again = daemon.json(&["snapshot", "create", "a", "s1", "--label", "k=v"]);
+    assert_eq!(snap_of(&again)["uuid"], s1["uuid"]);
+    failed_with(
+        &daemon.coreblk(&["snapshot", "create", "a", "s1"]),
+        "(ALREADY_EXISTS)",
+    );
+    failed_with(
+        &daemon.coreblk(&["snapshot", "create", "a", "s1"]),
+        "other labels",
+    );
+
+    // Overwrite part of the volume: 8 KiB of new data in cluster 8, zero cluster 32, new
+    // data in the hole at 3.5 MiB.
+    rt.block_on(write_over(
+        channel.clone(),
+        "a",
+        vec![
+            Piece::Data(512 << 10, seeded(8 << 10, 3)),
+            Piece::Zero(2 * MIB, CLUSTER),
+            Piece::Data(3 * MIB + (512 << 10), seeded(4 << 10, 4)),
+        ],
+        &mut a,
+    ));
+    let content_b = a.clone();
+    let s2 = snap_of(&daemon.json(&["snapshot", "create", "a", "s2"])).clone();
+
+    // The snapshot keeps the old bytes; the volume and the new snapshot have the new.
+    assert!(export_snapshot(&daemon, dir.path(), "s1") == content_a);
+    assert!(export_snapshot(&daemon, dir.path(), "s2") == content_b);
+    assert!(export_bytes(&daemon, dir.path(), "a") == content_b);
+
+    // The diff names exactly the changed clusters.
+    let diff = daemon.json(&["snapshot", "diff", "s1", "s2"]);
+    let ranges: Vec<(u64, u64)> = diff["ranges"]
+        .as_array()
+        .expect("ranges")
+        .iter()
+        .map(|r| {
+            (
+                r["offset_bytes"].as_u64().expect("offset"),
+                r["length_bytes"].as_u64().expect("length"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ranges,
+        vec![
+            (512 << 10, CLUSTER),
+            (2 * MIB, CLUSTER),
+            (3 * MIB + (512 << 10), CLUSTER)
+        ],
+        "{diff}"
+    );
+    let no_change = daemon.json(&["snapshot", "diff", "s2", "s2"]);
+    assert_eq!(no_change["changed_bytes"], 0, "{no_change}");
+
+    rt.block_on(async {
+        // A sparse export sends only mapped data: exactly A's 2 MiB, never a hole.
+        let (data, zeros, bytes) = export_api(
+            channel.clone(),
+            pb::export_image_request::Source::Snapshot("s1".into()),
+            "",
+            &vec![0; 4 << 20],
+        )
+        .await;
+        assert!(bytes == content_a);
+        assert!(zeros.is_empty());
+        assert_eq!(data.iter().map(|d| d.1).sum::<u64>(), 2 * MIB);
+        assert!(covered(&data, &[(0, MIB), (2 * MIB, MIB)]), "{data:?}");
+        // An incremental export sends only the changed ranges; applied over the older
+        // image it gives the newer one.
+        let (data, zeros, bytes) = export_api(
+            channel.clone(),
+            pb::export_image_request::Source::Snapshot("s2".into()),
+            "s1",
+            &content_a,
+        )
+        .await;
+        assert!(
+            bytes == content_b,
+            "incremental export over s1 differs from s2"
+        );
+        assert!(covered(&data, &ranges), "{data:?} outside {ranges:?}");
+        assert!(covered(&zeros, &ranges), "{zeros:?} outside {ranges:?}");
+        assert!(
+            data.iter().map(|d| d.1).sum::<u64>() <= 3 * CLUSTER,
+            "{data:?}"
+        );
+    });
+    // The same through the CLI: --since applies onto the older export.
+    let inc = dir.path().join("inc.raw");
+    daemon.json(&["image", "export", path_str(&inc), "--snapshot", "s1"]);
+    daemon.json(&[
+        "image",
+        "export",
+        path_str(&inc),
+        "--snapshot",
+        "s2",
+        "--since",
+        "s1",
+    ]);
+    assert!(std::fs::read(&inc).expect("read") == content_b);
+
+    // A clone reads its snapshot's bytes and diverges on its own.
+    let c1 = volume_of(&daemon.json(&["volume", "create", "c1", "--from", "s1"])).clone();
+    assert_eq!(c1["source_snapshot_uuid"], s1["uuid"], "{c1}");
+    assert_eq!(c1["size_bytes"], 4 * MIB);
+    assert_eq!(c1["pool_name"], "default");
+    assert_ne!(c1["create_time"], "-", "{c1}");
+    assert!(export_bytes(&daemon, dir.path(), "c1") == content_a);
+    let mut c1_content = content_a.clone();
+    rt.block_on(write_over(
+        channel.clone(),
+        "c1",
+        vec![Piece::Data(0, vec![0xee; 4096])],
+        &mut c1_content,
+    ));
+    assert!(export_bytes(&daemon, dir.path(), "c1") == c1_content);
+    assert!(export_snapshot(&daemon, dir.path(), "s1") == content_a);
+    assert!(export_bytes(&daemon, dir.path(), "a") == content_b);
+    let c1_now = volume_of(&daemon.json(&["volume", "get", "c1"])).clone();
+    assert_eq!(c1_now["unique_bytes"], CLUSTER, "{c1_now}");
+    assert_eq!(c1_now["allocated_bytes"], 2 * MIB, "{c1_now}");
+    assert_eq!(c1_now["never_written"], false);
+    // Idempotent clone; another source is ALREADY_EXISTS; too small a clone is refused.
+    let again = daemon.json(&["volume", "create", "c1", "--from", "s1"]);
+    assert_eq!(volume_of(&again)["uuid"], c1["uuid"]);
+    let other = daemon.coreblk(&["volume", "create", "c1", "--from", "s2"]);
+    failed_with(&other, "(ALREADY_EXISTS)");
+    failed_with(&other, "source");
+    failed_with(
+        &daemon.coreblk(&["volume", "create", "c3", "--from", "s2", "--size", "1M"]),
+        "(INVALID_ARGUMENT)",
+    );
+    // A clone of a live volume.
+    let c2 = volume_of(&daemon.json(&["volume", "create", "c2", "--from", "a"])).clone();
+    assert_eq!(c2["source_volume_uuid"], vol_a["uuid"], "{c2}");
+    assert!(export_bytes(&daemon, dir.path(), "c2") == content_b);
+
+    // A group snapshot of two volumes at one instant.
+    daemon.json(&["volume", "create", "b", "--size", "1M"]);
+    let mut b = vec![0u8; 1 << 20];
+    rt.block_on(write_over(
+        channel.clone(),
+        "b",
+        vec![Piece::Data(4096, seeded(64 << 10, 5))],
+        &mut b,
+    ));
+    let group = daemon.json(&["snapshot", "create", "a", "g1", "--also", "b=g2"]);
+    let members = group["snapshots"].as_array().expect("members");
+    assert_eq!(members.len(), 2, "{group}");
+    assert_ne!(members[0]["group_uuid"], "", "{group}");
+    assert_eq!(members[0]["group_uuid"], members[1]["group_uuid"]);
+    assert_eq!(members[1]["volume_name"], "b");
+    let again = daemon.json(&["snapshot", "create", "a", "g1", "--also", "b=g2"]);
+    assert_eq!(again["snapshots"][1]["uuid"], members[1]["uuid"]);
+    failed_with(
+        &daemon.coreblk(&["snapshot", "create", "a", "g1"]),
+        "(ALREADY_EXISTS)",
+    );
+    assert!(export_snapshot(&daemon, dir.path(), "g1") == content_b);
+    assert!(export_snapshot(&daemon, dir.path(), "g2") == b);
+    rt.block_on(async {
+        let e = pb::snapshots_client::SnapshotsClient::new(channel.clone())
+            .create_snapshot_group(pb::CreateSnapshotGroupRequest {
+                members: vec![
+                    pb::create_snapshot_group_request::Member {
+                        volume: "a".into(),
+                        name: "x1".into(),
+                    },
+                    pb::create_snapshot_group_request::Member {
+                        volume: "a".into(),
+                        name: "x2".into(),
+                    },
+                ],
+                labels: Default::default(),
+            })
+            .await
+            .expect_err("a volume twice");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    });
+
+    // Lists: by volume, in pages.
+    let of_a = daemon.json(&["snapshot", "list", "--volume", "a"]);
+    let names: Vec<&str> = of_a["snapshots"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["g1", "s1", "s2"], "{of_a}");
+    let page1 = daemon.json(&["snapshot", "list", "--page-size", "3"]);
+    let token = page1["next_page_token"].as_str().expect("token").to_owned();
+    assert!(!token.is_empty(), "{page1}");
+    let page2 = daemon.json(&[
+        "snapshot",
+        "list",
+        "--page-size",
+        "3",
+        "--page-token",
+        &token,
+    ]);
+    assert_eq!(page2["snapshots"][0]["name"], "s2", "{page2}");
+    assert_eq!(page2["next_page_token"], "");
+    let pool = daemon.json(&["pool", "get", "default"]);
+    assert_eq!(pool["pools"][0]["snapshot_count"], 4, "{pool}");
+
+    // Rollback: the volume's content becomes its snapshot's; another volume's snapshot
+    // is refused.
+    let rolled = daemon.json(&["volume", "rollback", "a", "s1"]);
+    assert_eq!(volume_of(&rolled)["uuid"], vol_a["uuid"]);
+    assert!(export_bytes(&daemon, dir.path(), "a") == content_a);
+    assert!(export_snapshot(&daemon, dir.path(), "s2") == content_b);
+    failed_with(
+        &daemon.coreblk(&["volume", "rollback", "a", "g2"]),
+        "(FAILED_PRECONDITION)",
+    );
+
+    // Deleting a volume keeps its snapshots whole (and they remember it).
+    daemon.json(&["volume", "delete", "a"]);
+    let s1_after = snap_of(&daemon.json(&["snapshot", "get", "s1"])).clone();
+    assert_eq!(s1_after["volume_name"], "a", "{s1_after}");
+    assert_eq!(s1_after["volume_uuid"], vol_a["uuid"]);
+    assert!(export_snapshot(&daemon, dir.path(), "s1") == content_a);
+    assert!(export_snapshot(&daemon, dir.path(), "s2") == content_b);
+    assert_eq!(
+        daemon.json(&["snapshot", "list", "--volume", "a"])["snapshots"]
+            .as_array()
+            .expect("list")
+            .len(),
+        3
+    );
+
+    // Inflate a clone, then delete its snapshot: the clone stands alone.
+    let inflated = volume_of(&daemon.json(&["volume", "inflate", "c1"])).clone();
+    assert_eq!(inflated["source_snapshot_uuid"], "", "{inflated}");
+    assert_eq!(
+        inflated["unique_bytes"], inflated["allocated_bytes"],
+        "{inflated}"
+    );
+    daemon.json(&["snapshot", "delete", "s1"]);
+    failed_with(&daemon.coreblk(&["snapshot", "get", "s1"]), "(NOT_FOUND)");
+    assert!(export_bytes(&daemon, dir.path(), "c1") == c1_content);
+    // Deleting a snapshot that has a clone keeps the clone whole.
+    let c4 = daemon.json(&["volume", "create", "c4", "--from", "s2"]);
+    assert_eq!(volume_of(&c4)["source_snapshot_uuid"], s2["uuid"]);
+    daemon.json(&["snapshot", "delete", "s2"]);
+    assert!(export_bytes(&daemon, dir.path(), "c4") == content_b);
+
+    // Error codes.
+    failed_with(&daemon.coreblk(&["snapshot", "get", "nope"]), "(NOT_FOUND)");
+    failed_with(
+        &daemon.coreblk(&["snapshot", "delete", "s1"]),
+        "(NOT_FOUND)",
+    );
+    failed_with(
+        &daemon.coreblk(&["snapshot", "create", "nope", "x"]),
+        "(NOT_FOUND)",
+    );
+    failed_with(
+        &daemon.coreblk(&["snapshot", "create", "b", "bad!name"]),
+        "(INVALID_ARGUMENT)",
+    );
+    failed_with(
+        &daemon.coreblk(&["snapshot", "diff", "g1", "nope"]),
+        "(NOT_FOUND)",
+    );
+    failed_with(
+        &daemon.coreblk(&["volume", "rollback", "b", "nope"]),
+        "(NOT_FOUND)",
+    );
+    failed_with(
+        &daemon.coreblk(&[
+            "image",
+            "export",
+            "/dev/null",
+            "--snapshot",
+            "g2",
+            "--since",
+            "nope",
+        ]),
+        "(NOT_FOUND)",
+    );
+
+    // A clean stop checkpoints; everything is back after a restart, origins included.
+    // (An idle client connection would hold the stop for its grace period.)
+    drop(channel);
+    drop(rt);
+    let log = daemon.log.clone();
+    assert!(daemon.stop_with(libc::SIGTERM).success());
+    let log = std::fs::read_to_string(log).expect("log");
+    assert!(
+        log.contains("pool flushed, checkpointed and stopped"),
+        "{log}"
+    );
+    let daemon = Daemon::start(dir.path(), &socket);
+    let g1 = snap_of(&daemon.json(&["snapshot", "get", "g1"])).clone();
+    assert_eq!(g1["volume_name"], "a", "{g1}");
+    assert_eq!(g1["group_uuid"], members[0]["group_uuid"]);
+    assert!(export_snapshot(&daemon, dir.path(), "g1") == content_b);
+    assert!(export_snapshot(&daemon, dir.path(), "g2") == b);
+    assert!(export_bytes(&daemon, dir.path(), "c4") == content_b);
+    assert_eq!(
+        volume_of(&daemon.json(&["volume", "get", "c2"]))["source_volume_uuid"],
+        vol_a["uuid"]
+    );
+    assert!(daemon.stop_with(libc::SIGTERM).success());
 }

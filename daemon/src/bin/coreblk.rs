@@ -219,16 +219,19 @@ struct PageArgs {
 
 #[derive(Debug, Subcommand)]
 enum VolumeCmd {
-    /// Create a volume.
+    /// Create a volume, empty or (with --from) as a clone of a snapshot or volume.
     Create {
         /// The volume's name.
         name: String,
-        /// The pool (name or UUID).
-        #[arg(long, default_value = "default")]
-        pool: String,
-        /// Size, e.g. 10GiB.
-        #[arg(long, value_parser = size_arg)]
-        size: u64,
+        /// The pool (name or UUID); a clone lives in its source's pool.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Size, e.g. 10GiB (a clone: default the source's size).
+        #[arg(long, value_parser = size_arg, required_unless_present = "from")]
+        size: Option<u64>,
+        /// Clone this snapshot (or, if no snapshot has that name or UUID, this volume).
+        #[arg(long, value_name = "SNAPSHOT|VOLUME")]
+        from: Option<String>,
         /// Reserve the whole size now.
         #[arg(long)]
         thick: bool,
@@ -351,8 +354,11 @@ enum ImageCmd {
         #[arg(long, value_parser = size_arg)]
         size: Option<u64>,
         /// Continue an interrupted import of this volume.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "overwrite")]
         resume: bool,
+        /// Write the image over the existing volume NAME (zero blocks zero it too).
+        #[arg(long)]
+        overwrite: bool,
         /// Labels, key=value (repeatable).
         #[arg(long = "label", value_parser = label_arg)]
         labels: Vec<(String, String)>,
@@ -784,26 +790,56 @@ async fn pool(channel: Channel, out: Output, cmd: PoolCmd) -> CmdResult {
     Ok(())
 }
 
+/// What `--from NAME` names: a snapshot if one has that name or UUID, else a volume.
+async fn clone_source(
+    channel: Channel,
+    from: String,
+) -> Result<pb::create_volume_request::Source, Failure> {
+    let found = pb::snapshots_client::SnapshotsClient::new(channel)
+        .get_snapshot(pb::GetSnapshotRequest {
+            snapshot: from.clone(),
+        })
+        .await;
+    match found {
+        Ok(_) => Ok(pb::create_volume_request::Source::SourceSnapshot(from)),
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            Ok(pb::create_volume_request::Source::SourceVolume(from))
+        }
+        Err(s) => Err(s.into()),
+    }
+}
+
 async fn volume(channel: Channel, out: Output, cmd: VolumeCmd) -> CmdResult {
-    let mut c = pb::volumes_client::VolumesClient::new(channel);
+    let mut c = pb::volumes_client::VolumesClient::new(channel.clone());
     let v = match cmd {
         VolumeCmd::Create {
             name,
             pool,
             size,
+            from,
             thick,
             labels: l,
-        } => c
-            .create_volume(pb::CreateVolumeRequest {
+        } => {
+            let source = match from {
+                None => None,
+                Some(from) => Some(clone_source(channel.clone(), from).await?),
+            };
+            let pool = match (pool, &source) {
+                (Some(p), _) => p,
+                (None, Some(_)) => String::new(),
+                (None, None) => "default".to_owned(),
+            };
+            c.create_volume(pb::CreateVolumeRequest {
                 pool,
                 name,
-                size_bytes: size,
+                size_bytes: size.unwrap_or(0),
                 thick,
                 labels: labels(l),
-                source: None,
+                source,
             })
             .await?
-            .into_inner(),
+            .into_inner()
+        }
         VolumeCmd::List {
             pool,
             selector,
@@ -975,6 +1011,7 @@ async fn image(channel: Channel, out: Output, cmd: ImageCmd) -> CmdResult {
             name,
             size,
             resume,
+            overwrite,
             labels: l,
         } => {
             let (mut reader, file_len): (Box<dyn Read + Send>, Option<u64>) =
@@ -989,6 +1026,7 @@ async fn image(channel: Channel, out: Output, cmd: ImageCmd) -> CmdResult {
             let size_bytes = match (size, file_len) {
                 (Some(s), _) => s,
                 (None, Some(len)) => len.div_ceil(IMPORT_BLOCK_BYTES) * IMPORT_BLOCK_BYTES,
+                (None, None) if overwrite => 0,
                 (None, None) => {
                     return Err(
                         anyhow::anyhow!("reading standard input: give the volume's --size").into(),
@@ -1003,6 +1041,7 @@ async fn image(channel: Channel, out: Output, cmd: ImageCmd) -> CmdResult {
                     size_bytes,
                     labels: labels(l),
                     resume,
+                    overwrite,
                 })),
             };
             tx.send(start)
@@ -1026,13 +1065,28 @@ async fn image(channel: Channel, out: Output, cmd: ImageCmd) -> CmdResult {
                     if n == 0 {
                         break;
                     }
+                    // Over an existing volume, zero blocks must zero what is there.
+                    let mut chunks = Vec::new();
+                    let mut at = 0usize;
+                    let at_u64 = |i: usize| offset + u64::try_from(i).unwrap_or(u64::MAX);
                     for (start, end) in data_runs(&buf[..n], IMPORT_BLOCK_BYTES) {
-                        let chunk = pb::ImageChunk {
-                            offset_bytes: offset + u64::try_from(start).unwrap_or(u64::MAX),
+                        if overwrite && start > at {
+                            chunks.push(zero_chunk(at_u64(at), at_u64(start) - at_u64(at)));
+                        }
+                        chunks.push(pb::ImageChunk {
+                            offset_bytes: at_u64(start),
                             data: buf[start..end].to_vec(),
                             zero: false,
                             length_bytes: 0,
-                        };
+                        });
+                        at = end;
+                    }
+                    // A short last block stays a data block: zero chunks are whole blocks.
+                    let whole = n / 4096 * 4096;
+                    if overwrite && at < whole {
+                        chunks.push(zero_chunk(at_u64(at), at_u64(whole) - at_u64(at)));
+                    }
+                    for chunk in chunks {
                         tx.send(pb::ImportImageRequest {
                             msg: Some(pb::import_image_request::Msg::Chunk(chunk)),
                         })
@@ -1139,6 +1193,15 @@ fn data_runs(buf: &[u8], block_bytes: u64) -> Vec<(usize, usize)> {
         }
     }
     runs
+}
+
+fn zero_chunk(offset_bytes: u64, length_bytes: u64) -> pb::ImageChunk {
+    pb::ImageChunk {
+        offset_bytes,
+        data: Vec::new(),
+        zero: true,
+        length_bytes,
+    }
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {

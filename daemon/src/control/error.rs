@@ -105,6 +105,16 @@ pub enum Error {
         /// Why, and what to do.
         reason: String,
     },
+    /// The objects named do not go together for this call (a snapshot of another volume).
+    #[error("{what} {name:?} {reason}")]
+    Refused {
+        /// `snapshot`, `volume`.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// No space: the pool is full or the overcommit limit forbids it.
     #[error("pool {pool}: {reason}")]
     NoSpace {
@@ -125,7 +135,8 @@ pub enum Error {
         /// The error.
         errno: Errno,
     },
-    /// A volume-store operation failed.
+    /// A volume-store operation failed; the store says why in words, and [`store_code`]
+    /// reads the code from them.
     #[error("{op} {object}: {reason}")]
     Store {
         /// `create pool`, `import pool`, `create volume`.
@@ -187,17 +198,59 @@ impl Error {
             Self::DeviceNotClaimed { .. } => tonic::Code::NotFound,
             Self::StoreLacks { .. } => tonic::Code::Unimplemented,
             Self::Importing { .. } | Self::PoolImporting { .. } => tonic::Code::Unavailable,
-            Self::PoolFailed { .. } | Self::InUse { .. } => tonic::Code::FailedPrecondition,
+            Self::PoolFailed { .. } | Self::InUse { .. } | Self::Refused { .. } => {
+                tonic::Code::FailedPrecondition
+            }
             Self::NotFound { .. } => tonic::Code::NotFound,
             Self::AlreadyExists { .. } => tonic::Code::AlreadyExists,
             Self::NoSpace { .. } => tonic::Code::ResourceExhausted,
             Self::VolumeIo { errno, .. } if errno.0 == libc::ENOSPC => {
                 tonic::Code::ResourceExhausted
             }
-            Self::VolumeIo { .. } | Self::Store { .. } => tonic::Code::Internal,
+            Self::Store { reason, .. } => store_code(reason),
+            Self::VolumeIo { .. } => tonic::Code::Internal,
             Self::ExportsNotBuilt { .. } => tonic::Code::FailedPrecondition,
             Self::ShuttingDown => tonic::Code::Unavailable,
         }
+    }
+}
+
+/// The code a volume-store failure calls for, read from its message. The store reports
+/// errors as strings (`lvs/volume.rs`); these are the phrases it uses. Anything else is a
+/// failure inside the store: INTERNAL.
+#[must_use]
+pub fn store_code(reason: &str) -> tonic::Code {
+    let has = |needles: &[&str]| needles.iter().any(|n| reason.contains(n));
+    if reason.contains(&format!("(errno {})", libc::ENOSPC)) || has(&["at most", "does not fit"]) {
+        tonic::Code::ResourceExhausted
+    } else if has(&[" exists", "created twice"]) {
+        tonic::Code::AlreadyExists
+    } else if has(&[
+        "deleted meanwhile",
+        "was deleted",
+        "not running on this reactor",
+    ]) {
+        tonic::Code::Aborted
+    } else if reason.starts_with("no ") && has(&["with id", "snapshot with id"])
+        || has(&["unknown id", "unknown volume", "unknown snapshot"])
+    {
+        tonic::Code::NotFound
+    } else if has(&["was not taken of"]) {
+        tonic::Code::FailedPrecondition
+    } else if has(&[
+        "must be",
+        "cannot hold",
+        "larger than",
+        "is a snapshot",
+        "named twice",
+        "needs at least",
+        "not supported",
+        "volume name",
+        "label",
+    ]) {
+        tonic::Code::InvalidArgument
+    } else {
+        tonic::Code::Internal
     }
 }
 
@@ -265,6 +318,42 @@ mod tests {
             tonic::Status::from(Error::ShuttingDown).code(),
             tonic::Code::Unavailable
         );
+        for (reason, code) in [
+            ("no volume or snapshot with id 7", tonic::Code::NotFound),
+            (
+                "no snapshot or volume with id 7 to clone",
+                tonic::Code::NotFound,
+            ),
+            ("a snapshot named \"s\" exists", tonic::Code::AlreadyExists),
+            (
+                "the pool holds 4096 volumes and snapshots; at most 4096: delete some first",
+                tonic::Code::ResourceExhausted,
+            ),
+            (
+                "journal: No space left on device (errno 28)",
+                tonic::Code::ResourceExhausted,
+            ),
+            (
+                "snapshot id 3 was not taken of volume id 1",
+                tonic::Code::FailedPrecondition,
+            ),
+            (
+                "id 3 is a snapshot; inflate a volume",
+                tonic::Code::InvalidArgument,
+            ),
+            ("volume id 1 was deleted meanwhile", tonic::Code::Aborted),
+            (
+                "journal: Input/output error (errno 5)",
+                tonic::Code::Internal,
+            ),
+        ] {
+            let e = Error::Store {
+                op: "x",
+                object: "o".into(),
+                reason: reason.into(),
+            };
+            assert_eq!(e.code(), code, "{reason}");
+        }
         let status = tonic::Status::from(Error::DeviceNotClaimed {
             device: "/dev/nvme9n1".into(),
         });

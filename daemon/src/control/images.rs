@@ -1,17 +1,24 @@
 //! The `Images` service: a volume's content in (import, from a client stream of chunks)
-//! and out (export, a server stream that skips holes).
+//! and out (export of a volume or snapshot, a server stream that skips holes; incremental
+//! since an older snapshot).
 //!
 //! Import: the first message names the new volume; each chunk is written through a
 //! session on the pool's owner reactor and acknowledged once the write completed (written,
 //! not flushed: a completed write survives a daemon crash, DESIGN §4); `finish` flushes
 //! the pool and marks the volume ready. An interrupted import leaves the volume IMPORTING
-//! (recorded in the state file) until it is resumed or deleted.
+//! (recorded in the state file) until it is resumed or deleted. With `overwrite` the
+//! chunks go into an existing volume instead (the host-side write path until ublk
+//! exports exist; its snapshots keep their content by copy-on-write).
 //!
-//! Export: the store has no "is this range mapped" query yet, so export reads every chunk
-//! and leaves out the 4 KiB blocks that are all zero (unmapped clusters read as zeroes
-//! without IO, so holes cost no device reads, only the zero check).
+//! Export: asks the store which ranges the source maps (`diff(None, source)`) and reads
+//! only those; within them, all-zero 4 KiB blocks are left out too. An incremental export
+//! (`since_snapshot`) reads only the ranges whose content differs from the older snapshot
+//! (`diff(Some(since), source)`) and sends what now reads as zeroes there as `zero`
+//! chunks, so applying it over the older image gives the newer one.
 //!
-//! Must never: acknowledge a chunk before its write completed; send zero blocks as data.
+//! Must never: acknowledge a chunk before its write completed; send zero blocks as data;
+//! let an export's source (or an import's volume) be deleted under it (its session holds
+//! it).
 
 use std::sync::Arc;
 
@@ -22,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::error::{Error, Result};
 use super::server::Shared;
-use super::store::{Session, Store, VolumeInfo};
+use super::store::{ObjectRef, Session, Store, VolumeInfo};
 use super::volumes::{volume_message, volume_spec, VOLUME_BLOCK_BYTES};
 use super::MAX_IMAGE_CHUNK_BYTES;
 
@@ -240,44 +247,87 @@ async fn send_export(tx: &ExportTx, msg: pb::export_image_response::Msg) -> bool
         .is_ok()
 }
 
-/// Reads the volume chunk by chunk and streams its non-zero blocks.
-async fn run_export(session: Session, chunk_bytes: u64, tx: ExportTx) {
-    let v = session.volume.clone();
+/// What one export sends.
+#[derive(Debug)]
+struct ExportPlan {
+    /// Ranges to read, in increasing offset order.
+    ranges: Vec<(u64, u64)>,
+    /// The older snapshot of an incremental export: all-zero blocks inside `ranges` are
+    /// sent as `zero` chunks (they overwrite older data), not left out.
+    since: Option<ObjectRef>,
+    chunk_bytes: u64,
+}
+
+/// Splits `data` (read at `offset`) into chunks: non-zero runs as data; with
+/// `send_zeroes`, the all-zero runs between them as `zero` chunks.
+fn chunks_of(data: &[u8], offset: u64, send_zeroes: bool) -> Vec<pb::ImageChunk> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    let zero = |from: usize, to: usize| pb::ImageChunk {
+        offset_bytes: offset + len_u64(from),
+        data: Vec::new(),
+        zero: true,
+        length_bytes: len_u64(to - from),
+    };
+    for (s, e) in data_runs(data, 4096) {
+        if send_zeroes && s > at {
+            out.push(zero(at, s));
+        }
+        out.push(pb::ImageChunk {
+            offset_bytes: offset + len_u64(s),
+            data: data[s..e].to_vec(),
+            zero: false,
+            length_bytes: 0,
+        });
+        at = e;
+    }
+    if send_zeroes && at < data.len() {
+        out.push(zero(at, data.len()));
+    }
+    out
+}
+
+/// Reads the planned ranges chunk by chunk and streams them.
+async fn run_export(session: Session, plan: ExportPlan, tx: ExportTx) {
+    let v = session.object.clone();
     let header = pb::ExportHeader {
         source_uuid: v.uuid.to_string(),
         size_bytes: v.size_bytes,
         block_size_bytes: 4096,
-        since_snapshot_uuid: String::new(),
+        since_snapshot_uuid: plan
+            .since
+            .as_ref()
+            .map(|s| s.uuid.to_string())
+            .unwrap_or_default(),
     };
     if !send_export(&tx, pb::export_image_response::Msg::Header(header)).await {
         return;
     }
     let mut data_bytes = 0u64;
-    let mut offset = 0u64;
-    while offset < v.size_bytes {
-        let len = chunk_bytes.min(v.size_bytes - offset);
-        let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
-        let data = match session.read(offset, len_usize).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(volume = %v.name, error = %e, "export failed");
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
-        };
-        for (s, e) in data_runs(&data, 4096) {
-            data_bytes += len_u64(e - s);
-            let chunk = pb::ImageChunk {
-                offset_bytes: offset + len_u64(s),
-                data: data[s..e].to_vec(),
-                zero: false,
-                length_bytes: 0,
+    for &(start, len) in &plan.ranges {
+        let end = start.saturating_add(len).min(v.size_bytes);
+        let mut offset = start;
+        while offset < end {
+            let n = plan.chunk_bytes.min(end - offset);
+            let data = match session
+                .read(offset, usize::try_from(n).unwrap_or(usize::MAX))
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(object = %v.name, error = %e, "export failed");
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
             };
-            if !send_export(&tx, pb::export_image_response::Msg::Chunk(chunk)).await {
-                return;
+            for chunk in chunks_of(&data, offset, plan.since.is_some()) {
+                data_bytes += len_u64(chunk.data.len());
+                if !send_export(&tx, pb::export_image_response::Msg::Chunk(chunk)).await {
+                    return;
+                }
             }
+            offset += n;
         }
-        offset += len;
     }
     let trailer = pb::ExportTrailer { data_bytes };
     let _ = send_export(&tx, pb::export_image_response::Msg::Trailer(trailer)).await;
@@ -304,14 +354,21 @@ impl pb::images_server::Images for ImagesService {
                 .into())
             }
         };
-        let spec = volume_spec(
-            start.pool,
-            start.volume_name,
-            start.size_bytes,
-            start.labels,
-        )?;
         let store = Arc::clone(&self.shared.store);
-        let (v, session, resume_offset) = store.begin_import(spec, start.resume).await?;
+        let (v, session, resume_offset) = if start.overwrite {
+            store
+                .begin_overwrite(&start.pool, &start.volume_name, start.size_bytes)
+                .await?
+        } else {
+            let spec = volume_spec(
+                start.pool,
+                start.volume_name,
+                start.size_bytes,
+                start.labels,
+                None,
+            )?;
+            store.begin_import(spec, start.resume).await?
+        };
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
         let started = pb::ImportStarted {
             volume_uuid: v.uuid.to_string(),
@@ -331,31 +388,49 @@ impl pb::images_server::Images for ImagesService {
     ) -> Result<Response<Self::ExportImageStream>, Status> {
         self.check()?;
         let r = request.into_inner();
-        let volume = match r.source {
-            Some(pb::export_image_request::Source::Volume(v)) => v,
-            Some(pb::export_image_request::Source::Snapshot(_)) => {
-                return Err(Error::StoreLacks {
-                    rpc: "ExportImage",
-                    feature:
-                        "exporting a snapshot needs snapshots, which the API does not serve yet",
+        let store = Arc::clone(&self.shared.store);
+        let source = match r.source {
+            Some(pb::export_image_request::Source::Volume(v)) => {
+                let v = store.volume(&v).await?;
+                if v.importing {
+                    return Err(Error::InUse {
+                        what: "volume",
+                        name: v.name,
+                        reason:
+                            "is being imported; finish (or delete) the import before exporting it"
+                                .to_owned(),
+                    }
+                    .into());
                 }
-                .into())
+                v.object()
+            }
+            Some(pb::export_image_request::Source::Snapshot(s)) => {
+                store.snapshot(&s).await?.object()
             }
             None => {
                 return Err(Error::InvalidArgument {
                     field: "source",
-                    reason: "name the volume to export".to_owned(),
+                    reason: "name the volume or snapshot to export".to_owned(),
                 }
                 .into())
             }
         };
-        if !r.since_snapshot.is_empty() {
-            return Err(Error::StoreLacks {
-                rpc: "ExportImage",
-                feature: "incremental export needs snapshots, which the API does not serve yet",
+        let since = if r.since_snapshot.is_empty() {
+            None
+        } else {
+            let s = store.snapshot(&r.since_snapshot).await?.object();
+            if s.uuid == source.uuid {
+                return Err(Error::InvalidArgument {
+                    field: "since_snapshot",
+                    reason: format!(
+                        "{} is the export's source itself; name an older snapshot",
+                        s.name
+                    ),
+                }
+                .into());
             }
-            .into());
-        }
+            Some(s)
+        };
         let chunk = if r.max_chunk_bytes == 0 {
             DEFAULT_EXPORT_CHUNK_BYTES
         } else {
@@ -371,12 +446,19 @@ impl pb::images_server::Images for ImagesService {
             }
             .into());
         }
-        let chunk = u64::from(chunk / 4096 * 4096);
-        let store = Arc::clone(&self.shared.store);
-        let v = store.volume(&volume).await?;
-        let session = store.open_session(&v, false).await?;
+        let chunk_bytes = u64::from(chunk / 4096 * 4096);
+        // The session first: it keeps the source from being deleted while the ranges are
+        // computed and read.
+        let session = store.open_session(&source, false).await?;
+        let ranges = store.diff(since.as_ref(), &source).await?;
+        let plan = ExportPlan {
+            ranges,
+            since,
+            chunk_bytes,
+        };
+        tracing::info!(object = %source.name, ranges = plan.ranges.len(), incremental = plan.since.is_some(), "image export started");
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-        tokio::spawn(run_export(session, chunk, tx));
+        tokio::spawn(run_export(session, plan, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -397,6 +479,27 @@ mod tests {
         );
         assert!(data_runs(&[0; 8192], 4096).is_empty());
         assert_eq!(data_runs(&[1; 100], 4096), vec![(0, 100)]);
+    }
+
+    #[test]
+    fn incremental_chunks_carry_zero_runs() {
+        let mut b = vec![0u8; 4 * 4096];
+        b[4096] = 1;
+        let full = chunks_of(&b, 1 << 20, false);
+        assert_eq!(full.len(), 1);
+        assert_eq!(full[0].offset_bytes, (1 << 20) + 4096);
+        assert_eq!(full[0].data.len(), 4096);
+        let inc = chunks_of(&b, 1 << 20, true);
+        let shape: Vec<(u64, bool, u64)> = inc
+            .iter()
+            .map(|c| (c.offset_bytes - (1 << 20), c.zero, c.length_bytes))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![(0, true, 4096), (4096, false, 0), (8192, true, 8192)]
+        );
+        assert_eq!(chunks_of(&[0; 4096], 0, true).len(), 1);
+        assert!(chunks_of(&[0; 4096], 0, false).is_empty());
     }
 
     #[test]

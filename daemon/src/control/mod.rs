@@ -2,9 +2,9 @@
 //! served by a small tokio runtime on its own thread, plus the registry of claimed devices.
 //!
 //! Owns: the server thread and its runtime ([`server::ControlPlane`]), the API socket
-//! ([`socket`]), the services ([`devices`], [`node`], [`pools`], [`volumes`], [`images`],
-//! and [`unbuilt`] for snapshots and exports, which answer UNIMPLEMENTED /
-//! FAILED_PRECONDITION until those layers exist), the pools as the control plane sees them
+//! ([`socket`]), the services ([`devices`], [`node`], [`pools`], [`volumes`],
+//! [`snapshots`], [`images`], and [`unbuilt`] for exports, which answer
+//! FAILED_PRECONDITION until ublk exports exist), the pools as the control plane sees them
 //! ([`store`]: registry, start-up import, sessions on the owner reactors), the
 //! claimed-device registry ([`claims`]), name and label rules ([`names`]), pagination
 //! ([`page`]), the one error → gRPC code mapping ([`error`]) and the client side used by
@@ -26,6 +26,7 @@ pub mod node;
 pub mod page;
 pub mod pools;
 pub mod server;
+pub mod snapshots;
 pub mod socket;
 pub mod store;
 pub mod unbuilt;

@@ -45,10 +45,12 @@ pub fn pool_message(p: &PoolInfo, f: PoolFigures) -> pb::Pool {
         allocated_bytes: f.allocated_bytes,
         provisioned_bytes: f.provisioned_bytes,
         reserved_bytes: 0,
-        held_by_deleted_bytes: 0,
+        // Clusters deleted objects (and discards, copy-on-write) let go of, on their way
+        // back to free; what deleted objects still share with live ones is allocated.
+        held_by_deleted_bytes: f.recycling_bytes,
         overcommit_limit: p.overcommit_limit,
         volume_count: f.volume_count,
-        snapshot_count: 0,
+        snapshot_count: f.snapshot_count,
         state: state.into(),
         state_message,
         labels: p.labels.clone().into_iter().collect(),

@@ -26,6 +26,7 @@ use super::error::Error;
 use super::images::ImagesService;
 use super::node::{NodeFacts, NodeService};
 use super::pools::PoolsService;
+use super::snapshots::SnapshotsService;
 use super::socket::ApiSocket;
 use super::store::Store;
 use super::unbuilt::Unbuilt;
@@ -273,9 +274,9 @@ async fn run(
         .add_service(pb::volumes_server::VolumesServer::new(VolumesService::new(
             Arc::clone(&shared),
         )))
-        .add_service(pb::snapshots_server::SnapshotsServer::new(Unbuilt::new(
-            Arc::clone(&shared),
-        )))
+        .add_service(pb::snapshots_server::SnapshotsServer::new(
+            SnapshotsService::new(Arc::clone(&shared)),
+        ))
         .add_service(
             pb::images_server::ImagesServer::new(ImagesService::new(Arc::clone(&shared)))
                 .max_decoding_message_size(super::MAX_IMAGE_MESSAGE_BYTES)

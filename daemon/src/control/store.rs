@@ -2,10 +2,14 @@
 //! running on its owner reactor and reached only by messages.
 //!
 //! Owns: [`Store`] — the pool registry, the start-up import of the pools on claimed devices
-//! (creating the default pool on its first start), pool create and destroy, volume create,
-//! delete and listing, and volume IO [`Session`]s for image import and export — plus the
-//! record `<var-dir>/pools.json` of what the on-disk format does not hold yet: pool names,
-//! overcommit limits and labels, and the volumes whose image import is unfinished.
+//! (creating the default pool on its first start), pool create and destroy, volume create
+//! (empty or as a clone), delete, listing, rollback and inflate, snapshots (one volume or
+//! a group at one instant, delete, diff), and IO [`Session`]s on volumes and snapshots for
+//! image import and export — plus the record `<var-dir>/pools.json` of what the on-disk
+//! format does not hold yet: pool names, overcommit limits and labels, the volumes whose
+//! image import is unfinished, and the origin of snapshots and clones by UUID (their
+//! source's UUID and name, which the store's lineage loses when the source is deleted,
+//! and the group a snapshot was taken in).
 //!
 //! Each pool's `PoolRt` is `!Send`: it lives in a thread-local table on its owner reactor,
 //! and so do the IO channels of sessions. The control plane sends closures there and awaits
@@ -39,7 +43,8 @@ use crate::bdev::label::{self, Uuid};
 use crate::bdev::uring::UringDevice;
 use crate::bdev::{BlockDevice, Channel, Io};
 use crate::lvs::pool::{self, PoolError, VolumeMeta};
-use crate::lvs::volume::{PoolRt, Reply};
+use crate::lvs::table::VolumeTable;
+use crate::lvs::volume::{ObjectUsage, PoolRt, Reply};
 use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, Remote};
 
 /// Name of the state file inside the state directory.
@@ -60,6 +65,10 @@ pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest `CreatePool` waits for the new pool to come online before answering with it
 /// still importing.
 pub const CREATE_WAIT: Duration = Duration::from_secs(30);
+/// Longest an inflate may take (it copies every cluster a volume shares).
+pub const INFLATE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Longest the final flush and checkpoint of a pool may take at a stop.
+const STOP_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Least time between two records of an import's progress.
 const IMPORT_RECORD_PERIOD: Duration = Duration::from_secs(2);
 
@@ -126,8 +135,47 @@ pub struct PoolFigures {
     pub allocated_bytes: u64,
     /// Sum of volume sizes.
     pub provisioned_bytes: u64,
-    /// Volumes.
+    /// Freed by deleted objects (and discards, copy-on-write), being recycled.
+    pub recycling_bytes: u64,
+    /// Volumes (clones included).
     pub volume_count: u32,
+    /// Snapshots.
+    pub snapshot_count: u32,
+}
+
+/// Where a clone came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloneSource {
+    /// The source's UUID (it may have been deleted since).
+    pub uuid: Uuid,
+    /// The source is a snapshot (else a volume).
+    pub snapshot: bool,
+}
+
+/// What a clone is made from, as a request names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceRef {
+    /// A snapshot, by name or UUID.
+    Snapshot(String),
+    /// A volume, by name or UUID.
+    Volume(String),
+}
+
+/// A volume or snapshot as an IO session sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRef {
+    /// Its pool's UUID.
+    pub pool_uuid: Uuid,
+    /// Id inside the pool.
+    pub id: u32,
+    /// UUID.
+    pub uuid: Uuid,
+    /// Name.
+    pub name: String,
+    /// Size.
+    pub size_bytes: u64,
+    /// A (read-only) snapshot.
+    pub snapshot: bool,
 }
 
 /// A volume as the control plane reports it.
@@ -153,6 +201,103 @@ pub struct VolumeInfo {
     pub written: bool,
     /// An image import into it is unfinished.
     pub importing: bool,
+    /// Clusters it maps (shared or not); filled by [`Store::with_usage`].
+    pub allocated_bytes: u64,
+    /// Clusters only it references; filled by [`Store::with_usage`].
+    pub unique_bytes: u64,
+    /// Creation time, where the store has it (clones).
+    pub created_unix: Option<u64>,
+    /// The clone's source; `None` for a plain volume or an inflated clone.
+    pub source: Option<CloneSource>,
+}
+
+impl VolumeInfo {
+    /// The volume as a session sees it.
+    #[must_use]
+    pub fn object(&self) -> ObjectRef {
+        ObjectRef {
+            pool_uuid: self.pool_uuid,
+            id: self.id,
+            uuid: self.uuid,
+            name: self.name.clone(),
+            size_bytes: self.size_bytes,
+            snapshot: false,
+        }
+    }
+}
+
+/// A snapshot as the control plane reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotInfo {
+    /// Its pool's UUID.
+    pub pool_uuid: Uuid,
+    /// Its pool's name.
+    pub pool_name: String,
+    /// Id inside the pool.
+    pub id: u32,
+    /// UUID.
+    pub uuid: Uuid,
+    /// Name.
+    pub name: String,
+    /// The volume's size when it was taken.
+    pub size_bytes: u64,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The volume it was taken of (`None`: deleted before this daemon recorded it).
+    pub volume_uuid: Option<Uuid>,
+    /// That volume's name (empty when unknown).
+    pub volume_name: String,
+    /// The group snapshot it belongs to.
+    pub group_uuid: Option<Uuid>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Clusters it maps; filled by [`Store::with_usage`].
+    pub allocated_bytes: u64,
+    /// Clusters only it references; filled by [`Store::with_usage`].
+    pub unique_bytes: u64,
+}
+
+impl SnapshotInfo {
+    /// The snapshot as a session sees it.
+    #[must_use]
+    pub fn object(&self) -> ObjectRef {
+        ObjectRef {
+            pool_uuid: self.pool_uuid,
+            id: self.id,
+            uuid: self.uuid,
+            name: self.name.clone(),
+            size_bytes: self.size_bytes,
+            snapshot: true,
+        }
+    }
+}
+
+/// Objects whose allocated and unique bytes can be filled in.
+pub trait HasUsage {
+    /// Pool and id.
+    fn key(&self) -> (Uuid, u32);
+    /// Sets the figures.
+    fn set_usage(&mut self, u: ObjectUsage);
+}
+
+impl HasUsage for VolumeInfo {
+    fn key(&self) -> (Uuid, u32) {
+        (self.pool_uuid, self.id)
+    }
+    fn set_usage(&mut self, u: ObjectUsage) {
+        self.allocated_bytes = u.allocated_bytes;
+        self.unique_bytes = u.unique_bytes;
+    }
+}
+
+impl HasUsage for SnapshotInfo {
+    fn key(&self) -> (Uuid, u32) {
+        (self.pool_uuid, self.id)
+    }
+    fn set_usage(&mut self, u: ObjectUsage) {
+        self.allocated_bytes = u.allocated_bytes;
+        self.unique_bytes = u.unique_bytes;
+    }
 }
 
 /// What a `CreatePool` asks for (validated by the service).
@@ -181,6 +326,8 @@ pub struct VolumeSpec {
     pub size_bytes: u64,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// Clone source (`size_bytes` 0: the source's size).
+    pub source: Option<SourceRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,12 +345,38 @@ struct ImportRecord {
     durable_offset_bytes: u64,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OriginRecord {
+    uuid: String,
+    source_uuid: String,
+    source_name: String,
+    #[serde(default)]
+    source_snapshot: bool,
+    #[serde(default)]
+    group_uuid: Option<String>,
+    #[serde(default)]
+    inflated: bool,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct StateFile {
     version: u32,
     pools: Vec<PoolRecord>,
     #[serde(default)]
     imports: Vec<ImportRecord>,
+    #[serde(default)]
+    origins: Vec<OriginRecord>,
+}
+
+/// Where a snapshot or clone came from, as recorded at its creation (the store keeps only
+/// the source's pool-local id, which says nothing once the source is deleted).
+#[derive(Debug, Clone, PartialEq)]
+struct Origin {
+    source_uuid: Uuid,
+    source_name: String,
+    source_snapshot: bool,
+    group: Option<Uuid>,
+    inflated: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +393,8 @@ struct Inner {
     records: BTreeMap<Uuid, PoolMeta>,
     /// Volumes whose import is unfinished → offset below which everything is written.
     imports: BTreeMap<Uuid, u64>,
+    /// Snapshots and clones → where they came from.
+    origins: BTreeMap<Uuid, Origin>,
     /// Volumes sessions use → how many sessions.
     busy: HashMap<Uuid, u32>,
     ready: bool,
@@ -253,18 +428,27 @@ async fn ask<T: Send + 'static>(
     remote: &Remote,
     f: impl FnOnce(&Reactor, oneshot::Sender<T>) + Send + 'static,
 ) -> Result<T> {
+    ask_within(remote, OP_TIMEOUT, f).await
+}
+
+/// [`ask`] with another deadline.
+async fn ask_within<T: Send + 'static>(
+    remote: &Remote,
+    timeout: Duration,
+    f: impl FnOnce(&Reactor, oneshot::Sender<T>) + Send + 'static,
+) -> Result<T> {
     let (tx, rx) = oneshot::channel();
     remote
         .send(Box::new(move |r: &Reactor| f(r, tx)))
         .map_err(|_| Error::ShuttingDown)?;
-    match tokio::time::timeout(OP_TIMEOUT, rx).await {
+    match tokio::time::timeout(timeout, rx).await {
         Ok(Ok(v)) => Ok(v),
         // The message or its reply was dropped unrun: the reactor is stopping.
         Ok(Err(_)) => Err(Error::ShuttingDown),
         Err(_) => Err(Error::Internal(format!(
             "reactor {} did not answer within {} s",
             remote.id(),
-            OP_TIMEOUT.as_secs()
+            timeout.as_secs()
         ))),
     }
 }
@@ -327,6 +511,23 @@ impl Store {
                 for i in state.imports {
                     let uuid: Uuid = i.volume_uuid.parse().map_err(|e| bad(format!("{e}")))?;
                     inner.imports.insert(uuid, i.durable_offset_bytes);
+                }
+                for o in state.origins {
+                    let parse = |s: &str| s.parse::<Uuid>().map_err(|e| bad(format!("{e}")));
+                    let group = match o.group_uuid.as_deref() {
+                        Some(g) => Some(parse(g)?),
+                        None => None,
+                    };
+                    inner.origins.insert(
+                        parse(&o.uuid)?,
+                        Origin {
+                            source_uuid: parse(&o.source_uuid)?,
+                            source_name: o.source_name,
+                            source_snapshot: o.source_snapshot,
+                            group,
+                            inflated: o.inflated,
+                        },
+                    );
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -422,9 +623,20 @@ impl Store {
         pool: &PoolInfo,
         op: impl FnOnce(&Reactor, Rc<PoolRt>, Reply<T>) + Send + 'static,
     ) -> Result<std::result::Result<T, String>> {
+        self.pool_op_within(pool, OP_TIMEOUT, op).await
+    }
+
+    /// [`Self::pool_op`] with another deadline.
+    async fn pool_op_within<T: Send + 'static>(
+        &self,
+        pool: &PoolInfo,
+        timeout: Duration,
+        op: impl FnOnce(&Reactor, Rc<PoolRt>, Reply<T>) + Send + 'static,
+    ) -> Result<std::result::Result<T, String>> {
         let uuid = pool.uuid;
-        ask(
+        ask_within(
             self.remote(pool.owner),
+            timeout,
             move |r: &Reactor, tx| match pool_rt(uuid) {
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -462,14 +674,14 @@ impl Store {
     /// The reactor does not answer.
     pub async fn figures(&self, pool: &PoolInfo) -> Result<PoolFigures> {
         self.pool_query(pool, |rt| {
-            let c = rt.alloc_counts();
-            let cluster = rt.cluster_bytes();
-            let table = rt.volumes();
+            let u = rt.usage();
             PoolFigures {
-                free_bytes: (c.zeroed + c.recycling).saturating_mul(cluster),
-                allocated_bytes: c.in_use.saturating_mul(cluster),
-                provisioned_bytes: table.volumes.values().map(|v| v.size_bytes).sum(),
-                volume_count: u32::try_from(table.volumes.len()).unwrap_or(u32::MAX),
+                free_bytes: u.free_bytes,
+                allocated_bytes: u.allocated_bytes,
+                provisioned_bytes: u.provisioned_bytes,
+                recycling_bytes: u.recycling_bytes,
+                volume_count: u32::try_from(u.volumes).unwrap_or(u32::MAX),
+                snapshot_count: u32::try_from(u.snapshots).unwrap_or(u32::MAX),
             }
         })
         .await
@@ -842,13 +1054,13 @@ impl Store {
         }
         if p.state == PoolState::Online {
             let table = self.pool_query(&p, PoolRt::volumes).await?;
-            let n = table.volumes.len();
+            let n = table.volumes.len() + table.snapshots.len();
             if n > 0 && !force {
                 return Err(Error::InUse {
                     what: "pool",
                     name: p.name,
                     reason: format!(
-                        "holds {n} volume(s); delete them first, or destroy with force (their data is lost)"
+                        "holds {n} volume(s) and snapshot(s); delete them first, or destroy with force (their data is lost)"
                     ),
                 });
             }
@@ -857,6 +1069,7 @@ impl Store {
                 if table
                     .volumes
                     .values()
+                    .chain(table.snapshots.values())
                     .any(|v| inner.busy.contains_key(&Uuid(v.uuid)))
                 {
                     return Err(Error::InUse {
@@ -894,8 +1107,9 @@ impl Store {
                 .await?;
             }
             let mut inner = lock(&self.inner);
-            for v in table.volumes.values() {
+            for v in table.volumes.values().chain(table.snapshots.values()) {
                 inner.imports.remove(&Uuid(v.uuid));
+                inner.origins.remove(&Uuid(v.uuid));
             }
         }
         {
@@ -915,8 +1129,25 @@ impl Store {
 
     // ---- volumes ---------------------------------------------------------------------
 
-    fn volume_info(&self, p: &PoolInfo, m: &VolumeMeta) -> VolumeInfo {
+    fn volume_info(&self, p: &PoolInfo, m: &VolumeMeta, table: &VolumeTable) -> VolumeInfo {
         let uuid = Uuid(m.uuid);
+        let inner = lock(&self.inner);
+        let lineage = table.lineage.get(&m.id);
+        let source = match inner.origins.get(&uuid) {
+            Some(o) if o.inflated => None,
+            Some(o) => Some(CloneSource {
+                uuid: o.source_uuid,
+                snapshot: o.source_snapshot,
+            }),
+            // Not recorded (a crash between the store's commit and the record): the
+            // store's lineage, while the source lives.
+            None => lineage.and_then(|l| {
+                table.get(l.source).map(|s| CloneSource {
+                    uuid: Uuid(s.uuid),
+                    snapshot: table.is_snapshot(l.source),
+                })
+            }),
+        };
         VolumeInfo {
             pool_uuid: p.uuid,
             pool_name: p.name.clone(),
@@ -927,34 +1158,131 @@ impl Store {
             labels: m.labels.clone(),
             thick: m.thick,
             written: m.written,
-            importing: lock(&self.inner).imports.contains_key(&uuid),
+            importing: inner.imports.contains_key(&uuid),
+            allocated_bytes: 0,
+            unique_bytes: 0,
+            created_unix: lineage.map(|l| l.created_unix),
+            source,
         }
     }
 
-    /// The volumes of one pool (name or UUID) or of every online pool, sorted by name.
-    ///
-    /// # Errors
-    /// The named pool is unknown or not online.
-    pub async fn volumes(&self, pool: Option<&str>) -> Result<Vec<VolumeInfo>> {
+    fn snapshot_info(&self, p: &PoolInfo, m: &VolumeMeta, table: &VolumeTable) -> SnapshotInfo {
+        let uuid = Uuid(m.uuid);
+        let inner = lock(&self.inner);
+        let lineage = table.lineage.get(&m.id).copied().unwrap_or_default();
+        let origin = inner.origins.get(&uuid);
+        let (volume_uuid, volume_name) = match origin {
+            Some(o) => (Some(o.source_uuid), o.source_name.clone()),
+            None => table
+                .volumes
+                .get(&lineage.source)
+                .map_or((None, String::new()), |v| {
+                    (Some(Uuid(v.uuid)), v.name.clone())
+                }),
+        };
+        SnapshotInfo {
+            pool_uuid: p.uuid,
+            pool_name: p.name.clone(),
+            id: m.id,
+            uuid,
+            name: m.name.clone(),
+            size_bytes: m.size_bytes,
+            labels: m.labels.clone(),
+            volume_uuid,
+            volume_name,
+            group_uuid: origin.and_then(|o| o.group),
+            created_unix: lineage.created_unix,
+            allocated_bytes: 0,
+            unique_bytes: 0,
+        }
+    }
+
+    fn pools_to_list(&self, pool: Option<&str>) -> Result<Vec<PoolInfo>> {
         self.check_ready()?;
-        let pools = match pool {
+        Ok(match pool {
             Some(p) => vec![self.online(p)?],
             None => self
                 .pools()
                 .into_iter()
                 .filter(|p| p.state == PoolState::Online)
                 .collect(),
-        };
+        })
+    }
+
+    /// The volumes of one pool (name or UUID) or of every online pool, sorted by name,
+    /// without their allocated and unique bytes ([`Self::with_usage`]).
+    ///
+    /// # Errors
+    /// The named pool is unknown or not online.
+    pub async fn volumes(&self, pool: Option<&str>) -> Result<Vec<VolumeInfo>> {
         let mut out = Vec::new();
-        for p in pools {
+        for p in self.pools_to_list(pool)? {
             let table = self.pool_query(&p, PoolRt::volumes).await?;
-            out.extend(table.volumes.values().map(|m| self.volume_info(&p, m)));
+            out.extend(
+                table
+                    .volumes
+                    .values()
+                    .map(|m| self.volume_info(&p, m, &table)),
+            );
         }
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
         Ok(out)
     }
 
-    /// A volume by name or UUID.
+    /// The snapshots of one pool (name or UUID) or of every online pool, sorted by name,
+    /// without their allocated and unique bytes ([`Self::with_usage`]).
+    ///
+    /// # Errors
+    /// The named pool is unknown or not online.
+    pub async fn snapshots(&self, pool: Option<&str>) -> Result<Vec<SnapshotInfo>> {
+        let mut out = Vec::new();
+        for p in self.pools_to_list(pool)? {
+            let table = self.pool_query(&p, PoolRt::volumes).await?;
+            out.extend(
+                table
+                    .snapshots
+                    .values()
+                    .map(|m| self.snapshot_info(&p, m, &table)),
+            );
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
+        Ok(out)
+    }
+
+    /// Fills in the allocated and unique bytes of `items` (one scan of each object's map
+    /// on its pool's owner reactor: do it for a page, not for a whole listing).
+    ///
+    /// # Errors
+    /// A reactor does not answer.
+    pub async fn with_usage<T: HasUsage>(&self, mut items: Vec<T>) -> Result<Vec<T>> {
+        let mut by_pool: BTreeMap<Uuid, Vec<u32>> = BTreeMap::new();
+        for i in &items {
+            let (pool, id) = i.key();
+            by_pool.entry(pool).or_default().push(id);
+        }
+        let mut usage: HashMap<(Uuid, u32), ObjectUsage> = HashMap::new();
+        for (pool, ids) in by_pool {
+            let Ok(p) = self.online(&pool.to_string()) else {
+                continue;
+            };
+            let got = self
+                .pool_query(&p, move |rt| {
+                    ids.iter()
+                        .filter_map(|id| rt.object_usage(*id).map(|u| (*id, u)))
+                        .collect::<Vec<_>>()
+                })
+                .await?;
+            usage.extend(got.into_iter().map(|(id, u)| ((pool, id), u)));
+        }
+        for i in &mut items {
+            if let Some(u) = usage.get(&i.key()) {
+                i.set_usage(*u);
+            }
+        }
+        Ok(items)
+    }
+
+    /// A volume by name or UUID (without usage figures).
     ///
     /// # Errors
     /// NOT_FOUND, or the store is not ready.
@@ -971,20 +1299,95 @@ impl Store {
             })
     }
 
-    /// Creates a volume; the same name with the same parameters returns the existing one
-    /// (`false`: not created now). Names are unique across the node's pools.
+    /// A snapshot by name or UUID (without usage figures).
+    ///
+    /// # Errors
+    /// NOT_FOUND, or the store is not ready.
+    pub async fn snapshot(&self, name_or_uuid: &str) -> Result<SnapshotInfo> {
+        let by_uuid: Option<Uuid> = name_or_uuid.parse().ok();
+        self.snapshots(None)
+            .await?
+            .into_iter()
+            .find(|s| s.name == name_or_uuid || Some(s.uuid) == by_uuid)
+            .ok_or_else(|| Error::NotFound {
+                what: "snapshot",
+                name: name_or_uuid.to_owned(),
+                hint: "`coreblk snapshot list` shows the snapshots",
+            })
+    }
+
+    /// Creates a volume, empty or as a clone; the same name with the same parameters
+    /// returns the existing one (`false`: not created now). Names are unique across the
+    /// node's pools.
     ///
     /// # Errors
     /// ALREADY_EXISTS naming the difference, RESOURCE_EXHAUSTED (overcommit limit, volume
-    /// count), NOT_FOUND / UNAVAILABLE for the pool, or the store's failure.
-    pub async fn create_volume(&self, spec: VolumeSpec) -> Result<(VolumeInfo, bool)> {
+    /// count), NOT_FOUND / UNAVAILABLE for the pool or source, INVALID_ARGUMENT (a clone
+    /// smaller than its source, or in another pool), or the store's failure.
+    pub async fn create_volume(self: &Arc<Self>, spec: VolumeSpec) -> Result<(VolumeInfo, bool)> {
         let _op = self.ops.lock().await;
         self.create_volume_locked(spec).await
     }
 
-    async fn create_volume_locked(&self, spec: VolumeSpec) -> Result<(VolumeInfo, bool)> {
+    /// The source of a clone request: its pool, id, UUID, name, size, kind.
+    async fn resolve_source(&self, source: &SourceRef) -> Result<(PoolInfo, ObjectRef)> {
+        let o = match source {
+            SourceRef::Snapshot(s) => self.snapshot(s).await?.object(),
+            SourceRef::Volume(v) => {
+                let v = self.volume(v).await?;
+                if v.importing {
+                    return Err(Error::InUse {
+                        what: "volume",
+                        name: v.name,
+                        reason:
+                            "is being imported; finish (or delete) the import before cloning it"
+                                .to_owned(),
+                    });
+                }
+                v.object()
+            }
+        };
+        Ok((self.online(&o.pool_uuid.to_string())?, o))
+    }
+
+    async fn create_volume_locked(
+        self: &Arc<Self>,
+        mut spec: VolumeSpec,
+    ) -> Result<(VolumeInfo, bool)> {
         self.check_ready()?;
-        let p = self.online(&spec.pool)?;
+        let source = match &spec.source {
+            Some(s) => Some(self.resolve_source(s).await?),
+            None => None,
+        };
+        let p = match &source {
+            Some((sp, _)) => {
+                if !spec.pool.is_empty() && self.pool(&spec.pool)?.uuid != sp.uuid {
+                    return Err(Error::InvalidArgument {
+                        field: "pool",
+                        reason: format!(
+                            "a clone lives in its source's pool {}; leave the pool empty or name that one",
+                            sp.name
+                        ),
+                    });
+                }
+                sp.clone()
+            }
+            None => self.online(&spec.pool)?,
+        };
+        if let Some((_, src)) = &source {
+            if spec.size_bytes == 0 {
+                spec.size_bytes = src.size_bytes;
+            }
+            if spec.size_bytes < src.size_bytes {
+                return Err(Error::InvalidArgument {
+                    field: "size_bytes",
+                    reason: format!(
+                        "{} bytes cannot hold the {}-byte source {}; give 0 (the source's size) or more",
+                        spec.size_bytes, src.size_bytes, src.name
+                    ),
+                });
+            }
+        }
         if let Some(v) = self
             .volumes(None)
             .await?
@@ -1001,8 +1404,26 @@ impl Store {
             if v.labels != spec.labels {
                 diff.push("other labels".to_owned());
             }
+            let want = source.as_ref().map(|(_, s)| s.uuid);
+            // An inflated clone reports no source; its record still knows it.
+            let had = lock(&self.inner)
+                .origins
+                .get(&v.uuid)
+                .map(|o| o.source_uuid)
+                .or(v.source.map(|s| s.uuid));
+            if had != want {
+                diff.push(match had {
+                    Some(u) => format!("source {u}"),
+                    None => "no source (an empty volume)".to_owned(),
+                });
+            }
             if diff.is_empty() {
-                return Ok((v, false));
+                let v = self.with_usage(vec![v]).await?;
+                return v
+                    .into_iter()
+                    .next()
+                    .map(|v| (v, false))
+                    .ok_or_else(|| Error::Internal("a listed volume vanished".to_owned()));
             }
             return Err(Error::AlreadyExists {
                 what: "volume",
@@ -1011,23 +1432,17 @@ impl Store {
             });
         }
         let f = self.figures(&p).await?;
-        if f.volume_count >= pool::MAX_VOLUMES {
+        let objects = f.volume_count.saturating_add(f.snapshot_count);
+        if objects >= pool::MAX_VOLUMES {
             return Err(Error::NoSpace {
                 pool: p.name,
                 reason: format!(
-                    "holds {} volumes, the most a pool holds; delete one first",
+                    "holds {objects} volumes and snapshots, the most a pool holds ({}); delete some first",
                     pool::MAX_VOLUMES
                 ),
             });
         }
-        #[allow(
-            clippy::cast_precision_loss,
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss
-        )]
-        // An f64 limit times a byte count: the bound is approximate by nature, and `as`
-        // saturates.
-        let limit = (p.overcommit_limit * p.capacity_bytes as f64) as u64;
+        let limit = overcommit_bytes(&p);
         if f.provisioned_bytes.saturating_add(spec.size_bytes) > limit {
             return Err(Error::NoSpace {
                 pool: p.name,
@@ -1052,43 +1467,79 @@ impl Store {
             thick: false,
             written: false,
         };
-        let id = self
-            .pool_op(&p, move |r, rt, reply| rt.create_volume(r, meta, reply))
-            .await?
-            .map_err(|reason| journal_error("create volume", &spec.name, &p.name, reason))?;
+        let id = match &source {
+            None => self
+                .pool_op(&p, move |r, rt, reply| rt.create_volume(r, meta, reply))
+                .await?
+                .map_err(|reason| journal_error("create volume", &spec.name, &p.name, reason))?,
+            Some((_, src)) => {
+                let sid = src.id;
+                let id = self
+                    .pool_op(&p, move |r, rt, reply| rt.clone_volume(r, sid, meta, reply))
+                    .await?
+                    .map_err(|reason| journal_error("clone", &spec.name, &p.name, reason))?;
+                lock(&self.inner).origins.insert(
+                    uuid,
+                    Origin {
+                        source_uuid: src.uuid,
+                        source_name: src.name.clone(),
+                        source_snapshot: src.snapshot,
+                        group: None,
+                        inflated: false,
+                    },
+                );
+                self.persist().await?;
+                id
+            }
+        };
         let table = self.pool_query(&p, PoolRt::volumes).await?;
         let m = table.volumes.get(&id).ok_or_else(|| {
             Error::Internal(format!("volume {} vanished after its create", spec.name))
         })?;
-        tracing::info!(volume = %spec.name, uuid = %uuid, pool = %p.name, size_bytes = spec.size_bytes, "volume created");
-        Ok((self.volume_info(&p, m), true))
+        let v = self.volume_info(&p, m, &table);
+        tracing::info!(volume = %spec.name, uuid = %uuid, pool = %p.name, size_bytes = spec.size_bytes, source = ?v.source, "volume created");
+        let v = self.with_usage(vec![v]).await?;
+        v.into_iter()
+            .next()
+            .map(|v| (v, true))
+            .ok_or_else(|| Error::Internal("a created volume vanished".to_owned()))
     }
 
-    /// Deletes a volume.
+    /// Deletes a volume. Its snapshots and clones stay whole.
     ///
     /// # Errors
     /// NOT_FOUND, FAILED_PRECONDITION (a session uses it), or the store's failure.
     pub async fn delete_volume(self: &Arc<Self>, name_or_uuid: &str) -> Result<VolumeInfo> {
         let _op = self.ops.lock().await;
         let v = self.volume(name_or_uuid).await?;
-        if lock(&self.inner).busy.contains_key(&v.uuid) {
-            return Err(Error::InUse {
-                what: "volume",
-                name: v.name,
-                reason: "is in use by an image import or export; wait for it to end".to_owned(),
-            });
-        }
+        self.check_idle("volume", &v.name, v.uuid)?;
         let p = self.online(&v.pool_uuid.to_string())?;
         let id = v.id;
         self.pool_op(&p, move |r, rt, reply| rt.delete_volume(r, id, reply))
             .await?
             .map_err(|reason| journal_error("delete volume", &v.name, &p.name, reason))?;
-        let had_import = lock(&self.inner).imports.remove(&v.uuid).is_some();
-        if had_import {
+        let changed = {
+            let mut inner = lock(&self.inner);
+            let a = inner.imports.remove(&v.uuid).is_some();
+            let b = inner.origins.remove(&v.uuid).is_some();
+            a || b
+        };
+        if changed {
             self.persist().await?;
         }
         tracing::info!(volume = %v.name, uuid = %v.uuid, pool = %p.name, "volume deleted");
         Ok(v)
+    }
+
+    fn check_idle(&self, what: &'static str, name: &str, uuid: Uuid) -> Result<()> {
+        if lock(&self.inner).busy.contains_key(&uuid) {
+            return Err(Error::InUse {
+                what,
+                name: name.to_owned(),
+                reason: "is in use by an image import or export; wait for it to end".to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// Grows a volume to `size_bytes` (the same size: nothing to do).
@@ -1100,7 +1551,7 @@ impl Store {
         let _op = self.ops.lock().await;
         let v = self.volume(name_or_uuid).await?;
         if size_bytes == v.size_bytes {
-            return Ok(v);
+            return self.one_with_usage(v).await;
         }
         if size_bytes < v.size_bytes {
             return Err(Error::InvalidArgument {
@@ -1129,7 +1580,37 @@ impl Store {
             .await?
             .map_err(|reason| journal_error("resize volume", &v.name, &p.name, reason))?;
         tracing::info!(volume = %v.name, size_bytes, "volume resized");
-        self.volume(&v.uuid.to_string()).await
+        self.volume_with_usage(&v.uuid.to_string()).await
+    }
+
+    async fn one_with_usage(&self, v: VolumeInfo) -> Result<VolumeInfo> {
+        self.with_usage(vec![v])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Internal("a listed volume vanished".to_owned()))
+    }
+
+    /// A volume by name or UUID, with its usage figures.
+    ///
+    /// # Errors
+    /// NOT_FOUND, or the store is not ready.
+    pub async fn volume_with_usage(&self, name_or_uuid: &str) -> Result<VolumeInfo> {
+        let v = self.volume(name_or_uuid).await?;
+        self.one_with_usage(v).await
+    }
+
+    /// A snapshot by name or UUID, with its usage figures.
+    ///
+    /// # Errors
+    /// NOT_FOUND, or the store is not ready.
+    pub async fn snapshot_with_usage(&self, name_or_uuid: &str) -> Result<SnapshotInfo> {
+        let s = self.snapshot(name_or_uuid).await?;
+        self.with_usage(vec![s])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Internal("a listed snapshot vanished".to_owned()))
     }
 
     /// Replaces a volume's labels with `labels` (checked by the caller against the API's
@@ -1151,7 +1632,7 @@ impl Store {
             labels.remove(k);
         }
         if labels == v.labels {
-            return Ok(v);
+            return self.one_with_usage(v).await;
         }
         pool::validate_meta(&v.name, &labels).map_err(|reason| Error::InvalidArgument {
             field: "labels",
@@ -1162,7 +1643,309 @@ impl Store {
         self.pool_op(&p, move |r, rt, reply| rt.set_labels(r, id, labels, reply))
             .await?
             .map_err(|reason| journal_error("set labels of volume", &v.name, &p.name, reason))?;
-        self.volume(&v.uuid.to_string()).await
+        self.volume_with_usage(&v.uuid.to_string()).await
+    }
+
+    /// Makes a volume's content that of one of its snapshots.
+    ///
+    /// # Errors
+    /// NOT_FOUND, FAILED_PRECONDITION (a session uses the volume, or the snapshot was
+    /// taken of another volume), or the store's failure.
+    pub async fn rollback_volume(
+        self: &Arc<Self>,
+        volume: &str,
+        snapshot: &str,
+    ) -> Result<VolumeInfo> {
+        let _op = self.ops.lock().await;
+        let v = self.volume(volume).await?;
+        let s = self.snapshot(snapshot).await?;
+        if s.volume_uuid != Some(v.uuid) {
+            return Err(Error::Refused {
+                what: "snapshot",
+                name: s.name,
+                reason: format!(
+                    "was taken of volume {}, not of {}; roll back to one of {}'s snapshots (`coreblk snapshot list --volume {}`)",
+                    if s.volume_name.is_empty() { "(deleted)" } else { &s.volume_name },
+                    v.name,
+                    v.name,
+                    v.name
+                ),
+            });
+        }
+        self.check_idle("volume", &v.name, v.uuid)?;
+        let p = self.online(&v.pool_uuid.to_string())?;
+        let (id, sid) = (v.id, s.id);
+        self.pool_op(&p, move |r, rt, reply| rt.rollback(r, id, sid, reply))
+            .await?
+            .map_err(|reason| journal_error("roll back volume", &v.name, &p.name, reason))?;
+        tracing::info!(volume = %v.name, snapshot = %s.name, "volume rolled back");
+        self.volume_with_usage(&v.uuid.to_string()).await
+    }
+
+    /// Copies every cluster a volume shares with a snapshot or clone, so it stands alone;
+    /// from then on it reports no source.
+    ///
+    /// # Errors
+    /// NOT_FOUND, or the store's failure.
+    pub async fn inflate_volume(self: &Arc<Self>, volume: &str) -> Result<VolumeInfo> {
+        let v = {
+            // Resolve under the lock, but copy without it: an inflate takes a while and
+            // the store parks writes, not control calls, meanwhile.
+            let _op = self.ops.lock().await;
+            self.volume(volume).await?
+        };
+        let p = self.online(&v.pool_uuid.to_string())?;
+        let id = v.id;
+        self.pool_op_within(&p, INFLATE_TIMEOUT, move |r, rt, reply| {
+            rt.inflate(r, id, reply)
+        })
+        .await?
+        .map_err(|reason| journal_error("inflate volume", &v.name, &p.name, reason))?;
+        let changed = {
+            let mut inner = lock(&self.inner);
+            match inner.origins.get_mut(&v.uuid) {
+                Some(o) if !o.inflated => {
+                    o.inflated = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if changed {
+            self.persist().await?;
+        }
+        tracing::info!(volume = %v.name, "volume inflated");
+        self.volume_with_usage(&v.uuid.to_string()).await
+    }
+
+    // ---- snapshots -------------------------------------------------------------------
+
+    /// Snapshots `members` (volume, snapshot name) at one instant; `group`: they form a
+    /// group snapshot (it gets a UUID). The same names with the same volumes and labels
+    /// return the existing snapshots (`false`: not created now).
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT (no member, a volume or name twice, volumes of several pools),
+    /// ALREADY_EXISTS naming the difference, NOT_FOUND (a volume), FAILED_PRECONDITION (a
+    /// volume being imported), RESOURCE_EXHAUSTED (the pool's object limit), or the
+    /// store's failure.
+    pub async fn create_snapshots(
+        self: &Arc<Self>,
+        members: Vec<(String, String)>,
+        labels: BTreeMap<String, String>,
+        group: bool,
+    ) -> Result<(Vec<SnapshotInfo>, bool)> {
+        let _op = self.ops.lock().await;
+        self.check_ready()?;
+        if members.is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "members",
+                reason: "name at least one volume to snapshot".to_owned(),
+            });
+        }
+        let all = self.volumes(None).await?;
+        let mut vols: Vec<VolumeInfo> = Vec::new();
+        for (vol, name) in &members {
+            let by_uuid: Option<Uuid> = vol.parse().ok();
+            let v = all
+                .iter()
+                .find(|v| &v.name == vol || Some(v.uuid) == by_uuid)
+                .ok_or_else(|| Error::NotFound {
+                    what: "volume",
+                    name: vol.clone(),
+                    hint: "`coreblk volume list` shows the volumes",
+                })?;
+            if vols.iter().any(|o| o.uuid == v.uuid) {
+                return Err(Error::InvalidArgument {
+                    field: "members",
+                    reason: format!("volume {} is named twice", v.name),
+                });
+            }
+            if members.iter().filter(|(_, n)| n == name).count() > 1 {
+                return Err(Error::InvalidArgument {
+                    field: "members",
+                    reason: format!("snapshot name {name} is given twice"),
+                });
+            }
+            if let Some(first) = vols.first() {
+                if first.pool_uuid != v.pool_uuid {
+                    return Err(Error::InvalidArgument {
+                        field: "members",
+                        reason: format!(
+                            "volumes {} (pool {}) and {} (pool {}) are in different pools; a group snapshot takes volumes of one pool",
+                            first.name, first.pool_name, v.name, v.pool_name
+                        ),
+                    });
+                }
+            }
+            vols.push(v.clone());
+        }
+        // Idempotency: every name taken by the same request → the existing snapshots.
+        let existing = self.snapshots(None).await?;
+        let found: Vec<Option<&SnapshotInfo>> = members
+            .iter()
+            .map(|(_, name)| existing.iter().find(|s| &s.name == name))
+            .collect();
+        if found.iter().any(Option::is_some) {
+            let mut diff = Vec::new();
+            let mut first_name = String::new();
+            for ((v, (_, name)), s) in vols.iter().zip(&members).zip(&found) {
+                let Some(s) = s else {
+                    diff.push(format!("snapshot {name} missing from that group"));
+                    continue;
+                };
+                if first_name.is_empty() {
+                    first_name = s.name.clone();
+                }
+                if s.volume_uuid != Some(v.uuid) {
+                    diff.push(format!(
+                        "{} taken of volume {}",
+                        s.name,
+                        if s.volume_name.is_empty() {
+                            "(deleted)"
+                        } else {
+                            &s.volume_name
+                        }
+                    ));
+                }
+                if s.labels != labels {
+                    diff.push(format!("{} has other labels", s.name));
+                }
+            }
+            let groups: Vec<Option<Uuid>> = found.iter().flatten().map(|s| s.group_uuid).collect();
+            if group
+                && (groups.iter().any(Option::is_none) || groups.windows(2).any(|w| w[0] != w[1]))
+            {
+                diff.push("snapshots not taken together as one group".to_owned());
+            }
+            if !group && groups.iter().any(Option::is_some) {
+                diff.push("a snapshot taken as part of a group".to_owned());
+            }
+            if diff.is_empty() {
+                let snaps: Vec<SnapshotInfo> = found.into_iter().flatten().cloned().collect();
+                return Ok((self.with_usage(snaps).await?, false));
+            }
+            return Err(Error::AlreadyExists {
+                what: "snapshot",
+                name: first_name,
+                difference: diff.join(", "),
+            });
+        }
+        if let Some(v) = vols.iter().find(|v| v.importing) {
+            return Err(Error::InUse {
+                what: "volume",
+                name: v.name.clone(),
+                reason: "is being imported; finish (or delete) the import before snapshotting it"
+                    .to_owned(),
+            });
+        }
+        let p = self.online(&vols[0].pool_uuid.to_string())?;
+        let group_uuid = if group {
+            Some(
+                Uuid::random()
+                    .map_err(|e| Error::Internal(format!("cannot make a group uuid: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let mut req = Vec::new();
+        let mut uuids = Vec::new();
+        for (v, (_, name)) in vols.iter().zip(&members) {
+            let uuid = Uuid::random()
+                .map_err(|e| Error::Internal(format!("cannot make a snapshot uuid: {e}")))?;
+            uuids.push(uuid);
+            req.push((
+                v.id,
+                VolumeMeta {
+                    uuid: uuid.0,
+                    name: name.clone(),
+                    labels: labels.clone(),
+                    ..VolumeMeta::default()
+                },
+            ));
+        }
+        let what = members
+            .iter()
+            .map(|(_, n)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.pool_op(&p, move |r, rt, reply| rt.snapshot(r, req, reply))
+            .await?
+            .map_err(|reason| journal_error("snapshot", &what, &p.name, reason))?;
+        {
+            let mut inner = lock(&self.inner);
+            for (v, uuid) in vols.iter().zip(&uuids) {
+                inner.origins.insert(
+                    *uuid,
+                    Origin {
+                        source_uuid: v.uuid,
+                        source_name: v.name.clone(),
+                        source_snapshot: false,
+                        group: group_uuid,
+                        inflated: false,
+                    },
+                );
+            }
+        }
+        self.persist().await?;
+        tracing::info!(snapshots = %what, pool = %p.name, group = ?group_uuid, "snapshot taken");
+        let now = self.snapshots(Some(&p.uuid.to_string())).await?;
+        let mut out = Vec::new();
+        for uuid in &uuids {
+            let s = now.iter().find(|s| s.uuid == *uuid).ok_or_else(|| {
+                Error::Internal(format!("snapshot {uuid} vanished after its create"))
+            })?;
+            out.push(s.clone());
+        }
+        Ok((self.with_usage(out).await?, true))
+    }
+
+    /// Deletes a snapshot. Clones made from it stay whole.
+    ///
+    /// # Errors
+    /// NOT_FOUND, FAILED_PRECONDITION (an export reads it), or the store's failure.
+    pub async fn delete_snapshot(self: &Arc<Self>, name_or_uuid: &str) -> Result<SnapshotInfo> {
+        let _op = self.ops.lock().await;
+        let s = self.snapshot(name_or_uuid).await?;
+        self.check_idle("snapshot", &s.name, s.uuid)?;
+        let p = self.online(&s.pool_uuid.to_string())?;
+        let id = s.id;
+        self.pool_op(&p, move |r, rt, reply| rt.delete_volume(r, id, reply))
+            .await?
+            .map_err(|reason| journal_error("delete snapshot", &s.name, &p.name, reason))?;
+        if lock(&self.inner).origins.remove(&s.uuid).is_some() {
+            self.persist().await?;
+        }
+        tracing::info!(snapshot = %s.name, uuid = %s.uuid, pool = %p.name, "snapshot deleted");
+        Ok(s)
+    }
+
+    /// The byte ranges whose content differs between `from` and `to` (objects of one
+    /// pool), at cluster granularity; with `from` `None`, the ranges `to` maps.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT (objects of different pools), or the store's failure.
+    pub async fn diff(&self, from: Option<&ObjectRef>, to: &ObjectRef) -> Result<Vec<(u64, u64)>> {
+        if let Some(f) = from {
+            if f.pool_uuid != to.pool_uuid {
+                return Err(Error::InvalidArgument {
+                    field: "base",
+                    reason: format!(
+                        "{} and {} are in different pools; a diff compares objects of one lineage",
+                        f.name, to.name
+                    ),
+                });
+            }
+        }
+        let p = self.online(&to.pool_uuid.to_string())?;
+        let (fid, tid) = (from.map(|f| f.id), to.id);
+        self.pool_query(&p, move |rt| rt.diff(fid, tid))
+            .await?
+            .map_err(|reason| Error::Store {
+                op: "diff",
+                object: to.name.clone(),
+                reason,
+            })
     }
 
     // ---- image imports ---------------------------------------------------------------
@@ -1229,8 +2012,49 @@ impl Store {
                 }
             }
         };
-        let session = self.open_session(&v, true).await?;
+        let session = self.open_session(&v.object(), true).await?;
         Ok((v, session, offset))
+    }
+
+    /// Starts writing an image over an existing volume (`ImportStart.overwrite`): returns
+    /// it and an exclusive session on it.
+    ///
+    /// # Errors
+    /// NOT_FOUND, INVALID_ARGUMENT (a size larger than the volume, or another pool),
+    /// FAILED_PRECONDITION (another session uses it).
+    pub async fn begin_overwrite(
+        self: &Arc<Self>,
+        pool: &str,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<(VolumeInfo, Session, u64)> {
+        let _op = self.ops.lock().await;
+        let v = self.volume(name).await?;
+        if v.importing {
+            return Err(Error::InUse {
+                what: "volume",
+                name: v.name,
+                reason: "has an unfinished import; resume it (or delete the volume) first"
+                    .to_owned(),
+            });
+        }
+        if !pool.is_empty() && self.pool(pool)?.uuid != v.pool_uuid {
+            return Err(Error::InvalidArgument {
+                field: "pool",
+                reason: format!("volume {} is in pool {}", v.name, v.pool_name),
+            });
+        }
+        if size_bytes > v.size_bytes {
+            return Err(Error::InvalidArgument {
+                field: "size_bytes",
+                reason: format!(
+                    "a {size_bytes}-byte image does not fit volume {} of {} bytes (grow it first)",
+                    v.name, v.size_bytes
+                ),
+            });
+        }
+        let session = self.open_session(&v.object(), true).await?;
+        Ok((v, session, 0))
     }
 
     /// Records that everything below `offset` of an importing volume is written (kept in
@@ -1269,17 +2093,14 @@ impl Store {
 
     // ---- sessions --------------------------------------------------------------------
 
-    /// Opens an IO session on a volume (on its pool's owner reactor). `exclusive`: refused
-    /// while another session uses the volume (imports); otherwise refused only while an
-    /// exclusive one does.
+    /// Opens an IO session on a volume or snapshot (on its pool's owner reactor; a
+    /// snapshot's channel is read-only). `exclusive`: refused while another session uses
+    /// the object (imports); otherwise refused only while an exclusive one does. While a
+    /// session is open the object is not deleted (nor a volume rolled back).
     ///
     /// # Errors
-    /// FAILED_PRECONDITION (in use), or the volume cannot be opened.
-    pub async fn open_session(
-        self: &Arc<Self>,
-        v: &VolumeInfo,
-        exclusive: bool,
-    ) -> Result<Session> {
+    /// FAILED_PRECONDITION (in use), or the object cannot be opened.
+    pub async fn open_session(self: &Arc<Self>, v: &ObjectRef, exclusive: bool) -> Result<Session> {
         let p = self.online(&v.pool_uuid.to_string())?;
         {
             let mut inner = lock(&self.inner);
@@ -1287,7 +2108,7 @@ impl Store {
             // u32::MAX marks an exclusive session.
             if *n == u32::MAX || (exclusive && *n > 0) {
                 return Err(Error::InUse {
-                    what: "volume",
+                    what: if v.snapshot { "snapshot" } else { "volume" },
                     name: v.name.clone(),
                     reason: "is in use by another image import or export; wait for it to end"
                         .to_owned(),
@@ -1315,7 +2136,7 @@ impl Store {
                 store: Arc::clone(self),
                 remote,
                 id: sid,
-                volume: v.clone(),
+                object: v.clone(),
                 exclusive,
                 max_transfer_bytes: u64::from(max.max(4096)),
             }),
@@ -1339,22 +2160,25 @@ impl Store {
 
     // ---- stop and state --------------------------------------------------------------
 
-    /// Flushes every online pool that has a volume and stops the pool runtimes. Called
-    /// once the API has stopped serving.
+    /// Flushes every online pool, writes a metadata checkpoint (so the next start
+    /// replays no journal), and stops the pool runtimes. Called once the API has stopped
+    /// serving.
     pub async fn stop(&self) {
         for p in self.pools() {
             if p.state != PoolState::Online {
                 continue;
             }
             let uuid = p.uuid;
-            let (tx, rx) = oneshot::channel::<BatchResult>();
-            let sent = self.remote(p.owner).send(Box::new(move |r: &Reactor| {
+            let remote = self.remote(p.owner);
+            // The final flush, through a channel on any object (a pool with none has no
+            // data to flush; its checkpoint below still makes the metadata durable).
+            let flushed = ask_within(remote, STOP_STEP_TIMEOUT, move |r: &Reactor, tx| {
                 let Ok(rt) = pool_rt(uuid) else {
                     let _ = tx.send(Ok(Vec::new()));
                     return;
                 };
-                POOLS.with(|pools| pools.borrow_mut().remove(&uuid));
-                let Some(&id) = rt.volumes().volumes.keys().next() else {
+                let table = rt.volumes();
+                let Some(&id) = table.volumes.keys().chain(table.snapshots.keys()).next() else {
                     let _ = tx.send(Ok(Vec::new()));
                     return;
                 };
@@ -1364,16 +2188,44 @@ impl Store {
                         let _ = tx.send(Err(BatchError::Other(e)));
                     }
                 }
-            }));
-            if sent.is_err() {
-                continue;
-            }
-            match tokio::time::timeout(Duration::from_secs(10), rx).await {
-                Ok(Ok(Ok(_))) => tracing::info!(pool = %p.name, "pool flushed and stopped"),
-                Ok(Ok(Err(e))) => {
+            })
+            .await;
+            match flushed {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
                     tracing::warn!(pool = %p.name, error = ?e, "flushing the pool at stop failed")
                 }
-                _ => tracing::warn!(pool = %p.name, "flushing the pool at stop did not finish"),
+                Err(e) => {
+                    tracing::warn!(pool = %p.name, error = %e, "flushing the pool at stop did not finish")
+                }
+            }
+            let checkpointed = ask_within(remote, STOP_STEP_TIMEOUT, move |r: &Reactor, tx| {
+                let Some(rt) = POOLS.with(|pools| pools.borrow_mut().remove(&uuid)) else {
+                    let _ = tx.send(Ok(()));
+                    return;
+                };
+                // The runtime lives until its checkpoint answers (the checkpoint runs
+                // from a timer that holds only a weak reference).
+                let keep = Rc::clone(&rt);
+                rt.checkpoint(
+                    r,
+                    Box::new(move |_r: &Reactor, res| {
+                        drop(keep);
+                        let _ = tx.send(res);
+                    }),
+                );
+            })
+            .await;
+            match checkpointed {
+                Ok(Ok(())) => {
+                    tracing::info!(pool = %p.name, "pool flushed, checkpointed and stopped")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(pool = %p.name, error = %e, "the checkpoint at stop failed; the next start replays the journal")
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %p.name, error = %e, "the checkpoint at stop did not finish")
+                }
             }
         }
     }
@@ -1398,6 +2250,18 @@ impl Store {
                 .map(|(uuid, off)| ImportRecord {
                     volume_uuid: uuid.to_string(),
                     durable_offset_bytes: *off,
+                })
+                .collect(),
+            origins: inner
+                .origins
+                .iter()
+                .map(|(uuid, o)| OriginRecord {
+                    uuid: uuid.to_string(),
+                    source_uuid: o.source_uuid.to_string(),
+                    source_name: o.source_name.clone(),
+                    source_snapshot: o.source_snapshot,
+                    group_uuid: o.group.map(|g| g.to_string()),
+                    inflated: o.inflated,
                 })
                 .collect(),
         };
@@ -1451,15 +2315,16 @@ pub fn overcommit_bytes(p: &PoolInfo) -> u64 {
     limit
 }
 
-/// A failed journal commit: ENOSPC means the pool's journal ring is full (checkpoints are
-/// not built yet).
+/// A failed store operation. ENOSPC from a journal commit means the pool's metadata has
+/// no room (journal full and no checkpoint could make room); other reasons keep the
+/// store's words and get their code in `error.rs`.
 fn journal_error(op: &'static str, object: &str, pool: &str, reason: String) -> Error {
     if reason.contains(&format!("(errno {})", libc::ENOSPC)) {
         return Error::NoSpace {
             pool: pool.to_owned(),
             reason: format!(
-                "{op} {object}: its metadata journal is full ({reason}); this version has no \
-                 journal checkpoints yet, so the pool takes no more metadata changes"
+                "{op} {object}: its metadata has no room ({reason}); delete snapshots or \
+                 volumes to shrink it, then retry"
             ),
         };
     }
@@ -1470,15 +2335,15 @@ fn journal_error(op: &'static str, object: &str, pool: &str, reason: String) -> 
     }
 }
 
-/// A volume IO session: a channel on the pool's owner reactor, used by one import or
-/// export. Closed (and the volume freed for deletion) on drop.
+/// An IO session on a volume or snapshot: a channel on the pool's owner reactor, used by
+/// one import or export. Closed (and the object freed for deletion) on drop.
 #[derive(Debug)]
 pub struct Session {
     store: Arc<Store>,
     remote: Remote,
     id: u64,
-    /// The volume.
-    pub volume: VolumeInfo,
+    /// The volume or snapshot.
+    pub object: ObjectRef,
     exclusive: bool,
     max_transfer_bytes: u64,
 }
@@ -1628,7 +2493,7 @@ impl Session {
             Err(_) => {
                 return Err(Error::Internal(format!(
                     "{op_name} of volume {} at byte {offset} did not complete within {} s",
-                    self.volume.name,
+                    self.object.name,
                     OP_TIMEOUT.as_secs()
                 )))
             }
@@ -1636,13 +2501,13 @@ impl Session {
         res.map_err(|e| match e {
             BatchError::Io(at, errno) => Error::VolumeIo {
                 op: op_name,
-                volume: self.volume.name.clone(),
+                volume: self.object.name.clone(),
                 offset_bytes: offset + at,
                 errno,
             },
             BatchError::Other(reason) => Error::Store {
                 op: op_name,
-                object: self.volume.name.clone(),
+                object: self.object.name.clone(),
                 reason,
             },
         })
@@ -1692,7 +2557,7 @@ impl Drop for Session {
                 ch.close(r);
             }
         }));
-        self.store.end_session(self.volume.uuid, self.exclusive);
+        self.store.end_session(self.object.uuid, self.exclusive);
     }
 }
 

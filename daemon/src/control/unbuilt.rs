@@ -1,7 +1,6 @@
-//! The services this daemon does not serve yet: snapshots (the volume store has them; the
-//! control plane does not serve them yet) answer UNIMPLEMENTED; exports need ublk (issue 12) and
-//! answer FAILED_PRECONDITION. Each says so by name, so a client learns what is missing
-//! instead of getting a fake answer.
+//! The services this daemon does not serve yet: exports need ublk (issue 12) and answer
+//! FAILED_PRECONDITION. Each says so by name, so a client learns what is missing instead
+//! of getting a fake answer.
 //!
 //! Replace a service here with a real one as its layer lands; the API (and the CLI wired
 //! to it) does not change.
@@ -52,15 +51,6 @@ macro_rules! unbuilt_service {
     };
 }
 
-const SNAPSHOTS: &str = "snapshots are not wired from the volume store into the API";
-
-fn no_snapshots(rpc: &'static str) -> Error {
-    Error::StoreLacks {
-        rpc,
-        feature: SNAPSHOTS,
-    }
-}
-
 fn no_exports(rpc: &'static str) -> Error {
     Error::ExportsNotBuilt { rpc }
 }
@@ -69,54 +59,4 @@ unbuilt_service! { pb::exports_server::Exports;
     export_volume(pb::ExportVolumeRequest) -> pb::Export = no_exports("ExportVolume");
     unexport_volume(pb::UnexportVolumeRequest) -> pb::UnexportVolumeResponse = no_exports("UnexportVolume");
     list_exports(pb::ListExportsRequest) -> pb::ListExportsResponse = no_exports("ListExports");
-}
-
-/// The stream type of an unbuilt streaming RPC (never produced).
-pub type NoStream<T> = tokio_stream::Empty<Result<T, Status>>;
-
-#[tonic::async_trait]
-impl pb::snapshots_server::Snapshots for Unbuilt {
-    type DiffSnapshotsStream = NoStream<pb::DiffSnapshotsResponse>;
-
-    async fn create_snapshot(
-        &self,
-        _request: Request<pb::CreateSnapshotRequest>,
-    ) -> Result<Response<pb::Snapshot>, Status> {
-        Err(self.refuse(no_snapshots("CreateSnapshot")))
-    }
-
-    async fn create_snapshot_group(
-        &self,
-        _request: Request<pb::CreateSnapshotGroupRequest>,
-    ) -> Result<Response<pb::CreateSnapshotGroupResponse>, Status> {
-        Err(self.refuse(no_snapshots("CreateSnapshotGroup")))
-    }
-
-    async fn get_snapshot(
-        &self,
-        _request: Request<pb::GetSnapshotRequest>,
-    ) -> Result<Response<pb::Snapshot>, Status> {
-        Err(self.refuse(no_snapshots("GetSnapshot")))
-    }
-
-    async fn list_snapshots(
-        &self,
-        _request: Request<pb::ListSnapshotsRequest>,
-    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        Err(self.refuse(no_snapshots("ListSnapshots")))
-    }
-
-    async fn delete_snapshot(
-        &self,
-        _request: Request<pb::DeleteSnapshotRequest>,
-    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        Err(self.refuse(no_snapshots("DeleteSnapshot")))
-    }
-
-    async fn diff_snapshots(
-        &self,
-        _request: Request<pb::DiffSnapshotsRequest>,
-    ) -> Result<Response<Self::DiffSnapshotsStream>, Status> {
-        Err(self.refuse(no_snapshots("DiffSnapshots")))
-    }
 }

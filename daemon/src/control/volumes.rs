@@ -1,6 +1,7 @@
-//! The `Volumes` service: create (idempotent by name), get, list (by pool and labels,
-//! paginated), delete, resize (grow), set labels. Rollback and inflate answer
-//! UNIMPLEMENTED until the control plane serves snapshots and clones; so do thick volumes.
+//! The `Volumes` service: create (empty, or as a clone of a snapshot or volume;
+//! idempotent by name), get, list (by pool and labels, paginated), delete (snapshots and
+//! clones of it stay whole), resize (grow), set labels, roll back to a snapshot, inflate.
+//! Thick volumes answer UNIMPLEMENTED (the store reserves nothing up front yet).
 //!
 //! Must never: create a volume the store could not record (its own name and label limits
 //! are checked here too, with the rule in the error).
@@ -15,7 +16,7 @@ use super::names::{validate_labels, validate_name};
 use super::page::paginate;
 use super::pools::label_map;
 use super::server::Shared;
-use super::store::{VolumeInfo, VolumeSpec, MAX_VOLUME_BYTES};
+use super::store::{SourceRef, VolumeInfo, VolumeSpec, MAX_VOLUME_BYTES};
 use crate::lvs::pool::validate_meta;
 
 /// Volume sizes are multiples of this.
@@ -29,28 +30,43 @@ pub fn volume_message(v: &VolumeInfo) -> pb::Volume {
     } else {
         pb::VolumeState::Ready
     };
+    let (source_snapshot_uuid, source_volume_uuid) = match v.source {
+        Some(s) if s.snapshot => (s.uuid.to_string(), String::new()),
+        Some(s) => (String::new(), s.uuid.to_string()),
+        None => (String::new(), String::new()),
+    };
     pb::Volume {
         uuid: v.uuid.to_string(),
         name: v.name.clone(),
         pool_uuid: v.pool_uuid.to_string(),
         pool_name: v.pool_name.clone(),
         size_bytes: v.size_bytes,
-        // TODO(issue 10): the store has no per-volume allocation count yet.
-        allocated_bytes: 0,
-        unique_bytes: 0,
+        allocated_bytes: v.allocated_bytes,
+        unique_bytes: v.unique_bytes,
         thick: v.thick,
         state: state.into(),
         never_written: !v.written,
-        source_snapshot_uuid: String::new(),
-        source_volume_uuid: String::new(),
+        source_snapshot_uuid,
+        source_volume_uuid,
         device_path: String::new(),
-        // TODO(issue 10): the store does not record creation times.
-        create_time: None,
+        // The store records creation times of clones (and snapshots) only.
+        create_time: v.created_unix.map(timestamp),
         labels: v.labels.clone().into_iter().collect(),
     }
 }
 
+/// Seconds since the Unix epoch as a protobuf timestamp.
+#[must_use]
+pub fn timestamp(unix_s: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(unix_s).unwrap_or(i64::MAX),
+        nanos: 0,
+    }
+}
+
 /// Checks a new volume's name, size and labels against the API's rules and the store's.
+/// A clone (`source`) may leave the pool empty (its source's) and the size 0 (its
+/// source's).
 ///
 /// # Errors
 /// [`Error::InvalidName`] or [`Error::InvalidArgument`] stating the rule.
@@ -59,23 +75,36 @@ pub fn volume_spec(
     name: String,
     size_bytes: u64,
     labels: std::collections::HashMap<String, String>,
+    source: Option<SourceRef>,
 ) -> Result<VolumeSpec> {
     validate_name("volume", &name)?;
     validate_labels(&labels)?;
-    if pool.is_empty() {
+    match &source {
+        Some(SourceRef::Snapshot(s) | SourceRef::Volume(s)) if s.is_empty() => {
+            return Err(Error::InvalidArgument {
+                field: "source",
+                reason: "name the snapshot or volume to clone (name or UUID)".to_owned(),
+            })
+        }
+        _ => {}
+    }
+    let clone = source.is_some();
+    if pool.is_empty() && !clone {
         return Err(Error::InvalidArgument {
             field: "pool",
             reason: "name the pool (name or UUID; `coreblk pool list` shows them)".to_owned(),
         });
     }
-    if size_bytes == 0
-        || !size_bytes.is_multiple_of(VOLUME_BLOCK_BYTES)
-        || size_bytes > MAX_VOLUME_BYTES
-    {
+    let size_ok = (size_bytes == 0 && clone)
+        || (size_bytes != 0
+            && size_bytes.is_multiple_of(VOLUME_BLOCK_BYTES)
+            && size_bytes <= MAX_VOLUME_BYTES);
+    if !size_ok {
         return Err(Error::InvalidArgument {
             field: "size_bytes",
             reason: format!(
-                "{size_bytes} is not a non-zero multiple of {VOLUME_BLOCK_BYTES} up to {MAX_VOLUME_BYTES}"
+                "{size_bytes} is not a non-zero multiple of {VOLUME_BLOCK_BYTES} up to {MAX_VOLUME_BYTES}{}",
+                if clone { " (0 for a clone: its source's size)" } else { "" }
             ),
         });
     }
@@ -89,6 +118,7 @@ pub fn volume_spec(
         name,
         size_bytes,
         labels,
+        source,
     })
 }
 
@@ -110,13 +140,6 @@ impl VolumesService {
         self.shared.store.check_ready()?;
         Ok(())
     }
-
-    async fn lacks(&self, volume: &str, rpc: &'static str, feature: &'static str) -> Status {
-        if let Err(e) = self.shared.store.volume(volume).await {
-            return e.into();
-        }
-        Error::StoreLacks { rpc, feature }.into()
-    }
 }
 
 #[tonic::async_trait]
@@ -127,13 +150,6 @@ impl pb::volumes_server::Volumes for VolumesService {
     ) -> Result<Response<pb::Volume>, Status> {
         self.check()?;
         let r = request.into_inner();
-        if r.source.is_some() {
-            return Err(Error::StoreLacks {
-                rpc: "CreateVolume",
-                feature: "clones (of a snapshot or a volume) are not wired from the volume store into the API",
-            }
-            .into());
-        }
         if r.thick {
             return Err(Error::StoreLacks {
                 rpc: "CreateVolume",
@@ -141,7 +157,11 @@ impl pb::volumes_server::Volumes for VolumesService {
             }
             .into());
         }
-        let spec = volume_spec(r.pool, r.name, r.size_bytes, r.labels)?;
+        let source = r.source.map(|s| match s {
+            pb::create_volume_request::Source::SourceSnapshot(s) => SourceRef::Snapshot(s),
+            pb::create_volume_request::Source::SourceVolume(v) => SourceRef::Volume(v),
+        });
+        let spec = volume_spec(r.pool, r.name, r.size_bytes, r.labels, source)?;
         let (v, _created) = self.shared.store.create_volume(spec).await?;
         Ok(Response::new(volume_message(&v)))
     }
@@ -154,7 +174,7 @@ impl pb::volumes_server::Volumes for VolumesService {
         let v = self
             .shared
             .store
-            .volume(&request.into_inner().volume)
+            .volume_with_usage(&request.into_inner().volume)
             .await?;
         Ok(Response::new(volume_message(&v)))
     }
@@ -173,6 +193,7 @@ impl pb::volumes_server::Volumes for VolumesService {
                 .all(|(k, want)| v.labels.get(k) == Some(want))
         });
         let (page, next) = paginate(volumes, r.page_size, &r.page_token, |v| v.name.clone())?;
+        let page = self.shared.store.with_usage(page).await?;
         Ok(Response::new(pb::ListVolumesResponse {
             volumes: page.iter().map(volume_message).collect(),
             next_page_token: next,
@@ -239,13 +260,12 @@ impl pb::volumes_server::Volumes for VolumesService {
     ) -> Result<Response<pb::Volume>, Status> {
         self.check()?;
         let r = request.into_inner();
-        Err(self
-            .lacks(
-                &r.volume,
-                "RollbackVolume",
-                "rollback needs snapshots, which the API does not serve yet",
-            )
-            .await)
+        let v = self
+            .shared
+            .store
+            .rollback_volume(&r.volume, &r.snapshot)
+            .await?;
+        Ok(Response::new(volume_message(&v)))
     }
 
     async fn inflate_volume(
@@ -253,14 +273,12 @@ impl pb::volumes_server::Volumes for VolumesService {
         request: Request<pb::InflateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         self.check()?;
-        let r = request.into_inner();
-        Err(self
-            .lacks(
-                &r.volume,
-                "InflateVolume",
-                "inflating needs clones, which the API does not create yet",
-            )
-            .await)
+        let v = self
+            .shared
+            .store
+            .inflate_volume(&request.into_inner().volume)
+            .await?;
+        Ok(Response::new(volume_message(&v)))
     }
 }
 
@@ -271,7 +289,7 @@ mod tests {
 
     #[test]
     fn specs_follow_the_api_and_store_rules() {
-        let ok = volume_spec("p".into(), "v".into(), 1 << 20, HashMap::new()).expect("ok");
+        let ok = volume_spec("p".into(), "v".into(), 1 << 20, HashMap::new(), None).expect("ok");
         assert_eq!(ok.size_bytes, 1 << 20);
         for (pool, name, size) in [
             ("", "v", 4096),
@@ -280,13 +298,26 @@ mod tests {
             ("p", "v", 4095),
             ("p", "v", MAX_VOLUME_BYTES + 4096),
         ] {
-            let e =
-                volume_spec(pool.into(), name.into(), size, HashMap::new()).expect_err("refused");
+            let e = volume_spec(pool.into(), name.into(), size, HashMap::new(), None)
+                .expect_err("refused");
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         }
         // The API allows 1 KiB values; the store keeps at most its own limit.
         let long = HashMap::from([("k".to_owned(), "x".repeat(1000))]);
-        let e = volume_spec("p".into(), "v".into(), 4096, long).expect_err("store limit");
+        let e = volume_spec("p".into(), "v".into(), 4096, long, None).expect_err("store limit");
         assert!(e.to_string().contains("volume store"), "{e}");
+        // A clone takes its source's pool and size when they are left out.
+        let src = Some(SourceRef::Snapshot("s".into()));
+        let c = volume_spec(String::new(), "c".into(), 0, HashMap::new(), src).expect("clone");
+        assert_eq!(c.size_bytes, 0);
+        let e = volume_spec(
+            String::new(),
+            "c".into(),
+            0,
+            HashMap::new(),
+            Some(SourceRef::Volume(String::new())),
+        )
+        .expect_err("no source named");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
     }
 }
