@@ -2,16 +2,15 @@
 //! block device, with a checksummed metadata journal. `FORMAT.md` beside this file is the
 //! on-disk contract.
 //!
-//! Built so far: the on-disk encodings ([`format`]), the journal with group commit,
-//! ordered flushes and replay ([`journal`]), pools ([`pool`]: layout, create, import,
-//! the volume table as journal records), and the allocator's free-cluster pipeline
-//! ([`alloc`]: a cluster is reused only once durably unreferenced and durably zero), and
-//! the lock-free cluster map ([`map`]: read from any reactor, written by the owner), and
-//! thin volumes ([`volume`]: the pool runtime on its owner reactor and the IO path —
-//! allocate-on-write with group-committed map records, discard, write-zeroes, flush).
-//! Next: serving volumes from every reactor, checkpoints (until then the journal ring
-//! bounds a pool's metadata commits), snapshots and clones, verify, accounting. Sits above `bdev` and `reactor`; never calls into `export` or
-//! `control`.
+//! Built: the on-disk encodings ([`format`]), the journal with group commit, ordered
+//! flushes and replay ([`journal`]), pools ([`pool`]: layout, create, import), the volume
+//! table ([`table`]: volumes, snapshots, clones, lineage), checkpoints ([`checkpoint`]),
+//! the allocator ([`alloc`]: reference counts; a cluster is reused only once durably
+//! unreferenced and durably zero), the lock-free cluster map with copy-on-write leaves
+//! shared by snapshots and clones ([`map`]), and the pool runtime ([`volume`]: the IO
+//! path, snapshots, clones, rollback, inflate, diff, accounting). Next: serving volumes
+//! from every reactor (today: the pool's owner reactor). Sits above `bdev` and `reactor`;
+//! never calls into `export` or `control`.
 
 pub mod alloc;
 pub mod checkpoint;
