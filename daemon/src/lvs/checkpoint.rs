@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use super::format::{self, Record, Superblock, BLOCK_BYTES, NO_CHECKPOINT};
 use super::map::{ClusterMap, Mapping, LEAF_ENTRIES};
-use super::pool::{volume_clusters, Maps, MetaSource, PoolError};
-use super::table::{take_u16, take_u32, VolumeRecord, VolumeTable};
+use super::pool::{check_volume_size, volume_clusters, Maps, MetaSource, PoolError};
+use super::table::{take_u16, take_u32, VolumeMeta, VolumeRecord, VolumeTable};
 
 /// Distinguishes checkpoint blocks from journal blocks of the same pool.
 pub const CKPT_TAG_XOR: u64 = 0x434B_5054_434B_5054;
@@ -224,10 +224,26 @@ pub fn decode(sb: &Superblock, bytes: &[u8]) -> Result<(VolumeTable, Maps), Stri
                         if (index as u64) * LEAF_ENTRIES as u64 >= map.len() {
                             return Err(format!("block {seq}: id {id} leaf {index} past its size"));
                         }
+                        if map.has_leaf(index) {
+                            return Err(format!("block {seq}: id {id} names leaf {index} twice"));
+                        }
                         map.adopt_leaf(leaf, 0, index);
                     }
                 }
                 3 | 9 => match VolumeRecord::decode(&r)? {
+                    Some(
+                        VolumeRecord::Create(VolumeMeta { size_bytes, id, .. })
+                        | VolumeRecord::Derive {
+                            meta: VolumeMeta { size_bytes, id, .. },
+                            ..
+                        },
+                    ) if check_volume_size(size_bytes, sb.cluster_bytes).is_err()
+                        || table.get(id).is_some() =>
+                    {
+                        return Err(format!(
+                            "block {seq}: id {id} is listed twice or has an impossible size {size_bytes}"
+                        ));
+                    }
                     Some(VolumeRecord::Create(m)) => {
                         table.volumes.insert(m.id, m);
                     }

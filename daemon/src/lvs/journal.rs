@@ -35,6 +35,8 @@ pub type Hook = Rc<dyn Fn(&Reactor)>;
 
 const TAG_WRITE: u64 = 0;
 const TAG_FLUSH: u64 = 1;
+const TAG_FENCE: u64 = 2;
+const TAG_FENCE_FLUSH: u64 = 3;
 
 /// Counters for metrics and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +73,8 @@ pub struct Journal {
     flush_inflight: RefCell<Option<Vec<Done>>>,
     /// A journal write failed: the pool must be re-imported; everything fails with EIO.
     failed: Cell<bool>,
+    /// Requests of the start-up fence still in flight (see [`Journal::fence`]).
+    fencing: Cell<u32>,
     /// Last sequence whose write completed and whose completions have run.
     completed: Cell<u64>,
     /// Called when more than half the ring is uncovered by a checkpoint, or when it is
@@ -105,6 +109,7 @@ impl Journal {
             flush_waiting: RefCell::new(Vec::new()),
             flush_inflight: RefCell::new(None),
             failed: Cell::new(false),
+            fencing: Cell::new(0),
             completed: Cell::new(next_seq.saturating_sub(1)),
             pressure: RefCell::new(None),
             stats: Cell::new(JournalStats::default()),
@@ -142,6 +147,40 @@ impl Journal {
     /// Sets the hook called under ring pressure (see the field).
     pub fn set_pressure_hook(&self, hook: Hook) {
         *self.pressure.borrow_mut() = Some(hook);
+    }
+
+    /// Start-up fence, before the first write of a freshly imported pool: a torn
+    /// multi-block write may have left valid blocks past the point where replay stopped;
+    /// new writes would overwrite only some of them, and after another crash replay would
+    /// run on into those stale, never-acknowledged records. So the positions one journal
+    /// write could have reached past `next_seq` are zeroed and flushed first; appends and
+    /// flushes wait for that.
+    pub fn fence(&self, rx: &Reactor) {
+        let ring = self.sb.journal_blocks();
+        let first = self.next_seq.get();
+        let room = (self.reusable_below.get() + ring).saturating_sub(first);
+        let n = MAX_BLOCKS_PER_WRITE.min(room);
+        if n == 0 {
+            return;
+        }
+        let pos = first % ring;
+        let first_part = n.min(ring - pos);
+        let mut ranges = vec![(self.sb.journal_block_offset(first), first_part)];
+        if n > first_part {
+            ranges.push((
+                self.sb.journal_block_offset(first + first_part),
+                n - first_part,
+            ));
+        }
+        self.fencing
+            .set(u32::try_from(ranges.len()).expect("one or two ranges"));
+        for (offset, blocks) in ranges {
+            let io = Io::WriteZeroes {
+                offset,
+                len: blocks * BLOCK_BYTES as u64,
+            };
+            self.ch.submit(rx, io, self.completion(), TAG_FENCE);
+        }
     }
 
     /// A checkpoint made room: start waiting writes.
@@ -200,7 +239,8 @@ impl Journal {
     }
 
     fn try_start_flush(&self, rx: &Reactor) {
-        if self.flush_inflight.borrow().is_some()
+        if self.fencing.get() > 0
+            || self.flush_inflight.borrow().is_some()
             || self.inflight.borrow().is_some()
             || self.flush_waiting.borrow().is_empty()
         {
@@ -220,7 +260,10 @@ impl Journal {
 
     /// Starts the next journal write if none is in flight and records are waiting.
     fn kick(&self, rx: &Reactor) {
-        if self.inflight.borrow().is_some() || self.pending.borrow().is_empty() {
+        if self.fencing.get() > 0
+            || self.inflight.borrow().is_some()
+            || self.pending.borrow().is_empty()
+        {
             return;
         }
         let first = self.next_seq.get();
@@ -330,6 +373,33 @@ impl Completion for Journal {
                 }
                 if res.is_ok() {
                     self.completed.set(last_seq);
+                }
+                if self.failed.get() {
+                    self.fail_pending(rx, Errno::EIO);
+                    let flushes = std::mem::take(&mut *self.flush_waiting.borrow_mut());
+                    for d in flushes {
+                        d(rx, Err(Errno::EIO));
+                    }
+                    return;
+                }
+                self.try_start_flush(rx);
+                self.kick(rx);
+            }
+            TAG_FENCE | TAG_FENCE_FLUSH => {
+                if let Err(e) = res {
+                    tracing::error!(errno = %e, "journal start-up fence failed; the pool stops taking metadata changes");
+                    self.failed.set(true);
+                }
+                self.fencing.set(self.fencing.get() - 1);
+                if self.fencing.get() > 0 {
+                    return;
+                }
+                if tag == TAG_FENCE && !self.failed.get() {
+                    // The zeroes must be durable before any new block lands before them.
+                    self.fencing.set(1);
+                    self.ch
+                        .submit(rx, Io::Flush, self.completion(), TAG_FENCE_FLUSH);
+                    return;
                 }
                 if self.failed.get() {
                     self.fail_pending(rx, Errno::EIO);

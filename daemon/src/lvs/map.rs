@@ -362,6 +362,13 @@ impl ClusterMap {
             .collect()
     }
 
+    /// Whether leaf `index` is present.
+    pub fn has_leaf(&self, index: usize) -> bool {
+        self.top()
+            .get(index)
+            .is_some_and(|p| !p.load(Ordering::Acquire).is_null())
+    }
+
     /// Whether leaf `index` is the same leaf in both maps (both absent counts as the same).
     pub fn same_leaf(&self, other: &ClusterMap, index: usize) -> bool {
         let get = |m: &ClusterMap| {

@@ -22,7 +22,10 @@ use crate::bdev::label;
 pub const DEFAULT_CLUSTER_BYTES: u32 = 64 << 10;
 /// Largest journal ring.
 pub const MAX_JOURNAL_BYTES: u64 = 64 << 20;
-/// Most volumes (and, later, snapshots) a pool holds.
+/// Most logical clusters a volume addresses (256 TiB at 64 KiB clusters); bounds the
+/// memory an import allocates for a map named by a record.
+pub const MAX_VOLUME_CLUSTERS: u64 = 1 << 32;
+/// Most volumes and snapshots a pool holds.
 pub const MAX_VOLUMES: u32 = 4096;
 /// Bytes a checkpoint needs per possible mapping (logical u64... packed: FORMAT.md §4).
 const CKPT_BYTES_PER_CLUSTER: u64 = 12;
@@ -295,6 +298,15 @@ pub fn apply_record(
 ) -> Result<(), String> {
     match VolumeRecord::decode(r)? {
         Some(v) => {
+            if let VolumeRecord::Create(VolumeMeta { size_bytes, .. })
+            | VolumeRecord::Derive {
+                meta: VolumeMeta { size_bytes, .. },
+                ..
+            }
+            | VolumeRecord::Resize { size_bytes, .. } = &v
+            {
+                check_volume_size(*size_bytes, sb.cluster_bytes)?;
+            }
             table.apply(&v)?;
             match &v {
                 VolumeRecord::Create(m) => {
@@ -338,6 +350,17 @@ pub fn apply_record(
         }
         None => apply_map_record(sb, maps, r),
     }
+}
+
+/// Refuses a size no volume can have (a damaged record must not make import allocate
+/// an absurd map).
+pub fn check_volume_size(size_bytes: u64, cluster_bytes: u32) -> Result<(), String> {
+    if volume_clusters(size_bytes, cluster_bytes) > MAX_VOLUME_CLUSTERS {
+        return Err(format!(
+            "size {size_bytes} is more than a volume can address ({MAX_VOLUME_CLUSTERS} clusters)"
+        ));
+    }
+    Ok(())
 }
 
 /// Drops grouped snapshots whose group record never came (a torn commit): the group

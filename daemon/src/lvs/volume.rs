@@ -280,6 +280,7 @@ impl PoolRt {
                 rt.schedule_checkpoint(rx);
             }
         }));
+        rt.journal.fence(rx);
         rt.kick_recycle(rx);
         Ok(rt)
     }
@@ -441,8 +442,12 @@ impl PoolRt {
                 self.lbs
             ));
         }
-        if volume_clusters(size, self.sb.cluster_bytes) > u64::from(u32::MAX) * 64 {
-            return Err(format!("size {size} is larger than a volume can address"));
+        if volume_clusters(size, self.sb.cluster_bytes) > super::pool::MAX_VOLUME_CLUSTERS {
+            return Err(format!(
+                "size {size} is larger than a volume can address ({} clusters of {} bytes)",
+                super::pool::MAX_VOLUME_CLUSTERS,
+                self.sb.cluster_bytes
+            ));
         }
         Ok(())
     }

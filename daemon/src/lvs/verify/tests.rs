@@ -548,7 +548,6 @@ fn a_checkpoint_giving_a_leaf_slot_twice_is_damage() {
 }
 
 #[test]
-#[ignore = "known bug: checkpoint::decode adopts a leaf into a filled slot and map.rs panics (\"adopt into an empty slot\"); decode must refuse a repeated (map, leaf index) pair"]
 fn the_import_refuses_a_checkpoint_giving_a_leaf_slot_twice() {
     let (p, _) = built(0);
     repeat_a_leaf_pair(&p);
