@@ -18,14 +18,76 @@
 //!
 //! Entry encoding: `0` = unmapped, else `(physical + 1) | epoch << 32`.
 //!
+//! Readers on other reactors may hold a leaf pointer for the length of one lookup. A leaf
+//! that no map holds any more is therefore not freed at once when the map has a
+//! [`LeafRetire`]: it is queued there, and the pool frees the queue after a grace period in
+//! which every such reader finished (volume.rs, `Grace`).
+//!
 //! Must never: be written from two threads (the owner reactor is the only writer), free a
-//! top array while the map lives, or free a leaf that a reader may still hold: a leaf is
-//! freed when the last map drops it, which today happens only on the owner reactor, the
-//! only reader (volume.rs serves IO there); serving from other reactors needs a grace
-//! period before that free.
+//! top array while the map lives, or free a leaf that a reader may still hold.
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Leaves no map holds any more, waiting for a grace period before they are freed.
+#[derive(Debug, Default)]
+pub struct LeafRetire {
+    queue: Mutex<Vec<usize>>,
+}
+
+/// A batch of retired leaves; dropping it frees them. Hold it until every reader that
+/// could have loaded one of them has finished.
+#[derive(Debug, Default)]
+pub struct RetiredLeaves(Vec<usize>);
+
+impl RetiredLeaves {
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Drop for RetiredLeaves {
+    fn drop(&mut self) {
+        for p in self.0.drain(..) {
+            // SAFETY: each pointer came from `Leaf::new_raw`, reached zero references
+            // (no top array points to it) and was queued once; the holder waited for a
+            // grace period, so no reader still uses it.
+            drop(unsafe { Box::from_raw(p as *mut Leaf) });
+        }
+    }
+}
+
+impl LeafRetire {
+    /// A new, empty queue.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn push(&self, p: *mut Leaf) {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(p as usize);
+    }
+
+    /// Takes every leaf retired so far.
+    pub fn take(&self) -> RetiredLeaves {
+        RetiredLeaves(std::mem::take(
+            &mut *self
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ))
+    }
+}
+
+impl Drop for LeafRetire {
+    fn drop(&mut self) {
+        // The queue goes when every map and channel sharing it has gone: no reader left.
+        drop(self.take());
+    }
+}
 
 /// Entries per leaf (8 KiB of entries): small enough that copying a shared leaf on the
 /// first write after a snapshot is cheap, large enough that sharing a 1 TiB map is 16 Ki
@@ -85,6 +147,8 @@ pub struct ClusterMap {
     len: AtomicU64,
     /// Top arrays replaced by growth; freed on drop. Touched only by the writer.
     retired: Mutex<Vec<*mut Top>>,
+    /// Where leaves this map drops last go (readers on other reactors), if any.
+    retire: OnceLock<Arc<LeafRetire>>,
 }
 
 // SAFETY: every field is accessed through atomics or the mutex; the raw pointers point to
@@ -113,7 +177,11 @@ fn leaves_for(clusters: u64) -> usize {
 /// # Safety
 /// `p` is a live leaf from `Leaf::new_raw` and the caller owns one of its references
 /// (it has just removed `p` from a top array, or owns the whole map).
-unsafe fn drop_leaf_ref(p: *mut Leaf, on_unref: &mut dyn FnMut(Mapping)) {
+unsafe fn drop_leaf_ref(
+    p: *mut Leaf,
+    on_unref: &mut dyn FnMut(Mapping),
+    retire: Option<&LeafRetire>,
+) {
     // SAFETY: the caller's reference keeps `p` alive until this decrement.
     let leaf = unsafe { &*p };
     if leaf.refs.fetch_sub(1, Ordering::AcqRel) != 1 {
@@ -124,8 +192,12 @@ unsafe fn drop_leaf_ref(p: *mut Leaf, on_unref: &mut dyn FnMut(Mapping)) {
             on_unref(m);
         }
     }
-    // SAFETY: that was the last reference: no top array points to `p` any more.
-    drop(unsafe { Box::from_raw(p) });
+    match retire {
+        Some(r) => r.push(p),
+        // SAFETY: that was the last reference: no top array points to `p` any more, and
+        // without a retire queue no reader outside the owner uses this map.
+        None => drop(unsafe { Box::from_raw(p) }),
+    }
 }
 
 impl ClusterMap {
@@ -135,7 +207,19 @@ impl ClusterMap {
             top: AtomicPtr::new(new_top(leaves_for(clusters).max(1))),
             len: AtomicU64::new(clusters),
             retired: Mutex::new(Vec::new()),
+            retire: OnceLock::new(),
         }
+    }
+
+    /// Sends leaves this map drops last to `retire` instead of freeing them (set once,
+    /// before the map is shared with readers on other reactors; maps made by `share`
+    /// inherit it).
+    pub fn set_retire(&self, retire: Arc<LeafRetire>) {
+        let _ = self.retire.set(retire);
+    }
+
+    fn retire_queue(&self) -> Option<&LeafRetire> {
+        self.retire.get().map(|r| &**r)
     }
 
     /// A new map with the same length and contents that shares every leaf with this one
@@ -154,10 +238,15 @@ impl ClusterMap {
                 d.store(p, Ordering::Relaxed);
             }
         }
+        let retire = OnceLock::new();
+        if let Some(r) = self.retire.get() {
+            let _ = retire.set(Arc::clone(r));
+        }
         Self {
             top: AtomicPtr::new(new),
             len: AtomicU64::new(len),
             retired: Mutex::new(Vec::new()),
+            retire,
         }
     }
 
@@ -295,7 +384,7 @@ impl ClusterMap {
             let p = slot.swap(std::ptr::null_mut(), Ordering::AcqRel);
             if !p.is_null() {
                 // SAFETY: `p` came out of this map's top: the map owned one reference.
-                unsafe { drop_leaf_ref(p, on_unref) };
+                unsafe { drop_leaf_ref(p, on_unref, self.retire_queue()) };
             }
         }
     }
@@ -316,7 +405,7 @@ impl ClusterMap {
             let old = slot.swap(np, Ordering::AcqRel);
             if !old.is_null() {
                 // SAFETY: `old` came out of this map's top: the map owned one reference.
-                unsafe { drop_leaf_ref(old, on_unref) };
+                unsafe { drop_leaf_ref(old, on_unref, self.retire_queue()) };
             }
         }
     }
@@ -424,6 +513,7 @@ impl ClusterMap {
 impl Drop for ClusterMap {
     fn drop(&mut self) {
         let top = *self.top.get_mut();
+        let retire = self.retire.get().cloned();
         // SAFETY: `&mut self`: no reader of this map is left. Each leaf pointer appears in
         // the current top exactly once (growth copies pointers into the new top) and this
         // map owns one reference to it; retired tops are freed below without their leaves.
@@ -431,7 +521,7 @@ impl Drop for ClusterMap {
             for slot in (&*top).iter() {
                 let p = slot.load(Ordering::Relaxed);
                 if !p.is_null() {
-                    drop_leaf_ref(p, &mut |_| {});
+                    drop_leaf_ref(p, &mut |_| {}, retire.as_deref());
                 }
             }
             drop(Box::from_raw(top));

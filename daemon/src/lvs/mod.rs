@@ -8,8 +8,8 @@
 //! the allocator ([`alloc`]: reference counts; a cluster is reused only once durably
 //! unreferenced and durably zero), the lock-free cluster map with copy-on-write leaves
 //! shared by snapshots and clones ([`map`]), and the pool runtime ([`volume`]: the IO
-//! path, snapshots, clones, rollback, inflate, diff, accounting). Next: serving volumes
-//! from every reactor (today: the pool's owner reactor). Sits above `bdev` and `reactor`;
+//! path, snapshots, clones, rollback, inflate, diff, accounting; reads served on every
+//! reactor, other requests forwarded to the owner). Sits above `bdev` and `reactor`;
 //! never calls into `export` or `control`.
 
 pub mod alloc;

@@ -20,9 +20,16 @@
 //!   so a snapshot holds exactly the writes acknowledged before it and none after.
 //! - Checkpoints (`checkpoint.rs`) are written when the journal ring is half used.
 //!
-//! This version serves a volume on the pool's owner reactor only (channels opened
-//! elsewhere refuse with EXDEV); serving from every reactor is next. IOs that span several
-//! clusters are split and completed when every part has.
+//! - Every reactor serves IO: on the owner through [`PoolRt::open_volume`], elsewhere
+//!   through a [`VolumeHandle`] ([`RemoteChannel`]). A remote channel reads on its own
+//!   reactor — a lock-free map lookup, then its own device channel — inside a grace period
+//!   ([`Grace`]) that keeps the owner from zeroing and reusing a cluster, or freeing a map
+//!   leaf, that such a read may still use. Writes, discards, write-zeroes and flushes go to
+//!   the owner as messages (they may allocate, copy or journal) and complete back on the
+//!   origin reactor. Next: overwrites of clusters the volume holds alone in place on the
+//!   serving reactor (needs the freeze to reach every reactor).
+//!
+//! IOs that span several clusters are split and completed when every part has.
 //!
 //! Must never: acknowledge an allocating write before its map record is written, map a
 //! cluster that is not durably zero, write into a cluster another map holds, or free a
@@ -33,19 +40,20 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::rc::{Rc, Weak};
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::alloc::Allocator;
 use super::format::{Record, Superblock};
 use super::journal::{Journal, JournalStats};
-use super::map::{ClusterMap, Mapping, LEAF_ENTRIES};
+use super::map::{ClusterMap, LeafRetire, Mapping, RetiredLeaves, LEAF_ENTRIES};
 use super::pool::{
     volume_clusters, Imported, Maps, VolumeMeta, VolumeRecord, VolumeTable, MAX_VOLUMES,
 };
 use super::table::Lineage;
 use crate::bdev::{BlockDevice, Channel, Geometry, Io, ReqTable};
-use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor};
+use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, Remote};
 
 /// How often the owner reactor drives the free-cluster pipeline.
 const RECYCLE_PERIOD: Duration = Duration::from_millis(5);
@@ -130,12 +138,18 @@ struct VolRt {
     /// Run when `writes` drops to 0.
     drained: RefCell<Vec<Parked>>,
     deleted: Cell<bool>,
+    /// Size and deletion as other reactors see them.
+    shared: Arc<VolShared>,
 }
 
 impl VolRt {
     fn new(id: u32, map: Arc<ClusterMap>, snapshot: bool, size: u64) -> Rc<Self> {
         Rc::new(Self {
             id,
+            shared: Arc::new(VolShared {
+                size: AtomicU64::new(size),
+                deleted: AtomicBool::new(false),
+            }),
             map,
             snapshot,
             size: Cell::new(size),
@@ -189,6 +203,24 @@ pub struct PoolRt {
     stats: Cell<StoreStats>,
     /// The volumes' logical block size.
     lbs: u32,
+    dev: Arc<dyn BlockDevice>,
+    /// Readers on other reactors, and what waits for them (see [`Grace`]).
+    grace: Arc<Grace>,
+    /// The grace period running: its parity, the journal sequence it covers, and the
+    /// leaves retired before it.
+    grace_wait: RefCell<Option<(usize, u64, RetiredLeaves)>>,
+    /// Frees recorded up to this journal sequence are past a grace period.
+    grace_upto: Cell<u64>,
+    leaf_retire: Arc<LeafRetire>,
+    /// The owner's own channels of volumes, serving forwarded requests.
+    owner_chans: RefCell<HashMap<u32, Rc<dyn Channel>>>,
+}
+
+impl Drop for PoolRt {
+    fn drop(&mut self) {
+        let key = self.sb.pool_uuid;
+        let _ = OWNED.try_with(|o| o.borrow_mut().remove(&key));
+    }
 }
 
 impl fmt::Debug for PoolRt {
@@ -242,8 +274,10 @@ impl PoolRt {
             .geometry()
             .logical_block_size
             .max(imp.sb.logical_block_bytes);
+        let leaf_retire = LeafRetire::new();
         let mut vols = BTreeMap::new();
         for (id, map) in imp.maps {
+            map.set_retire(Arc::clone(&leaf_retire));
             let (snapshot, size) = match (imp.table.volumes.get(&id), imp.table.snapshots.get(&id))
             {
                 (Some(v), _) => (false, v.size_bytes),
@@ -273,7 +307,14 @@ impl PoolRt {
             ckpt_waiters: RefCell::new(Vec::new()),
             stats: Cell::new(StoreStats::default()),
             lbs,
+            dev: Arc::clone(dev),
+            grace: Arc::new(Grace::default()),
+            grace_wait: RefCell::new(None),
+            grace_upto: Cell::new(0),
+            leaf_retire,
+            owner_chans: RefCell::new(HashMap::new()),
         });
+        OWNED.with(|o| o.borrow_mut().insert(rt.sb.pool_uuid, Rc::downgrade(&rt)));
         let weak = rt.me.clone();
         rt.journal.set_pressure_hook(Rc::new(move |rx: &Reactor| {
             if let Some(rt) = weak.upgrade() {
@@ -477,6 +518,7 @@ impl PoolRt {
                     let id = meta.id;
                     let clusters = volume_clusters(meta.size_bytes, rt.sb.cluster_bytes);
                     let map = Arc::new(ClusterMap::new(clusters));
+                    map.set_retire(Arc::clone(&rt.leaf_retire));
                     rt.vols
                         .borrow_mut()
                         .insert(id, VolRt::new(id, map, false, meta.size_bytes));
@@ -562,6 +604,8 @@ impl PoolRt {
                         let r = match res {
                             Ok(seq) => {
                                 v.deleted.set(true);
+                                v.shared.deleted.store(true, Ordering::Release);
+                                rt2.owner_chans.borrow_mut().remove(&id);
                                 rt2.vols.borrow_mut().remove(&id);
                                 v.map.release(&mut |m| rt2.free_cluster(m.pc, seq));
                                 rt2.kick_recycle(rx);
@@ -847,6 +891,7 @@ impl PoolRt {
                     Ok(_) => rt.table.borrow_mut().apply(&rec).map(|()| {
                         v.map.grow(volume_clusters(size_bytes, rt.sb.cluster_bytes));
                         v.size.set(size_bytes);
+                        v.shared.size.store(size_bytes, Ordering::Release);
                     }),
                     Err(e) => Err(format!("journal: {e}")),
                 };
@@ -1075,11 +1120,64 @@ impl PoolRt {
         );
     }
 
+    /// Advances grace periods: frees and retired leaves recorded before a completed one
+    /// are safe from readers on other reactors.
+    fn grace_step(&self) {
+        if !self.grace.has_readers() {
+            // Nobody reads elsewhere: everything recorded so far is safe now.
+            self.grace_upto.set(self.journal.completed_seq());
+            drop(self.leaf_retire.take());
+            return;
+        }
+        let mut w = self.grace_wait.borrow_mut();
+        if let Some((parity, seq, _)) = &*w {
+            if self.grace.quiescent(*parity) {
+                self.grace_upto.set(*seq);
+                *w = None;
+            }
+        }
+        if w.is_none() {
+            let seq = self.journal.completed_seq();
+            let leaves = self.leaf_retire.take();
+            *w = Some((self.grace.flip(), seq, leaves));
+        }
+    }
+
+    /// A handle for serving volume or snapshot `id` from another reactor
+    /// ([`VolumeHandle::open`] there).
+    pub fn volume_handle(&self, rx: &Reactor, id: u32) -> Result<VolumeHandle, String> {
+        let vol = self.vol(id)?;
+        let ch = self.open_volume(rx, id)?;
+        Ok(VolumeHandle {
+            id,
+            pool: self.sb.pool_uuid,
+            snapshot: vol.snapshot,
+            map: Arc::clone(&vol.map),
+            shared: Arc::clone(&vol.shared),
+            owner: rx.remote(),
+            dev: Arc::clone(&self.dev),
+            grace: Arc::clone(&self.grace),
+            geo: ch.geometry().clone(),
+            data_start: self.sb.region_start + self.sb.data_offset,
+            cluster: self.cluster_bytes(),
+        })
+    }
+
+    /// The owner's channel of `id`, for requests forwarded from other reactors.
+    fn owner_channel(&self, rx: &Reactor, id: u32) -> Result<Rc<dyn Channel>, String> {
+        if let Some(ch) = self.owner_chans.borrow().get(&id) {
+            return Ok(Rc::clone(ch));
+        }
+        let ch = self.open_volume(rx, id)?;
+        self.owner_chans.borrow_mut().insert(id, Rc::clone(&ch));
+        Ok(ch)
+    }
+
     /// Opens the IO path of volume or snapshot `id` on this reactor (snapshots read-only).
     pub fn open_volume(&self, rx: &Reactor, id: u32) -> Result<Rc<dyn Channel>, String> {
         if rx.id() != self.owner {
             return Err(format!(
-                "volume {id}: served on reactor {} only in this version",
+                "volume {id}: reactor {} owns the pool; open other reactors' channels through PoolRt::volume_handle",
                 self.owner
             ));
         }
@@ -1348,6 +1446,7 @@ impl PoolRt {
         if self.recycling.get() {
             return;
         }
+        self.grace_step();
         let (has_freed, dirty) = {
             let mut a = self.alloc.borrow_mut();
             let c = a.counts();
@@ -1380,7 +1479,8 @@ impl PoolRt {
                         if res.is_ok() {
                             let mut a = rt2.alloc.borrow_mut();
                             a.flush_done(token);
-                            a.durable(durable_upto);
+                            // Durable, and past a grace period for readers elsewhere.
+                            a.durable(durable_upto.min(rt2.grace_upto.get()));
                         }
                         rt2.recycling.set(false);
                         let waiters = std::mem::take(&mut *rt2.alloc_waiters.borrow_mut());
@@ -1420,6 +1520,424 @@ impl PoolRt {
             );
         }
         step(rx);
+    }
+}
+
+/// Grace periods for readers on other reactors (sleepable-RCU style): a reader counts
+/// itself in the slot of the current epoch's parity for the length of one request (map
+/// lookup and device IO). The owner flips the epoch and waits until the old parity's
+/// counts are zero on every reactor: then no request that could have found a cluster or a
+/// leaf through a mapping removed before the flip is still running, and the cluster may
+/// be zeroed and reused, the leaf freed.
+#[derive(Debug, Default)]
+pub struct Grace {
+    epoch: AtomicU64,
+    slots: Mutex<Vec<Arc<GraceSlot>>>,
+}
+
+/// One reactor's counts of requests in flight, by epoch parity.
+#[derive(Debug, Default)]
+pub struct GraceSlot {
+    inflight: [AtomicU64; 2],
+}
+
+impl Grace {
+    fn register(&self) -> Arc<GraceSlot> {
+        let slot = Arc::new(GraceSlot::default());
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Arc::clone(&slot));
+        slot
+    }
+
+    fn has_readers(&self) -> bool {
+        !self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// A reader enters: returns the parity to leave with.
+    fn enter(&self, slot: &GraceSlot) -> usize {
+        let p = usize::from(self.epoch.load(Ordering::SeqCst) & 1 == 1);
+        slot.inflight[p].fetch_add(1, Ordering::SeqCst);
+        // The count is visible before this reader's map loads (pairs with `flip`).
+        fence(Ordering::SeqCst);
+        p
+    }
+
+    fn leave(slot: &GraceSlot, parity: usize) {
+        slot.inflight[parity].fetch_sub(1, Ordering::Release);
+    }
+
+    /// Starts a grace period; returns the parity to wait for.
+    fn flip(&self) -> usize {
+        // Map changes before this point are visible to readers counted after it.
+        fence(Ordering::SeqCst);
+        usize::from(self.epoch.fetch_add(1, Ordering::SeqCst) & 1 == 1)
+    }
+
+    fn quiescent(&self, parity: usize) -> bool {
+        fence(Ordering::SeqCst);
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .all(|s| s.inflight[parity].load(Ordering::Acquire) == 0)
+    }
+}
+
+/// What readers on other reactors see of a volume: kept current by the owner.
+#[derive(Debug)]
+struct VolShared {
+    size: AtomicU64,
+    deleted: AtomicBool,
+}
+
+thread_local! {
+    /// Pools owned by this reactor, by pool uuid (forwarded requests find theirs here).
+    static OWNED: RefCell<HashMap<[u8; 16], Weak<PoolRt>>> = RefCell::new(HashMap::new());
+    /// Channels on this reactor waiting for answers of forwarded requests.
+    static FORWARDERS: RefCell<HashMap<u64, Weak<RemoteChannel>>> = RefCell::new(HashMap::new());
+}
+
+static NEXT_FORWARDER: AtomicU64 = AtomicU64::new(1);
+
+/// Sends `msg` to another reactor from a reactor, retrying from a timer while its queue is
+/// full (never blocks). A stopped reactor drops the message (its requests fail there).
+fn send_from_reactor(rx: &Reactor, to: Remote, msg: crate::reactor::Message) {
+    match to.try_send(msg) {
+        Ok(()) | Err((_, Some(_))) => {}
+        Err((msg, None)) => {
+            rx.add_timer(
+                Duration::from_micros(20),
+                Box::new(move |rx: &Reactor| send_from_reactor(rx, to, msg)),
+            );
+        }
+    }
+}
+
+/// Everything a reactor other than the owner needs to serve a volume: `Send`, made by
+/// [`PoolRt::volume_handle`] on the owner and opened with [`VolumeHandle::open`] on the
+/// serving reactor.
+#[derive(Clone)]
+pub struct VolumeHandle {
+    id: u32,
+    pool: [u8; 16],
+    snapshot: bool,
+    map: Arc<ClusterMap>,
+    shared: Arc<VolShared>,
+    owner: Remote,
+    dev: Arc<dyn BlockDevice>,
+    grace: Arc<Grace>,
+    geo: Geometry,
+    data_start: u64,
+    cluster: u64,
+}
+
+impl fmt::Debug for VolumeHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VolumeHandle")
+            .field("id", &self.id)
+            .field("owner", &self.owner.id())
+            .finish()
+    }
+}
+
+impl VolumeHandle {
+    /// Opens the volume's IO path on this reactor (not the owner: use
+    /// [`PoolRt::open_volume`] there).
+    pub fn open(&self, rx: &Reactor) -> Result<Rc<dyn Channel>, String> {
+        if rx.id() == self.owner.id() {
+            return Err(format!(
+                "volume {}: reactor {} owns the pool; open it with PoolRt::open_volume",
+                self.id,
+                rx.id()
+            ));
+        }
+        let data = self
+            .dev
+            .open_channel(rx)
+            .map_err(|e| format!("opening {}: {e}", self.dev.name()))?;
+        let key = NEXT_FORWARDER.fetch_add(1, Ordering::Relaxed);
+        let ch = Rc::new_cyclic(|me| RemoteChannel {
+            me: me.clone(),
+            h: self.clone(),
+            slot: self.grace.register(),
+            data,
+            key,
+            reqs: RefCell::new(ReqTable::default()),
+            in_submit: Cell::new(false),
+        });
+        let weak = Rc::downgrade(&ch);
+        FORWARDERS.with(|f| f.borrow_mut().insert(key, weak));
+        Ok(ch)
+    }
+}
+
+/// A request of a remote channel in flight.
+struct RemoteReq {
+    cb: Rc<dyn Completion>,
+    tag: u64,
+    buf: Option<IoBuf>,
+    parts: u32,
+    err: Option<Errno>,
+    bytes: u32,
+    parity: usize,
+}
+
+/// A volume's IO path on a reactor other than the pool's owner. Reads look the map up
+/// without a lock and go to the device through this reactor's own channel (counted in a
+/// grace period so the owner never reuses a cluster or frees a leaf under them). Writes,
+/// discards, write-zeroes and flushes go to the owner as messages (they may allocate, copy
+/// or journal, which only the owner does) and their answers come back the same way.
+pub struct RemoteChannel {
+    me: Weak<RemoteChannel>,
+    h: VolumeHandle,
+    slot: Arc<GraceSlot>,
+    data: Rc<dyn Channel>,
+    key: u64,
+    reqs: RefCell<ReqTable<RemoteReq>>,
+    in_submit: Cell<bool>,
+}
+
+impl fmt::Debug for RemoteChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteChannel")
+            .field("volume", &self.h.id)
+            .finish()
+    }
+}
+
+impl Drop for RemoteChannel {
+    fn drop(&mut self) {
+        let key = self.key;
+        let _ = FORWARDERS.try_with(|f| f.borrow_mut().remove(&key));
+    }
+}
+
+impl RemoteChannel {
+    fn rc(&self) -> Rc<RemoteChannel> {
+        self.me.upgrade().expect("channel alive while it has IO")
+    }
+
+    fn finish(&self, rx: &Reactor, r: RemoteReq) {
+        let res = match r.err {
+            Some(e) => Err(e),
+            None => Ok(r.bytes),
+        };
+        if self.in_submit.get() {
+            crate::bdev::complete_soft(rx, r.cb, r.tag, res, r.buf);
+        } else {
+            r.cb.complete(rx, r.tag, res, r.buf);
+        }
+    }
+
+    fn read_part_done(&self, rx: &Reactor, slot: usize, res: Result<(), Errno>) {
+        let done = {
+            let mut reqs = self.reqs.borrow_mut();
+            let Some(r) = reqs.get_mut(slot) else { return };
+            if let Err(e) = res {
+                r.err.get_or_insert(e);
+            }
+            r.parts -= 1;
+            r.parts == 0
+        };
+        if done {
+            let r = self.reqs.borrow_mut().take(slot).expect("request present");
+            Grace::leave(&self.slot, r.parity);
+            self.finish(rx, r);
+        }
+    }
+
+    fn read(&self, rx: &Reactor, offset: u64, buf: IoBuf, cb: Rc<dyn Completion>, tag: u64) {
+        let segs = segments(offset, buf.len() as u64, self.h.cluster);
+        let bytes = u32::try_from(buf.len()).expect("validated length");
+        let parity = self.h.grace.enter(&self.slot);
+        let slot = self.reqs.borrow_mut().insert(RemoteReq {
+            cb,
+            tag,
+            buf: Some(buf),
+            parts: u32::try_from(segs.len()).expect("segments fit u32"),
+            err: None,
+            bytes,
+            parity,
+        });
+        for seg in segs {
+            let Some(m) = self.h.map.get(seg.lc) else {
+                if let Some(RemoteReq { buf: Some(b), .. }) = self.reqs.borrow_mut().get_mut(slot) {
+                    b[seg.buf_off..seg.buf_off + seg.len].fill(0);
+                }
+                self.read_part_done(rx, slot, Ok(()));
+                continue;
+            };
+            let whole = {
+                let mut reqs = self.reqs.borrow_mut();
+                let r = reqs.get_mut(slot).expect("request present");
+                let b = r.buf.as_ref().expect("read buffer");
+                if seg.buf_off == 0 && b.len() == seg.len {
+                    r.buf.take()
+                } else {
+                    None
+                }
+            };
+            let single = whole.is_some();
+            let io_buf = whole.unwrap_or_else(|| IoBuf::alloc(seg.len));
+            let me = self.rc();
+            let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, b: Option<IoBuf>| {
+                if let (Some(b), Some(r)) = (b, me.reqs.borrow_mut().get_mut(slot)) {
+                    if single {
+                        r.buf = Some(b);
+                    } else if res.is_ok() {
+                        if let Some(dst) = r.buf.as_mut() {
+                            dst[seg.buf_off..seg.buf_off + seg.len].copy_from_slice(&b);
+                        }
+                    }
+                }
+                me.read_part_done(rx, slot, res.map(drop));
+            });
+            let io = Io::Read {
+                offset: self.h.data_start + u64::from(m.pc) * self.h.cluster + seg.in_cluster,
+                buf: io_buf,
+            };
+            self.data.submit(rx, io, cb, 0);
+        }
+    }
+
+    /// Sends a write-type request or flush to the owner; the answer completes it here.
+    fn forward(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
+        let (kind, data, buf) = match io {
+            Io::Write { offset, buf, fua } => (Fwd::Write { offset, fua }, buf.to_vec(), Some(buf)),
+            Io::Discard { offset, len } => (Fwd::Discard { offset, len }, Vec::new(), None),
+            Io::WriteZeroes { offset, len } => (Fwd::Zero { offset, len }, Vec::new(), None),
+            Io::Flush => (Fwd::Flush, Vec::new(), None),
+            Io::Read { .. } => unreachable!("reads are served here"),
+        };
+        let bytes = buf
+            .as_ref()
+            .map_or(0, |b| u32::try_from(b.len()).expect("validated length"));
+        let slot = self.reqs.borrow_mut().insert(RemoteReq {
+            cb,
+            tag,
+            buf,
+            parts: 1,
+            err: None,
+            bytes,
+            parity: 0,
+        });
+        let (pool, id, key, origin) = (self.h.pool, self.h.id, self.key, rx.remote());
+        let msg: crate::reactor::Message = Box::new(move |orx: &Reactor| {
+            serve_forwarded(orx, pool, id, kind, data, key, slot, origin);
+        });
+        send_from_reactor(rx, self.h.owner.clone(), msg);
+    }
+
+    fn forwarded_done(&self, rx: &Reactor, slot: usize, res: Result<(), Errno>) {
+        let Some(mut r) = self.reqs.borrow_mut().take(slot) else {
+            return;
+        };
+        if let Err(e) = res {
+            r.err = Some(e);
+        }
+        self.finish(rx, r);
+    }
+}
+
+/// A forwarded request's kind.
+#[derive(Clone, Copy, Debug)]
+enum Fwd {
+    Write { offset: u64, fua: bool },
+    Discard { offset: u64, len: u64 },
+    Zero { offset: u64, len: u64 },
+    Flush,
+}
+
+/// On the owner: runs a forwarded request through the owner's channel of the volume and
+/// sends the answer back to the origin reactor.
+#[allow(clippy::too_many_arguments)]
+fn serve_forwarded(
+    rx: &Reactor,
+    pool: [u8; 16],
+    id: u32,
+    kind: Fwd,
+    data: Vec<u8>,
+    key: u64,
+    slot: usize,
+    origin: Remote,
+) {
+    let answer = move |rx: &Reactor, res: Result<(), Errno>| {
+        let msg: crate::reactor::Message = Box::new(move |_rx: &Reactor| {
+            let ch = FORWARDERS.with(|f| f.borrow().get(&key).and_then(Weak::upgrade));
+            if let Some(ch) = ch {
+                ch.forwarded_done(_rx, slot, res);
+            }
+        });
+        send_from_reactor(rx, origin, msg);
+    };
+    let ch = OWNED
+        .with(|o| o.borrow().get(&pool).and_then(Weak::upgrade))
+        .ok_or_else(|| "pool stopped".to_string())
+        .and_then(|rt| rt.owner_channel(rx, id));
+    let ch = match ch {
+        Ok(ch) => ch,
+        Err(_) => return answer(rx, Err(Errno(libc::ENODEV))),
+    };
+    let io = match kind {
+        Fwd::Write { offset, fua } => Io::Write {
+            offset,
+            buf: IoBuf::from_slice(&data),
+            fua,
+        },
+        Fwd::Discard { offset, len } => Io::Discard { offset, len },
+        Fwd::Zero { offset, len } => Io::WriteZeroes { offset, len },
+        Fwd::Flush => Io::Flush,
+    };
+    ch.submit(
+        rx,
+        io,
+        FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| answer(rx, res.map(drop))),
+        0,
+    );
+}
+
+impl Channel for RemoteChannel {
+    fn geometry(&self) -> &Geometry {
+        &self.h.geo
+    }
+
+    fn submit(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
+        let size = self.h.shared.size.load(Ordering::Acquire);
+        let valid = if size == self.h.geo.size_bytes {
+            io.validate(&self.h.geo)
+        } else {
+            let mut g = self.h.geo.clone();
+            g.size_bytes = size;
+            io.validate(&g)
+        };
+        let write = matches!(
+            io,
+            Io::Write { .. } | Io::Discard { .. } | Io::WriteZeroes { .. }
+        );
+        let refuse = if let Err(e) = valid {
+            Some(e)
+        } else if self.h.shared.deleted.load(Ordering::Acquire) {
+            Some(Errno(libc::ENODEV))
+        } else if write && self.h.snapshot {
+            Some(Errno(libc::EROFS))
+        } else {
+            None
+        };
+        if let Some(e) = refuse {
+            return crate::bdev::fail_request(rx, cb, tag, e, io.into_buf());
+        }
+        self.in_submit.set(true);
+        match io {
+            Io::Read { offset, buf } => self.read(rx, offset, buf, cb, tag),
+            other => self.forward(rx, other, cb, tag),
+        }
+        self.in_submit.set(false);
     }
 }
 

@@ -575,6 +575,7 @@ fn a_cluster_is_not_recycled_while_an_io_to_it_is_in_flight() {
 }
 
 mod crash;
+mod remote;
 
 /// Model-based test (issue 10): random sequences of create / write / read / FUA / discard /
 /// write-zeroes / snapshot / group snapshot / clone / rollback / inflate / delete (incl.
