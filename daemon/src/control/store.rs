@@ -859,8 +859,22 @@ impl Store {
     ) -> Result<()> {
         let uuid = info.uuid;
         let volumes = imp.table.volumes.len();
+        let milli = overcommit_milli(info.overcommit_limit);
+        let name = info.name.clone();
         ask(self.remote(info.owner), move |r: &Reactor, tx| {
             let res = PoolRt::start(r, &dev, imp).map(|rt| {
+                // The store enforces the limit atomically at create/resize: keep it in step.
+                if rt.usage().overcommit_milli != milli {
+                    rt.set_overcommit(
+                        r,
+                        milli,
+                        Box::new(move |_r: &Reactor, res: std::result::Result<(), String>| {
+                            if let Err(e) = res {
+                                tracing::warn!(pool = %name, error = %e, "could not record the overcommit limit in the pool");
+                            }
+                        }),
+                    );
+                }
                 POOLS.with(|p| p.borrow_mut().insert(uuid, rt));
             });
             let _ = tx.send(res);
@@ -2299,6 +2313,13 @@ impl Store {
         })
         .await
     }
+}
+
+/// The overcommit limit in the store's unit (thousandths, at least 1000).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn overcommit_milli(limit: f64) -> u32 {
+    // Clamped to [1.0, 1e6] first, so the cast neither truncates nor loses a sign.
+    (limit.clamp(1.0, 1e6) * 1000.0).round() as u32
 }
 
 /// The most a pool may provision: its overcommit limit times its capacity.

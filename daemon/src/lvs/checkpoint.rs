@@ -48,6 +48,14 @@ pub fn encode(sb: &Superblock, table: &VolumeTable, maps: &Maps) -> Vec<u8> {
         kind: KIND_FLOOR,
         body: table.next_id().to_le_bytes().to_vec(),
     }];
+    if table.overcommit_milli != 0 {
+        recs.push(
+            VolumeRecord::Settings {
+                overcommit_milli: table.overcommit_milli,
+            }
+            .encode(),
+        );
+    }
     for (id, m) in table.volumes.iter().chain(table.snapshots.iter()) {
         let r = match table.lineage.get(id) {
             Some(l) => VolumeRecord::Derive {
@@ -262,6 +270,11 @@ pub fn decode(sb: &Superblock, bytes: &[u8]) -> Result<(VolumeTable, Maps), Stri
                     }
                     _ => return Err(format!("block {seq}: unexpected record type {kind}")),
                 },
+                15 => {
+                    if let Some(v) = VolumeRecord::decode(&r)? {
+                        table.apply(&v).map_err(|e| format!("block {seq}: {e}"))?;
+                    }
+                }
                 other => return Err(format!("block {seq}: record type {other} in a checkpoint")),
             }
         }

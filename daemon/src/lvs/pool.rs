@@ -344,7 +344,8 @@ pub fn apply_record(
                 }
                 VolumeRecord::Written { .. }
                 | VolumeRecord::Group { .. }
-                | VolumeRecord::Labels { .. } => {}
+                | VolumeRecord::Labels { .. }
+                | VolumeRecord::Settings { .. } => {}
             }
             Ok(())
         }

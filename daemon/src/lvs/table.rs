@@ -102,6 +102,12 @@ pub enum VolumeRecord {
         /// The new labels.
         labels: BTreeMap<String, String>,
     },
+    /// Pool settings (type 15): the overcommit limit, in thousandths (provisioned bytes
+    /// ≤ limit × capacity).
+    Settings {
+        /// Overcommit limit × 1000.
+        overcommit_milli: u32,
+    },
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -256,6 +262,10 @@ impl VolumeRecord {
                 put_labels(&mut body, labels);
                 11
             }
+            VolumeRecord::Settings { overcommit_milli } => {
+                body.extend_from_slice(&overcommit_milli.to_le_bytes());
+                15
+            }
         };
         debug_assert!(body.len() <= format::MAX_RECORD_BODY);
         Record::Blob { kind, body }
@@ -308,6 +318,9 @@ impl VolumeRecord {
                 id: take_u32(&mut b)?,
                 labels: take_labels(&mut b)?,
             },
+            15 => VolumeRecord::Settings {
+                overcommit_milli: take_u32(&mut b)?,
+            },
             _ => return Ok(None),
         };
         if !b.is_empty() {
@@ -340,6 +353,8 @@ pub struct VolumeTable {
     /// Every id below this has been used (ids are never reused: a snapshot's lineage may
     /// name a deleted volume).
     pub id_floor: u32,
+    /// Overcommit limit × 1000 as set (0 = never set: the default, 1.0).
+    pub overcommit_milli: u32,
 }
 
 impl VolumeTable {
@@ -478,6 +493,14 @@ impl VolumeTable {
                     .ok_or_else(|| format!("rollback of unknown volume id {id}"))?;
                 v.written |= s_written;
             }
+            VolumeRecord::Settings { overcommit_milli } => {
+                if *overcommit_milli < 1000 {
+                    return Err(format!(
+                        "overcommit limit {overcommit_milli}/1000 is below 1.0"
+                    ));
+                }
+                self.overcommit_milli = *overcommit_milli;
+            }
             VolumeRecord::Labels { id, labels } => {
                 let v = self
                     .volumes
@@ -488,6 +511,16 @@ impl VolumeTable {
             }
         }
         Ok(())
+    }
+
+    /// The overcommit limit × 1000 (default 1000: provisioned ≤ capacity, so only
+    /// snapshots can fill a pool).
+    pub fn overcommit(&self) -> u32 {
+        if self.overcommit_milli == 0 {
+            1000
+        } else {
+            self.overcommit_milli
+        }
     }
 
     /// The next unused id.

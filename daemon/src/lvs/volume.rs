@@ -96,6 +96,10 @@ pub struct PoolUsage {
     pub provisioned_bytes: u64,
     /// Freed by deletes, discards and copy-on-write, not yet zeroed and reusable.
     pub recycling_bytes: u64,
+    /// Held back for thick volumes (counts as used: `free_bytes` excludes it).
+    pub reserved_bytes: u64,
+    /// Overcommit limit × 1000: provisioned ≤ limit × capacity.
+    pub overcommit_milli: u32,
     /// Volumes (incl. clones).
     pub volumes: u64,
     /// Snapshots.
@@ -140,6 +144,11 @@ struct VolRt {
     deleted: Cell<bool>,
     /// Size and deletion as other reactors see them.
     shared: Arc<VolShared>,
+    /// Thick: clusters are reserved so it can always be written whole.
+    thick: bool,
+    /// Clusters held back for it: at least the number of its logical clusters that a
+    /// write would need a new cluster for (unmapped, or shared with a snapshot).
+    reserve: Cell<u64>,
 }
 
 impl VolRt {
@@ -150,6 +159,8 @@ impl VolRt {
                 size: AtomicU64::new(size),
                 deleted: AtomicBool::new(false),
             }),
+            thick: false,
+            reserve: Cell::new(0),
             map,
             snapshot,
             size: Cell::new(size),
@@ -214,6 +225,8 @@ pub struct PoolRt {
     leaf_retire: Arc<LeafRetire>,
     /// The owner's own channels of volumes, serving forwarded requests.
     owner_chans: RefCell<HashMap<u32, Rc<dyn Channel>>>,
+    /// Sum of the thick volumes' reserves.
+    reserved: Cell<u64>,
 }
 
 impl Drop for PoolRt {
@@ -284,7 +297,11 @@ impl PoolRt {
                 (None, Some(s)) => (true, s.size_bytes),
                 (None, None) => return Err(format!("map of unknown id {id}")),
             };
-            vols.insert(id, VolRt::new(id, map, snapshot, size));
+            let mut v = VolRt::new(id, map, snapshot, size);
+            if imp.table.volumes.get(&id).is_some_and(|m| m.thick) {
+                Rc::get_mut(&mut v).expect("not shared yet").thick = true;
+            }
+            vols.insert(id, v);
         }
         let rt = Rc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -313,8 +330,10 @@ impl PoolRt {
             grace_upto: Cell::new(0),
             leaf_retire,
             owner_chans: RefCell::new(HashMap::new()),
+            reserved: Cell::new(0),
         });
         OWNED.with(|o| o.borrow_mut().insert(rt.sb.pool_uuid, Rc::downgrade(&rt)));
+        rt.recompute_reserves();
         let weak = rt.me.clone();
         rt.journal.set_pressure_hook(Rc::new(move |rx: &Reactor| {
             if let Some(rt) = weak.upgrade() {
@@ -375,10 +394,12 @@ impl PoolRt {
         let t = self.table.borrow();
         PoolUsage {
             capacity_bytes: self.sb.clusters * cl,
-            free_bytes: (c.zeroed + c.recycling) * cl,
+            free_bytes: (c.zeroed + c.recycling).saturating_sub(self.reserved.get()) * cl,
             allocated_bytes: c.in_use * cl,
             provisioned_bytes: t.volumes.values().map(|v| v.size_bytes).sum(),
             recycling_bytes: c.recycling * cl,
+            reserved_bytes: self.reserved.get() * cl,
+            overcommit_milli: t.overcommit(),
             volumes: t.volumes.len() as u64,
             snapshots: t.snapshots.len() as u64,
         }
@@ -466,6 +487,106 @@ impl PoolRt {
         Ok(out)
     }
 
+    /// Clusters free for thin allocations (ready or recycling, minus the reserves).
+    fn unreserved(&self) -> u64 {
+        let c = self.alloc.borrow().counts();
+        (c.zeroed + c.recycling).saturating_sub(self.reserved.get())
+    }
+
+    /// Sets `v`'s reserve (thick volumes), keeping the pool's sum.
+    fn set_reserve(&self, v: &VolRt, r: u64) {
+        self.reserved.set(self.reserved.get() - v.reserve.get() + r);
+        v.reserve.set(r);
+    }
+
+    /// Clusters a write to every block of `v` would need now: its logical clusters that
+    /// are unmapped or shared.
+    fn needed(&self, v: &VolRt) -> u64 {
+        let a = self.alloc.borrow();
+        let mut alone = 0u64;
+        v.map.for_each_shared(|_, m, shared| {
+            if !shared && a.refs(m.pc) == 1 {
+                alone += 1;
+            }
+        });
+        volume_clusters(v.size.get(), self.sb.cluster_bytes) - alone
+    }
+
+    /// Recomputes every thick volume's reserve (start, after a snapshot delete).
+    fn recompute_reserves(&self) {
+        let vols: Vec<Rc<VolRt>> = self
+            .vols
+            .borrow()
+            .values()
+            .filter(|v| v.thick)
+            .cloned()
+            .collect();
+        for v in vols {
+            let n = self.needed(&v);
+            self.set_reserve(&v, n);
+        }
+    }
+
+    /// Checks that `extra` more reserved clusters fit the pool.
+    fn check_reserve(&self, extra: u64, what: &str) -> Result<(), String> {
+        let free = self.unreserved();
+        if extra > free {
+            return Err(format!(
+                "no space: {what} needs {} bytes reserved, the pool has {} unreserved bytes free",
+                extra * self.cluster_bytes(),
+                free * self.cluster_bytes()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that thick volumes among `vols` can be topped up to a full reserve (a
+    /// snapshot, clone or rollback makes all their clusters shared).
+    fn check_top_up(&self, vols: &[Rc<VolRt>]) -> Result<(), String> {
+        let extra: u64 = vols
+            .iter()
+            .filter(|v| v.thick)
+            .map(|v| volume_clusters(v.size.get(), self.sb.cluster_bytes) - v.reserve.get())
+            .sum();
+        self.check_reserve(extra, "keeping the thick volume writable whole after this")
+    }
+
+    /// Checks the overcommit limit for `extra` more provisioned bytes.
+    fn check_provision(&self, extra: u64) -> Result<(), String> {
+        let t = self.table.borrow();
+        let provisioned: u64 = t.volumes.values().map(|v| v.size_bytes).sum();
+        let limit =
+            u128::from(self.sb.clusters * self.cluster_bytes()) * u128::from(t.overcommit()) / 1000;
+        if u128::from(provisioned) + u128::from(extra) > limit {
+            return Err(format!(
+                "no space: provisioning {extra} more bytes would exceed the pool's overcommit limit ({}.{:03} × capacity = {limit} bytes; {provisioned} provisioned): raise the limit or free space",
+                t.overcommit() / 1000,
+                t.overcommit() % 1000
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the pool's overcommit limit (× 1000, at least 1000).
+    pub fn set_overcommit(&self, rx: &Reactor, overcommit_milli: u32, done: Reply<()>) {
+        let rec = VolumeRecord::Settings { overcommit_milli };
+        if let Err(e) = self.table.borrow().clone().apply(&rec) {
+            return done(rx, Err(e));
+        }
+        let rt = self.rc();
+        self.journal.append(
+            rx,
+            vec![rec.encode()],
+            Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
+                let r = match res {
+                    Ok(_) => rt.table.borrow_mut().apply(&rec),
+                    Err(e) => Err(format!("journal: {e}")),
+                };
+                done(rx, r);
+            }),
+        );
+    }
+
     fn check_count(&self, adding: usize) -> Result<(), String> {
         let n = self.table.borrow().len();
         if n + adding > MAX_VOLUMES as usize {
@@ -495,9 +616,18 @@ impl PoolRt {
 
     /// Creates a volume (by journal record); `done` gets its id.
     pub fn create_volume(&self, rx: &Reactor, mut meta: VolumeMeta, done: Reply<u32>) {
+        let clusters = volume_clusters(meta.size_bytes, self.sb.cluster_bytes);
         let checks = super::pool::validate_meta(&meta.name, &meta.labels)
             .and_then(|()| self.check_size(meta.size_bytes))
-            .and_then(|()| self.check_count(1));
+            .and_then(|()| self.check_count(1))
+            .and_then(|()| self.check_provision(meta.size_bytes))
+            .and_then(|()| {
+                if meta.thick {
+                    self.check_reserve(clusters, "a thick volume")
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(e) = checks {
             return done(rx, Err(e));
         }
@@ -519,9 +649,12 @@ impl PoolRt {
                     let clusters = volume_clusters(meta.size_bytes, rt.sb.cluster_bytes);
                     let map = Arc::new(ClusterMap::new(clusters));
                     map.set_retire(Arc::clone(&rt.leaf_retire));
-                    rt.vols
-                        .borrow_mut()
-                        .insert(id, VolRt::new(id, map, false, meta.size_bytes));
+                    let mut v = VolRt::new(id, map, false, meta.size_bytes);
+                    if meta.thick {
+                        Rc::get_mut(&mut v).expect("new").thick = true;
+                        rt.set_reserve(&v, clusters);
+                    }
+                    rt.vols.borrow_mut().insert(id, v);
                     let applied = rt.table.borrow_mut().apply(&VolumeRecord::Create(meta));
                     done(rx, applied.map(|()| id));
                 }
@@ -605,10 +738,15 @@ impl PoolRt {
                             Ok(seq) => {
                                 v.deleted.set(true);
                                 v.shared.deleted.store(true, Ordering::Release);
+                                rt2.set_reserve(&v, 0);
                                 rt2.owner_chans.borrow_mut().remove(&id);
                                 rt2.vols.borrow_mut().remove(&id);
                                 v.map.release(&mut |m| rt2.free_cluster(m.pc, seq));
                                 rt2.kick_recycle(rx);
+                                if v.snapshot {
+                                    // Clusters only it shared may now be a volume's alone.
+                                    rt2.recompute_reserves();
+                                }
                                 rt2.table.borrow_mut().apply(&VolumeRecord::Delete { id })
                             }
                             Err(e) => Err(format!("journal: {e}")),
@@ -668,6 +806,8 @@ impl PoolRt {
             if group.len() > 1 {
                 recs.push(VolumeRecord::Group { ids: ids.clone() });
             }
+            drop(table);
+            self.check_top_up(&vols)?;
             Ok((vols, recs, ids))
         };
         let (vols, recs, ids) = match prep() {
@@ -715,7 +855,10 @@ impl PoolRt {
                 thick: false,
                 ..meta.clone()
             };
+            drop(table);
+            self.check_provision(size)?;
             let src = self.vol(source)?;
+            self.check_top_up(std::slice::from_ref(&src))?;
             // A live source is frozen for the instant of the copy; a snapshot is read-only.
             let vols = if src.snapshot { Vec::new() } else { vec![src] };
             Ok((
@@ -795,6 +938,10 @@ impl PoolRt {
             } = r
             {
                 let src = self.vol(lineage.source)?;
+                if src.thick {
+                    // Every cluster of the source is shared now: a full reserve again.
+                    self.set_reserve(&src, volume_clusters(src.size.get(), self.sb.cluster_bytes));
+                }
                 let map = src.map.share();
                 map.grow(volume_clusters(meta.size_bytes, self.sb.cluster_bytes));
                 self.vols.borrow_mut().insert(
@@ -822,7 +969,10 @@ impl PoolRt {
                     "snapshot id {snap} was not taken of volume id {id}"
                 ));
             }
-            Ok((self.vol(id)?, self.vol(snap)?))
+            drop(t);
+            let v = self.vol(id)?;
+            self.check_top_up(std::slice::from_ref(&v))?;
+            Ok((v, self.vol(snap)?))
         };
         let (v, s) = match prep() {
             Ok(x) => x,
@@ -849,6 +999,10 @@ impl PoolRt {
                                 v.map
                                     .replace_with(&s.map, &mut |m| rt2.free_cluster(m.pc, seq));
                                 rt2.kick_recycle(rx);
+                                if v.thick {
+                                    let full = volume_clusters(v.size.get(), rt2.sb.cluster_bytes);
+                                    rt2.set_reserve(&v, full);
+                                }
                             }),
                             Err(e) => Err(format!("journal: {e}")),
                         };
@@ -875,7 +1029,16 @@ impl PoolRt {
                     v.size_bytes
                 ));
             }
-            self.vol(id)
+            let grow = size_bytes - v.size_bytes;
+            let grow_clusters = volume_clusters(size_bytes, self.sb.cluster_bytes)
+                - volume_clusters(v.size_bytes, self.sb.cluster_bytes);
+            drop(t);
+            self.check_provision(grow)?;
+            let vr = self.vol(id)?;
+            if vr.thick {
+                self.check_reserve(grow_clusters, "growing a thick volume")?;
+            }
+            Ok(vr)
         };
         let v = match prep() {
             Ok(v) => v,
@@ -889,9 +1052,14 @@ impl PoolRt {
             Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
                 let r = match res {
                     Ok(_) => rt.table.borrow_mut().apply(&rec).map(|()| {
-                        v.map.grow(volume_clusters(size_bytes, rt.sb.cluster_bytes));
+                        let old = volume_clusters(v.size.get(), rt.sb.cluster_bytes);
+                        let new = volume_clusters(size_bytes, rt.sb.cluster_bytes);
+                        v.map.grow(new);
                         v.size.set(size_bytes);
                         v.shared.size.store(size_bytes, Ordering::Release);
+                        if v.thick {
+                            rt.set_reserve(&v, v.reserve.get() + (new - old));
+                        }
                     }),
                     Err(e) => Err(format!("journal: {e}")),
                 };
@@ -1254,6 +1422,15 @@ impl PoolRt {
     }
 
     fn clear_mapping(&self, v: &VolRt, lc: u64, seq: u64) {
+        if v.thick {
+            if let Some(m) = v.map.get(lc) {
+                if !self.shared(v, lc, m) {
+                    // Written alone before; a write after this needs a new cluster.
+                    let cap = volume_clusters(v.size.get(), self.sb.cluster_bytes);
+                    self.set_reserve(v, (v.reserve.get() + 1).min(cap));
+                }
+            }
+        }
         let prev = {
             let mut a = self.alloc.borrow_mut();
             v.map.clear(lc, &mut |c| a.share(c.pc))
@@ -1272,8 +1449,16 @@ impl PoolRt {
 
     /// A durably zero cluster; `Ok(None)`: none now, but the pipeline is recycling
     /// (park the caller with [`park_alloc`](Self::park_alloc)); ENOSPC: the pool is full.
-    fn try_alloc(&self) -> Result<Option<u32>, Errno> {
+    /// A thick volume draws on its reserve; others only on what no reserve holds.
+    fn try_alloc(&self, v: &VolRt) -> Result<Option<u32>, Errno> {
+        let from_reserve = v.thick && v.reserve.get() > 0;
+        if !from_reserve && self.unreserved() == 0 {
+            return Err(Errno::ENOSPC);
+        }
         if let Some(pc) = self.alloc.borrow_mut().alloc() {
+            if from_reserve {
+                self.set_reserve(v, v.reserve.get() - 1);
+            }
             return Ok(Some(pc));
         }
         let recycling = self.alloc.borrow().counts().recycling > 0;
@@ -1290,6 +1475,11 @@ impl PoolRt {
     /// A cluster allocated for `key` was never mapped: back through the pipeline (it may
     /// hold partial data, so it is zeroed again).
     fn abandon(&self, rx: &Reactor, pc: u32, key: (u32, u64)) {
+        if let Some(v) = self.vols.borrow().get(&key.0).filter(|v| v.thick) {
+            // Its reserve paid for this cluster: give the reservation back.
+            let cap = volume_clusters(v.size.get(), self.sb.cluster_bytes);
+            self.set_reserve(v, (v.reserve.get() + 1).min(cap));
+        }
         self.alloc.borrow_mut().free(pc, 0);
         self.kick_recycle(rx);
         self.end_allocation(rx, key);
@@ -1318,7 +1508,7 @@ impl PoolRt {
         let Some(m) = v.map.get(lc).filter(|&m| self.shared(v, lc, m)) else {
             return done(rx, Ok(()));
         };
-        let pc = match self.try_alloc() {
+        let pc = match self.try_alloc(v) {
             Ok(Some(pc)) => pc,
             Ok(None) => {
                 let (rt, v2) = (self.rc(), Rc::clone(v));
@@ -2199,7 +2389,7 @@ impl VolumeChannel {
         let SegOp::Data { fua } = op else {
             return self.part_done(rx, slot, Ok(()));
         };
-        let pc = match self.rt.try_alloc() {
+        let pc = match self.rt.try_alloc(&self.vol) {
             Ok(Some(pc)) => pc,
             Ok(None) => {
                 let me = self.rc();

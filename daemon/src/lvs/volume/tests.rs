@@ -259,6 +259,8 @@ fn a_full_pool_fails_allocating_writes_with_enospc_and_recovers_after_discard() 
     let total = h.counts().zeroed;
     assert!(total >= 16, "{total} clusters");
     let size = (total + 8) * 65536;
+    h.control(|rx, rt, reply| rt.set_overcommit(rx, 2000, reply))
+        .expect("allow a volume larger than the pool");
     let vol = h.create("big", size);
     // Four clusters per write: one journal commit each (the ring, without checkpoints yet,
     // holds a bounded number of commits).
@@ -1163,4 +1165,97 @@ fn stale_journal_blocks_past_a_torn_write_are_never_replayed() {
         usage.allocated_bytes, 65536,
         "only the acknowledged write is mapped; the stale record was fenced off"
     );
+}
+
+/// Thick volumes reserve their size: a thin volume filling the pool gets ENOSPC while the
+/// thick one — even after a snapshot made all its clusters shared — can still be written
+/// whole; reservations count as used and survive a re-import; the overcommit limit bounds
+/// what can be provisioned, atomically on the owner.
+#[test]
+fn thick_volumes_can_always_be_written_whole_and_overcommit_is_enforced() {
+    let h = Harness::new(96 << 20);
+    let cl = 65536u64;
+    let usage = || {
+        h.control(|_rx, rt, reply| reply(_rx, Ok(rt.usage())))
+            .expect("usage")
+    };
+    let cap = usage().capacity_bytes;
+    // Overcommit: the default limit 1.0 refuses provisioning past the capacity.
+    let meta = |name: &str, size: u64, thick: bool| VolumeMeta {
+        name: name.into(),
+        size_bytes: size,
+        thick,
+        ..VolumeMeta::default()
+    };
+    let too_big = meta("big", cap + cl, false);
+    let e = h
+        .control(move |rx, rt, reply| rt.create_volume(rx, too_big, reply))
+        .expect_err("past the overcommit limit");
+    assert!(e.contains("overcommit"), "{e}");
+    h.control(|rx, rt, reply| rt.set_overcommit(rx, 3000, reply))
+        .expect("raise the limit");
+    let t_size = 20 * cl;
+    let t_meta = meta("thick", t_size, true);
+    let t = h
+        .control(move |rx, rt, reply| rt.create_volume(rx, t_meta, reply))
+        .expect("thick");
+    assert_eq!(
+        usage().reserved_bytes,
+        t_size,
+        "a new thick volume reserves its size"
+    );
+    for c in 0..20 {
+        h.io(t, IoReq::Write(c * cl, vec![1u8; 65536], false))
+            .expect("write thick whole");
+    }
+    assert_eq!(
+        usage().reserved_bytes,
+        0,
+        "written whole: nothing left to reserve"
+    );
+    let sm = meta("thick-snap", 0, false);
+    h.control(move |rx, rt, reply| rt.snapshot(rx, vec![(t, sm)], reply))
+        .expect("snapshot of thick");
+    assert_eq!(
+        usage().reserved_bytes,
+        t_size,
+        "after a snapshot every cluster is shared: reserved again"
+    );
+    // A thin volume takes everything else.
+    let b_meta = meta("thin", 2 * cap, false);
+    let b = h
+        .control(move |rx, rt, reply| rt.create_volume(rx, b_meta, reply))
+        .expect("thin, overcommitted");
+    let mut lc = 0;
+    loop {
+        match h.io(b, IoReq::Write(lc * cl, vec![2u8; 4096], false)) {
+            Ok(_) => lc += 1,
+            Err(e) => {
+                assert_eq!(e, Errno::ENOSPC);
+                break;
+            }
+        }
+    }
+    let u = usage();
+    assert_eq!(u.free_bytes, 0, "{u:?}");
+    assert!(
+        u.allocated_bytes + u.reserved_bytes <= u.capacity_bytes,
+        "{u:?}"
+    );
+    // The thick volume is still writable whole (copy-on-write of every cluster).
+    for c in 0..20 {
+        // Partial writes: each copies its shared cluster up first.
+        h.io(t, IoReq::Write(c * cl + 4096, vec![3u8; 4096], false))
+            .expect("thick volume written whole on a full pool");
+    }
+    let more = meta("thick2", cl, true);
+    let e = h
+        .control(move |rx, rt, reply| rt.create_volume(rx, more, reply))
+        .expect_err("no space to reserve");
+    assert!(e.contains("no space"), "{e}");
+    // Re-import: the reserve is recomputed from the maps (the volume holds all it needs).
+    h.stop();
+    h.start();
+    assert_eq!(usage().reserved_bytes, 0);
+    assert_eq!(usage().overcommit_milli, 3000, "the limit is persistent");
 }
