@@ -377,9 +377,11 @@ fn unbuilt_services_answer_with_proper_statuses() {
     });
     // The CLI prints the server's message and the code, and exits 1.
     daemon.json(&["volume", "create", "v1", "--size", "1M"]);
-    let out = daemon.coreblk(&["volume", "create", "v3", "--size", "1M", "--thick"]);
-    failed_with(&out, "not served by this coreblkd yet");
-    failed_with(&out, "(UNIMPLEMENTED)");
+    // Thick volumes reserve their size; one that cannot be reserved is refused.
+    let v3 = daemon.json(&["volume", "create", "v3", "--size", "1M", "--thick"]);
+    assert!(v3.to_string().contains("\"thick\":true"), "{v3}");
+    let out = daemon.coreblk(&["volume", "create", "v4", "--size", "100G", "--thick"]);
+    failed_with(&out, "(RESOURCE_EXHAUSTED)");
     failed_with(
         &daemon.coreblk(&["export", "v1", "--persistent"]),
         "(FAILED_PRECONDITION)",

@@ -221,7 +221,9 @@ impl Error {
 #[must_use]
 pub fn store_code(reason: &str) -> tonic::Code {
     let has = |needles: &[&str]| needles.iter().any(|n| reason.contains(n));
-    if reason.contains(&format!("(errno {})", libc::ENOSPC)) || has(&["at most", "does not fit"]) {
+    if reason.contains(&format!("(errno {})", libc::ENOSPC))
+        || has(&["at most", "does not fit", "no space", "overcommit limit"])
+    {
         tonic::Code::ResourceExhausted
     } else if has(&[" exists", "created twice"]) {
         tonic::Code::AlreadyExists

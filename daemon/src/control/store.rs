@@ -328,6 +328,8 @@ pub struct VolumeSpec {
     pub labels: BTreeMap<String, String>,
     /// Clone source (`size_bytes` 0: the source's size).
     pub source: Option<SourceRef>,
+    /// Reserve the whole size up front (thick); clones are always thin.
+    pub thick: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1418,6 +1420,9 @@ impl Store {
             if v.labels != spec.labels {
                 diff.push("other labels".to_owned());
             }
+            if v.thick != spec.thick {
+                diff.push(if v.thick { "thick" } else { "thin" }.to_owned());
+            }
             let want = source.as_ref().map(|(_, s)| s.uuid);
             // An inflated clone reports no source; its record still knows it.
             let had = lock(&self.inner)
@@ -1478,7 +1483,7 @@ impl Store {
             name: spec.name.clone(),
             size_bytes: spec.size_bytes,
             labels: spec.labels,
-            thick: false,
+            thick: spec.thick,
             written: false,
         };
         let id = match &source {

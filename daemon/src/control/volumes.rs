@@ -1,7 +1,7 @@
 //! The `Volumes` service: create (empty, or as a clone of a snapshot or volume;
 //! idempotent by name), get, list (by pool and labels, paginated), delete (snapshots and
 //! clones of it stay whole), resize (grow), set labels, roll back to a snapshot, inflate.
-//! Thick volumes answer UNIMPLEMENTED (the store reserves nothing up front yet).
+//! Thick volumes reserve their size in the store (clones are thin).
 //!
 //! Must never: create a volume the store could not record (its own name and label limits
 //! are checked here too, with the rule in the error).
@@ -119,6 +119,7 @@ pub fn volume_spec(
         size_bytes,
         labels,
         source,
+        thick: false,
     })
 }
 
@@ -150,10 +151,10 @@ impl pb::volumes_server::Volumes for VolumesService {
     ) -> Result<Response<pb::Volume>, Status> {
         self.check()?;
         let r = request.into_inner();
-        if r.thick {
-            return Err(Error::StoreLacks {
-                rpc: "CreateVolume",
-                feature: "thick volumes (space reserved up front); create it thin",
+        if r.thick && r.source.is_some() {
+            return Err(Error::InvalidArgument {
+                field: "thick",
+                reason: "clones are thin (they share their source's clusters); create the clone without thick, or inflate it afterwards".to_owned(),
             }
             .into());
         }
@@ -161,7 +162,8 @@ impl pb::volumes_server::Volumes for VolumesService {
             pb::create_volume_request::Source::SourceSnapshot(s) => SourceRef::Snapshot(s),
             pb::create_volume_request::Source::SourceVolume(v) => SourceRef::Volume(v),
         });
-        let spec = volume_spec(r.pool, r.name, r.size_bytes, r.labels, source)?;
+        let mut spec = volume_spec(r.pool, r.name, r.size_bytes, r.labels, source)?;
+        spec.thick = r.thick;
         let (v, _created) = self.shared.store.create_volume(spec).await?;
         Ok(Response::new(volume_message(&v)))
     }
