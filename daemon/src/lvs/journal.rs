@@ -71,6 +71,10 @@ pub struct Journal {
     /// Flushes waiting to start (after the write in flight) and the one in flight.
     flush_waiting: RefCell<Vec<Done>>,
     flush_inflight: RefCell<Option<Vec<Done>>>,
+    /// What the flush in flight covers: every block up to this sequence.
+    flush_covers: Cell<u64>,
+    /// Every block up to this sequence is durable (a flush covering it completed).
+    flushed: Cell<u64>,
     /// A journal write failed: the pool must be re-imported; everything fails with EIO.
     failed: Cell<bool>,
     /// Requests of the start-up fence still in flight (see [`Journal::fence`]).
@@ -108,6 +112,10 @@ impl Journal {
             inflight: RefCell::new(None),
             flush_waiting: RefCell::new(Vec::new()),
             flush_inflight: RefCell::new(None),
+            flush_covers: Cell::new(0),
+            // Replayed blocks were read back from the device; treat them as durable only
+            // after the first flush (the fence's flush covers them).
+            flushed: Cell::new(0),
             failed: Cell::new(false),
             fencing: Cell::new(0),
             completed: Cell::new(next_seq.saturating_sub(1)),
@@ -135,6 +143,11 @@ impl Journal {
     /// every record up to it and none after (completions apply records).
     pub fn completed_seq(&self) -> u64 {
         self.completed.get()
+    }
+
+    /// Every journal block up to this sequence is durable.
+    pub fn flushed_seq(&self) -> u64 {
+        self.flushed.get()
     }
 
     /// Blocks written since the checkpoint's first sequence (what replay would read).
@@ -248,6 +261,8 @@ impl Journal {
         }
         let waiters = std::mem::take(&mut *self.flush_waiting.borrow_mut());
         *self.flush_inflight.borrow_mut() = Some(waiters);
+        // No journal write is in flight: every block written so far has completed.
+        self.flush_covers.set(self.next_seq.get().saturating_sub(1));
         self.bump(|s| s.flushes += 1);
         self.ch.submit(rx, Io::Flush, self.completion(), TAG_FLUSH);
     }
@@ -382,6 +397,8 @@ impl Completion for Journal {
                     }
                     return;
                 }
+                // The fence's flush made every replayed block durable too.
+                self.flushed.set(self.next_seq.get().saturating_sub(1));
                 self.try_start_flush(rx);
                 self.kick(rx);
             }
@@ -419,6 +436,10 @@ impl Completion for Journal {
                     .take()
                     .expect("a flush was in flight");
                 let res = res.map(|_| 0);
+                if res.is_ok() {
+                    self.flushed
+                        .set(self.flushed.get().max(self.flush_covers.get()));
+                }
                 for d in waiters {
                     d(rx, res);
                 }

@@ -227,6 +227,13 @@ pub struct PoolRt {
     owner_chans: RefCell<HashMap<u32, Rc<dyn Channel>>>,
     /// Sum of the thick volumes' reserves.
     reserved: Cell<u64>,
+    /// References dropped by records not yet durable: (journal seq, cluster). Applied
+    /// once a flush covers the record — until then the cluster counts as shared, so no
+    /// one writes it in place (power loss could bring the dropped reference back).
+    unrefs: RefCell<std::collections::VecDeque<(u64, u32)>>,
+    /// Maps let go of by records not yet durable (deletes, rollbacks): they keep their
+    /// leaves (so what they shared stays shared) until a flush covers the record.
+    zombies: RefCell<Vec<(u64, Arc<ClusterMap>, bool)>>,
 }
 
 impl Drop for PoolRt {
@@ -331,6 +338,8 @@ impl PoolRt {
             leaf_retire,
             owner_chans: RefCell::new(HashMap::new()),
             reserved: Cell::new(0),
+            unrefs: RefCell::new(std::collections::VecDeque::new()),
+            zombies: RefCell::new(Vec::new()),
         });
         OWNED.with(|o| o.borrow_mut().insert(rt.sb.pool_uuid, Rc::downgrade(&rt)));
         rt.recompute_reserves();
@@ -741,12 +750,13 @@ impl PoolRt {
                                 rt2.set_reserve(&v, 0);
                                 rt2.owner_chans.borrow_mut().remove(&id);
                                 rt2.vols.borrow_mut().remove(&id);
-                                v.map.release(&mut |m| rt2.free_cluster(m.pc, seq));
+                                // Its leaves stay held until the delete is durable.
+                                rt2.zombies.borrow_mut().push((
+                                    seq,
+                                    Arc::clone(&v.map),
+                                    v.snapshot,
+                                ));
                                 rt2.kick_recycle(rx);
-                                if v.snapshot {
-                                    // Clusters only it shared may now be a volume's alone.
-                                    rt2.recompute_reserves();
-                                }
                                 rt2.table.borrow_mut().apply(&VolumeRecord::Delete { id })
                             }
                             Err(e) => Err(format!("journal: {e}")),
@@ -996,8 +1006,11 @@ impl PoolRt {
                     Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
                         let r = match res {
                             Ok(seq) => rt2.table.borrow_mut().apply(&rec).map(|()| {
+                                // The old contents stay held until the rollback is durable.
+                                let old = Arc::new(v.map.share());
                                 v.map
                                     .replace_with(&s.map, &mut |m| rt2.free_cluster(m.pc, seq));
+                                rt2.zombies.borrow_mut().push((seq, old, false));
                                 rt2.kick_recycle(rx);
                                 if v.thick {
                                     let full = volume_clusters(v.size.get(), rt2.sb.cluster_bytes);
@@ -1398,9 +1411,49 @@ impl PoolRt {
         }
     }
 
-    /// Drops one reference to `pc` (by the record in block `seq`); the last one frees it
-    /// once no IO uses it.
+    /// Drops one reference to `pc` by the record in block `seq`, once that record is
+    /// durable ([`apply_durable`](Self::apply_durable)).
     fn free_cluster(&self, pc: u32, seq: u64) {
+        self.unrefs.borrow_mut().push_back((seq, pc));
+    }
+
+    /// Whether every dropped reference has been applied (tests: accounting is exact).
+    pub fn settled(&self) -> bool {
+        self.unrefs.borrow().is_empty() && self.zombies.borrow().is_empty()
+    }
+
+    /// Records up to `upto` are durable: apply the references they dropped.
+    fn apply_durable(&self, upto: u64) {
+        let zombies: Vec<(u64, Arc<ClusterMap>, bool)> = {
+            let mut z = self.zombies.borrow_mut();
+            let (done, keep): (Vec<_>, Vec<_>) = z.drain(..).partition(|(s, _, _)| *s <= upto);
+            *z = keep;
+            done
+        };
+        let mut snapshot_gone = false;
+        for (seq, map, snapshot) in zombies {
+            snapshot_gone |= snapshot;
+            map.release(&mut |m| self.apply_unref(m.pc, seq));
+        }
+        loop {
+            let next = {
+                let mut q = self.unrefs.borrow_mut();
+                match q.front() {
+                    Some(&(s, _)) if s <= upto => q.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((seq, pc)) = next else { break };
+            self.apply_unref(pc, seq);
+        }
+        if snapshot_gone {
+            // Clusters only a deleted snapshot shared may now be a volume's alone.
+            self.recompute_reserves();
+        }
+    }
+
+    /// Drops one reference to `pc` now; the last one frees it once no IO uses it.
+    fn apply_unref(&self, pc: u32, seq: u64) {
         let last = self.alloc.borrow().refs(pc) == 1;
         if last && self.pc_inflight.borrow().contains_key(&pc) {
             self.deferred_free.borrow_mut().insert(pc, seq);
@@ -1614,7 +1667,7 @@ impl PoolRt {
         let work = {
             let a = self.alloc.borrow();
             a.counts().recycling > 0 || a.wants_flush()
-        };
+        } || !self.settled();
         if !work || self.scheduled.replace(true) {
             return;
         }
@@ -1650,7 +1703,7 @@ impl PoolRt {
                 },
             )
         };
-        if !has_freed && !self.alloc.borrow().wants_flush() {
+        if !has_freed && !self.alloc.borrow().wants_flush() && self.settled() {
             return;
         }
         self.recycling.set(true);
@@ -1667,6 +1720,7 @@ impl PoolRt {
                     rx,
                     Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
                         if res.is_ok() {
+                            rt2.apply_durable(durable_upto);
                             let mut a = rt2.alloc.borrow_mut();
                             a.flush_done(token);
                             // Durable, and past a grace period for readers elsewhere.
@@ -2362,9 +2416,23 @@ impl VolumeChannel {
     fn write_in_place(&self, rx: &Reactor, slot: usize, seg: Seg, op: SegOp, m: Mapping) {
         let me = self.rc();
         self.rt.io_start(m.pc);
+        // A FUA write is durable only with the record that maps its cluster: if that
+        // record may not be flushed yet (it completed after the last flush began), the
+        // write is followed by a journal flush before it is acknowledged.
+        let flush_after = matches!(op, SegOp::Data { fua: true })
+            && self.rt.journal.flushed_seq() < self.rt.journal.completed_seq();
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
             me.rt.io_end(rx, m.pc);
             me.seg_done(slot, seg, buf, false);
+            if flush_after && res.is_ok() {
+                let me2 = Rc::clone(&me);
+                return me.rt.journal.flush(
+                    rx,
+                    Box::new(move |rx: &Reactor, r: Result<u64, Errno>| {
+                        me2.part_done(rx, slot, r.map(drop))
+                    }),
+                );
+            }
             me.part_done(rx, slot, res.map(drop))
         });
         let offset = self.rt.phys(m.pc, seg.in_cluster);

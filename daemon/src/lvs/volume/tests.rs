@@ -157,6 +157,21 @@ impl Harness {
             .expect("io completed")
     }
 
+    /// Waits until every dropped reference is applied (a flush covered its record).
+    fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let done = self.set.remotes()[0]
+                .call(|_rx: &Reactor| RT.with(|r| r.borrow().as_ref().expect("pool").settled()))
+                .expect("call");
+            if done {
+                return;
+            }
+            assert!(Instant::now() < deadline, "references never settled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn counts(&self) -> super::super::alloc::AllocCounts {
         self.set.remotes()[0]
             .call(|_rx: &Reactor| RT.with(|r| r.borrow().as_ref().expect("pool").alloc_counts()))
@@ -929,7 +944,8 @@ mod model {
                     h.start();
                 }
             }
-            // Invariants after every step.
+            // Invariants after every step, once dropped references are applied.
+            h.settle();
             let (usage, per, table) = h.set.remotes()[0]
                 .call(move |_rx: &Reactor| {
                     RT.with(|r| {
