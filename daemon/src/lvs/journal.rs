@@ -461,6 +461,30 @@ pub struct Replay {
     pub stop: format::DecodeError,
 }
 
+/// Most blocks one journal write carries: valid blocks past the end of replay closer than
+/// this can be the torn tail of the last write; farther ones mean a damaged block in the
+/// middle of the journal.
+pub const TORN_TAIL_BLOCKS: u64 = MAX_BLOCKS_PER_WRITE;
+
+/// The sequences of valid journal blocks past `stop` (the end of replay) found in `ring`,
+/// the whole journal area's bytes, sorted.
+pub fn valid_blocks_past(sb: &Superblock, stop: u64, ring: &[u8]) -> Vec<u64> {
+    let blocks = sb.journal_blocks();
+    let mut past: Vec<u64> = ring
+        .chunks(BLOCK_BYTES)
+        .enumerate()
+        .filter_map(|(pos, b)| {
+            let found = u64::from_le_bytes(b.get(16..24)?.try_into().ok()?);
+            (found > stop
+                && found % blocks == pos as u64
+                && format::decode_journal_block(b, sb.journal_tag, found).is_ok())
+            .then_some(found)
+        })
+        .collect();
+    past.sort_unstable();
+    past
+}
+
 /// Replays the journal from `sb.first_seq`, reading blocks through `read_block(offset)`.
 /// Stops at the first block that fails to decode or after one full ring.
 pub fn replay(sb: &Superblock, mut read_block: impl FnMut(u64) -> Option<Vec<u8>>) -> Replay {

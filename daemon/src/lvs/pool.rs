@@ -82,6 +82,18 @@ pub enum PoolError {
         /// What is wrong.
         why: String,
     },
+    /// Replay stopped at a damaged block with valid blocks long after it.
+    #[error("journal damaged at block {stop}: {reason}; {later} valid blocks follow up to {last}, so acknowledged records after the damage would be lost — refusing to import (run `coreblkd verify`, restore from a backup)")]
+    JournalHole {
+        /// Where replay stopped.
+        stop: u64,
+        /// Why.
+        reason: DecodeError,
+        /// Valid blocks past it.
+        later: usize,
+        /// The last of them.
+        last: u64,
+    },
     /// A journal record did not make sense.
     #[error("journal record at block {seq} is invalid: {why}")]
     BadRecord {
@@ -417,6 +429,27 @@ pub fn import(dev: &impl MetaSource) -> Result<Imported, PoolError> {
     let (sb, damaged_copy) = read_superblock(dev)?;
     let (mut table, mut maps) = super::checkpoint::load(dev, &sb)?;
     let replay = journal::replay(&sb, |off| dev.read_at(off, BLOCK_BYTES).ok());
+    // A damaged block in the middle would silently drop every acknowledged record after
+    // it: valid blocks farther past the stop than one journal write can reach mean that.
+    let mut ring = Vec::new();
+    let chunk = 1usize << 20;
+    let mut off = 0u64;
+    while off < sb.journal_bytes {
+        let n = usize::try_from((sb.journal_bytes - off).min(chunk as u64)).expect("chunk");
+        ring.extend(dev.read_at(sb.region_start + sb.journal_offset + off, n)?);
+        off += n as u64;
+    }
+    let past = journal::valid_blocks_past(&sb, replay.next_seq, &ring);
+    if let Some(&last) = past.last() {
+        if last - replay.next_seq >= journal::TORN_TAIL_BLOCKS {
+            return Err(PoolError::JournalHole {
+                stop: replay.next_seq,
+                reason: replay.stop,
+                later: past.len(),
+                last,
+            });
+        }
+    }
     for (seq, r) in &replay.records {
         apply_record(&sb, &mut table, &mut maps, r)
             .map_err(|why| PoolError::BadRecord { seq: *seq, why })?;

@@ -39,9 +39,6 @@ use super::table::{take_u16, take_u32};
 use crate::bdev::blocking::BlockingDevice;
 use crate::bdev::label::{self, Label, LabelCopy};
 
-/// Blocks one journal write carries at most (`journal.rs`'s `MAX_BLOCKS_PER_WRITE`): valid
-/// blocks this close past the end of replay can be the torn tail of the last write.
-const JOURNAL_WRITE_BLOCKS: u64 = 64;
 /// Problems reported per part before the rest are only counted.
 const MAX_PROBLEMS_PER_PART: usize = 64;
 /// Largest read issued at once.
@@ -897,25 +894,8 @@ impl Checker<'_> {
     /// after it — acknowledged records — is lost to the import).
     fn past_stop(&mut self, sb: &Superblock, replay: &journal::Replay) -> Result<(), Unreadable> {
         let stop = replay.next_seq;
-        let ring = sb.journal_blocks();
         let bytes = self.read(sb.region_start + sb.journal_offset, sb.journal_bytes)?;
-        let mut past: Vec<u64> = Vec::new();
-        for (pos, b) in bytes.chunks(BLOCK_BYTES).enumerate() {
-            let Some(found) = b
-                .get(16..24)
-                .and_then(|s| s.try_into().ok())
-                .map(u64::from_le_bytes)
-            else {
-                continue;
-            };
-            if found <= stop || found % ring != pos as u64 {
-                continue;
-            }
-            if format::decode_journal_block(b, sb.journal_tag, found).is_ok() {
-                past.push(found);
-            }
-        }
-        past.sort_unstable();
+        let past = journal::valid_blocks_past(sb, stop, &bytes);
         self.report.summary.journal_blocks_past_stop = past.len() as u64;
         let (Some(&first), Some(&last)) = (past.first(), past.last()) else {
             return Ok(());
@@ -925,7 +905,7 @@ impl Checker<'_> {
             replay.stop,
             past.len()
         );
-        if last - stop < JOURNAL_WRITE_BLOCKS {
+        if last - stop < journal::TORN_TAIL_BLOCKS {
             self.warning(
                 Part::Journal,
                 format!("journal block {stop}"),

@@ -354,14 +354,20 @@ fn a_damaged_journal_block_in_the_middle_is_a_hole() {
     );
     let hole = sb.first_seq + 2;
     p.flip(journal_block_at(&p, hole) + 40, 0xff);
-    // The import stops at the hole and says why; the records after it are lost to it.
-    let imp = p.import().expect("imports the prefix");
-    assert_eq!(imp.next_seq, hole);
+    // The import refuses rather than silently drop the acknowledged records after it.
+    let e = p.import().expect_err("a hole in the middle is refused");
     assert!(
-        matches!(imp.replay_stop, DecodeError::Checksum { .. }),
-        "{}",
-        imp.replay_stop
+        matches!(
+            e,
+            crate::lvs::pool::PoolError::JournalHole {
+                stop,
+                reason: DecodeError::Checksum { .. },
+                ..
+            } if stop == hole
+        ),
+        "{e}"
     );
+    assert!(e.to_string().contains("verify"), "{e}");
     let r = p.verify();
     println!("{r}");
     assert!(!r.is_clean(), "{r}");
