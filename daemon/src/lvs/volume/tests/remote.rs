@@ -256,6 +256,8 @@ fn a_remote_read_never_sees_a_cluster_reused_under_it() {
 fn snapshots_and_deletes_while_another_reactor_writes_keep_point_in_time_contents() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Mutex;
+    /// (block, value, submit tick, ack tick) of every write.
+    type WriteLog4 = Arc<Mutex<Vec<(u64, u64, u64, u64)>>>;
     let dev: Arc<dyn BlockDevice> = Arc::new(MallocDevice::new(96 << 20).expect("malloc"));
     let h = two_reactor_harness(dev);
     let blocks = 128u64; // 8 clusters
@@ -263,12 +265,12 @@ fn snapshots_and_deletes_while_another_reactor_writes_keep_point_in_time_content
     remote_io(&h, vol, IoReq::Read(0, 4096)).expect("open remotely");
     // Writes: (block, value, submit tick, ack tick); ticks from one shared clock.
     let clock = Arc::new(AtomicU64::new(1));
-    let log: Arc<Mutex<Vec<(u64, u64, u64, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let log: WriteLog4 = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     struct Writer {
         ch: Rc<dyn Channel>,
         clock: Arc<AtomicU64>,
-        log: Arc<Mutex<Vec<(u64, u64, u64, u64)>>>,
+        log: WriteLog4,
         stop: Arc<AtomicBool>,
         next: Cell<u64>,
         live: Cell<u32>,
