@@ -3,7 +3,7 @@
 //! `flush_every = N` a job follows every N-th completed write with a FLUSH from the same
 //! slot (the slot's next IO waits for it); flushes are timed into their own histogram and
 //! are not counted as IOs. [`prefill`] writes a target's range once, sequentially, before a
-//! run.
+//! run; [`write_list`] writes a list of offsets (the rewrites of a snapshot history).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -293,14 +293,23 @@ impl Job {
     }
 }
 
-fn process_cpu_ns() -> u64 {
+fn cpu_clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec into the live local `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+fn process_cpu_ns() -> u64 {
+    cpu_clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// CPU time of the calling thread (call it on a reactor to read that reactor's).
+pub fn thread_cpu_ns() -> u64 {
+    cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// Runs one job per reactor and merges their results.
@@ -433,14 +442,21 @@ pub struct Prefilled {
     pub elapsed: Duration,
 }
 
-/// The sequential writer of [`prefill`] on reactor 0.
+/// What a [`Prefill`] writes: a range sequentially, or a list of offsets.
+enum Plan {
+    /// `[0, span_bytes)` in buffer-sized writes; the last one cut to whole blocks of `lbs`.
+    Sequential { span_bytes: u64, lbs: u64 },
+    /// One buffer-sized write at each offset, in order.
+    List(Vec<u64>),
+}
+
+/// The writer of [`prefill`] and [`write_list`] on reactor 0.
 struct Prefill {
     me: std::rc::Weak<Prefill>,
     ch: Rc<dyn Channel>,
-    span_bytes: u64,
-    /// Logical block size: the last write is cut to whole blocks.
-    lbs: u64,
-    next_offset: Cell<u64>,
+    plan: Plan,
+    /// Sequential: the next byte offset; list: the next index.
+    next: Cell<u64>,
     inflight: Cell<u32>,
     bytes: Cell<u64>,
     first_error: RefCell<Option<String>>,
@@ -450,18 +466,33 @@ struct Prefill {
 impl Prefill {
     /// Writes the next chunk with `buf` (cut to what is left); false when nothing is left.
     fn issue(&self, rx: &Reactor, buf: IoBuf) -> bool {
-        let off = self.next_offset.get();
-        let left = self.span_bytes.saturating_sub(off) / self.lbs * self.lbs;
-        if left == 0 || self.first_error.borrow().is_some() {
+        if self.first_error.borrow().is_some() {
             return false;
         }
-        let buf = if (buf.len() as u64) <= left {
-            buf
-        } else {
-            let len = usize::try_from(left).expect("less than a buffer");
-            IoBuf::from_slice(&buf[..len])
+        let next = self.next.get();
+        let (off, buf) = match &self.plan {
+            Plan::Sequential { span_bytes, lbs } => {
+                let left = span_bytes.saturating_sub(next) / lbs * lbs;
+                if left == 0 {
+                    return false;
+                }
+                let buf = if (buf.len() as u64) <= left {
+                    buf
+                } else {
+                    let len = usize::try_from(left).expect("less than a buffer");
+                    IoBuf::from_slice(&buf[..len])
+                };
+                self.next.set(next + buf.len() as u64);
+                (next, buf)
+            }
+            Plan::List(offsets) => {
+                let Some(off) = usize::try_from(next).ok().and_then(|i| offsets.get(i)) else {
+                    return false;
+                };
+                self.next.set(next + 1);
+                (*off, buf)
+            }
         };
-        self.next_offset.set(off + buf.len() as u64);
         self.inflight.set(self.inflight.get() + 1);
         let me: Rc<dyn Completion> = self.me.upgrade().expect("prefill lives until drained");
         self.ch.submit(
@@ -485,7 +516,7 @@ impl Completion for Prefill {
             Ok(n) => self.bytes.set(self.bytes.get() + u64::from(n)),
             Err(e) => {
                 self.first_error.borrow_mut().get_or_insert_with(|| {
-                    format!("prefill write near offset {}: {e}", self.next_offset.get())
+                    format!("prefill write (step {}): {e}", self.next.get())
                 });
             }
         }
@@ -517,10 +548,39 @@ pub fn prefill(
     chunk_bytes: u32,
     qd: u32,
 ) -> anyhow::Result<Prefilled> {
+    let lbs = u64::from(dev.geometry().logical_block_size.max(1));
+    write_plan(
+        set,
+        dev,
+        Plan::Sequential { span_bytes, lbs },
+        chunk_bytes,
+        qd,
+    )
+}
+
+/// Writes `len_bytes` at each of `offsets` (in order, `qd` in flight, the same non-zero
+/// pattern as [`prefill`]) from reactor 0: the rewrites between the snapshots of a
+/// `--snapshots` history.
+pub fn write_list(
+    set: &ReactorSet,
+    dev: &Arc<dyn BlockDevice>,
+    offsets: Vec<u64>,
+    len_bytes: u32,
+    qd: u32,
+) -> anyhow::Result<Prefilled> {
+    write_plan(set, dev, Plan::List(offsets), len_bytes, qd)
+}
+
+fn write_plan(
+    set: &ReactorSet,
+    dev: &Arc<dyn BlockDevice>,
+    plan: Plan,
+    chunk_bytes: u32,
+    qd: u32,
+) -> anyhow::Result<Prefilled> {
     let t0 = Instant::now();
     let (tx, done) = crossbeam::channel::bounded(1);
     let d = Arc::clone(dev);
-    let lbs = u64::from(dev.geometry().logical_block_size.max(1));
     set.remotes()[0].call(move |rx: &Reactor| -> anyhow::Result<()> {
         let ch = d
             .open_channel(rx)
@@ -528,9 +588,8 @@ pub fn prefill(
         let p = Rc::new_cyclic(|me| Prefill {
             me: me.clone(),
             ch,
-            span_bytes,
-            lbs,
-            next_offset: Cell::new(0),
+            plan,
+            next: Cell::new(0),
             inflight: Cell::new(0),
             bytes: Cell::new(0),
             first_error: RefCell::new(None),

@@ -11,8 +11,7 @@
 //! only in this version; other reactors get EXDEV), or start timing before the import's
 //! background zeroing finished.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,15 +24,16 @@ use coreblk_daemon::bdev::mem::MallocDevice;
 use coreblk_daemon::bdev::uring::UringDevice;
 use coreblk_daemon::bdev::{BlockDevice, Channel, Geometry, Io};
 use coreblk_daemon::lvs::alloc::AllocCounts;
+use coreblk_daemon::lvs::journal::JournalStats;
 use coreblk_daemon::lvs::pool::{self, VolumeMeta};
-use coreblk_daemon::lvs::volume::PoolRt;
-use coreblk_daemon::reactor::{Completion, Reactor, ReactorSet};
+use coreblk_daemon::lvs::volume::{PoolRt, Reply, StoreStats};
+use coreblk_daemon::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, ReactorSet};
 
 use crate::target::LvolBacking;
 
 /// Share of the pool's data clusters the default volume takes (the rest is headroom so a
 /// prefill or a long first-write run never reaches the pool-full path).
-const DEFAULT_VOLUME_PCT: u64 = 90;
+pub const DEFAULT_VOLUME_PCT: u64 = 90;
 /// How long an import's background zeroing may take before we give up.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -199,6 +199,10 @@ impl BlockDevice for VolumeDevice {
 pub struct Lvol {
     /// The volume, ready for jobs.
     pub dev: Arc<dyn BlockDevice>,
+    /// The volume's id in the pool.
+    pub volume_id: u32,
+    /// The pool's (counting) device, for re-imports.
+    pool_dev: Arc<dyn BlockDevice>,
     /// Cluster size of the pool.
     pub cluster_bytes: u64,
     /// Data clusters of the pool.
@@ -211,12 +215,13 @@ pub struct Lvol {
 impl Lvol {
     /// Formats a pool on `backing`, imports it, starts it on reactor 0 of `set`, waits for
     /// the import's background zeroing, and creates one volume of `size_bytes` (default:
-    /// [`DEFAULT_VOLUME_PCT`] % of the pool's data space).
+    /// `default_volume_pct` % of the pool's data space, rounded down to whole MiB).
     pub fn setup(
         set: &ReactorSet,
         backing: &LvolBacking,
         cluster_bytes: u32,
         size_bytes: Option<u64>,
+        default_volume_pct: u64,
     ) -> anyhow::Result<Self> {
         let raw: Arc<dyn BlockDevice> = match backing {
             LvolBacking::Malloc { size_bytes } => Arc::new(
@@ -257,7 +262,7 @@ impl Lvol {
             }
             None => {
                 let mib = 1 << 20;
-                (pool_bytes * DEFAULT_VOLUME_PCT / 100 / cluster * cluster / mib * mib).max(cluster)
+                (pool_bytes * default_volume_pct / 100 / cluster * cluster / mib * mib).max(cluster)
             }
         };
         if volume_bytes == 0 {
@@ -273,6 +278,8 @@ impl Lvol {
             .map_err(|e| anyhow::anyhow!("starting the pool runtime: {e}"))?;
         let lv = Self {
             dev: Arc::clone(&dev),
+            volume_id: 0,
+            pool_dev: Arc::clone(&dev),
             cluster_bytes: cluster,
             pool_clusters: sb.clusters,
             volume_bytes,
@@ -281,45 +288,174 @@ impl Lvol {
         // An import zeroes every unreferenced cluster again in the background: IO timed
         // before that finishes would compete with it.
         lv.settle(set)?;
+        let (volume_id, dev) = lv.add_volume(set, "bench", volume_bytes)?;
+        Ok(Self {
+            dev,
+            volume_id,
+            ..lv
+        })
+    }
+
+    /// Creates one more thin volume of `size_bytes` named `name`; returns its id and the
+    /// volume as a device.
+    pub fn add_volume(
+        &self,
+        set: &ReactorSet,
+        name: &str,
+        size_bytes: u64,
+    ) -> anyhow::Result<(u32, Arc<dyn BlockDevice>)> {
         let meta = VolumeMeta {
-            id: 0,
             uuid: Uuid::random().context("volume uuid")?.0,
-            name: "bench".into(),
-            size_bytes: volume_bytes,
-            labels: BTreeMap::new(),
-            thick: false,
-            written: false,
+            name: name.to_string(),
+            size_bytes,
+            ..VolumeMeta::default()
         };
-        let (tx, done) = crossbeam::channel::bounded(1);
-        remote.send(Box::new(move |rx: &Reactor| {
-            let Some(rt) = POOL.with(|p| p.borrow().clone()) else {
-                let _ = tx.send(Err("the pool is not running".to_string()));
-                return;
-            };
-            let rt2 = Rc::clone(&rt);
+        let (id, geo) = pool_op(set, "creating a volume", move |rx, rt, done| {
+            let rt2 = Rc::clone(rt);
             rt.create_volume(
                 rx,
                 meta,
                 Box::new(move |rx: &Reactor, res: Result<u32, String>| {
-                    let rt = rt2;
-                    let _ = tx.send(res.and_then(|id| {
-                        let ch = rt.open_volume(rx, id)?;
-                        Ok((id, ch.geometry().clone()))
-                    }));
+                    done(
+                        rx,
+                        res.and_then(|id| {
+                            let ch = rt2.open_volume(rx, id)?;
+                            Ok((id, ch.geometry().clone()))
+                        }),
+                    );
                 }),
             );
+        })?;
+        let dev: Arc<dyn BlockDevice> = Arc::new(VolumeDevice {
+            id,
+            geo,
+            name: format!("lvol {id} on {}", self.pool_dev.name()),
+        });
+        Ok((id, dev))
+    }
+
+    /// Takes a snapshot named `name` of volume `source`; returns its id and what the
+    /// creation cost the store.
+    pub fn snapshot(
+        &self,
+        set: &ReactorSet,
+        source: u32,
+        name: &str,
+    ) -> anyhow::Result<(u32, OpCost)> {
+        let meta = VolumeMeta {
+            uuid: Uuid::random().context("snapshot uuid")?.0,
+            name: name.to_string(),
+            ..VolumeMeta::default()
+        };
+        let (ids, cost) = costed_op(set, "taking a snapshot", move |rx, rt, done| {
+            rt.snapshot(rx, vec![(source, meta)], done);
+        })?;
+        let id = ids
+            .first()
+            .copied()
+            .context("taking a snapshot: no id returned")?;
+        Ok((id, cost))
+    }
+
+    /// Makes a writable clone named `name` of snapshot (or volume) `source`.
+    pub fn clone_of(
+        &self,
+        set: &ReactorSet,
+        source: u32,
+        name: &str,
+    ) -> anyhow::Result<(u32, OpCost)> {
+        let meta = VolumeMeta {
+            uuid: Uuid::random().context("clone uuid")?.0,
+            name: name.to_string(),
+            ..VolumeMeta::default()
+        };
+        costed_op(set, "cloning", move |rx, rt, done| {
+            rt.clone_volume(rx, source, meta, done);
+        })
+    }
+
+    /// Writes a checkpoint and waits until it is durable.
+    pub fn checkpoint(&self, set: &ReactorSet) -> anyhow::Result<()> {
+        pool_op(set, "checkpoint", |rx, rt, done| rt.checkpoint(rx, done))
+    }
+
+    /// The pool's counters, read on its owner reactor.
+    pub fn counters(&self, set: &ReactorSet) -> anyhow::Result<PoolCounters> {
+        set.remotes()[0]
+            .call(|_rx: &Reactor| POOL.with(|p| p.borrow().as_ref().map(|rt| counters_of(rt))))?
+            .context("the pool is not running")
+    }
+
+    /// "Crashes" the daemon: drops the pool runtime without a checkpoint or a flush. The
+    /// device keeps everything written so far (a daemon crash, not a power loss), so an
+    /// import finds the last checkpoint plus the journal written since.
+    pub fn crash(&self, set: &ReactorSet) -> anyhow::Result<()> {
+        let was = set.remotes()[0]
+            .call(|_rx: &Reactor| POOL.with(|p| p.borrow_mut().take()).is_some())?;
+        if !was {
+            bail!("the pool is not running");
+        }
+        Ok(())
+    }
+
+    /// Imports the pool again from its device and starts it on reactor 0 (after
+    /// [`crash`](Self::crash)); times each step, up to the first IO it served.
+    pub fn reimport(&self, set: &ReactorSet) -> anyhow::Result<ImportTimes> {
+        let remote = set.remotes()[0].clone();
+        let client = BlockingDevice::new(Arc::clone(&self.pool_dev), remote.clone())?;
+        let t0 = Instant::now();
+        let imp =
+            pool::import(&client).with_context(|| format!("importing {}", self.pool_dev.name()))?;
+        let import = t0.elapsed();
+        let replayed_blocks = imp.next_seq.saturating_sub(imp.sb.first_seq);
+        let objects = imp.maps.len();
+        let d = Arc::clone(&self.pool_dev);
+        let t1 = Instant::now();
+        remote
+            .call(move |rx: &Reactor| -> Result<(), String> {
+                let rt = PoolRt::start(rx, &d, imp)?;
+                POOL.with(|p| *p.borrow_mut() = Some(rt));
+                Ok(())
+            })?
+            .map_err(|e| anyhow::anyhow!("starting the pool runtime: {e}"))?;
+        let start = t1.elapsed();
+        // The pool serves IO: one read of the first block of the bench volume.
+        let (tx, done) = crossbeam::channel::bounded(1);
+        let lbs = self.dev.geometry().logical_block_size.max(512) as usize;
+        let id = self.volume_id;
+        remote.send(Box::new(move |rx: &Reactor| {
+            let ch = POOL
+                .with(|p| p.borrow().clone())
+                .ok_or_else(|| "the pool is not running".to_string())
+                .and_then(|rt| rt.open_volume(rx, id));
+            match ch {
+                Ok(ch) => Rc::new(ReadProbe {
+                    tx,
+                    ch,
+                    lbs,
+                    retries: Cell::new(0),
+                })
+                .submit(rx),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
         }))?;
-        let (id, geo) = done
+        let eagain_retries = done
             .recv_timeout(Duration::from_secs(30))
-            .context("creating the volume: no answer within 30 s")?
-            .map_err(|e| anyhow::anyhow!("creating the volume: {e}"))?;
-        Ok(Self {
-            dev: Arc::new(VolumeDevice {
-                id,
-                geo,
-                name: format!("lvol {id} on {}", dev.name()),
-            }),
-            ..lv
+            .context("the first read after the import did not complete within 30 s")?
+            .map_err(|e| anyhow::anyhow!("the first read after the import failed: {e}"))?;
+        let to_first_io = t0.elapsed();
+        let t2 = Instant::now();
+        self.settle(set)?;
+        Ok(ImportTimes {
+            import,
+            start,
+            to_first_io,
+            rezero: t2.elapsed(),
+            eagain_retries,
+            replayed_blocks,
+            objects,
         })
     }
 
@@ -358,4 +494,178 @@ impl Lvol {
         set.remotes()[0].call(|_rx: &Reactor| POOL.with(|p| p.borrow_mut().take()).is_some())?;
         Ok(())
     }
+}
+
+/// What [`Lvol::reimport`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct ImportTimes {
+    /// `pool::import`: superblock, checkpoint, journal replay.
+    pub import: Duration,
+    /// `PoolRt::start` on the owner reactor.
+    pub start: Duration,
+    /// From the start of the import until the first read of a volume completed.
+    pub to_first_io: Duration,
+    /// After that, until the background re-zeroing of free clusters finished.
+    pub rezero: Duration,
+    /// Times the first read got EAGAIN (a full request table) and was sent again.
+    pub eagain_retries: u32,
+    /// Journal blocks replayed (from the checkpoint's first sequence to the end).
+    pub replayed_blocks: u64,
+    /// Volumes and snapshots imported.
+    pub objects: usize,
+}
+
+/// Gap before the first read after an import is sent again after EAGAIN.
+const PROBE_RETRY: Duration = Duration::from_micros(20);
+/// Most EAGAIN retries of that read.
+const PROBE_MAX_RETRIES: u32 = 100_000;
+
+/// The first read after an import: answers the EAGAIN retries it needed. The request holds
+/// the probe, the probe holds the channel, until the read completed.
+struct ReadProbe {
+    tx: crossbeam::channel::Sender<Result<u32, String>>,
+    ch: Rc<dyn Channel>,
+    lbs: usize,
+    retries: Cell<u32>,
+}
+
+impl ReadProbe {
+    fn submit(self: Rc<Self>, rx: &Reactor) {
+        let io = Io::Read {
+            offset: 0,
+            buf: IoBuf::alloc(self.lbs),
+        };
+        let ch = Rc::clone(&self.ch);
+        ch.submit(rx, io, self, 0);
+    }
+}
+
+impl Completion for ReadProbe {
+    fn complete(&self, rx: &Reactor, _tag: u64, res: IoResult, _buf: Option<IoBuf>) {
+        if res == Err(Errno::EAGAIN) && self.retries.get() < PROBE_MAX_RETRIES {
+            self.retries.set(self.retries.get() + 1);
+            let again = Rc::new(ReadProbe {
+                tx: self.tx.clone(),
+                ch: Rc::clone(&self.ch),
+                lbs: self.lbs,
+                retries: Cell::new(self.retries.get()),
+            });
+            rx.add_timer(PROBE_RETRY, Box::new(move |rx: &Reactor| again.submit(rx)));
+            return;
+        }
+        let _ = self
+            .tx
+            .send(res.map(|_| self.retries.get()).map_err(|e| e.to_string()));
+    }
+}
+
+/// Store counters of a running pool.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolCounters {
+    /// Journal writes, commits, flushes.
+    pub journal: JournalStats,
+    /// Checkpoints, copy-ups, allocations.
+    pub store: StoreStats,
+    /// Allocator counts.
+    pub alloc: AllocCounts,
+    /// `PoolRt::metadata_memory_bytes`.
+    pub metadata_memory_bytes: u64,
+    /// Data clusters of the pool.
+    pub pool_clusters: u64,
+}
+
+fn counters_of(rt: &PoolRt) -> PoolCounters {
+    PoolCounters {
+        journal: rt.journal_stats(),
+        store: rt.stats(),
+        alloc: rt.alloc_counts(),
+        metadata_memory_bytes: rt.metadata_memory_bytes(),
+        pool_clusters: rt.superblock().clusters,
+    }
+}
+
+/// What one snapshot or clone creation cost, read on the owner reactor just before the
+/// call and in its reply (no extra messages, so nothing else is charged to it).
+#[derive(Clone, Copy, Debug)]
+pub struct OpCost {
+    /// From the message's send to its answer, seen by the calling thread.
+    pub wall: Duration,
+    /// From the message running on the owner reactor to the answer (the store's part of
+    /// `wall`: without the message's delivery and the caller's wake-up).
+    pub on_reactor: Duration,
+    /// Journal commits acknowledged meanwhile.
+    pub commits: u64,
+    /// Journal writes issued meanwhile.
+    pub journal_writes: u64,
+    /// Device flushes the journal issued meanwhile.
+    pub journal_flushes: u64,
+    /// Checkpoints written meanwhile.
+    pub checkpoints: u64,
+}
+
+/// How long a control operation may take before the bench gives up.
+const OP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `f` with the pool runtime on its owner reactor and waits for the answer it gives
+/// `done`.
+fn pool_op<T, F>(set: &ReactorSet, what: &'static str, f: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&Reactor, &Rc<PoolRt>, Reply<T>) + Send + 'static,
+{
+    let (tx, done) = crossbeam::channel::bounded(1);
+    set.remotes()[0].send(Box::new(move |rx: &Reactor| {
+        let Some(rt) = POOL.with(|p| p.borrow().clone()) else {
+            let _ = tx.send(Err("the pool is not running".to_string()));
+            return;
+        };
+        f(
+            rx,
+            &rt,
+            Box::new(move |_rx: &Reactor, res: Result<T, String>| {
+                let _ = tx.send(res);
+            }),
+        );
+    }))?;
+    done.recv_timeout(OP_TIMEOUT)
+        .with_context(|| format!("{what}: no answer within {} s", OP_TIMEOUT.as_secs()))?
+        .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+}
+
+/// [`pool_op`] that also measures what the operation cost (see [`OpCost`]).
+fn costed_op<T, F>(set: &ReactorSet, what: &'static str, f: F) -> anyhow::Result<(T, OpCost)>
+where
+    T: Send + 'static,
+    F: FnOnce(&Reactor, &Rc<PoolRt>, Reply<T>) + Send + 'static,
+{
+    let t0 = Instant::now();
+    // Only the O(1) counters: `counters_of` walks every map (metadata memory), which would
+    // be charged to the operation.
+    let light = |rt: &PoolRt| (rt.journal_stats(), rt.stats());
+    let (res, before, after, on_reactor) = pool_op(set, what, move |rx, rt, done| {
+        let before = light(rt);
+        let rt2 = Rc::clone(rt);
+        let began = Instant::now();
+        f(
+            rx,
+            rt,
+            Box::new(move |rx: &Reactor, res: Result<T, String>| {
+                let on_reactor = began.elapsed();
+                let after = light(&rt2);
+                done(rx, res.map(|r| (r, before, after, on_reactor)));
+            }),
+        );
+    })?;
+    let wall = t0.elapsed();
+    Ok((
+        res,
+        OpCost {
+            wall,
+            on_reactor,
+            commits: after.0.commits - before.0.commits,
+            journal_writes: after.0.writes - before.0.writes,
+            journal_flushes: after.0.flushes - before.0.flushes,
+            checkpoints: after.1.checkpoints - before.1.checkpoints,
+        },
+    ))
 }

@@ -10,11 +10,16 @@
 //!
 //! `lvol:` targets ([`lvol`]) format a pool on a device and bench one thin volume on it;
 //! `--prefill` writes the range once before timing (allocated clusters instead of first
-//! writes), `--flush-every N` follows every N-th write with a FLUSH. Target specs are parsed
-//! in [`target`].
+//! writes), `--flush-every N` follows every N-th write with a FLUSH, `--snapshots N` gives
+//! the volume an N-snapshot history first ([`history`]). Target specs are parsed in
+//! [`target`]. `--measure snapshot` ([`measure_snapshot`]) and `--measure import`
+//! ([`measure_import`]) measure the store's control operations instead of an IO run.
 
+mod history;
 mod job;
 mod lvol;
+mod measure_import;
+mod measure_snapshot;
 mod target;
 
 use std::sync::Arc;
@@ -28,7 +33,7 @@ use coreblk_daemon::lvs::alloc::AllocCounts;
 use coreblk_daemon::reactor::{ReactorConfig, ReactorSet};
 
 use job::{JobParams, Pattern};
-use lvol::{DevCounts, Lvol};
+use lvol::{DevCounts, Lvol, DEFAULT_VOLUME_PCT};
 use target::TargetSpec;
 
 /// Largest prefill write.
@@ -101,6 +106,53 @@ struct Args {
     /// Measure the latency of the first IO after the reactors idled this many seconds.
     #[arg(long)]
     idle_wake: Option<f64>,
+    /// lvol, with --prefill: after the prefill take N snapshots of the volume, rewriting a
+    /// random 1/N of its clusters (whole clusters) after each, so the timed run works on a
+    /// volume with N snapshots in its history. The default volume size becomes 30% of the
+    /// pool (room for the rewrites and a full copy-up); compare runs with the same --size.
+    #[arg(long, default_value_t = 0)]
+    snapshots: u32,
+    /// Measure a control operation of an lvol target instead of an IO run:
+    /// `snapshot`: on the prefilled volume, --creations snapshots and clones one at a time,
+    /// with the reactor otherwise idle (CPU incl. work deferred up to --tail-secs later,
+    /// from the reactor thread's CPU clock minus a baseline interval) and then under the
+    /// --rw/--qd/--bs load (--repeat alternating pairs of runs without/with creations: IO
+    /// latency percentiles); per creation: wall latency and journal commits.
+    /// `import`: a pool of --volumes volumes of --size each (default: 1 Mi clusters in
+    /// total), written whole; --repeat times: crash (drop the runtime, no checkpoint),
+    /// `pool::import` + `PoolRt::start` until the first read completes, and the same right
+    /// after a checkpoint; metadata memory per mapped cluster.
+    #[arg(long, value_name = "snapshot|import")]
+    measure: Option<String>,
+    /// --measure snapshot: snapshots (and as many clones) per phase.
+    #[arg(long, default_value_t = 16)]
+    creations: u32,
+    /// --measure snapshot: seconds after the last creation whose reactor CPU still counts.
+    #[arg(long, default_value_t = 10.0)]
+    tail_secs: f64,
+    /// --measure: alternating load pairs (snapshot) / imports per case (import).
+    #[arg(long, default_value_t = 5)]
+    repeat: u32,
+    /// --measure import: volumes in the pool.
+    #[arg(long, default_value_t = 1000)]
+    volumes: u32,
+}
+
+/// What `--measure` selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Measure {
+    /// Snapshot and clone creation.
+    Snapshot,
+    /// Pool import after a crash.
+    Import,
+}
+
+fn parse_measure(s: &str) -> anyhow::Result<Measure> {
+    match s {
+        "snapshot" | "snapshots" => Ok(Measure::Snapshot),
+        "import" => Ok(Measure::Import),
+        other => bail!("unknown --measure {other:?}: use snapshot or import"),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -111,6 +163,33 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Moves the calling thread (and the threads it starts later) off the reactors' cores when
+/// other cores are allowed: a bench thread that wakes up (a creation, a sample) must not
+/// preempt a busy-polling reactor and show up as IO latency.
+fn keep_off_cores(reactor_cores: &[usize]) -> anyhow::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: passes a live, correctly sized cpu_set_t to fill; 0 = the calling thread.
+    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+    }
+    let limit = usize::try_from(libc::CPU_SETSIZE).unwrap_or(0);
+    for &c in reactor_cores.iter().filter(|&&c| c < limit) {
+        // SAFETY: CPU_CLR writes inside `set`; `c` is below CPU_SETSIZE.
+        unsafe { libc::CPU_CLR(c, &mut set) };
+    }
+    // SAFETY: CPU_COUNT only reads the live set.
+    if unsafe { libc::CPU_COUNT(&set) } == 0 {
+        return Ok(());
+    }
+    // SAFETY: passes a live, correctly sized cpu_set_t; 0 = the calling thread.
+    if unsafe { libc::sched_setaffinity(0, size, &set) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+    }
+    Ok(())
 }
 
 fn parse_rw(rw: &str) -> anyhow::Result<Pattern> {
@@ -193,7 +272,40 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let pattern = parse_rw(&args.rw)?;
     let spec = TargetSpec::parse(&args.target)?;
-    let size = args.size.as_deref().map(parse_size).transpose()?;
+    let mut size = args.size.as_deref().map(parse_size).transpose()?;
+    let measure = args.measure.as_deref().map(parse_measure).transpose()?;
+    if (measure.is_some() || args.snapshots > 0) && !spec.is_lvol() {
+        bail!("--measure and --snapshots need an lvol: target");
+    }
+    if args.snapshots > 0 && !args.prefill && measure.is_none() {
+        bail!("--snapshots needs --prefill (a history of an empty volume shares nothing)");
+    }
+    if args.snapshots > history::MAX_SNAPSHOTS {
+        bail!(
+            "--snapshots {}: at most {}",
+            args.snapshots,
+            history::MAX_SNAPSHOTS
+        );
+    }
+    let tail_ok = args.tail_secs >= 0.0 && args.tail_secs.is_finite();
+    if measure.is_some() && (args.repeat == 0 || args.creations == 0 || !tail_ok) {
+        bail!("--measure needs --repeat ≥ 1, --creations ≥ 1 and --tail-secs ≥ 0");
+    }
+    if measure == Some(Measure::Import) {
+        if args.volumes == 0 || args.volumes > 4000 {
+            bail!(
+                "--volumes {}: must be between 1 and 4000 (a pool holds 4096 objects)",
+                args.volumes
+            );
+        }
+        if let TargetSpec::Lvol { cluster_bytes, .. } = &spec {
+            let per = measure_import::clusters_per_volume(
+                measure_import::DEFAULT_MAPPED_CLUSTERS,
+                args.volumes,
+            );
+            size.get_or_insert(per * u64::from(*cluster_bytes));
+        }
+    }
     if spec.is_lvol() {
         if cores.len() != 1 {
             bail!(
@@ -232,22 +344,41 @@ fn run(args: Args) -> anyhow::Result<()> {
         ..ReactorConfig::default()
     };
     let mut reactors = ReactorSet::start(&cores, &cfg)?;
-    let res = run_on(&args, &reactors, &spec, raw, size, bs, pattern, &cores);
+    if cfg.pin {
+        keep_off_cores(&cores)?;
+    }
+    let run = Run {
+        args: &args,
+        measure,
+        size,
+        bs,
+        pattern,
+        cores: &cores,
+    };
+    let res = run_on(&run, &reactors, &spec, raw);
     reactors.shutdown();
     res
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_on(
-    args: &Args,
-    reactors: &ReactorSet,
-    spec: &TargetSpec,
-    raw: Option<Arc<dyn BlockDevice>>,
+/// A run's checked arguments.
+#[derive(Debug)]
+struct Run<'a> {
+    args: &'a Args,
+    measure: Option<Measure>,
+    /// `--size` (lvol: the volume's size; import: each volume's).
     size: Option<u64>,
     bs: u32,
     pattern: Pattern,
-    cores: &[usize],
+    cores: &'a [usize],
+}
+
+fn run_on(
+    run: &Run<'_>,
+    reactors: &ReactorSet,
+    spec: &TargetSpec,
+    raw: Option<Arc<dyn BlockDevice>>,
 ) -> anyhow::Result<()> {
+    let (args, size) = (run.args, run.size);
     let (dev, lv) = match (raw, spec) {
         (Some(dev), _) => (dev, None),
         (
@@ -257,29 +388,30 @@ fn run_on(
                 cluster_bytes,
             },
         ) => {
-            let lv = Lvol::setup(reactors, backing, *cluster_bytes, size)?;
+            let pct = if args.snapshots > 0 {
+                history::HISTORY_VOLUME_PCT
+            } else {
+                DEFAULT_VOLUME_PCT
+            };
+            let lv = Lvol::setup(reactors, backing, *cluster_bytes, size, pct)?;
             (Arc::clone(&lv.dev), Some(lv))
         }
         (None, _) => bail!("internal: no device for {}", args.target),
     };
-    let res = run_dev(args, reactors, &dev, lv.as_ref(), size, bs, pattern, cores);
+    let res = run_dev(run, reactors, &dev, lv.as_ref());
     if let Some(lv) = &lv {
         lv.stop(reactors)?;
     }
     res
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_dev(
-    args: &Args,
+    run: &Run<'_>,
     reactors: &ReactorSet,
     dev: &Arc<dyn BlockDevice>,
     lv: Option<&Lvol>,
-    size: Option<u64>,
-    bs: u32,
-    pattern: Pattern,
-    cores: &[usize],
 ) -> anyhow::Result<()> {
+    let (args, size, bs, cores) = (run.args, run.size, run.bs, run.cores);
     let geo = dev.geometry().clone();
     if !bs.is_multiple_of(geo.logical_block_size) {
         bail!(
@@ -306,7 +438,29 @@ fn run_dev(
         print_idle(args, &r);
         return Ok(());
     }
-    if args.prefill {
+    if let (Some(Measure::Import), Some(lv)) = (run.measure, lv) {
+        let needed = lv.volume_bytes / lv.cluster_bytes * u64::from(args.volumes);
+        if needed > lv.pool_clusters {
+            bail!(
+                "--measure import: {} volumes of {} bytes need {needed} clusters; the pool has {} (use a larger device or a smaller --size)",
+                args.volumes,
+                lv.volume_bytes,
+                lv.pool_clusters
+            );
+        }
+        return measure_import::run(reactors, lv, args.volumes, args.repeat, args.json);
+    }
+    if let Some(lv) = lv.filter(|_| args.snapshots > 0) {
+        let needed = history::needed_clusters(lv.volume_bytes / lv.cluster_bytes, args.snapshots);
+        if needed > lv.pool_clusters {
+            bail!(
+                "--snapshots {}: the prefill and the history's rewrites need {needed} clusters; the pool has {} (use a smaller --size)",
+                args.snapshots,
+                lv.pool_clusters
+            );
+        }
+    }
+    if args.prefill || run.measure.is_some() {
         let lbs = geo.logical_block_size.max(1);
         let mut chunk = PREFILL_CHUNK_BYTES.min(geo.max_transfer_bytes);
         if let Some(lv) = lv {
@@ -326,15 +480,34 @@ fn run_dev(
             r.bytes as f64 / (1 << 20) as f64 / r.elapsed.as_secs_f64().max(1e-9)
         );
     }
+    if let Some(lv) = lv.filter(|_| args.snapshots > 0) {
+        let h = history::build(reactors, lv, args.snapshots)?;
+        eprintln!(
+            "history: {} snapshots, {} cluster rewrites, in {:.2} s",
+            h.snapshots,
+            h.rewrites,
+            h.elapsed.as_secs_f64()
+        );
+    }
     let params = JobParams {
         bs,
         qd: args.qd,
-        pattern,
+        pattern: run.pattern,
         span_bytes: span,
         warmup: Duration::from_secs_f64(args.warmup),
         time: Duration::from_secs_f64(args.time),
         flush_every: args.flush_every,
     };
+    if let (Some(Measure::Snapshot), Some(lv)) = (run.measure, lv) {
+        let p = measure_snapshot::Params {
+            creations: args.creations,
+            tail: Duration::from_secs_f64(args.tail_secs),
+            repeat: args.repeat,
+            rw: args.rw.clone(),
+            load: params,
+        };
+        return measure_snapshot::run(reactors, dev, lv, &p, args.json);
+    }
     let before = match lv {
         Some(lv) => Some((lv.device_counts(), lv.alloc_counts(reactors)?)),
         None => None,
@@ -420,7 +593,7 @@ fn print_result(
         });
         let v = serde_json::json!({
             "target": args.target, "passthrough": args.passthrough, "rw": args.rw, "bs": p.bs, "qd": p.qd, "cores": cores.len(),
-            "prefill": args.prefill, "flush_every": p.flush_every,
+            "prefill": args.prefill, "flush_every": p.flush_every, "snapshots": args.snapshots,
             "time_s": secs, "ios": r.ios, "errors": r.errors,
             "iops": iops, "mib_s": mib_s,
             "lat_us": { "mean": r.hist.mean() / 1000.0, "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": r.hist.max() as f64 / 1000.0 },
@@ -438,7 +611,13 @@ fn print_result(
             p.bs,
             p.qd,
             cores.len(),
-            if args.prefill { " prefilled" } else { "" },
+            if args.snapshots > 0 {
+                format!(" prefilled, {} snapshots", args.snapshots)
+            } else if args.prefill {
+                " prefilled".to_string()
+            } else {
+                String::new()
+            },
             iops,
             mib_s,
             q(0.5),
@@ -489,5 +668,33 @@ fn print_result(
                     .map_or_else(|| "n/a (no writes)".to_string(), |w| format!("{w:.3}"))
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_measure_modes() {
+        assert_eq!(parse_measure("snapshot").ok(), Some(Measure::Snapshot));
+        assert_eq!(parse_measure("snapshots").ok(), Some(Measure::Snapshot));
+        assert_eq!(parse_measure("import").ok(), Some(Measure::Import));
+        for bad in ["", "Import", "clone", "import "] {
+            let e = parse_measure(bad).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref()
+                    .is_some_and(|m| m.contains("use snapshot or import")),
+                "{bad:?}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn parses_rw_patterns() {
+        let p = parse_rw("randrw:70").expect("randrw:70");
+        assert!(p.random && p.read_pct == 70);
+        assert!(parse_rw("randrw:101").is_err());
+        assert!(parse_rw("sideways").is_err());
     }
 }

@@ -114,13 +114,71 @@ fn bad_arguments_fail_cleanly() {
             "larger than the pool",
         ),
     ] {
-        let out = bench(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert!(
-            err.contains(needle),
-            "{args:?}: expected {needle:?} in {err}"
-        );
+        expect_failure(&args, needle);
+    }
+}
+
+fn expect_failure(args: &[&str], needle: &str) {
+    let out = bench(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in {err}"
+    );
+}
+
+#[test]
+fn bad_snapshot_and_measure_arguments_fail_cleanly() {
+    for (args, needle) in [
+        (
+            vec!["--target", "lvol:malloc:64M", "--snapshots", "2"],
+            "--snapshots needs --prefill",
+        ),
+        (
+            vec![
+                "--target",
+                "lvol:malloc:64M",
+                "--prefill",
+                "--snapshots",
+                "4",
+                "--size",
+                "20M",
+            ],
+            "history's rewrites need",
+        ),
+        (vec!["--target", "malloc:64M", "--snapshots", "2"], "lvol"),
+        (
+            vec!["--target", "lvol:malloc:64M", "--measure", "x"],
+            "unknown --measure",
+        ),
+        (vec!["--target", "null", "--measure", "import"], "lvol"),
+        (
+            vec![
+                "--target",
+                "lvol:malloc:64M",
+                "--measure",
+                "import",
+                "--volumes",
+                "0",
+            ],
+            "--volumes 0",
+        ),
+        (
+            vec![
+                "--target",
+                "lvol:malloc:64M,cluster=4k",
+                "--measure",
+                "import",
+                "--volumes",
+                "10",
+                "--size",
+                "8M",
+            ],
+            "need 20480 clusters",
+        ),
+    ] {
+        expect_failure(&args, needle);
     }
 }
 
@@ -209,6 +267,142 @@ fn lvol_first_writes_allocate_and_cost_journal_writes() {
     );
     assert!(
         l["write_amplification"].as_f64().is_some_and(|w| w > 1.0),
+        "{v}"
+    );
+}
+
+/// 4 snapshots, each followed by rewrites of 1/4 of the volume: the snapshots hold the old
+/// clusters, so more clusters are in use than the volume has.
+fn run_with_history(rw: &str) -> serde_json::Value {
+    let v = run_json(&[
+        "--target",
+        "lvol:malloc:64M",
+        "--size",
+        "8M",
+        "--prefill",
+        "--snapshots",
+        "4",
+        "--rw",
+        rw,
+        "--qd",
+        "8",
+        "--time",
+        "0.1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(v["snapshots"], 4, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(v["ios"].as_u64().is_some_and(|n| n > 0), "{v}");
+    let l = &v["lvol"];
+    let clusters = l["volume_bytes"].as_u64().expect("volume_bytes") / 65536;
+    assert!(
+        l["alloc"]["in_use"].as_u64().is_some_and(|n| n > clusters),
+        "{v}"
+    );
+    v
+}
+
+#[test]
+fn lvol_with_a_snapshot_history_reads() {
+    run_with_history("randread");
+}
+
+#[test]
+fn lvol_with_a_snapshot_history_copies_up_on_first_writes() {
+    let v = run_with_history("randwrite");
+    assert!(
+        v["lvol"]["clusters_allocated"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{v}"
+    );
+}
+
+#[test]
+fn measure_snapshot_reports_one_commit_per_creation() {
+    let v = run_json(&[
+        "--target",
+        "lvol:malloc:64M,cluster=4k",
+        "--size",
+        "4M",
+        "--measure",
+        "snapshot",
+        "--creations",
+        "2",
+        "--tail-secs",
+        "0.02",
+        "--repeat",
+        "1",
+        "--qd",
+        "4",
+        "--time",
+        "0.05",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(v["mapped_clusters"], 1024, "{v}");
+    for phase in ["idle", "load"] {
+        for kind in ["snapshot", "clone"] {
+            let k = &v[phase][kind];
+            assert_eq!(
+                k["journal"]["commits_per_creation"], 1.0,
+                "{phase} {kind}: {v}"
+            );
+            assert_eq!(k["journal"]["commits_max"], 1, "{phase} {kind}: {v}");
+            assert!(
+                k["wall_us"]["on_reactor"]["median"]
+                    .as_f64()
+                    .is_some_and(|x| x > 0.0),
+                "{phase} {kind}: {v}"
+            );
+        }
+    }
+    assert_eq!(v["load"]["without"]["errors"], 0, "{v}");
+    assert_eq!(v["load"]["with"]["errors"], 0, "{v}");
+    assert!(
+        v["load"]["with"]["p99_us"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0),
+        "{v}"
+    );
+}
+
+#[test]
+fn measure_import_times_a_crash_import_and_counts_metadata() {
+    let v = run_json(&[
+        "--target",
+        "lvol:malloc:64M,cluster=4k",
+        "--measure",
+        "import",
+        "--volumes",
+        "4",
+        "--size",
+        "256k",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(v["mapped_clusters"], 256, "{v}");
+    for case in ["after_crash", "after_checkpoint"] {
+        assert_eq!(v[case]["objects"], 4, "{case}: {v}");
+        assert!(
+            v[case]["to_first_io_ms"].as_f64().is_some_and(|x| x > 0.0),
+            "{case}: {v}"
+        );
+    }
+    // Nothing to replay right after a checkpoint.
+    assert_eq!(v["after_checkpoint"]["replayed_blocks"], 0, "{v}");
+    assert!(
+        v["after_crash"]["replayed_blocks"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{v}"
+    );
+    assert!(
+        v["metadata_memory_bytes"].as_u64().is_some_and(|n| n > 0),
         "{v}"
     );
 }
