@@ -428,9 +428,7 @@ fn apply_map_record(sb: &Superblock, maps: &Maps, r: &Record) -> Result<(), Stri
 pub fn import(dev: &impl MetaSource) -> Result<Imported, PoolError> {
     let (sb, damaged_copy) = read_superblock(dev)?;
     let (mut table, mut maps) = super::checkpoint::load(dev, &sb)?;
-    let replay = journal::replay(&sb, |off| dev.read_at(off, BLOCK_BYTES).ok());
-    // A damaged block in the middle would silently drop every acknowledged record after
-    // it: valid blocks farther past the stop than one journal write can reach mean that.
+    // The whole ring in 1 MiB reads (replay and the hole check both use it).
     let mut ring = Vec::new();
     let chunk = 1usize << 20;
     let mut off = 0u64;
@@ -439,6 +437,13 @@ pub fn import(dev: &impl MetaSource) -> Result<Imported, PoolError> {
         ring.extend(dev.read_at(sb.region_start + sb.journal_offset + off, n)?);
         off += n as u64;
     }
+    let base = sb.region_start + sb.journal_offset;
+    let replay = journal::replay(&sb, |at| {
+        let i = usize::try_from(at.checked_sub(base)?).ok()?;
+        ring.get(i..i + BLOCK_BYTES).map(<[u8]>::to_vec)
+    });
+    // A damaged block in the middle would silently drop every acknowledged record after
+    // it: valid blocks farther past the stop than one journal write can reach mean that.
     let past = journal::valid_blocks_past(&sb, replay.next_seq, &ring);
     if let Some(&last) = past.last() {
         if last - replay.next_seq >= journal::TORN_TAIL_BLOCKS {

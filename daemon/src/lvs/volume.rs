@@ -57,8 +57,9 @@ use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, Remote};
 
 /// How often the owner reactor drives the free-cluster pipeline.
 const RECYCLE_PERIOD: Duration = Duration::from_millis(5);
-/// Most clusters zeroed per pipeline round.
-const ZERO_BATCH: usize = 1024;
+/// Most clusters zeroed per pipeline round: well below a reactor's request slots (1024 by
+/// default), so IO never finds the table full because of re-zeroing.
+const ZERO_BATCH: usize = 256;
 /// Most writes waiting for a cluster while the pipeline recycles (then ENOSPC).
 const MAX_ALLOC_WAITERS: usize = 4096;
 /// Checkpoint bytes per write.
