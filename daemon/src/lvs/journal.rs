@@ -397,8 +397,6 @@ impl Completion for Journal {
                     }
                     return;
                 }
-                // The fence's flush made every replayed block durable too.
-                self.flushed.set(self.next_seq.get().saturating_sub(1));
                 self.try_start_flush(rx);
                 self.kick(rx);
             }
@@ -426,6 +424,8 @@ impl Completion for Journal {
                     }
                     return;
                 }
+                // The fence's flush made every replayed block durable too.
+                self.flushed.set(self.next_seq.get().saturating_sub(1));
                 self.try_start_flush(rx);
                 self.kick(rx);
             }

@@ -1275,3 +1275,25 @@ fn thick_volumes_can_always_be_written_whole_and_overcommit_is_enforced() {
     assert_eq!(usage().reserved_bytes, 0);
     assert_eq!(usage().overcommit_milli, 3000, "the limit is persistent");
 }
+
+/// A FUA overwrite of a cluster whose map record is not flushed yet flushes the journal
+/// before it is acknowledged (else power loss unmaps the cluster under a FUA write); once
+/// the record is flushed, FUA overwrites cost no journal flush.
+#[test]
+fn a_fua_overwrite_makes_its_clusters_mapping_durable_first() {
+    let h = Harness::new(96 << 20);
+    let flushes = || {
+        h.control(|_rx, rt, reply| reply(_rx, Ok(rt.journal_stats().flushes)))
+            .expect("stats")
+    };
+    let vol = h.create("fua", 1 << 20);
+    h.io(vol, IoReq::Write(0, vec![1u8; 4096], false))
+        .expect("allocating write");
+    let before = flushes();
+    h.io(vol, IoReq::Write(8192, vec![2u8; 4096], true))
+        .expect("FUA overwrite");
+    assert_eq!(flushes(), before + 1, "the mapping was flushed first");
+    h.io(vol, IoReq::Write(16384, vec![3u8; 4096], true))
+        .expect("FUA overwrite");
+    assert_eq!(flushes(), before + 1, "nothing left to flush");
+}
