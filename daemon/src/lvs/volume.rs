@@ -1309,6 +1309,7 @@ impl PoolRt {
             // Nobody reads elsewhere: everything recorded so far is safe now.
             self.grace_upto.set(self.journal.completed_seq());
             drop(self.leaf_retire.take());
+            drop(self.grace_wait.borrow_mut().take());
             return;
         }
         let mut w = self.grace_wait.borrow_mut();
@@ -1796,6 +1797,13 @@ impl Grace {
         slot
     }
 
+    fn unregister(&self, slot: &Arc<GraceSlot>) {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|s| !Arc::ptr_eq(s, slot));
+    }
+
     fn has_readers(&self) -> bool {
         !self
             .slots
@@ -1960,6 +1968,8 @@ impl Drop for RemoteChannel {
     fn drop(&mut self) {
         let key = self.key;
         let _ = FORWARDERS.try_with(|f| f.borrow_mut().remove(&key));
+        // No request is in flight (each holds the channel): its grace slot can go.
+        self.h.grace.unregister(&self.slot);
     }
 }
 
