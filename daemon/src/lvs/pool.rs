@@ -244,7 +244,18 @@ impl MetaSource for BlockingDevice {
         self.device().name().to_string()
     }
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, PoolError> {
-        Ok(self.read(offset, len)?)
+        // In pieces the device takes in one request (dm targets often take less than 1 MiB).
+        let geo = self.device().geometry();
+        let most = usize::try_from(geo.max_transfer_bytes)
+            .unwrap_or(usize::MAX)
+            .clamp(BLOCK_BYTES, 1 << 20);
+        let most = most - most % BLOCK_BYTES;
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let n = most.min(len - out.len());
+            out.extend(self.read(offset + out.len() as u64, n)?);
+        }
+        Ok(out)
     }
 }
 
