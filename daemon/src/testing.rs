@@ -1,6 +1,8 @@
 //! Helpers shared by the daemon's tests (feature `testing`, never in release builds): a
 //! seeded pseudo-random stream whose seed tests print so failures replay, and small
-//! unpinned reactor sets.
+//! unpinned reactor sets, and the crash contract as a model ([`crash_model`]).
+
+pub mod crash_model;
 
 use crate::reactor::{ReactorConfig, ReactorSet};
 

@@ -19,8 +19,6 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use coreblk_daemon::lvs::alloc::Allocator;
-use coreblk_daemon::lvs::map::LEAF_ENTRIES;
 use coreblk_daemon::lvs::pool::{self, MetaSource, PoolError};
 
 use coreblk_daemon::testing::Rng;
@@ -153,36 +151,7 @@ fn check_point(m: &Model, image: &Image, b: Bounds, what: &str) -> Result<()> {
     };
     let imp = pool::import(&src).map_err(|e| anyhow!("{what}: import failed: {e}"))?;
     let sb = &imp.sb;
-    // Maps are sane: clusters in range, none mapped twice by one map, counts buildable.
-    let mut in_use = Vec::new();
-    let mut seen_leaves = HashSet::new();
-    for (id, map) in &imp.maps {
-        let mut mine = HashSet::new();
-        let mut bad = None;
-        map.for_each(|lc, x| {
-            if u64::from(x.pc) >= sb.clusters {
-                bad = Some(format!("id {id} maps logical cluster {lc} past the pool"));
-            } else if !mine.insert(x.pc) {
-                bad = Some(format!("id {id} maps cluster {} twice (at {lc})", x.pc));
-            }
-        });
-        if let Some(why) = bad {
-            bail!("{what}: {why}");
-        }
-        for (index, key) in map.leaf_ids() {
-            if seen_leaves.insert(key) {
-                let base = (index * LEAF_ENTRIES) as u64;
-                for lc in base..(base + LEAF_ENTRIES as u64).min(map.len()) {
-                    if let Some(x) = map.get(lc) {
-                        in_use.push(x.pc);
-                    }
-                }
-            }
-        }
-    }
-    let clusters = u32::try_from(sb.clusters)?;
-    Allocator::from_in_use(clusters, in_use)
-        .map_err(|e| anyhow!("{what}: reference counts: {e}"))?;
+    coreblk_daemon::testing::crash_model::check_maps(&imp).map_err(|e| anyhow!("{what}: {e}"))?;
     let Bounds { floor, acked, last } = b;
     let t = &imp.table;
     let known: HashSet<u32> = m.objs.iter().map(|o| o.id).collect();

@@ -4,83 +4,9 @@
 //! (`daemon/src/lvs/volume/tests/crash.rs`): a block may read its newest guaranteed value
 //! or a later one, nothing else.
 
-use std::collections::HashSet;
-
 use serde::{Deserialize, Serialize};
 
-/// Model block size (the pool's logical block).
-pub const BLK: u64 = 4096;
-/// [`BLK`] as a length.
-pub const BLK_USIZE: usize = 4096;
-
-/// A block of value `v`: `v` repeated, so a torn or foreign block is recognised.
-pub fn stamp(v: u64) -> Vec<u8> {
-    v.to_le_bytes().repeat(BLK_USIZE / 8)
-}
-
-/// One model object: per 4 KiB block, its history of (step, value); value 0 = zeroes.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MObj {
-    /// The store's id.
-    pub id: u32,
-    /// Its name (for messages).
-    pub name: String,
-    /// A read-only snapshot (else a volume or clone).
-    pub snapshot: bool,
-    /// Step that created it.
-    pub created: usize,
-    /// Step that deleted it.
-    pub deleted: Option<usize>,
-    /// Per block: (step, value) in order.
-    pub hist: Vec<Vec<(usize, u64)>>,
-    /// Per block: steps of acknowledged FUA writes.
-    pub fua: Vec<Vec<usize>>,
-}
-
-impl MObj {
-    /// A new volume of `blocks` zero blocks.
-    pub fn new(id: u32, name: String, step: usize, blocks: usize) -> Self {
-        Self {
-            id,
-            name,
-            snapshot: false,
-            created: step,
-            deleted: None,
-            hist: vec![vec![(step, 0)]; blocks],
-            fua: vec![Vec::new(); blocks],
-        }
-    }
-
-    /// A snapshot or clone of `self` taken at `step`.
-    pub fn derive(&self, id: u32, name: String, step: usize, snapshot: bool) -> Self {
-        Self {
-            id,
-            name,
-            snapshot,
-            created: step,
-            deleted: None,
-            hist: self.hist.clone(),
-            fua: self.fua.clone(),
-        }
-    }
-
-    /// The values block `b` may read when every step up to `floor` is guaranteed, steps
-    /// up to `acked` were acknowledged (their FUA writes are guaranteed) and steps up to
-    /// `last` may have happened.
-    pub fn allowed(&self, b: usize, floor: usize, acked: usize, last: usize) -> HashSet<u64> {
-        let h = &self.hist[b];
-        let floor = self.fua[b]
-            .iter()
-            .copied()
-            .filter(|&s| s <= acked)
-            .fold(floor, usize::max);
-        let base = h.iter().filter(|(s, _)| *s <= floor).map(|(s, _)| *s).max();
-        h.iter()
-            .filter(|(s, _)| Some(*s) == base || (*s > floor && *s <= last))
-            .map(|(_, v)| *v)
-            .collect()
-    }
-}
+pub use coreblk_daemon::testing::crash_model::{stamp, MObj, BLK, BLK_USIZE};
 
 /// One step of the workload as the guest ran it.
 #[derive(Clone, Debug, Serialize, Deserialize)]

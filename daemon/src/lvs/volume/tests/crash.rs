@@ -23,8 +23,7 @@ use super::*;
 use crate::bdev::record::{Record as LogRecord, RecordOp, RecordingDevice, WriteLog};
 use crate::lvs::pool::MetaSource;
 
-const BLK: u64 = 4096;
-const BLK_USIZE: usize = 4096;
+use crate::testing::crash_model::{check_maps, stamp, MObj, BLK, BLK_USIZE};
 const VOL_BYTES: u64 = 2 << 20;
 
 /// A sparse device image: 4 KiB blocks by offset; absent blocks read zeroes.
@@ -50,67 +49,6 @@ impl MetaSource for ImageSource<'_> {
             }
         }
         Ok(out)
-    }
-}
-
-fn stamp(v: u64) -> Vec<u8> {
-    v.to_le_bytes().repeat(BLK_USIZE / 8)
-}
-
-/// One model object: per 4 KiB block, its history of (step, value); value 0 = zeroes.
-#[derive(Clone, Debug)]
-struct MObj {
-    id: u32,
-    snapshot: bool,
-    created: usize,
-    deleted: Option<usize>,
-    /// (step, size in blocks) — resizes.
-    sizes: Vec<(usize, usize)>,
-    hist: Vec<Vec<(usize, u64)>>,
-    /// Steps of acknowledged FUA writes per block.
-    fua: Vec<Vec<usize>>,
-}
-
-impl MObj {
-    fn new(id: u32, step: usize, blocks: usize) -> Self {
-        Self {
-            id,
-            snapshot: false,
-            created: step,
-            deleted: None,
-            sizes: vec![(step, blocks)],
-            hist: vec![vec![(step, 0)]; blocks],
-            fua: vec![Vec::new(); blocks],
-        }
-    }
-
-    fn derive(&self, id: u32, step: usize, snapshot: bool) -> Self {
-        Self {
-            id,
-            snapshot,
-            created: step,
-            deleted: None,
-            sizes: vec![(step, self.hist.len())],
-            hist: self.hist.clone(),
-            fua: self.fua.clone(),
-        }
-    }
-
-    /// The values block `b` may read when every step up to `floor` is guaranteed, steps
-    /// up to `acked` were acknowledged (their FUA writes are guaranteed) and steps up to
-    /// `last` may have happened.
-    fn allowed(&self, b: usize, floor: usize, acked: usize, last: usize) -> HashSet<u64> {
-        let h = &self.hist[b];
-        let floor = self.fua[b]
-            .iter()
-            .copied()
-            .filter(|&s| s <= acked)
-            .fold(floor, usize::max);
-        let base = h.iter().filter(|(s, _)| *s <= floor).map(|(s, _)| *s).max();
-        h.iter()
-            .filter(|(s, _)| Some(*s) == base || (*s > floor && *s <= last))
-            .map(|(_, v)| *v)
-            .collect()
     }
 }
 
@@ -226,7 +164,7 @@ fn run_workload(h: &Harness, log: &WriteLog, rng: &mut Rng, steps: usize) -> Wor
         match what {
             0 => {
                 let id = h.create(&format!("v{names}"), VOL_BYTES);
-                objs.push(MObj::new(id, i, blocks));
+                objs.push(MObj::new(id, format!("v{names}"), i, blocks));
             }
             1..=9 => {
                 // Concurrent writes, some overlapping, some FUA, some spanning clusters.
@@ -314,7 +252,7 @@ fn run_workload(h: &Harness, log: &WriteLog, rng: &mut Rng, steps: usize) -> Wor
                     .control(move |rx, rt, reply| rt.snapshot(rx, group, reply))
                     .expect("snapshot");
                 for (&k, id) in srcs.iter().zip(ids) {
-                    let s = objs[k].derive(id, i, true);
+                    let s = objs[k].derive(id, format!("s{names}"), i, true);
                     objs.push(s);
                 }
             }
@@ -328,7 +266,7 @@ fn run_workload(h: &Harness, log: &WriteLog, rng: &mut Rng, steps: usize) -> Wor
                 let id = h
                     .control(move |rx, rt, reply| rt.clone_volume(rx, src, m, reply))
                     .expect("clone");
-                let c = objs[k].derive(id, i, false);
+                let c = objs[k].derive(id, format!("c{names}"), i, false);
                 objs.push(c);
             }
             16 => {
@@ -393,7 +331,6 @@ fn run_workload(h: &Harness, log: &WriteLog, rng: &mut Rng, steps: usize) -> Wor
                     .expect("resize");
                 o.hist.resize(new_blocks, vec![(i, 0)]);
                 o.fua.resize(new_blocks, Vec::new());
-                o.sizes.push((i, new_blocks));
             }
         }
         ticks.push(StepTicks {
@@ -485,36 +422,7 @@ fn check_point(w: &Workload, image: &Image, dev_bytes: u64, c: u64, model: Model
     };
     let imp = pool::import(&src).unwrap_or_else(|e| panic!("{what}: import failed: {e}"));
     let sb = &imp.sb;
-    // Maps are sane: clusters in range, none mapped twice by one map, counts buildable.
-    let mut in_use = Vec::new();
-    let mut seen_leaves = HashSet::new();
-    for (id, m) in &imp.maps {
-        let mut mine = HashSet::new();
-        m.for_each(|lc, x| {
-            assert!(
-                u64::from(x.pc) < sb.clusters,
-                "{what}: id {id} maps past the pool"
-            );
-            assert!(
-                mine.insert(x.pc),
-                "{what}: id {id} maps cluster {} twice (at {lc})",
-                x.pc
-            );
-        });
-        for (index, key) in m.leaf_ids() {
-            if seen_leaves.insert(key) {
-                let base = (index * crate::lvs::map::LEAF_ENTRIES) as u64;
-                for lc in base..(base + crate::lvs::map::LEAF_ENTRIES as u64).min(m.len()) {
-                    if let Some(x) = m.get(lc) {
-                        in_use.push(x.pc);
-                    }
-                }
-            }
-        }
-    }
-    let clusters = u32::try_from(sb.clusters).expect("small pool");
-    crate::lvs::alloc::Allocator::from_in_use(clusters, in_use)
-        .unwrap_or_else(|e| panic!("{what}: reference counts: {e}"));
+    check_maps(&imp).unwrap_or_else(|e| panic!("{what}: {e}"));
     // What is guaranteed and what may have happened.
     let acked = w.steps.iter().rposition(|s| s.ack <= c).expect("step 0");
     let last = if w.steps.get(acked + 1).is_some_and(|s| s.submit < c) {
