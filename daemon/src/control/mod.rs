@@ -7,7 +7,7 @@
 //! FAILED_PRECONDITION until ublk exports exist), the pools as the control plane sees them
 //! ([`store`]: registry, start-up import, sessions on the owner reactors), the
 //! claimed-device registry ([`claims`]), name and label rules ([`names`]), pagination
-//! ([`page`]), the one error → gRPC code mapping ([`error`]) and the client side used by
+//! ([`page`]), what `/metrics` reads of the pools ([`scrape`]), the one error → gRPC code mapping ([`error`]) and the client side used by
 //! the `coreblk` CLI and the tests ([`client`]).
 //!
 //! Must never: run tokio on a reactor thread or block a reactor; call a reactor except by
@@ -25,6 +25,7 @@ pub mod names;
 pub mod node;
 pub mod page;
 pub mod pools;
+pub mod scrape;
 pub mod server;
 pub mod snapshots;
 pub mod socket;

@@ -44,7 +44,7 @@ pub fn pool_message(p: &PoolInfo, f: PoolFigures) -> pb::Pool {
         free_bytes: f.free_bytes,
         allocated_bytes: f.allocated_bytes,
         provisioned_bytes: f.provisioned_bytes,
-        reserved_bytes: 0,
+        reserved_bytes: f.reserved_bytes,
         // Clusters deleted objects (and discards, copy-on-write) let go of, on their way
         // back to free; what deleted objects still share with live ones is allocated.
         held_by_deleted_bytes: f.recycling_bytes,

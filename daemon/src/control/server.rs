@@ -26,6 +26,7 @@ use super::error::Error;
 use super::images::ImagesService;
 use super::node::{NodeFacts, NodeService};
 use super::pools::PoolsService;
+use super::scrape::Scraper;
 use super::snapshots::SnapshotsService;
 use super::socket::ApiSocket;
 use super::store::Store;
@@ -63,6 +64,7 @@ pub struct Shared {
     /// The reactors.
     pub reactors: Vec<ReactorHandle>,
     stopping: AtomicBool,
+    scraper: Scraper,
 }
 
 impl Shared {
@@ -80,6 +82,7 @@ impl Shared {
             facts,
             reactors,
             stopping: AtomicBool::new(false),
+            scraper: Scraper::default(),
         }
     }
 
@@ -99,9 +102,10 @@ impl Shared {
         Ok(())
     }
 
-    /// What `/metrics` shows now.
-    #[must_use]
-    pub fn metrics_snapshot(&self) -> metrics::Snapshot {
+    /// What `/metrics` shows now (pool figures come from the owner reactors, object
+    /// figures from [`Scraper`]'s cache).
+    pub async fn metrics_snapshot(&self) -> metrics::Snapshot {
+        let (pools, objects) = self.scraper.scrape(&self.store).await;
         metrics::Snapshot {
             version: self.facts.version,
             start_time: self.facts.start_time,
@@ -129,6 +133,8 @@ impl Shared {
                     present: c.present,
                 })
                 .collect(),
+            pools,
+            objects,
         }
     }
 }
@@ -248,7 +254,10 @@ async fn run(
     };
     let metrics_task = tcp.map(|listener| {
         let s = Arc::clone(&shared);
-        let render: http::Render = Arc::new(move || metrics::render(&s.metrics_snapshot()));
+        let render: http::Render = Arc::new(move || {
+            let s = Arc::clone(&s);
+            Box::pin(async move { metrics::render(&s.metrics_snapshot().await) })
+        });
         tokio::spawn(http::serve(listener, render, stop_rx.clone()))
     });
 

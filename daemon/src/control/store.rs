@@ -137,6 +137,8 @@ pub struct PoolFigures {
     pub provisioned_bytes: u64,
     /// Freed by deleted objects (and discards, copy-on-write), being recycled.
     pub recycling_bytes: u64,
+    /// Held back for thick volumes.
+    pub reserved_bytes: u64,
     /// Volumes (clones included).
     pub volume_count: u32,
     /// Snapshots.
@@ -656,7 +658,7 @@ impl Store {
     }
 
     /// Reads something of `pool`'s runtime on its owner reactor.
-    async fn pool_query<T: Send + 'static>(
+    pub(crate) async fn pool_query<T: Send + 'static>(
         &self,
         pool: &PoolInfo,
         f: impl FnOnce(&PoolRt) -> T + Send + 'static,
@@ -682,6 +684,7 @@ impl Store {
                 allocated_bytes: u.allocated_bytes,
                 provisioned_bytes: u.provisioned_bytes,
                 recycling_bytes: u.recycling_bytes,
+                reserved_bytes: u.reserved_bytes,
                 volume_count: u32::try_from(u.volumes).unwrap_or(u32::MAX),
                 snapshot_count: u32::try_from(u.snapshots).unwrap_or(u32::MAX),
             }

@@ -5,6 +5,8 @@
 //! has a deadline, requests over [`MAX_REQUEST_BYTES`] are refused, at most
 //! [`MAX_CONNECTIONS`] are served at once), or render the page on a reactor.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,8 +21,8 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// Longest a client may take to send its request or read the answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Renders the page at scrape time.
-pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+/// Renders the page at scrape time (it may ask the reactors, by message).
+pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
 /// Serves `GET /metrics` (and a short index at `/`) on `listener` until `stop` turns
 /// true.
@@ -75,7 +77,7 @@ async fn answer(mut stream: TcpStream, render: &Render) {
         }
     };
     let (status, content_type, body) = if complete {
-        route(&head, render)
+        route(&head, render).await
     } else {
         (
             "431 Request Header Fields Too Large",
@@ -105,7 +107,7 @@ async fn answer(mut stream: TcpStream, render: &Render) {
     }
 }
 
-fn route(head: &[u8], render: &Render) -> (&'static str, &'static str, String) {
+async fn route(head: &[u8], render: &Render) -> (&'static str, &'static str, String) {
     let text = String::from_utf8_lossy(head);
     let mut first = text.lines().next().unwrap_or("").split_ascii_whitespace();
     let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
@@ -121,7 +123,7 @@ fn route(head: &[u8], render: &Render) -> (&'static str, &'static str, String) {
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            render(),
+            render().await,
         ),
         "/" => (
             "200 OK",
@@ -158,7 +160,7 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
             let (stop_tx, stop) = watch::channel(false);
-            let render: Render = Arc::new(|| "x 1\n".to_owned());
+            let render: Render = Arc::new(|| Box::pin(async { "x 1\n".to_owned() }));
             let server = tokio::spawn(serve(listener, render, stop));
             let ok = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
             assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");

@@ -9,8 +9,11 @@
 //! `*_info` series carries the names to join on); block the runtime.
 //!
 //! Names follow Prometheus conventions: `coreblk_` prefix, base units (`_bytes`,
-//! `_seconds`), `_total` for counters. Pool, volume and IO metrics arrive with the volume
-//! store and the exports. Start reading at [`render`].
+//! `_seconds`), `_total` for counters. Pools are keyed by their name (`pool`), volumes and
+//! snapshots by `uuid` (with `pool` and `kind`); `coreblk_volume_info` and
+//! `coreblk_snapshot_info` carry the names to join on. Per-volume IO metrics arrive with
+//! the exports. The store keeps no latency histogram of journal commits, so none is
+//! exported (only commit, flush and block counts). Start reading at [`render`].
 
 pub mod http;
 pub mod text;
@@ -51,6 +54,125 @@ pub struct DeviceSample {
     pub present: bool,
 }
 
+/// A pool's state as `coreblk_pool_state` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolStateSample {
+    /// Being imported.
+    Importing,
+    /// Served.
+    Online,
+    /// Not served.
+    Failed,
+}
+
+impl PoolStateSample {
+    const ALL: [Self; 3] = [Self::Importing, Self::Online, Self::Failed];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Importing => "importing",
+            Self::Online => "online",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Figures read from a running pool on its owner reactor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolFiguresSample {
+    /// Not held by any map (ready or being recycled), less what thick volumes reserve.
+    pub free_bytes: u64,
+    /// Held by at least one map.
+    pub allocated_bytes: u64,
+    /// Sum of the volumes' sizes.
+    pub provisioned_bytes: u64,
+    /// Reserved for thick volumes.
+    pub reserved_bytes: u64,
+    /// Freed by deleted objects (and discards, copy-on-write), being recycled.
+    pub held_by_deleted_bytes: u64,
+    /// Volumes (clones included).
+    pub volumes: u64,
+    /// Snapshots.
+    pub snapshots: u64,
+    /// Journal commits acknowledged.
+    pub journal_commits: u64,
+    /// Journal device flushes.
+    pub journal_flushes: u64,
+    /// Journal blocks written.
+    pub journal_blocks: u64,
+    /// Journal writes issued.
+    pub journal_writes: u64,
+    /// Journal records written.
+    pub journal_records: u64,
+    /// Metadata checkpoints written.
+    pub checkpoints: u64,
+    /// Clusters copied up for copy-on-write.
+    pub copy_ups: u64,
+    /// Allocating writes into new clusters.
+    pub allocations: u64,
+    /// Volumes and snapshots whose usage figures predate the pool's last change (the
+    /// per-scrape scan bound was reached, or the pool changed during the scrape).
+    pub stale_objects: u64,
+}
+
+/// One pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSample {
+    /// Name (the `pool` label).
+    pub name: String,
+    /// UUID.
+    pub uuid: String,
+    /// State.
+    pub state: PoolStateSample,
+    /// Data capacity (0 when unknown).
+    pub capacity_bytes: u64,
+    /// provisioned ≤ limit × capacity.
+    pub overcommit_limit: f64,
+    /// Figures, when the pool is online and its reactor answered.
+    pub figures: Option<PoolFiguresSample>,
+}
+
+/// What an object is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A writable volume (clones included).
+    Volume,
+    /// A read-only snapshot.
+    Snapshot,
+}
+
+impl ObjectKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Volume => "volume",
+            Self::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// One volume or snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectSample {
+    /// Its pool's name.
+    pub pool: String,
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name: String,
+    /// Volume or snapshot.
+    pub kind: ObjectKind,
+    /// A snapshot's volume UUID (empty for a volume, or when unknown).
+    pub volume_uuid: String,
+    /// The `csi.storage.k8s.io/pvc/namespace` label (empty when unset).
+    pub pvc_namespace: String,
+    /// The `csi.storage.k8s.io/pvc/name` label (empty when unset).
+    pub pvc_name: String,
+    /// Clusters it maps, shared or not (`None`: never scanned yet).
+    pub allocated_bytes: Option<u64>,
+    /// Clusters only it references.
+    pub unique_bytes: Option<u64>,
+}
+
 /// Everything `/metrics` shows, gathered at scrape time.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -62,7 +184,118 @@ pub struct Snapshot {
     pub reactors: Vec<ReactorSample>,
     /// Claimed devices (present or recorded).
     pub devices: Vec<DeviceSample>,
+    /// Pools.
+    pub pools: Vec<PoolSample>,
+    /// Volumes and snapshots of the online pools.
+    pub objects: Vec<ObjectSample>,
 }
+
+/// A per-pool figure family: name, kind, help, and how to read it.
+type PoolFamily = (
+    &'static str,
+    Kind,
+    &'static str,
+    fn(&PoolFiguresSample) -> u64,
+);
+
+const POOL_FAMILIES: [PoolFamily; 16] = [
+    (
+        "coreblk_pool_free_bytes",
+        Kind::Gauge,
+        "Space of each online pool held by no volume or snapshot (ready, or being recycled), less what thick volumes reserve.",
+        |f| f.free_bytes,
+    ),
+    (
+        "coreblk_pool_allocated_bytes",
+        Kind::Gauge,
+        "Space of each online pool held by at least one volume or snapshot.",
+        |f| f.allocated_bytes,
+    ),
+    (
+        "coreblk_pool_provisioned_bytes",
+        Kind::Gauge,
+        "Sum of the sizes of each online pool's volumes (thin: may exceed capacity up to the overcommit limit).",
+        |f| f.provisioned_bytes,
+    ),
+    (
+        "coreblk_pool_reserved_bytes",
+        Kind::Gauge,
+        "Space of each online pool reserved for thick volumes and not yet written.",
+        |f| f.reserved_bytes,
+    ),
+    (
+        "coreblk_pool_held_by_deleted_bytes",
+        Kind::Gauge,
+        "Space deleted volumes and snapshots (and discards, copy-on-write) freed that is still being recycled before reuse.",
+        |f| f.held_by_deleted_bytes,
+    ),
+    (
+        "coreblk_pool_volumes",
+        Kind::Gauge,
+        "Volumes (clones included) in each online pool.",
+        |f| f.volumes,
+    ),
+    (
+        "coreblk_pool_snapshots",
+        Kind::Gauge,
+        "Snapshots in each online pool.",
+        |f| f.snapshots,
+    ),
+    (
+        "coreblk_pool_journal_commits_total",
+        Kind::Counter,
+        "Metadata journal commits acknowledged, per pool, since the pool was imported.",
+        |f| f.journal_commits,
+    ),
+    (
+        "coreblk_pool_journal_flushes_total",
+        Kind::Counter,
+        "Device flushes the metadata journal issued, per pool, since the pool was imported.",
+        |f| f.journal_flushes,
+    ),
+    (
+        "coreblk_pool_journal_blocks_total",
+        Kind::Counter,
+        "Metadata journal blocks written, per pool, since the pool was imported.",
+        |f| f.journal_blocks,
+    ),
+    (
+        "coreblk_pool_journal_writes_total",
+        Kind::Counter,
+        "Metadata journal writes issued, per pool, since the pool was imported.",
+        |f| f.journal_writes,
+    ),
+    (
+        "coreblk_pool_journal_records_total",
+        Kind::Counter,
+        "Metadata journal records written, per pool, since the pool was imported.",
+        |f| f.journal_records,
+    ),
+    (
+        "coreblk_pool_checkpoints_total",
+        Kind::Counter,
+        "Metadata checkpoints written, per pool, since the pool was imported.",
+        |f| f.checkpoints,
+    ),
+    (
+        "coreblk_pool_copy_ups_total",
+        Kind::Counter,
+        "Clusters copied for copy-on-write (partial writes to shared clusters, inflate), per pool.",
+        |f| f.copy_ups,
+    ),
+    (
+        "coreblk_pool_allocations_total",
+        Kind::Counter,
+        "Writes that allocated a new cluster, per pool.",
+        |f| f.allocations,
+    ),
+    (
+        "coreblk_pool_stale_objects",
+        Kind::Gauge,
+        "Volumes and snapshots whose allocated/unique figures predate the pool's last metadata change (refreshed on later scrapes).",
+        |f| f.stale_objects,
+    ),
+];
 
 /// A per-reactor counter family: name, help, and how to read it from a sample.
 type ReactorFamily = (&'static str, &'static str, fn(&ReactorSample) -> f64);
@@ -155,7 +388,147 @@ pub fn render(s: &Snapshot) -> String {
             count(d.size_bytes),
         );
     }
+    render_pools(&mut e, &s.pools);
+    render_objects(&mut e, &s.objects);
     e.finish()
+}
+
+fn render_pools(e: &mut Exposition, pools: &[PoolSample]) {
+    e.family(
+        "coreblk_pool_state",
+        Kind::Gauge,
+        "1 for each pool's current state (importing, online, failed), 0 for the others.",
+    );
+    for p in pools {
+        for st in PoolStateSample::ALL {
+            let on = if st == p.state { 1.0 } else { 0.0 };
+            e.sample(
+                "coreblk_pool_state",
+                &[("pool", &p.name), ("state", st.as_str())],
+                on,
+            );
+        }
+    }
+    e.family(
+        "coreblk_pool_info",
+        Kind::Gauge,
+        "Always 1; the labels give each pool's UUID.",
+    );
+    for p in pools {
+        e.sample(
+            "coreblk_pool_info",
+            &[("pool", &p.name), ("pool_uuid", &p.uuid)],
+            1.0,
+        );
+    }
+    e.family(
+        "coreblk_pool_capacity_bytes",
+        Kind::Gauge,
+        "Space of each pool for data (its device less metadata); 0 when not known yet.",
+    );
+    for p in pools {
+        e.sample(
+            "coreblk_pool_capacity_bytes",
+            &[("pool", &p.name)],
+            count(p.capacity_bytes),
+        );
+    }
+    e.family(
+        "coreblk_pool_overcommit_limit_ratio",
+        Kind::Gauge,
+        "Each pool's overcommit limit: provisioned bytes may reach this many times the capacity.",
+    );
+    for p in pools {
+        e.sample(
+            "coreblk_pool_overcommit_limit_ratio",
+            &[("pool", &p.name)],
+            p.overcommit_limit,
+        );
+    }
+    e.family(
+        "coreblk_pool_scrape_success",
+        Kind::Gauge,
+        "1 when an online pool's figures were read for this page, 0 when its reactor did not answer in time; absent for pools not online.",
+    );
+    for p in pools.iter().filter(|p| p.state == PoolStateSample::Online) {
+        let ok = if p.figures.is_some() { 1.0 } else { 0.0 };
+        e.sample("coreblk_pool_scrape_success", &[("pool", &p.name)], ok);
+    }
+    for (name, kind, help, value) in POOL_FAMILIES {
+        e.family(name, kind, help);
+        for p in pools {
+            if let Some(f) = &p.figures {
+                e.sample(name, &[("pool", &p.name)], count(value(f)));
+            }
+        }
+    }
+}
+
+fn render_objects(e: &mut Exposition, objects: &[ObjectSample]) {
+    e.family(
+        "coreblk_volume_info",
+        Kind::Gauge,
+        "Always 1, one series per volume: its name and PVC to join the per-uuid series on (user labels are never metric labels).",
+    );
+    for o in objects.iter().filter(|o| o.kind == ObjectKind::Volume) {
+        e.sample(
+            "coreblk_volume_info",
+            &[
+                ("uuid", &o.uuid),
+                ("name", &o.name),
+                ("pool", &o.pool),
+                ("pvc_namespace", &o.pvc_namespace),
+                ("pvc_name", &o.pvc_name),
+            ],
+            1.0,
+        );
+    }
+    e.family(
+        "coreblk_snapshot_info",
+        Kind::Gauge,
+        "Always 1, one series per snapshot: its name and the UUID of the volume it was taken of.",
+    );
+    for o in objects.iter().filter(|o| o.kind == ObjectKind::Snapshot) {
+        e.sample(
+            "coreblk_snapshot_info",
+            &[
+                ("uuid", &o.uuid),
+                ("name", &o.name),
+                ("pool", &o.pool),
+                ("volume_uuid", &o.volume_uuid),
+            ],
+            1.0,
+        );
+    }
+    type ObjectFamily = (&'static str, &'static str, fn(&ObjectSample) -> Option<u64>);
+    let families: [ObjectFamily; 2] = [
+        (
+            "coreblk_object_allocated_bytes",
+            "Space each volume or snapshot maps, shared or not (kind says which).",
+            |o| o.allocated_bytes,
+        ),
+        (
+            "coreblk_object_unique_bytes",
+            "Space only this volume or snapshot references: what deleting it would free.",
+            |o| o.unique_bytes,
+        ),
+    ];
+    for (name, help, value) in families {
+        e.family(name, Kind::Gauge, help);
+        for o in objects {
+            if let Some(v) = value(o) {
+                e.sample(
+                    name,
+                    &[
+                        ("pool", &o.pool),
+                        ("uuid", &o.uuid),
+                        ("kind", o.kind.as_str()),
+                    ],
+                    count(v),
+                );
+            }
+        }
+    }
 }
 
 /// A counter as a sample value. Prometheus values are doubles: above 2^53 the value is
@@ -206,6 +579,53 @@ mod tests {
                     path: "/dev/nvme9n1".into(),
                     size_bytes: 0,
                     present: false,
+                },
+            ],
+            pools: vec![
+                PoolSample {
+                    name: "default".into(),
+                    uuid: "p1".into(),
+                    state: PoolStateSample::Online,
+                    capacity_bytes: 1 << 30,
+                    overcommit_limit: 1.5,
+                    figures: Some(PoolFiguresSample {
+                        free_bytes: 100,
+                        allocated_bytes: 200,
+                        journal_commits: 9,
+                        ..PoolFiguresSample::default()
+                    }),
+                },
+                PoolSample {
+                    name: "broken".into(),
+                    uuid: "p2".into(),
+                    state: PoolStateSample::Failed,
+                    capacity_bytes: 0,
+                    overcommit_limit: 1.0,
+                    figures: None,
+                },
+            ],
+            objects: vec![
+                ObjectSample {
+                    pool: "default".into(),
+                    uuid: "v1".into(),
+                    name: "pvc-1".into(),
+                    kind: ObjectKind::Volume,
+                    volume_uuid: String::new(),
+                    pvc_namespace: "ns".into(),
+                    pvc_name: "data".into(),
+                    allocated_bytes: Some(65536),
+                    unique_bytes: Some(0),
+                },
+                ObjectSample {
+                    pool: "default".into(),
+                    uuid: "s1".into(),
+                    name: "snap".into(),
+                    kind: ObjectKind::Snapshot,
+                    volume_uuid: "v1".into(),
+                    pvc_namespace: String::new(),
+                    pvc_name: String::new(),
+                    allocated_bytes: None,
+                    unique_bytes: None,
                 },
             ],
         }
@@ -263,6 +683,80 @@ mod tests {
             ),
             1_073_741_824.0
         );
+        assert_eq!(
+            value(
+                "coreblk_pool_state",
+                &[("pool", "default"), ("state", "online")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                "coreblk_pool_state",
+                &[("pool", "broken"), ("state", "online")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                "coreblk_pool_state",
+                &[("pool", "broken"), ("state", "failed")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                "coreblk_pool_overcommit_limit_ratio",
+                &[("pool", "default")]
+            ),
+            1.5
+        );
+        assert_eq!(
+            value("coreblk_pool_free_bytes", &[("pool", "default")]),
+            100.0
+        );
+        assert_eq!(
+            value("coreblk_pool_journal_commits_total", &[("pool", "default")]),
+            9.0
+        );
+        assert!(!parsed
+            .iter()
+            .any(|s| s.name == "coreblk_pool_free_bytes" && s.labels["pool"] == "broken"));
+        assert_eq!(
+            value("coreblk_pool_scrape_success", &[("pool", "default")]),
+            1.0
+        );
+        assert_eq!(
+            value(
+                "coreblk_volume_info",
+                &[
+                    ("uuid", "v1"),
+                    ("name", "pvc-1"),
+                    ("pvc_namespace", "ns"),
+                    ("pvc_name", "data")
+                ]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                "coreblk_snapshot_info",
+                &[("uuid", "s1"), ("volume_uuid", "v1")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                "coreblk_object_allocated_bytes",
+                &[("uuid", "v1"), ("kind", "volume"), ("pool", "default")]
+            ),
+            65536.0
+        );
+        // Never scanned: absent rather than a made-up zero.
+        assert!(!parsed
+            .iter()
+            .any(|s| s.name == "coreblk_object_allocated_bytes"
+                && s.labels.get("uuid").map(String::as_str) == Some("s1")));
         assert!(page.contains("# TYPE coreblk_reactor_busy_seconds_total counter\n"));
         assert!(page.ends_with('\n'));
     }

@@ -1,0 +1,167 @@
+//! Shared harness of the daemon tests in this directory that drive a real `coreblkd`
+//! through its gRPC API: start it on a temp socket with a file-backed default pool, stop
+//! or `kill -9` it, talk to it with a tonic client, and read `/metrics`.
+
+// Each test crate uses a different part of the harness.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest a start may take.
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+/// Longest a stop may take.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `f` until it holds or `deadline` passes; the last answer.
+pub fn wait_for(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// A fresh directory under the target's temp dir.
+pub fn workdir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir")
+}
+
+/// A current-thread tokio runtime.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A running `coreblkd`, killed on drop if a test did not stop it.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// Its API socket.
+    pub socket: PathBuf,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+fn unique() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+impl Daemon {
+    /// Starts `coreblkd` in `dir` (state under `dir/var`, a 256 MiB default pool) on
+    /// `dir/api.sock` and waits until its pools are imported.
+    pub fn start(dir: &Path) -> Self {
+        let socket = dir.join("api.sock");
+        let log = dir.join(format!("coreblkd-{}.log", unique()));
+        let log_file = std::fs::File::create(&log).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_coreblkd"))
+            .args(["--no-pin", "--cores", "0", "--default-size", "256M"])
+            .args(["--metrics-address", "127.0.0.1:0"])
+            .arg("--var-dir")
+            .arg(dir.join("var"))
+            .arg("--socket")
+            .arg(&socket)
+            .env("NO_COLOR", "1")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn coreblkd");
+        let d = Self { child, socket, log };
+        let ready = wait_for(START_DEADLINE, || {
+            let log = d.log_text();
+            std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
+                && log.contains("serving; stop with SIGTERM")
+                && log.contains("pool import finished")
+        });
+        assert!(ready, "coreblkd did not start:\n{}", d.log_text());
+        d
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: kill takes plain integers; the pid is our own child, not yet reaped (we
+        // hold its `Child` and have not waited for it), so it cannot name another process.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
+    }
+
+    /// Sends `sig` and waits for the exit.
+    pub fn stop_with(mut self, sig: libc::c_int) -> std::process::ExitStatus {
+        self.signal(sig);
+        let mut status = None;
+        let exited = wait_for(STOP_DEADLINE, || {
+            status = self.child.try_wait().expect("wait");
+            status.is_some()
+        });
+        assert!(exited, "coreblkd did not stop:\n{}", self.log_text());
+        status.expect("exited")
+    }
+
+    /// A gRPC channel to it.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        coreblk_daemon::control::client::connect(&self.socket)
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `GET /metrics` from `addr`: the body.
+pub fn scrape(addr: &str) -> String {
+    let mut conn = TcpStream::connect(addr).expect("connect metrics");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    body.to_owned()
+}
+
+/// Deterministic bytes from `seed` (xorshift).
+pub fn seeded(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
