@@ -2079,8 +2079,10 @@ impl Store {
         Ok((v, session, 0))
     }
 
-    /// Records that everything below `offset` of an importing volume is written (kept in
-    /// memory; written to the state file at most every few seconds).
+    /// Records that everything below `offset` of an importing volume is written, before
+    /// the chunk is acknowledged: the state file is replaced on every call (a rename
+    /// without fsync survives a daemon crash, the rule imports are acknowledged by) and
+    /// synced at most every [`IMPORT_RECORD_PERIOD`].
     pub async fn import_progress(self: &Arc<Self>, volume: Uuid, offset: u64) {
         {
             let mut inner = lock(&self.inner);
@@ -2097,10 +2099,8 @@ impl Store {
             }
             due
         };
-        if due {
-            if let Err(error) = self.persist().await {
-                tracing::warn!(%error, "cannot record an import's progress");
-            }
+        if let Err(error) = self.persist_synced(due).await {
+            tracing::warn!(%error, "cannot record an import's progress");
         }
     }
 
@@ -2296,6 +2296,12 @@ impl Store {
     /// Writes the state file atomically (temporary file, fsync, rename, fsync of the
     /// directory) on the blocking pool.
     async fn persist(self: &Arc<Self>) -> Result<()> {
+        self.persist_synced(true).await
+    }
+
+    /// [`Self::persist`]; without `sync`, the new file survives a crash of the daemon but
+    /// not of the machine.
+    async fn persist_synced(self: &Arc<Self>, sync: bool) -> Result<()> {
         let me = Arc::clone(self);
         blocking(move || {
             let _one = lock(&me.persisting);
@@ -2313,10 +2319,14 @@ impl Store {
             let tmp = me.state_path.with_extension("json.tmp");
             let mut f = File::create(&tmp).map_err(err)?;
             f.write_all(&text).map_err(err)?;
-            f.sync_all().map_err(err)?;
+            if sync {
+                f.sync_all().map_err(err)?;
+            }
             drop(f);
             fs::rename(&tmp, &me.state_path).map_err(err)?;
-            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+            if sync {
+                File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+            }
             Ok(())
         })
         .await
