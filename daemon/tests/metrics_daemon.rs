@@ -427,6 +427,38 @@ fn metrics_equal_what_pool_get_and_volume_get_report() {
             Some(1.0)
         );
         assert!(value(&samples, "coreblk_start_time_seconds", &[]).expect("start") > 1.6e9);
+        // An unchanged pool is not scanned again; a change rescans its objects.
+        let scans = |page: &str| {
+            let samples = text::parse(page).unwrap_or_else(|e| panic!("{e}\n{page}"));
+            value(&samples, "coreblk_metrics_object_scans_total", &[]).expect("scans")
+        };
+        let before = scans(&scrape(&addr));
+        assert_eq!(
+            scans(&scrape(&addr)),
+            before,
+            "an idle pool was scanned again"
+        );
+        overwrite(channel.clone(), "imported", 2 * MIB, seeded(64 << 10, 5)).await;
+        let after = scans(&scrape(&addr));
+        assert!(after >= before + 3.0, "{before} -> {after}");
+        let v = pb::volumes_client::VolumesClient::new(channel.clone())
+            .get_volume(pb::GetVolumeRequest {
+                volume: "imported".into(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        let page = scrape(&addr);
+        let samples = text::parse(&page).unwrap_or_else(|e| panic!("{e}\n{page}"));
+        assert_eq!(
+            value(
+                &samples,
+                "coreblk_object_allocated_bytes",
+                &[("uuid", v.uuid.as_str()), ("kind", "volume")]
+            ),
+            Some(f(v.allocated_bytes))
+        );
+        assert_eq!(v.allocated_bytes, MIB + (512 << 10) + (64 << 10));
     });
     assert!(daemon.stop_with(libc::SIGTERM).success());
 }

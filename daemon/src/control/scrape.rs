@@ -18,6 +18,7 @@
 //! [`POOL_TIMEOUT`] per message (a stuck pool shows `coreblk_pool_scrape_success 0`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::store::{PoolInfo, PoolState, Store};
@@ -75,9 +76,16 @@ struct PoolRead {
 #[derive(Debug, Default)]
 pub struct Scraper {
     cache: tokio::sync::Mutex<(u64, HashMap<Uuid, PoolCache>)>,
+    /// Maps scanned since start (`coreblk_metrics_object_scans_total`).
+    scans: AtomicU64,
 }
 
 impl Scraper {
+    /// Volume and snapshot maps scanned so far.
+    pub fn scans(&self) -> u64 {
+        self.scans.load(Ordering::Relaxed)
+    }
+
     /// The pools and their objects now. Scrapes run one at a time.
     pub async fn scrape(&self, store: &Store) -> (Vec<PoolSample>, Vec<ObjectSample>) {
         let mut guard = self.cache.lock().await;
@@ -103,7 +111,7 @@ impl Scraper {
             };
             if p.state == PoolState::Online {
                 let cache = caches.entry(p.uuid).or_default();
-                match scrape_pool(store, p, cache, scrape).await {
+                match scrape_pool(store, p, cache, scrape, &self.scans).await {
                     Ok((figures, objects)) => {
                         sample.figures = Some(figures);
                         out_objects.extend(objects);
@@ -217,6 +225,7 @@ async fn scrape_pool(
     p: &PoolInfo,
     cache: &mut PoolCache,
     scrape: u64,
+    scans: &AtomicU64,
 ) -> super::Result<(PoolFiguresSample, Vec<ObjectSample>)> {
     let read = read_pool(store, p).await?;
     cache
@@ -237,7 +246,9 @@ async fn scrape_pool(
     todo.truncate(MAX_SCANS_PER_SCRAPE);
     for batch in todo.chunks(SCAN_BATCH) {
         let ids: Vec<u32> = batch.iter().map(|(_, id)| *id).collect();
+        let n = u64::try_from(ids.len()).unwrap_or(u64::MAX);
         let (stamp, got) = scan(store, p, ids).await?;
+        scans.fetch_add(n, Ordering::Relaxed);
         latest = stamp;
         for (id, usage) in got {
             cache.objects.insert(

@@ -135,6 +135,7 @@ impl Shared {
                 .collect(),
             pools,
             objects,
+            object_scans: self.scraper.scans(),
         }
     }
 }

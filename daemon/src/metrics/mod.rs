@@ -188,6 +188,8 @@ pub struct Snapshot {
     pub pools: Vec<PoolSample>,
     /// Volumes and snapshots of the online pools.
     pub objects: Vec<ObjectSample>,
+    /// Volume and snapshot maps scanned for their figures since start.
+    pub object_scans: u64,
 }
 
 /// A per-pool figure family: name, kind, help, and how to read it.
@@ -390,6 +392,16 @@ pub fn render(s: &Snapshot) -> String {
     }
     render_pools(&mut e, &s.pools);
     render_objects(&mut e, &s.objects);
+    e.family(
+        "coreblk_metrics_object_scans_total",
+        Kind::Counter,
+        "Volume and snapshot maps scanned on their owner reactors for /metrics (figures are cached while a pool is unchanged).",
+    );
+    e.sample(
+        "coreblk_metrics_object_scans_total",
+        &[],
+        count(s.object_scans),
+    );
     e.finish()
 }
 
@@ -628,6 +640,7 @@ mod tests {
                     unique_bytes: None,
                 },
             ],
+            object_scans: 5,
         }
     }
 
@@ -757,6 +770,7 @@ mod tests {
             .iter()
             .any(|s| s.name == "coreblk_object_allocated_bytes"
                 && s.labels.get("uuid").map(String::as_str) == Some("s1")));
+        assert_eq!(value("coreblk_metrics_object_scans_total", &[]), 5.0);
         assert!(page.contains("# TYPE coreblk_reactor_busy_seconds_total counter\n"));
         assert!(page.ends_with('\n'));
     }
