@@ -66,8 +66,9 @@ pub struct Journal {
     /// completion follows its commit's last record).
     pending: RefCell<Vec<Record>>,
     pending_done: RefCell<Vec<(usize, Done)>>,
-    /// The write in flight: completions and the last sequence it covers.
-    inflight: RefCell<Option<(Vec<Done>, u64)>>,
+    /// The write in flight: completions, the last sequence it covers, and whether it ends
+    /// at the end of a commit.
+    inflight: RefCell<Option<(Vec<Done>, u64, bool)>>,
     /// Flushes waiting to start (after the write in flight) and the one in flight.
     flush_waiting: RefCell<Vec<Done>>,
     flush_inflight: RefCell<Option<Vec<Done>>>,
@@ -79,8 +80,11 @@ pub struct Journal {
     failed: Cell<bool>,
     /// Requests of the start-up fence still in flight (see [`Journal::fence`]).
     fencing: Cell<u32>,
-    /// Last sequence whose write completed and whose completions have run.
+    /// Last sequence whose write completed (set before its completions run).
     completed: Cell<u64>,
+    /// Whether the last completed write ended at the end of a commit: then, outside its
+    /// completions, the pool's memory is exactly every record up to `completed`.
+    clean: Cell<bool>,
     /// Called when more than half the ring is uncovered by a checkpoint, or when it is
     /// full and records wait (the pool then writes a checkpoint and calls `resume`).
     pressure: RefCell<Option<Hook>>,
@@ -119,6 +123,7 @@ impl Journal {
             failed: Cell::new(false),
             fencing: Cell::new(0),
             completed: Cell::new(next_seq.saturating_sub(1)),
+            clean: Cell::new(true),
             pressure: RefCell::new(None),
             stats: Cell::new(JournalStats::default()),
         })
@@ -139,10 +144,16 @@ impl Journal {
         self.reusable_below.set(self.reusable_below.get().max(seq));
     }
 
-    /// The last sequence whose write completed: the in-memory state of the pool reflects
-    /// every record up to it and none after (completions apply records).
+    /// The last sequence whose write completed.
     pub fn completed_seq(&self) -> u64 {
         self.completed.get()
+    }
+
+    /// The sequence a checkpoint may be taken at now (outside journal completions): the
+    /// pool's memory holds every record up to it and none after. `None` while a commit is
+    /// split across writes (try again after the next write).
+    pub fn checkpoint_seq(&self) -> Option<u64> {
+        self.clean.get().then(|| self.completed.get())
     }
 
     /// Every journal block up to this sequence is durable.
@@ -299,6 +310,19 @@ impl Journal {
             );
             return self.fail_pending(rx, Errno::ENOSPC);
         }
+        // Never more than TORN_TAIL_BLOCKS past the last flush: after a power loss any of
+        // them may be missing, and import tells a torn tail from a damaged journal by that
+        // distance. Flush first when the journal is that far ahead.
+        let ahead = (first - 1).saturating_sub(self.flushed.get());
+        if ahead >= TORN_TAIL_BLOCKS {
+            if self.flush_inflight.borrow().is_none() && self.flush_waiting.borrow().is_empty() {
+                self.flush_waiting
+                    .borrow_mut()
+                    .push(Box::new(|_rx: &Reactor, _r: Result<u64, Errno>| {}));
+            }
+            return self.try_start_flush(rx);
+        }
+        let max_blocks = max_blocks.min(TORN_TAIL_BLOCKS - ahead);
         // Take whole records that fit in `max_blocks`.
         let mut pending = self.pending.borrow_mut();
         let mut blocks = 1u64;
@@ -316,6 +340,15 @@ impl Journal {
             used += len;
             take += 1;
         }
+        // End at a commit's end when one fits (a checkpoint needs such a point); a commit
+        // larger than one write is split.
+        let ends: Vec<usize> = self.pending_done.borrow().iter().map(|(e, _)| *e).collect();
+        if !ends.contains(&take) {
+            if let Some(&e) = ends.iter().rev().find(|&&e| e < take && e > 0) {
+                take = e;
+            }
+        }
+        let ends_commit = ends.contains(&take);
         let batch: Vec<Record> = pending.drain(..take).collect();
         drop(pending);
         // Commits whose last record is in this batch complete with it.
@@ -335,9 +368,9 @@ impl Journal {
         }
         let bytes = format::encode_journal_blocks(self.sb.journal_tag, first, &batch);
         let nblocks = (bytes.len() / BLOCK_BYTES) as u64;
-        debug_assert_eq!(nblocks, blocks);
+        debug_assert!(nblocks <= blocks);
         self.next_seq.set(first + nblocks);
-        *self.inflight.borrow_mut() = Some((done, first + nblocks - 1));
+        *self.inflight.borrow_mut() = Some((done, first + nblocks - 1, ends_commit));
         self.bump(|s| {
             s.writes += 1;
             s.blocks += nblocks;
@@ -367,7 +400,7 @@ impl Completion for Journal {
     fn complete(&self, rx: &Reactor, tag: u64, res: IoResult, _buf: Option<IoBuf>) {
         match tag {
             TAG_WRITE => {
-                let (done, last_seq) = self
+                let (done, last_seq, ends_commit) = self
                     .inflight
                     .borrow_mut()
                     .take()
@@ -383,11 +416,13 @@ impl Completion for Journal {
                     }
                 };
                 self.bump(|s| s.commits += done.len() as u64);
+                if res.is_ok() {
+                    // Before the completions: a FUA write they release compares with it.
+                    self.completed.set(last_seq);
+                    self.clean.set(ends_commit);
+                }
                 for d in done {
                     d(rx, res);
-                }
-                if res.is_ok() {
-                    self.completed.set(last_seq);
                 }
                 if self.failed.get() {
                     self.fail_pending(rx, Errno::EIO);

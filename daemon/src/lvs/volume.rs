@@ -1204,7 +1204,21 @@ impl PoolRt {
             // The running one finishes and a later pressure call starts the next.
             return;
         }
-        let seq = self.journal.completed_seq();
+        let Some(seq) = self.journal.checkpoint_seq() else {
+            // A commit is split across journal writes: its first part is written but not
+            // applied. Try again after the next write.
+            self.ckpt_running.set(false);
+            let weak = self.me.clone();
+            rx.add_timer(
+                Duration::from_millis(1),
+                Box::new(move |rx: &Reactor| {
+                    if let Some(rt) = weak.upgrade() {
+                        rt.run_checkpoint(rx);
+                    }
+                }),
+            );
+            return;
+        };
         let maps: Maps = self
             .vols
             .borrow()
@@ -1814,11 +1828,20 @@ impl Grace {
 
     /// A reader enters: returns the parity to leave with.
     fn enter(&self, slot: &GraceSlot) -> usize {
-        let p = usize::from(self.epoch.load(Ordering::SeqCst) & 1 == 1);
-        slot.inflight[p].fetch_add(1, Ordering::SeqCst);
-        // The count is visible before this reader's map loads (pairs with `flip`).
-        fence(Ordering::SeqCst);
-        p
+        loop {
+            let e = self.epoch.load(Ordering::SeqCst);
+            let p = usize::from(e & 1 == 1);
+            slot.inflight[p].fetch_add(1, Ordering::SeqCst);
+            // The count is visible before this reader's map loads (pairs with `flip`).
+            fence(Ordering::SeqCst);
+            // A reader delayed between reading the epoch and counting itself may have
+            // missed a whole grace period (and the next one waits on the other parity):
+            // count again under the current epoch.
+            if self.epoch.load(Ordering::SeqCst) == e {
+                return p;
+            }
+            slot.inflight[p].fetch_sub(1, Ordering::Release);
+        }
     }
 
     fn leave(slot: &GraceSlot, parity: usize) {
@@ -2011,6 +2034,12 @@ impl RemoteChannel {
         let segs = segments(offset, buf.len() as u64, self.h.cluster);
         let bytes = u32::try_from(buf.len()).expect("validated length");
         let parity = self.h.grace.enter(&self.slot);
+        if self.h.shared.deleted.load(Ordering::Acquire) {
+            // Deleted before this read counted itself: its clusters may be on their way
+            // back to the free pool.
+            Grace::leave(&self.slot, parity);
+            return crate::bdev::fail_request(rx, cb, tag, Errno(libc::ENODEV), Some(buf));
+        }
         let slot = self.reqs.borrow_mut().insert(RemoteReq {
             cb,
             tag,
