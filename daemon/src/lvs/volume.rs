@@ -235,6 +235,12 @@ pub struct PoolRt {
     /// Maps let go of by records not yet durable (deletes, rollbacks): they keep their
     /// leaves (so what they shared stays shared) until a flush covers the record.
     zombies: RefCell<Vec<(u64, Arc<ClusterMap>, bool)>>,
+    /// A control operation (create, delete, snapshot, clone, rollback, resize, labels,
+    /// settings) is running; the others wait here, so none checks the table while
+    /// another's record is on its way (two could journal contradictory records, and
+    /// replay would refuse the pool).
+    ctl_busy: Cell<bool>,
+    ctl_queue: RefCell<std::collections::VecDeque<Parked>>,
 }
 
 impl Drop for PoolRt {
@@ -341,6 +347,8 @@ impl PoolRt {
             reserved: Cell::new(0),
             unrefs: RefCell::new(std::collections::VecDeque::new()),
             zombies: RefCell::new(Vec::new()),
+            ctl_busy: Cell::new(false),
+            ctl_queue: RefCell::new(std::collections::VecDeque::new()),
         });
         OWNED.with(|o| o.borrow_mut().insert(rt.sb.pool_uuid, Rc::downgrade(&rt)));
         rt.recompute_reserves();
@@ -577,8 +585,112 @@ impl PoolRt {
         Ok(())
     }
 
+    /// Runs control operation `op` once the ones before it finished.
+    fn serialized<T: 'static>(
+        &self,
+        rx: &Reactor,
+        done: Reply<T>,
+        op: impl FnOnce(&Reactor, Reply<T>) + 'static,
+    ) {
+        let rt = self.rc();
+        let run: Parked = Box::new(move |rx: &Reactor| {
+            let rt2 = Rc::clone(&rt);
+            op(
+                rx,
+                Box::new(move |rx: &Reactor, r: Result<T, String>| {
+                    done(rx, r);
+                    rt2.ctl_next(rx);
+                }),
+            );
+        });
+        if self.ctl_busy.replace(true) {
+            self.ctl_queue.borrow_mut().push_back(run);
+        } else {
+            run(rx);
+        }
+    }
+
+    fn ctl_next(&self, rx: &Reactor) {
+        let next = self.ctl_queue.borrow_mut().pop_front();
+        match next {
+            Some(op) => op(rx),
+            None => self.ctl_busy.set(false),
+        }
+    }
+
     /// Sets the pool's overcommit limit (× 1000, at least 1000).
     pub fn set_overcommit(&self, rx: &Reactor, overcommit_milli: u32, done: Reply<()>) {
+        let rt = self.rc();
+        self.serialized(rx, done, move |rx, done| {
+            rt.set_overcommit_now(rx, overcommit_milli, done)
+        });
+    }
+
+    /// Creates a volume (by journal record); `done` gets its id.
+    pub fn create_volume(&self, rx: &Reactor, meta: VolumeMeta, done: Reply<u32>) {
+        let rt = self.rc();
+        self.serialized(rx, done, move |rx, done| {
+            rt.create_volume_now(rx, meta, done)
+        });
+    }
+
+    /// Deletes a volume or snapshot. Its name goes at once; clusters that no other map
+    /// holds return through the free pipeline once the delete is durable; snapshots and
+    /// clones made from it keep theirs.
+    pub fn delete_volume(&self, rx: &Reactor, id: u32, done: Reply<()>) {
+        let rt = self.rc();
+        self.serialized(rx, done, move |rx, done| rt.delete_volume_now(rx, id, done));
+    }
+
+    /// Takes snapshots of several volumes at one instant (one commit; a group of one is a
+    /// plain snapshot). `group` pairs each source volume id with the new snapshot's name,
+    /// uuid and labels; `done` gets the new ids in the same order.
+    pub fn snapshot(&self, rx: &Reactor, group: Vec<(u32, VolumeMeta)>, done: Reply<Vec<u32>>) {
+        let rt = self.rc();
+        self.serialized(rx, done, move |rx, done| rt.snapshot_now(rx, group, done));
+    }
+
+    /// Makes a writable clone of snapshot (or volume) `source`; `meta.size_bytes` must be at
+    /// least the source's size (0 = the same). `done` gets the clone's id.
+    pub fn clone_volume(&self, rx: &Reactor, source: u32, meta: VolumeMeta, done: Reply<u32>) {
+        let rt = self.rc();
+        self.serialized(rx, done, move |rx, done| {
+            rt.clone_volume_now(rx, source, meta, done)
+        });
+    }
+
+    /// Rolls volume `id` back to snapshot `snap` (taken of it): its contents become the
+    /// snapshot's at once (its size stays; what lies past the snapshot's size reads zeroes).
+    pub fn rollback(&self, rx: &Reactor, id: u32, snap: u32, done: Reply<()>) {
+        let rt = self.rc();
+        self.serialized(rx, done, move |rx, done| {
+            rt.rollback_now(rx, id, snap, done)
+        });
+    }
+
+    /// Grows volume `id` to `size_bytes` online.
+    pub fn resize(&self, rx: &Reactor, id: u32, size_bytes: u64, done: Reply<()>) {
+        let rt = self.rc();
+        self.serialized(rx, done, move |rx, done| {
+            rt.resize_now(rx, id, size_bytes, done)
+        });
+    }
+
+    /// Replaces the labels of volume or snapshot `id`.
+    pub fn set_labels(
+        &self,
+        rx: &Reactor,
+        id: u32,
+        labels: BTreeMap<String, String>,
+        done: Reply<()>,
+    ) {
+        let rt = self.rc();
+        self.serialized(rx, done, move |rx, done| {
+            rt.set_labels_now(rx, id, labels, done)
+        });
+    }
+
+    fn set_overcommit_now(&self, rx: &Reactor, overcommit_milli: u32, done: Reply<()>) {
         let rec = VolumeRecord::Settings { overcommit_milli };
         if let Err(e) = self.table.borrow().clone().apply(&rec) {
             return done(rx, Err(e));
@@ -625,7 +737,7 @@ impl PoolRt {
     }
 
     /// Creates a volume (by journal record); `done` gets its id.
-    pub fn create_volume(&self, rx: &Reactor, mut meta: VolumeMeta, done: Reply<u32>) {
+    fn create_volume_now(&self, rx: &Reactor, mut meta: VolumeMeta, done: Reply<u32>) {
         let clusters = volume_clusters(meta.size_bytes, self.sb.cluster_bytes);
         let checks = super::pool::validate_meta(&meta.name, &meta.labels)
             .and_then(|()| self.check_size(meta.size_bytes))
@@ -724,7 +836,7 @@ impl PoolRt {
     /// Deletes a volume or snapshot. Its name goes at once; clusters that no other map
     /// holds return through the free pipeline; snapshots and clones made from it keep
     /// theirs.
-    pub fn delete_volume(&self, rx: &Reactor, id: u32, done: Reply<()>) {
+    fn delete_volume_now(&self, rx: &Reactor, id: u32, done: Reply<()>) {
         let v = match self.vol(id) {
             Ok(v) => v,
             Err(e) => return done(rx, Err(e)),
@@ -773,7 +885,7 @@ impl PoolRt {
     /// Takes snapshots of several volumes at one instant (one commit; a group of one is a
     /// plain snapshot). `group` pairs each source volume id with the new snapshot's name,
     /// uuid and labels; `done` gets the new ids in the same order.
-    pub fn snapshot(&self, rx: &Reactor, group: Vec<(u32, VolumeMeta)>, done: Reply<Vec<u32>>) {
+    fn snapshot_now(&self, rx: &Reactor, group: Vec<(u32, VolumeMeta)>, done: Reply<Vec<u32>>) {
         let prep = || -> Result<Derivation, String> {
             if group.is_empty() {
                 return Err("a snapshot needs at least one volume".into());
@@ -835,7 +947,7 @@ impl PoolRt {
 
     /// Makes a writable clone of snapshot (or volume) `source`; `meta.size_bytes` must be at
     /// least the source's size (0 = the same). `done` gets the clone's id.
-    pub fn clone_volume(&self, rx: &Reactor, source: u32, meta: VolumeMeta, done: Reply<u32>) {
+    fn clone_volume_now(&self, rx: &Reactor, source: u32, meta: VolumeMeta, done: Reply<u32>) {
         let prep = || -> Result<Derivation, String> {
             super::pool::validate_meta(&meta.name, &meta.labels)?;
             self.check_count(1)?;
@@ -966,7 +1078,7 @@ impl PoolRt {
 
     /// Rolls volume `id` back to snapshot `snap` (taken of it): its contents become the
     /// snapshot's at once (its size stays; what lies past the snapshot's size reads zeroes).
-    pub fn rollback(&self, rx: &Reactor, id: u32, snap: u32, done: Reply<()>) {
+    fn rollback_now(&self, rx: &Reactor, id: u32, snap: u32, done: Reply<()>) {
         let prep = || -> Result<(Rc<VolRt>, Rc<VolRt>), String> {
             let t = self.table.borrow();
             if !t.volumes.contains_key(&id) {
@@ -1029,7 +1141,7 @@ impl PoolRt {
     }
 
     /// Grows volume `id` to `size_bytes` online.
-    pub fn resize(&self, rx: &Reactor, id: u32, size_bytes: u64, done: Reply<()>) {
+    fn resize_now(&self, rx: &Reactor, id: u32, size_bytes: u64, done: Reply<()>) {
         let prep = || -> Result<Rc<VolRt>, String> {
             self.check_size(size_bytes)?;
             let t = self.table.borrow();
@@ -1083,7 +1195,7 @@ impl PoolRt {
     }
 
     /// Replaces the labels of volume or snapshot `id`.
-    pub fn set_labels(
+    fn set_labels_now(
         &self,
         rx: &Reactor,
         id: u32,

@@ -1325,3 +1325,59 @@ fn the_journal_flushes_by_itself_before_running_a_write_reach_ahead() {
         after.flushes - before.flushes
     );
 }
+
+/// Control operations on one pool run one at a time on its owner: two creates of one name
+/// or two deletes of one volume issued together never both reach the journal (replay would
+/// refuse the pool), and the pool re-imports.
+#[test]
+fn concurrent_control_operations_never_journal_contradictions() {
+    let h = Harness::new(96 << 20);
+    let v = h.create("twice", 1 << 20);
+    let (tx, rx_done) = crossbeam::channel::unbounded::<(u8, Result<u32, String>)>();
+    h.set.remotes()[0]
+        .call(move |rx: &Reactor| {
+            let rt = RT.with(|r| r.borrow().clone()).expect("pool");
+            for k in 0..2u8 {
+                let tx2 = tx.clone();
+                rt.delete_volume(
+                    rx,
+                    v,
+                    Box::new(move |_rx, r| tx2.send((k, r.map(|()| 0))).expect("send")),
+                );
+                let tx3 = tx.clone();
+                let meta = VolumeMeta {
+                    name: "same".into(),
+                    size_bytes: 1 << 20,
+                    ..VolumeMeta::default()
+                };
+                rt.create_volume(
+                    rx,
+                    meta,
+                    Box::new(move |_rx, r| tx3.send((10 + k, r)).expect("send")),
+                );
+            }
+        })
+        .expect("call");
+    let mut answers: Vec<(u8, Result<u32, String>)> = (0..4)
+        .map(|_| {
+            rx_done
+                .recv_timeout(Duration::from_secs(10))
+                .expect("answer")
+        })
+        .collect();
+    answers.sort_by_key(|a| a.0);
+    let oks = |lo: u8| {
+        answers
+            .iter()
+            .filter(|a| a.0 / 10 == lo && a.1.is_ok())
+            .count()
+    };
+    assert_eq!(oks(0), 1, "one delete succeeds: {answers:?}");
+    assert_eq!(oks(1), 1, "one create succeeds: {answers:?}");
+    h.stop();
+    h.start();
+    let t = h
+        .control(|_rx, rt, reply| reply(_rx, Ok(rt.volumes())))
+        .expect("table");
+    assert_eq!(t.volumes.len(), 1, "{t:?}");
+}
