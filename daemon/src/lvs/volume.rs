@@ -241,6 +241,9 @@ pub struct PoolRt {
     /// replay would refuse the pool).
     ctl_busy: Cell<bool>,
     ctl_queue: RefCell<std::collections::VecDeque<Parked>>,
+    /// Clusters allocated from a thick volume's reserve and not mapped yet (an abandoned
+    /// one gives its unit back; others do not).
+    from_reserve: RefCell<HashSet<u32>>,
 }
 
 impl Drop for PoolRt {
@@ -349,6 +352,7 @@ impl PoolRt {
             zombies: RefCell::new(Vec::new()),
             ctl_busy: Cell::new(false),
             ctl_queue: RefCell::new(std::collections::VecDeque::new()),
+            from_reserve: RefCell::new(HashSet::new()),
         });
         OWNED.with(|o| o.borrow_mut().insert(rt.sb.pool_uuid, Rc::downgrade(&rt)));
         rt.recompute_reserves();
@@ -1639,6 +1643,7 @@ impl PoolRt {
         if let Some(pc) = self.alloc.borrow_mut().alloc() {
             if from_reserve {
                 self.set_reserve(v, v.reserve.get() - 1);
+                self.from_reserve.borrow_mut().insert(pc);
             }
             return Ok(Some(pc));
         }
@@ -1656,10 +1661,12 @@ impl PoolRt {
     /// A cluster allocated for `key` was never mapped: back through the pipeline (it may
     /// hold partial data, so it is zeroed again).
     fn abandon(&self, rx: &Reactor, pc: u32, key: (u32, u64)) {
-        if let Some(v) = self.vols.borrow().get(&key.0).filter(|v| v.thick) {
-            // Its reserve paid for this cluster: give the reservation back.
-            let cap = volume_clusters(v.size.get(), self.sb.cluster_bytes);
-            self.set_reserve(v, (v.reserve.get() + 1).min(cap));
+        if self.from_reserve.borrow_mut().remove(&pc) {
+            if let Some(v) = self.vols.borrow().get(&key.0).filter(|v| v.thick) {
+                // Its reserve paid for this cluster: give the reservation back.
+                let cap = volume_clusters(v.size.get(), self.sb.cluster_bytes);
+                self.set_reserve(v, (v.reserve.get() + 1).min(cap));
+            }
         }
         self.alloc.borrow_mut().free(pc, 0);
         self.kick_recycle(rx);
@@ -1770,6 +1777,7 @@ impl PoolRt {
             records,
             Box::new(move |rx: &Reactor, res: Result<u64, Errno>| match res {
                 Ok(seq) => {
+                    rt.from_reserve.borrow_mut().remove(&pc);
                     rt.set_mapping(&v2, lc, Mapping { pc, epoch: 0 }, seq);
                     rt.kick_recycle(rx);
                     if first_write {
