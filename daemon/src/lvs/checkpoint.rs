@@ -72,9 +72,14 @@ pub fn encode(sb: &Superblock, table: &VolumeTable, maps: &Maps) -> Vec<u8> {
     for (id, map) in maps {
         let mut pairs = Vec::new();
         for (index, key) in map.leaf_ids() {
+            let entries = map.leaf_entries(index);
+            if entries.is_empty() {
+                // Every entry was unmapped since the leaf was made: nothing to store.
+                continue;
+            }
             let next = u32::try_from(leaf_ids.len() + 1).expect("leaves fit u32");
             let leaf_id = *leaf_ids.entry(key).or_insert_with(|| {
-                encode_leaf(map, index, next, &mut recs);
+                encode_leaf(&entries, next, &mut recs);
                 next
             });
             pairs.push((u32::try_from(index).expect("leaf index fits u32"), leaf_id));
@@ -94,11 +99,11 @@ pub fn encode(sb: &Superblock, table: &VolumeTable, maps: &Maps) -> Vec<u8> {
     format::encode_journal_blocks(sb.journal_tag ^ CKPT_TAG_XOR, 1, &recs)
 }
 
-fn encode_leaf(map: &ClusterMap, index: usize, leaf_id: u32, out: &mut Vec<Record>) {
-    let base = (index * LEAF_ENTRIES) as u64;
-    let slots: Vec<u32> = (0..LEAF_ENTRIES as u64)
-        .map(|i| map.get(base + i).map_or(0, |m| m.pc + 1))
-        .collect();
+fn encode_leaf(entries: &[(usize, Mapping)], leaf_id: u32, out: &mut Vec<Record>) {
+    let mut slots = vec![0u32; LEAF_ENTRIES];
+    for (i, m) in entries {
+        slots[*i] = m.pc + 1;
+    }
     let mut i = 0;
     while i < LEAF_ENTRIES {
         if slots[i] == 0 {
@@ -350,6 +355,14 @@ mod tests {
             .apply(&VolumeRecord::Create(meta(3, "b", 4096)))
             .expect("create");
         maps.insert(3, Arc::new(ClusterMap::new(1)));
+        // A leaf whose every entry was unmapped again stays allocated: nothing to store.
+        let emptied = Arc::new(ClusterMap::new(1));
+        emptied.set(0, Mapping { pc: 3, epoch: 0 }, &mut |_| {});
+        emptied.clear(0, &mut |_| {});
+        table
+            .apply(&VolumeRecord::Create(meta(4, "emptied", 4096)))
+            .expect("create");
+        maps.insert(4, emptied);
 
         let bytes = encode(&sb, &table, &maps);
         sb.ckpt_crc = crc32c::crc32c(&bytes);

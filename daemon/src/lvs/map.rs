@@ -451,6 +451,24 @@ impl ClusterMap {
             .collect()
     }
 
+    /// The mapped entries of leaf `index` as (slot, mapping), whatever this map's length
+    /// (a leaf is shared as a whole).
+    pub fn leaf_entries(&self, index: usize) -> Vec<(usize, Mapping)> {
+        let p = self
+            .top()
+            .get(index)
+            .map_or(std::ptr::null_mut(), |p| p.load(Ordering::Acquire));
+        // SAFETY: a non-null pointer in a live top is a live leaf (module contract).
+        let Some(leaf) = (unsafe { p.as_ref() }) else {
+            return Vec::new();
+        };
+        leaf.e
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Mapping::decode(e.load(Ordering::Acquire)).map(|m| (i, m)))
+            .collect()
+    }
+
     /// Whether leaf `index` is present.
     pub fn has_leaf(&self, index: usize) -> bool {
         self.top()
