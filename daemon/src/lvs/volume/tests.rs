@@ -126,20 +126,7 @@ impl Harness {
                         })
                         .clone()
                 });
-                let io = match io {
-                    IoReq::Read(off, len) => Io::Read {
-                        offset: off,
-                        buf: IoBuf::alloc(len),
-                    },
-                    IoReq::Write(off, data, fua) => Io::Write {
-                        offset: off,
-                        buf: IoBuf::from_slice(&data),
-                        fua,
-                    },
-                    IoReq::Flush => Io::Flush,
-                    IoReq::Discard(off, len) => Io::Discard { offset: off, len },
-                    IoReq::Zero(off, len) => Io::WriteZeroes { offset: off, len },
-                };
+                let io = io.into_io();
                 let tx2 = tx.clone();
                 ch.submit(
                     rx,
@@ -186,6 +173,26 @@ enum IoReq {
     Flush,
     Discard(u64, u64),
     Zero(u64, u64),
+}
+
+impl IoReq {
+    /// The device request, with a new buffer.
+    fn into_io(self) -> Io {
+        match self {
+            IoReq::Read(off, len) => Io::Read {
+                offset: off,
+                buf: IoBuf::alloc(len),
+            },
+            IoReq::Write(off, data, fua) => Io::Write {
+                offset: off,
+                buf: IoBuf::from_slice(&data),
+                fua,
+            },
+            IoReq::Flush => Io::Flush,
+            IoReq::Discard(off, len) => Io::Discard { offset: off, len },
+            IoReq::Zero(off, len) => Io::WriteZeroes { offset: off, len },
+        }
+    }
 }
 
 #[test]

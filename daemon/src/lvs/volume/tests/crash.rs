@@ -86,20 +86,7 @@ fn batch(h: &Harness, log: &WriteLog, ios: Vec<(u32, IoReq)>) -> Vec<Result<(), 
                         })
                         .clone()
                 });
-                let io = match io {
-                    IoReq::Write(off, data, fua) => Io::Write {
-                        offset: off,
-                        buf: IoBuf::from_slice(&data),
-                        fua,
-                    },
-                    IoReq::Discard(off, len) => Io::Discard { offset: off, len },
-                    IoReq::Zero(off, len) => Io::WriteZeroes { offset: off, len },
-                    IoReq::Flush => Io::Flush,
-                    IoReq::Read(off, len) => Io::Read {
-                        offset: off,
-                        buf: IoBuf::alloc(len),
-                    },
-                };
+                let io = io.into_io();
                 let (tx2, _log2) = (tx.clone(), log.clone());
                 ch.submit(
                     rx,

@@ -33,20 +33,7 @@ fn remote_io(h: &Harness, vol: u32, io: IoReq) -> Result<Vec<u8>, Errno> {
             let ch = REMOTE
                 .with(|r| r.borrow().get(&vol).cloned())
                 .expect("open");
-            let io = match io {
-                IoReq::Read(off, len) => Io::Read {
-                    offset: off,
-                    buf: IoBuf::alloc(len),
-                },
-                IoReq::Write(off, data, fua) => Io::Write {
-                    offset: off,
-                    buf: IoBuf::from_slice(&data),
-                    fua,
-                },
-                IoReq::Flush => Io::Flush,
-                IoReq::Discard(off, len) => Io::Discard { offset: off, len },
-                IoReq::Zero(off, len) => Io::WriteZeroes { offset: off, len },
-            };
+            let io = io.into_io();
             ch.submit(
                 rx,
                 io,
