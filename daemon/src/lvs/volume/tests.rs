@@ -19,6 +19,21 @@ thread_local! {
     static CHS: RefCell<HashMap<u32, Rc<dyn Channel>>> = RefCell::new(HashMap::new());
 }
 
+/// The owner reactor's channel of `vol`, opened once per runtime (on the owner only).
+fn owner_channel(rx: &Reactor, vol: u32) -> Rc<dyn Channel> {
+    CHS.with(|c| {
+        c.borrow_mut()
+            .entry(vol)
+            .or_insert_with(|| {
+                RT.with(|r| r.borrow().clone())
+                    .expect("pool")
+                    .open_volume(rx, vol)
+                    .expect("open")
+            })
+            .clone()
+    })
+}
+
 struct Harness {
     set: ReactorSet,
     dev: Arc<dyn BlockDevice>,
@@ -115,17 +130,7 @@ impl Harness {
         let (tx, rx_done) = crossbeam::channel::bounded(1);
         self.set.remotes()[0]
             .call(move |rx: &Reactor| {
-                let ch = CHS.with(|c| {
-                    c.borrow_mut()
-                        .entry(vol)
-                        .or_insert_with(|| {
-                            RT.with(|r| r.borrow().clone())
-                                .expect("pool")
-                                .open_volume(rx, vol)
-                                .expect("open")
-                        })
-                        .clone()
-                });
+                let ch = owner_channel(rx, vol);
                 let io = io.into_io();
                 let tx2 = tx.clone();
                 ch.submit(
@@ -402,17 +407,7 @@ fn acknowledged_writes_survive_a_daemon_crash_at_any_point() {
         let base = issued.len() - batch.len();
         h.set.remotes()[0]
             .call(move |rx: &Reactor| {
-                let ch = CHS.with(|c| {
-                    c.borrow_mut()
-                        .entry(vol)
-                        .or_insert_with(|| {
-                            RT.with(|r| r.borrow().clone())
-                                .expect("pool")
-                                .open_volume(rx, vol)
-                                .expect("open")
-                        })
-                        .clone()
-                });
+                let ch = owner_channel(rx, vol);
                 for (i, (block, value)) in batch.into_iter().enumerate() {
                     let (clock2, tx3) = (clock.clone(), tx2.clone());
                     let io = Io::Write {
@@ -545,17 +540,7 @@ fn a_cluster_is_not_recycled_while_an_io_to_it_is_in_flight() {
     let (tx, rx_done) = crossbeam::channel::bounded(1);
     h.set.remotes()[0]
         .call(move |rx: &Reactor| {
-            let ch = CHS.with(|c| {
-                c.borrow_mut()
-                    .entry(vol)
-                    .or_insert_with(|| {
-                        RT.with(|r| r.borrow().clone())
-                            .expect("pool")
-                            .open_volume(rx, vol)
-                            .expect("open")
-                    })
-                    .clone()
-            });
+            let ch = owner_channel(rx, vol);
             let io = Io::Write {
                 offset: 0,
                 buf: IoBuf::from_slice(&[2u8; 4096]),

@@ -75,17 +75,7 @@ fn batch(h: &Harness, log: &WriteLog, ios: Vec<(u32, IoReq)>) -> Vec<Result<(), 
     h.set.remotes()[0]
         .call(move |rx: &Reactor| {
             for (i, (vol, io)) in ios.into_iter().enumerate() {
-                let ch = CHS.with(|c| {
-                    c.borrow_mut()
-                        .entry(vol)
-                        .or_insert_with(|| {
-                            RT.with(|r| r.borrow().clone())
-                                .expect("pool")
-                                .open_volume(rx, vol)
-                                .expect("open")
-                        })
-                        .clone()
-                });
+                let ch = owner_channel(rx, vol);
                 let io = io.into_io();
                 let (tx2, _log2) = (tx.clone(), log.clone());
                 ch.submit(
