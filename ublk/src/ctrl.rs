@@ -752,6 +752,8 @@ mod tests {
         let s = e.to_string();
         assert!(s.contains("SET_PARAMS of device 3"), "{s}");
         assert!(s.contains("before START"), "{s}");
+        assert!(s.contains("Permission denied (errno 13)"), "{s}");
+        assert!(!s.contains("os error"), "{s}");
         assert!(Error::NoControl.to_string().contains("modprobe ublk_drv"));
         assert!(pid_arg(0).is_err());
         assert!(pid_arg(-5).is_err());

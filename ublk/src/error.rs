@@ -74,8 +74,13 @@ fn dev_name(dev_id: u32) -> String {
     }
 }
 
+/// `strerror` without the "(os error N)" suffix std adds: the message shows the errno.
 fn errno_text(errno: i32) -> String {
-    std::io::Error::from_raw_os_error(errno).to_string()
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    match text.rfind(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
 }
 
 fn open_hint(e: &std::io::Error) -> &'static str {
