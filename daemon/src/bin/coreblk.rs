@@ -197,11 +197,11 @@ enum PoolCmd {
         #[arg(long)]
         release_devices: bool,
     },
-    /// Check a pool's metadata (and, with --check-data, its data).
+    /// Check a pool's metadata while it serves (exit status 1 when damaged).
     Verify {
         /// Name or UUID.
         pool: String,
-        /// Also read and check every allocated cluster (slow).
+        /// Also check data (refused: the store keeps no data checksums yet).
         #[arg(long)]
         check_data: bool,
     },

@@ -73,6 +73,18 @@ pub enum Error {
         /// Why the import failed.
         reason: String,
     },
+    /// The same long operation is already running on the object (one at a time).
+    #[error("{op} of {what} {name:?} is already running; {reason}")]
+    AlreadyRunning {
+        /// `verify`.
+        op: &'static str,
+        /// `pool`.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// The limit, and what to do.
+        reason: String,
+    },
     /// No object of that name or UUID.
     #[error("{what} {name:?} not found ({hint})")]
     NotFound {
@@ -202,6 +214,7 @@ impl Error {
                 tonic::Code::FailedPrecondition
             }
             Self::NotFound { .. } => tonic::Code::NotFound,
+            Self::AlreadyRunning { .. } => tonic::Code::Aborted,
             Self::AlreadyExists { .. } => tonic::Code::AlreadyExists,
             Self::NoSpace { .. } => tonic::Code::ResourceExhausted,
             Self::VolumeIo { errno, .. } if errno.0 == libc::ENOSPC => {

@@ -1,15 +1,20 @@
-//! The `Pools` service: create on a claimed device, get, list, destroy (verify waits for
-//! the store's checker), and the per-pool figures `Node.GetCapacity` reports.
+//! The `Pools` service: create on a claimed device, get, list, destroy, verify (the
+//! metadata checker of `lvs/verify.rs` on a served pool, through a read-only handle of
+//! its own), and the per-pool figures `Node.GetCapacity` reports.
 //!
 //! Must never: answer from a pool that is not online as if it were (importing pools say
-//! so in their state; their figures are zero until online).
+//! so in their state; their figures are zero until online); run a check on the runtime
+//! thread, or more than one check of a pool at a time.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use coreblk_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use super::devices::blocking;
 use super::error::{Error, Result};
 use super::names::{validate_labels, validate_name};
 use super::page::paginate;
@@ -17,10 +22,15 @@ use super::server::Shared;
 use super::store::{
     PoolFigures, PoolInfo, PoolSpec, PoolState, MAX_CLUSTER_BYTES, MIN_CLUSTER_BYTES,
 };
+use crate::bdev::label::Uuid;
 use crate::lvs::pool::DEFAULT_CLUSTER_BYTES;
+use crate::lvs::verify::{self, Report};
 
 /// Most overcommit a pool may be given.
 pub const MAX_OVERCOMMIT: f64 = 1000.0;
+/// Most pool checks running at once (each holds one of the runtime's few blocking threads
+/// and a reactor thread of its own).
+pub const MAX_VERIFIES: usize = 2;
 
 /// Converts request labels to the store's ordered map.
 pub fn label_map(labels: HashMap<String, String>) -> BTreeMap<String, String> {
@@ -93,17 +103,160 @@ pub async fn capacity(shared: &Shared, p: &PoolInfo) -> Result<pb::PoolCapacity>
     })
 }
 
+/// The pools being checked now.
+type Verifying = Arc<Mutex<HashSet<Uuid>>>;
+
+/// A pool's place among the running checks, given back when the check ends (it moves into
+/// the blocking task, so a client that hangs up does not free it early).
+#[derive(Debug)]
+struct VerifySlot {
+    running: Verifying,
+    pool: Uuid,
+}
+
+impl VerifySlot {
+    fn take(running: &Verifying, pool: Uuid, name: &str) -> Result<Self> {
+        let mut set = running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let busy = |reason: String| Error::AlreadyRunning {
+            op: "verify",
+            what: "pool",
+            name: name.to_owned(),
+            reason,
+        };
+        if set.contains(&pool) {
+            return Err(busy(
+                "one check of a pool runs at a time: wait for it to finish, then ask again"
+                    .to_owned(),
+            ));
+        }
+        if set.len() >= MAX_VERIFIES {
+            return Err(busy(format!(
+                "{MAX_VERIFIES} pool checks are running, the most at once: ask again when one has finished"
+            )));
+        }
+        set.insert(pool);
+        Ok(Self {
+            running: Arc::clone(running),
+            pool,
+        })
+    }
+}
+
+impl Drop for VerifySlot {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.pool);
+    }
+}
+
+/// A second, read-only `O_DIRECT` descriptor of the claimed device behind `file` (through
+/// `/proc/self/fd`, so it is the same device even if its path changed since the claim;
+/// without `O_EXCL`, which the claim itself holds).
+fn reopen_read_only(path: &std::path::Path, file: &File) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(|e| {
+            Error::Internal(format!(
+                "cannot open {} again read-only to check it: {e}",
+                path.display()
+            ))
+        })
+}
+
+/// The answer to `VerifyPool` from a checker's report: `ok` when no damage was found and
+/// the check ran to the end (warnings are listed but leave it ok).
+#[must_use]
+pub fn verify_response(r: &Report) -> pb::VerifyPoolResponse {
+    let mut problems: Vec<String> = Vec::new();
+    if let Some(why) = &r.incomplete {
+        problems.push(format!("not checked to the end: {why}"));
+    }
+    problems.extend(r.problems.iter().map(ToString::to_string));
+    if r.unlisted_problems > 0 {
+        problems.push(format!(
+            "… and {} more problems not listed (run `coreblkd verify --device` on the stopped pool for all)",
+            r.unlisted_problems
+        ));
+    }
+    pb::VerifyPoolResponse {
+        ok: r.is_clean(),
+        problems,
+        checked_bytes: r.checked_bytes,
+    }
+}
+
 /// The `Pools` service.
 #[derive(Debug)]
 pub struct PoolsService {
     shared: Arc<Shared>,
+    verifying: Verifying,
 }
 
 impl PoolsService {
     /// A service over the daemon's shared state.
     #[must_use]
     pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            verifying: Verifying::default(),
+        }
+    }
+
+    /// Checks `p`'s metadata on its device: live (the pool keeps serving; see
+    /// `lvs/verify.rs`, "Checking a running pool") when online, offline when its import
+    /// failed (nothing writes it then). On the blocking pool, one check per pool.
+    async fn verify(&self, p: &PoolInfo) -> Result<Report> {
+        let live = match &p.state {
+            PoolState::Online => true,
+            PoolState::Failed(_) => false,
+            PoolState::Importing => {
+                return Err(Error::PoolImporting {
+                    pool: p.name.clone(),
+                })
+            }
+        };
+        let slot = VerifySlot::take(&self.verifying, p.uuid, &p.name)?;
+        let (path, held): (PathBuf, File) = self
+            .shared
+            .claims
+            .device_file(p.device_uuid)
+            .map_err(|e| {
+                Error::Internal(format!("cannot reach the device of pool {}: {e}", p.name))
+            })?
+            .ok_or_else(|| Error::DeviceNotClaimed {
+                device: p.device_path.display().to_string(),
+            })?;
+        let file = reopen_read_only(&path, &held)?;
+        drop(held);
+        let name = p.name.clone();
+        blocking(move || {
+            let _slot = slot;
+            let started = std::time::Instant::now();
+            let report = verify::verify_file(&path, file, live).map_err(|e| Error::Store {
+                op: "verify pool",
+                object: name.clone(),
+                reason: e.to_string(),
+            })?;
+            tracing::info!(
+                pool = %name,
+                live,
+                clean = report.is_clean(),
+                problems = report.problems.len(),
+                checked_bytes = report.checked_bytes,
+                ms = started.elapsed().as_millis(),
+                "pool verified"
+            );
+            Ok(report)
+        })
+        .await
     }
 
     fn check(&self) -> Result<(), Status> {
@@ -229,18 +382,90 @@ impl pb::pools_server::Pools for PoolsService {
         request: Request<pb::VerifyPoolRequest>,
     ) -> Result<Response<pb::VerifyPoolResponse>, Status> {
         self.check()?;
-        self.shared.store.pool(&request.into_inner().pool)?;
-        Err(Error::StoreLacks {
-            rpc: "VerifyPool",
-            feature: "pool verification (a metadata checker)",
+        let r = request.into_inner();
+        if r.check_data {
+            return Err(Error::InvalidArgument {
+                field: "check_data",
+                reason: "the volume store keeps no checksums of data, so there is nothing to \
+                         check data against; verify checks the pool's metadata (leave \
+                         check_data unset)"
+                    .to_owned(),
+            }
+            .into());
         }
-        .into())
+        let p = self.shared.store.pool(&r.pool)?;
+        let report = self.verify(&p).await?;
+        Ok(Response::new(verify_response(&report)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_check_per_pool_and_a_bounded_number_at_once() {
+        let running = Verifying::default();
+        let a = VerifySlot::take(&running, Uuid([1; 16]), "a").expect("first check of a");
+        let e = VerifySlot::take(&running, Uuid([1; 16]), "a").expect_err("a second of a");
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Aborted);
+        let b = VerifySlot::take(&running, Uuid([2; 16]), "b").expect("b beside a");
+        assert_eq!(MAX_VERIFIES, 2);
+        let e = VerifySlot::take(&running, Uuid([3; 16]), "c").expect_err("a third pool");
+        assert!(e.to_string().contains("most at once"), "{e}");
+        drop(a);
+        let _a = VerifySlot::take(&running, Uuid([1; 16]), "a").expect("a again once done");
+        drop(b);
+        assert_eq!(running.lock().expect("lock").len(), 1);
+    }
+
+    #[test]
+    fn a_report_becomes_sentences_and_ok_only_when_clean() {
+        use crate::lvs::verify::{Part, Problem, Severity};
+        let warning = Problem {
+            severity: Severity::Warning,
+            part: Part::Superblock,
+            object: "superblock copy 1".into(),
+            message: "checksum mismatch".into(),
+        };
+        let mut r = Report {
+            problems: vec![warning.clone()],
+            checked_bytes: 8192,
+            ..Report::default()
+        };
+        let v = verify_response(&r);
+        assert!(v.ok, "warnings leave the pool ok");
+        assert_eq!(
+            v.problems,
+            ["warning: superblock copy 1: checksum mismatch"]
+        );
+        assert_eq!(v.checked_bytes, 8192);
+        r.problems.push(Problem {
+            severity: Severity::Damaged,
+            object: "journal block 7".into(),
+            part: Part::Journal,
+            message: "a hole".into(),
+        });
+        r.unlisted_problems = 3;
+        let v = verify_response(&r);
+        assert!(!v.ok);
+        assert_eq!(v.problems[1], "damaged: journal block 7: a hole");
+        assert!(
+            v.problems[2].contains("3 more problems"),
+            "{:?}",
+            v.problems
+        );
+        let v = verify_response(&Report {
+            incomplete: Some("reading 4096 bytes at byte 0: EIO".into()),
+            ..Report::default()
+        });
+        assert!(!v.ok);
+        assert!(
+            v.problems[0].starts_with("not checked to the end"),
+            "{:?}",
+            v.problems
+        );
+    }
 
     #[test]
     fn create_requests_are_checked() {

@@ -21,7 +21,36 @@
 //! first problem or would not notice one.
 //!
 //! Must never: write to the device, or panic on anything it reads. Start reading at
-//! [`verify`]; [`verify_offline`] opens a device read-only for the command line.
+//! [`verify`]; [`verify_offline`] opens a device read-only for the command line;
+//! [`verify_live`] checks a pool its daemon is serving (`coreblk pool verify`).
+//!
+//! # Checking a running pool
+//!
+//! A served pool keeps writing while the checker reads, so the checker's reads are not
+//! one instant of the device. The crash-consistency contract (FORMAT.md §3, §4) says the
+//! metadata at any valid journal prefix is a consistent pool, and the checker reads only
+//! metadata (never data or free clusters, whose contents a running pool changes at will).
+//! What it reads stays such a prefix as long as no superblock write lands during the
+//! check: the active checkpoint area is rewritten only by the checkpoint after next, and a
+//! journal block from the superblock's first sequence on is overwritten only once a newer
+//! checkpoint's superblock is written; journal blocks themselves only ever extend the
+//! journal (replay stops wherever the writer was, which is a valid prefix). So the live
+//! mode changes exactly the checks a running pool can legitimately violate:
+//!
+//! - valid journal blocks past the end of replay are the journal growing while it was
+//!   read, not a hole — unless block `stop` still does not read back once blocks a whole
+//!   journal write past it are on the device (writes are ≤ [`journal::TORN_TAIL_BLOCKS`]
+//!   blocks, one in flight at a time, so the write holding `stop` had completed): that
+//!   is a hole, as offline; the in-flight write's torn tail is no warning;
+//! - a superblock write landing during the check (a checkpoint) can make earlier reads
+//!   stale: when the generation moved and anything was reported, the check runs again
+//!   (at most [`LIVE_ATTEMPTS`] times), and when it never settles the report says so
+//!   rather than claim damage. A clean check after a move stands: it checked a
+//!   consistent, slightly older pool.
+//!
+//! Taking a checkpoint first through the store was the other way; it would not help: the
+//! pool keeps journalling (and may checkpoint again) while the check runs, so these two
+//! rules are needed anyway, and a checkpoint costs the pool a metadata write per verify.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -46,6 +75,8 @@ const READ_CHUNK_BYTES: u64 = 1 << 20;
 /// A volume with more logical clusters than this is not plausible (its map's top array
 /// alone would take 32 MiB): refused before a map is built for it.
 const MAX_PLAUSIBLE_CLUSTERS: u64 = 1 << 32;
+/// Most times [`verify_live`] checks a pool whose superblock moved during the check.
+pub const LIVE_ATTEMPTS: u32 = 4;
 
 /// How bad a problem is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -163,6 +194,8 @@ pub struct Report {
     pub problems: Vec<Problem>,
     /// Problems counted but not listed (more than `MAX_PROBLEMS_PER_PART` in one part).
     pub unlisted_problems: u64,
+    /// Bytes read from the device (every attempt of a live check).
+    pub checked_bytes: u64,
 }
 
 impl Report {
@@ -257,8 +290,11 @@ struct Unreadable(String);
 
 struct Checker<'a> {
     dev: &'a BlockingDevice,
+    /// The pool may be running (see the module's "Checking a running pool").
+    live: bool,
     report: Report,
     per_part: HashMap<Part, usize>,
+    read_bytes: std::cell::Cell<u64>,
 }
 
 fn area_name(area: u32) -> String {
@@ -310,6 +346,7 @@ impl<'a> Checker<'a> {
                         self.dev.device().name()
                     ))
                 })?;
+            self.read_bytes.set(self.read_bytes.get() + n);
             out.extend_from_slice(&b);
             off += n;
         }
@@ -872,7 +909,11 @@ impl Checker<'_> {
     fn replay(&mut self, sb: &Superblock) -> Result<journal::Replay, Unreadable> {
         let mut io_error = None;
         let replay = journal::replay(sb, |off| match self.dev.read(off, BLOCK_BYTES) {
-            Ok(b) => Some(b),
+            Ok(b) => {
+                self.read_bytes
+                    .set(self.read_bytes.get() + BLOCK_BYTES as u64);
+                Some(b)
+            }
             Err(e) => {
                 io_error = Some(format!("reading journal block at byte {off}: {e}"));
                 None
@@ -905,6 +946,16 @@ impl Checker<'_> {
             replay.stop,
             past.len()
         );
+        if self.live {
+            // The journal grew while it was read: block `stop` reads back now. Or the
+            // write in flight (at most one, of at most TORN_TAIL_BLOCKS blocks) holds it.
+            let b = self.read(sb.journal_block_offset(stop), BLOCK_BYTES as u64)?;
+            if format::decode_journal_block(&b, sb.journal_tag, stop).is_ok()
+                || last - stop < journal::TORN_TAIL_BLOCKS
+            {
+                return Ok(());
+            }
+        }
         if last - stop < journal::TORN_TAIL_BLOCKS {
             self.warning(
                 Part::Journal,
@@ -1240,21 +1291,67 @@ fn sb_layout_warnings(sb: &Superblock) -> Vec<String> {
     out
 }
 
-/// Checks the pool on `dev` and reports every problem found. Reads only.
+/// Checks the pool on `dev`, which nothing writes meanwhile, and reports every problem
+/// found. Reads only.
 pub fn verify(dev: &BlockingDevice) -> Report {
+    check(dev, false)
+}
+
+fn check(dev: &BlockingDevice, live: bool) -> Report {
     let mut c = Checker {
         dev,
+        live,
         report: Report {
             device: dev.device().name().to_string(),
             device_bytes: dev.device().geometry().size_bytes,
             ..Report::default()
         },
         per_part: HashMap::new(),
+        read_bytes: std::cell::Cell::new(0),
     };
     if let Err(Unreadable(why)) = c.run() {
         c.report.incomplete = Some(why);
     }
+    c.report.checked_bytes = c.read_bytes.get();
     c.report
+}
+
+/// Checks the pool on `dev` while its daemon may be serving it (through another, read-only
+/// handle): the rules of the module's "Checking a running pool". Reads only.
+pub fn verify_live(dev: &BlockingDevice) -> Report {
+    let mut checked_bytes = 0;
+    let mut moved = 0;
+    for _ in 0..LIVE_ATTEMPTS {
+        let mut r = check(dev, true);
+        checked_bytes += r.checked_bytes;
+        r.checked_bytes = checked_bytes;
+        if r.problems.is_empty() && r.incomplete.is_none() {
+            return r;
+        }
+        let Some(_) = r.summary.superblock_copy else {
+            // No usable superblock: nothing this daemon writes explains that.
+            return r;
+        };
+        match pool::read_superblock(dev) {
+            Ok((sb, _)) if sb.generation == r.summary.generation => return r,
+            Ok(_) => moved += 1,
+            Err(pool::PoolError::Io(e)) => {
+                r.incomplete = Some(format!("re-reading the superblock: {e}"));
+                return r;
+            }
+            Err(_) => return r,
+        }
+    }
+    Report {
+        device: dev.device().name().to_string(),
+        device_bytes: dev.device().geometry().size_bytes,
+        incomplete: Some(format!(
+            "the pool wrote its superblock (a checkpoint) during each of {moved} checks, so what \
+             they read may mix two states; run the check again when the pool is less busy"
+        )),
+        checked_bytes,
+        ..Report::default()
+    }
 }
 
 /// Why an offline check could not start.
@@ -1287,7 +1384,8 @@ pub enum VerifyError {
 /// Opens `path` (a file or block device) read-only and checks the pool on it, through one
 /// unpinned reactor of its own. A block device is opened exclusively (`O_EXCL`), so a
 /// device a running daemon holds is refused; a file has no such guard (the daemon's claim
-/// is an OFD lock): do not verify a file a daemon serves.
+/// is an OFD lock): do not verify a file a daemon serves (a daemon verifies its own pools
+/// with [`verify_file`]).
 pub fn verify_offline(path: &Path) -> Result<Report, VerifyError> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let shown = path.display().to_string();
@@ -1318,6 +1416,22 @@ pub fn verify_offline(path: &Path) -> Result<Report, VerifyError> {
                 open_err("cannot open", e.to_string())
             }
         })?;
+    verify_file(path, file, false)
+}
+
+/// Checks the pool on `file` (opened read-only with `O_DIRECT`; `path` names it in the
+/// report) through one unpinned reactor of its own, [`verify_live`] when `live`. Blocking:
+/// run it on a thread that may block.
+///
+/// # Errors
+/// The file is not a usable device, or the reactor cannot start.
+pub fn verify_file(path: &Path, file: std::fs::File, live: bool) -> Result<Report, VerifyError> {
+    let shown = path.display().to_string();
+    let open_err = |what, why: String| VerifyError::Open {
+        what,
+        path: shown.clone(),
+        why,
+    };
     let dev: Arc<dyn crate::bdev::BlockDevice> = Arc::new(
         crate::bdev::uring::UringDevice::from_file(path, file)
             .map_err(|e| open_err("cannot use", e.to_string()))?,
@@ -1331,7 +1445,7 @@ pub fn verify_offline(path: &Path) -> Result<Report, VerifyError> {
         .map_err(|e| open_err("cannot start a reactor for", e.to_string()))?;
     let remote = set.remotes()[0].clone();
     let report = BlockingDevice::new(dev, remote)
-        .map(|bd| verify(&bd))
+        .map(|bd| if live { verify_live(&bd) } else { verify(&bd) })
         .map_err(|e| open_err("cannot open a channel to", e.to_string()));
     set.shutdown();
     report
