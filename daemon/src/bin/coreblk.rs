@@ -112,10 +112,13 @@ enum Cmd {
         #[arg(long)]
         read_only: bool,
     },
-    /// Tear down a volume's export.
+    /// Tear down a volume's export (refused while the device is open, unless --force).
     Unexport {
         /// The volume.
         volume: String,
+        /// Tear it down even while mounted or held: its users' IO fails.
+        #[arg(long)]
+        force: bool,
     },
     /// This node: identity, reactors, devices.
     Node {
@@ -567,7 +570,11 @@ async fn run(cli: Cli) -> CmdResult {
                         })
                         .await?
                         .into_inner();
-                    print_exports(out, &[e], "");
+                    // The device path alone, so scripts can use it; -o json: the Export.
+                    match out {
+                        Output::Table => println!("{}", e.device_path),
+                        Output::Json => print_json(&export_json(&e)),
+                    }
                 }
                 (None, None) => {
                     return Err(anyhow::anyhow!("name the volume to export").into());
@@ -575,10 +582,11 @@ async fn run(cli: Cli) -> CmdResult {
             }
             Ok(())
         }
-        Cmd::Unexport { volume } => {
+        Cmd::Unexport { volume, force } => {
             pb::exports_client::ExportsClient::new(channel)
                 .unexport_volume(pb::UnexportVolumeRequest {
                     volume: volume.clone(),
+                    force,
                 })
                 .await?;
             done(out, &format!("unexported {volume}"));
@@ -1600,14 +1608,18 @@ fn print_snapshots(out: Output, snaps: &[pb::Snapshot], next: &str) {
     next_page(next);
 }
 
+fn export_json(e: &pb::Export) -> serde_json::Value {
+    json!({
+        "volume_uuid": e.volume_uuid, "volume_name": e.volume_name,
+        "device_path": e.device_path, "ublk_id": e.ublk_id, "persistent": e.persistent,
+        "read_only": e.read_only, "reactors": e.reactors,
+    })
+}
+
 fn print_exports(out: Output, exports: &[pb::Export], next: &str) {
     if out == Output::Json {
         print_json(&json!({
-            "exports": exports.iter().map(|e| json!({
-                "volume_uuid": e.volume_uuid, "volume_name": e.volume_name,
-                "device_path": e.device_path, "ublk_id": e.ublk_id, "persistent": e.persistent,
-                "read_only": e.read_only, "reactors": e.reactors,
-            })).collect::<Vec<_>>(),
+            "exports": exports.iter().map(export_json).collect::<Vec<_>>(),
             "next_page_token": next,
         }));
         return;

@@ -158,14 +158,34 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// The call needs ublk exports, which this daemon cannot make yet.
-    #[error(
-        "{rpc}: exports are not available: ublk exports are not built into this coreblkd yet \
-         (and there is no volume store to export from)"
-    )]
-    ExportsNotBuilt {
+    /// The object is exported as a block device; the call would change or remove what
+    /// the device serves.
+    #[error("{what} {name:?} is exported as {device}; unexport it first (`coreblk unexport`)")]
+    Exported {
+        /// `volume`, `snapshot`, `pool`.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// The device path.
+        device: String,
+    },
+    /// This node cannot make ublk exports (no driver, or no usable data path).
+    #[error("{rpc}: ublk exports are not available on this node: {reason}")]
+    ExportsUnavailable {
         /// The RPC that was called.
         rpc: &'static str,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// A ublk control command or queue set-up failed.
+    #[error("{op} of ublk device {dev}: {reason}")]
+    Ublk {
+        /// `add`, `start`, `stop`...
+        op: &'static str,
+        /// The device (`/dev/ublkbN`, or `new` before it has an id).
+        dev: String,
+        /// What went wrong.
+        reason: String,
     },
     /// The daemon is stopping.
     #[error("coreblkd is stopping; retry once it (or its successor) is serving again")]
@@ -222,7 +242,10 @@ impl Error {
             }
             Self::Store { reason, .. } => store_code(reason),
             Self::VolumeIo { .. } => tonic::Code::Internal,
-            Self::ExportsNotBuilt { .. } => tonic::Code::FailedPrecondition,
+            Self::Exported { .. } | Self::ExportsUnavailable { .. } => {
+                tonic::Code::FailedPrecondition
+            }
+            Self::Ublk { .. } => tonic::Code::Internal,
             Self::ShuttingDown => tonic::Code::Unavailable,
         }
     }
@@ -325,10 +348,22 @@ mod tests {
             tonic::Status::from(Error::Importing { detail: "x".into() }).code(),
             tonic::Code::Unavailable
         );
-        let status = tonic::Status::from(Error::ExportsNotBuilt {
+        let status = tonic::Status::from(Error::ExportsUnavailable {
             rpc: "ExportVolume",
+            reason: "no ublk driver".to_owned(),
         });
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        let status = tonic::Status::from(Error::Exported {
+            what: "volume",
+            name: "v1".to_owned(),
+            device: "/dev/ublkb0".to_owned(),
+        });
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status.message().contains("/dev/ublkb0"),
+            "{}",
+            status.message()
+        );
         assert_eq!(
             tonic::Status::from(Error::ShuttingDown).code(),
             tonic::Code::Unavailable

@@ -3,8 +3,7 @@
 //!
 //! Owns: the server thread and its runtime ([`server::ControlPlane`]), the API socket
 //! ([`socket`]), the services ([`devices`], [`node`], [`pools`], [`volumes`],
-//! [`snapshots`], [`images`], and [`unbuilt`] for exports, which answer
-//! FAILED_PRECONDITION until ublk exports exist), the pools as the control plane sees them
+//! [`snapshots`], [`images`], [`exports`]: volumes as ublk devices), the pools as the control plane sees them
 //! ([`store`]: registry, start-up import, sessions on the owner reactors), the
 //! claimed-device registry ([`claims`]), name and label rules ([`names`]), pagination
 //! ([`page`]), what `/metrics` reads of the pools ([`scrape`]), the one error → gRPC code mapping ([`error`]) and the client side used by
@@ -20,6 +19,7 @@ pub mod claims;
 pub mod client;
 pub mod devices;
 pub mod error;
+pub mod exports;
 pub mod images;
 pub mod names;
 pub mod node;
@@ -30,7 +30,6 @@ pub mod server;
 pub mod snapshots;
 pub mod socket;
 pub mod store;
-pub mod unbuilt;
 pub mod volumes;
 
 pub use error::{Error, Result};

@@ -138,6 +138,22 @@ impl pb::node_server::Node for NodeService {
             served_device_path: f.served_device.display().to_string(),
             metrics_address: f.metrics_address.map(|a| a.to_string()).unwrap_or_default(),
             socket_path: f.socket.display().to_string(),
+            ublk: Some(match self.shared.exports.kernel() {
+                Ok(k) => pb::UblkInfo {
+                    available: true,
+                    unavailable_reason: String::new(),
+                    features: k.features.0,
+                    feature_names: k.features.names().iter().map(|n| (*n).to_owned()).collect(),
+                    // The zero-copy path is not built yet: every export copies.
+                    data_path: crate::export::PathKind::Copy.name().to_owned(),
+                    reason: k.choice.reason.clone(),
+                },
+                Err(why) => pb::UblkInfo {
+                    available: false,
+                    unavailable_reason: why.to_owned(),
+                    ..Default::default()
+                },
+            }),
         }))
     }
 

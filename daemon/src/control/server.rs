@@ -23,6 +23,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use super::claims::Claims;
 use super::devices::DevicesService;
 use super::error::Error;
+use super::exports::{Exports, ExportsService};
 use super::images::ImagesService;
 use super::node::{NodeFacts, NodeService};
 use super::pools::PoolsService;
@@ -30,7 +31,6 @@ use super::scrape::Scraper;
 use super::snapshots::SnapshotsService;
 use super::socket::ApiSocket;
 use super::store::Store;
-use super::unbuilt::Unbuilt;
 use super::volumes::VolumesService;
 use crate::metrics::{self, http, DeviceSample, ReactorSample};
 use crate::reactor::ReactorStats;
@@ -63,6 +63,8 @@ pub struct Shared {
     pub facts: NodeFacts,
     /// The reactors.
     pub reactors: Vec<ReactorHandle>,
+    /// The ublk exports.
+    pub exports: Arc<Exports>,
     stopping: AtomicBool,
     scraper: Scraper,
 }
@@ -75,12 +77,14 @@ impl Shared {
         store: Arc<Store>,
         facts: NodeFacts,
         reactors: Vec<ReactorHandle>,
+        exports: Arc<Exports>,
     ) -> Self {
         Self {
             claims,
             store,
             facts,
             reactors,
+            exports,
             stopping: AtomicBool::new(false),
             scraper: Scraper::default(),
         }
@@ -292,7 +296,7 @@ async fn run(
                 .max_decoding_message_size(super::MAX_IMAGE_MESSAGE_BYTES)
                 .max_encoding_message_size(super::MAX_IMAGE_MESSAGE_BYTES),
         )
-        .add_service(pb::exports_server::ExportsServer::new(Unbuilt::new(
+        .add_service(pb::exports_server::ExportsServer::new(ExportsService::new(
             Arc::clone(&shared),
         )))
         .serve_with_incoming_shutdown(UnixListenerStream::new(uds), shutdown);
@@ -323,6 +327,9 @@ async fn run(
         let _ = task.await;
     }
     import.abort();
+    // Exports stay for the next daemon; their in-flight requests finish before the pools
+    // are flushed and stopped.
+    shared.exports.detach_all().await;
     shared.store.stop().await;
     socket.remove();
     tracing::info!("control plane stopped");

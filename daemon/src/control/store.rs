@@ -419,6 +419,8 @@ pub struct Store {
     /// Serialises writes of the state file.
     persisting: Mutex<()>,
     last_import_record: Mutex<Option<Instant>>,
+    /// Exported volumes and snapshots → their device path (set by the export layer).
+    exported: Mutex<HashMap<Uuid, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -551,6 +553,7 @@ impl Store {
             ops: tokio::sync::Mutex::new(()),
             persisting: Mutex::new(()),
             last_import_record: Mutex::new(None),
+            exported: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1084,6 +1087,21 @@ impl Store {
                 });
             }
             {
+                let exported = lock(&self.exported);
+                if let Some((v, device)) = table
+                    .volumes
+                    .values()
+                    .chain(table.snapshots.values())
+                    .find_map(|v| Some((v, exported.get(&Uuid(v.uuid))?)))
+                {
+                    return Err(Error::Exported {
+                        what: "pool",
+                        name: format!("{} (its volume {})", p.name, v.name),
+                        device: device.clone(),
+                    });
+                }
+            }
+            {
                 let inner = lock(&self.inner);
                 if table
                     .volumes
@@ -1554,6 +1572,13 @@ impl Store {
     }
 
     fn check_idle(&self, what: &'static str, name: &str, uuid: Uuid) -> Result<()> {
+        if let Some(device) = lock(&self.exported).get(&uuid) {
+            return Err(Error::Exported {
+                what,
+                name: name.to_owned(),
+                device: device.clone(),
+            });
+        }
         if lock(&self.inner).busy.contains_key(&uuid) {
             return Err(Error::InUse {
                 what,
@@ -2180,6 +2205,39 @@ impl Store {
         }
     }
 
+    // ---- exports ---------------------------------------------------------------------
+
+    /// Marks a volume or snapshot exported as `device` (`None`: no longer): while it is,
+    /// it is not deleted or rolled back and its pool is not destroyed (FAILED_PRECONDITION
+    /// naming the export).
+    pub fn set_exported(&self, uuid: Uuid, device: Option<String>) {
+        let mut e = lock(&self.exported);
+        match device {
+            Some(d) => e.insert(uuid, d),
+            None => e.remove(&uuid),
+        };
+    }
+
+    /// What serving `v` from every reactor needs: a handle to open on each reactor
+    /// ([`open_export_channel`]), its pool's cluster size and its owner reactor.
+    ///
+    /// # Errors
+    /// The pool is not online, or the object cannot be opened.
+    pub async fn export_source(
+        &self,
+        v: &ObjectRef,
+    ) -> Result<(crate::lvs::volume::VolumeHandle, u64, usize)> {
+        let p = self.online(&v.pool_uuid.to_string())?;
+        let (uuid, vid, owner) = (p.uuid, v.id, p.owner);
+        ask(self.remote(p.owner), move |r: &Reactor, tx| {
+            let res = pool_rt(uuid)
+                .and_then(|rt| Ok((rt.volume_handle(r, vid)?, rt.cluster_bytes(), owner)));
+            let _ = tx.send(res);
+        })
+        .await?
+        .map_err(store_err("export", &v.name))
+    }
+
     // ---- stop and state --------------------------------------------------------------
 
     /// Flushes every online pool, writes a metadata checkpoint (so the next start
@@ -2371,6 +2429,23 @@ fn journal_error(op: &'static str, object: &str, pool: &str, reason: String) -> 
         op,
         object: object.to_owned(),
         reason,
+    }
+}
+
+/// Opens the IO path of volume or snapshot `id` of pool `pool` on this reactor for an
+/// export: the owner's channel on the pool's owner reactor, a remote channel elsewhere.
+///
+/// # Errors
+/// The object cannot be opened (deleted, or the pool stopped).
+pub fn open_export_channel(
+    rx: &Reactor,
+    pool: Uuid,
+    id: u32,
+    h: &crate::lvs::volume::VolumeHandle,
+) -> std::result::Result<Rc<dyn Channel>, String> {
+    match pool_rt(pool) {
+        Ok(rt) => rt.open_volume(rx, id),
+        Err(_) => h.open(rx),
     }
 }
 

@@ -15,6 +15,7 @@
 //! Start reading at [`ReactorSet::start`], then [`Reactor::run`], then [`Reactor::submit`].
 
 pub mod buf;
+pub mod caps;
 pub mod msg;
 mod ring;
 mod timer;
@@ -153,6 +154,18 @@ pub struct ReactorStats {
 }
 
 const DOORBELL_UD: u64 = u64::MAX;
+/// `user_data` bit of a standing command ([`Reactor::submit_standing`]): the rest holds
+/// the handler id (bits 32..62) and the caller's tag (bits 0..31).
+const STANDING_BIT: u64 = 1 << 63;
+/// Standing-command handlers a reactor holds (ublk queues it serves).
+pub const MAX_STANDING_HANDLERS: u32 = 4096;
+
+/// Waits for a pooled buffer ([`Reactor::wait_for_buf`]).
+pub trait BufWaiter {
+    /// A buffer has come back to this reactor's pool; take it with `rx.bufs().take(..)`
+    /// (another waiter may have been faster: wait again if it is gone).
+    fn buf_ready(&self, rx: &Reactor);
+}
 
 /// How a request's raw CQE result becomes an [`IoResult`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,6 +300,10 @@ pub struct Reactor {
     /// Landing spot of the armed doorbell read; boxed so its address never moves.
     doorbell_buf: Box<Cell<u64>>,
     cached_now: Cell<Instant>,
+    /// Handlers of standing commands (ublk FETCH), by id; see [`Reactor::submit_standing`].
+    standing: RefCell<Vec<Option<Rc<dyn Completion>>>>,
+    /// Who waits for a pooled buffer, in arrival order (each at most once).
+    buf_waiters: RefCell<VecDeque<Rc<dyn BufWaiter>>>,
 }
 
 impl fmt::Debug for Reactor {
@@ -351,6 +368,8 @@ impl Reactor {
             files_used: RefCell::new(vec![false; MAX_FILES as usize]),
             doorbell_buf: Box::new(Cell::new(0)),
             cached_now: Cell::new(Instant::now()),
+            standing: RefCell::new(Vec::new()),
+            buf_waiters: RefCell::new(VecDeque::with_capacity(64)),
         })
     }
 
@@ -487,6 +506,91 @@ impl Reactor {
         // SAFETY: forwarded from this function's contract (pointers live until completion).
         unsafe { self.push_sqe(|ring| ring.push128(&sqe)) };
         Ok(())
+    }
+
+    /// Registers the handler of a family of standing commands (a ublk queue's FETCHes) and
+    /// returns its id for [`Self::submit_standing`]; [`Self::remove_standing`] frees it.
+    ///
+    /// # Errors
+    /// The reactor already holds [`MAX_STANDING_HANDLERS`] handlers.
+    pub fn add_standing(&self, handler: Rc<dyn Completion>) -> std::io::Result<u32> {
+        let mut hs = self.standing.borrow_mut();
+        if let Some(i) = hs.iter().position(Option::is_none) {
+            hs[i] = Some(handler);
+            return Ok(u32::try_from(i).expect("fewer than MAX_STANDING_HANDLERS handlers"));
+        }
+        let id = u32::try_from(hs.len()).expect("fewer than MAX_STANDING_HANDLERS handlers");
+        if id >= MAX_STANDING_HANDLERS {
+            return Err(std::io::Error::other(format!(
+                "reactor {} serves {MAX_STANDING_HANDLERS} ublk queues already",
+                self.id
+            )));
+        }
+        hs.push(Some(handler));
+        Ok(id)
+    }
+
+    /// Forgets handler `id`: completions still arriving for it are dropped (log).
+    pub fn remove_standing(&self, id: u32) {
+        if let Some(h) = self.standing.borrow_mut().get_mut(id as usize) {
+            *h = None;
+        }
+    }
+
+    /// Queues a standing command: one that stays in the kernel until the kernel has work
+    /// for us (a ublk FETCH waits for a block request). It takes no request slot (a device
+    /// holds one per tag, for as long as it is served), never keeps the reactor polling,
+    /// and a stop does not wait for it (tearing the ring down cancels it). Its completion
+    /// goes to handler `id`'s `complete(rx, tag, ..)`, with no buffer.
+    ///
+    /// # Safety
+    /// As [`Self::submit`]: every pointer in `sqe` stays valid until the completion is
+    /// reaped (or the ring is gone); fixed files are registered on this reactor.
+    pub unsafe fn submit_standing(&self, sqe: squeue::Entry, id: u32, tag: u32) {
+        assert!(
+            id < MAX_STANDING_HANDLERS,
+            "standing handler id {id} out of range"
+        );
+        let sqe = sqe.user_data(STANDING_BIT | (u64::from(id) << 32) | u64::from(tag));
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.push_sqe(|ring| ring.push(&sqe)) };
+    }
+
+    fn finish_standing(&self, ud: u64, res: i32) {
+        let id = ((ud & !STANDING_BIT) >> 32) as usize;
+        let tag = ud & 0xffff_ffff;
+        let h = self.standing.borrow().get(id).cloned().flatten();
+        match h {
+            Some(h) => h.complete(self, tag, ResultMap::Errno.apply(res), None),
+            None => tracing::debug!(
+                reactor = self.id,
+                id,
+                tag,
+                res,
+                "completion of a removed standing command"
+            ),
+        }
+    }
+
+    /// Calls `w.buf_ready` from the loop once a pooled buffer is free (back-pressure
+    /// without spinning). A waiter already waiting is not added twice.
+    pub fn wait_for_buf(&self, w: &Rc<dyn BufWaiter>) {
+        let mut ws = self.buf_waiters.borrow_mut();
+        if !ws.iter().any(|x| Rc::ptr_eq(x, w)) {
+            ws.push_back(Rc::clone(w));
+        }
+    }
+
+    fn wake_buf_waiters(&self) -> usize {
+        let mut n = 0;
+        while self.bufs.available() > 0 {
+            let Some(w) = self.buf_waiters.borrow_mut().pop_front() else {
+                break;
+            };
+            w.buf_ready(self);
+            n += 1;
+        }
+        n
     }
 
     /// Completes a request in software: it takes a slot like a ring request and its
@@ -639,6 +743,10 @@ impl Reactor {
                     }
                     continue;
                 }
+                if ud & STANDING_BIT != 0 {
+                    self.finish_standing(ud, res);
+                    continue;
+                }
                 let idx = u32::try_from(ud).expect("user_data of a request is its u32 slot index");
                 self.finish(idx, |map| map.apply(res));
             }
@@ -698,6 +806,9 @@ impl Reactor {
             work += self.deliver_soft();
             work += self.fire_timers(now);
             work += self.run_pollers();
+            if !self.buf_waiters.borrow().is_empty() {
+                work += self.wake_buf_waiters();
+            }
             work += self.submit_and_reap();
             if work > 0 {
                 self.stats

@@ -1,0 +1,621 @@
+//! The Exports service: volumes (and, read-only, snapshots) as ublk block devices.
+//!
+//! Owns: [`Exports`] — what the kernel offers (asked once at start), the exports this
+//! daemon serves, their records, and the orchestration of a device's life: ADD,
+//! `/dev/ublkcN` opened once, one queue per reactor set up by message (`export::install`),
+//! SET_PARAMS, START; unexport with an openers check (TRY_STOP_DEV where offered, else an
+//! O_EXCL probe), STOP (the kernel answers every FETCH with ABORT), the queues released,
+//! DEL. At a daemon stop every queue drains (in-flight requests finish, new ones are held
+//! for the next daemon) and the devices stay.
+//!
+//! Decisions: a snapshot is exported only read-only (it cannot change; clone it to write).
+//! Exporting an exported object again with the same settings returns the export; with
+//! other settings it is refused (unexport first).
+//!
+//! Must never: run a ublk control command on the runtime thread or a reactor (they block:
+//! `spawn_blocking`); leave a half-made device behind after a failed export.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coreblk_proto::v1 as pb;
+use coreblk_ublk as ublk;
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use super::error::{Error, Result};
+use super::server::Shared;
+use super::store::{open_export_channel, ObjectRef, Store};
+use crate::bdev::label::Uuid;
+use crate::config::ExportSettings;
+use crate::export::queue::QueueSpec;
+use crate::export::{self, PathKind, Record, RECORD_VERSION};
+use crate::reactor::{Reactor, Remote};
+
+/// Longest a reactor may take to set a queue up or answer.
+const REACTOR_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the queues of a stopped device may take to see every FETCH come back.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the running kernel offers, asked once at start.
+#[derive(Debug, Clone)]
+pub struct KernelUblk {
+    /// GET_FEATURES.
+    pub features: ublk::Features,
+    /// The path and flags chosen for it.
+    pub choice: ublk::Choice,
+}
+
+/// Asks the kernel what it offers and picks the data path (blocking: call at start-up).
+/// `Err`: why exports are unavailable on this node.
+pub fn probe_kernel(pref: ublk::PathPref) -> std::result::Result<KernelUblk, String> {
+    let features = ublk::Control::open()
+        .and_then(|c| c.features())
+        .map_err(|e| e.to_string())?;
+    let choice = ublk::choose(features, pref).map_err(|e| e.to_string())?;
+    Ok(KernelUblk { features, choice })
+}
+
+/// One export this daemon serves.
+#[derive(Debug, Clone)]
+struct Live {
+    object: ObjectRef,
+    rec: Record,
+    char_dev: Arc<File>,
+}
+
+/// The exports of this daemon.
+#[derive(Debug)]
+pub struct Exports {
+    settings: ExportSettings,
+    kernel: std::result::Result<KernelUblk, String>,
+    remotes: Vec<Remote>,
+    store: Arc<Store>,
+    /// By volume UUID. The async mutex serialises export and unexport calls.
+    live: tokio::sync::Mutex<BTreeMap<Uuid, Live>>,
+    /// Export records until the volume store keeps them (see [`Self::put_record`]).
+    records: Mutex<BTreeMap<Uuid, Vec<u8>>>,
+}
+
+fn ublk_err(op: &'static str, dev: Option<u32>) -> impl FnOnce(ublk::Error) -> Error {
+    move |e| Error::Ublk {
+        op,
+        dev: dev.map_or_else(|| "new".to_owned(), |d| format!("/dev/ublkb{d}")),
+        reason: e.to_string(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("a ublk control task failed: {e}")))?
+}
+
+/// Sends `f` to a reactor and awaits its answer.
+async fn ask<T: Send + 'static>(
+    remote: &Remote,
+    timeout: Duration,
+    f: impl FnOnce(&Reactor, oneshot::Sender<T>) + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = oneshot::channel();
+    remote
+        .send(Box::new(move |r: &Reactor| f(r, tx)))
+        .map_err(|_| Error::ShuttingDown)?;
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(_)) => Err(Error::ShuttingDown),
+        Err(_) => Err(Error::Internal(format!(
+            "reactor {} did not answer within {} s",
+            remote.id(),
+            timeout.as_secs()
+        ))),
+    }
+}
+
+impl Exports {
+    /// The exports of a daemon whose reactors are `remotes`; `kernel` from
+    /// [`probe_kernel`].
+    #[must_use]
+    pub fn new(
+        settings: ExportSettings,
+        kernel: std::result::Result<KernelUblk, String>,
+        remotes: Vec<Remote>,
+        store: Arc<Store>,
+    ) -> Self {
+        Self {
+            settings,
+            kernel,
+            remotes,
+            store,
+            live: tokio::sync::Mutex::new(BTreeMap::new()),
+            records: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// What the kernel offers, or why exports are unavailable.
+    pub fn kernel(&self) -> std::result::Result<&KernelUblk, &str> {
+        self.kernel.as_ref().map_err(String::as_str)
+    }
+
+    fn need_kernel(&self, rpc: &'static str) -> Result<&KernelUblk> {
+        self.kernel
+            .as_ref()
+            .map_err(|reason| Error::ExportsUnavailable {
+                rpc,
+                reason: reason.clone(),
+            })
+    }
+
+    /// Persists (or clears) the record of an export. Kept here until the volume store
+    /// keeps export records (`Store::set_export_record`): then this forwards to it.
+    async fn put_record(&self, volume: Uuid, rec: Option<Vec<u8>>) -> Result<()> {
+        let mut r = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match rec {
+            Some(b) => r.insert(volume, b),
+            None => r.remove(&volume),
+        };
+        Ok(())
+    }
+
+    async fn resolve(&self, name: &str) -> Result<ObjectRef> {
+        match self.store.volume(name).await {
+            Ok(v) => Ok(v.object()),
+            Err(Error::NotFound { .. }) => match self.store.snapshot(name).await {
+                Ok(s) => Ok(s.object()),
+                Err(Error::NotFound { .. }) => Err(Error::NotFound {
+                    what: "volume",
+                    name: name.to_owned(),
+                    hint: "`coreblk volume list` and `coreblk snapshot list` show what exists",
+                }),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Exports a volume (or, read-only, a snapshot); idempotent.
+    ///
+    /// # Errors
+    /// UNAVAILABLE before the pools are imported; NOT_FOUND; INVALID_ARGUMENT (a writable
+    /// snapshot export); FAILED_PRECONDITION (no ublk here, or exported with other
+    /// settings); INTERNAL when the kernel refuses.
+    pub async fn export(
+        &self,
+        name: &str,
+        persistent: bool,
+        read_only: bool,
+    ) -> Result<pb::Export> {
+        let kernel = self.need_kernel("ExportVolume")?.clone();
+        self.store.check_ready()?;
+        let obj = self.resolve(name).await?;
+        if obj.snapshot && !read_only {
+            return Err(Error::InvalidArgument {
+                field: "read_only",
+                reason: format!(
+                    "{} is a snapshot, which cannot change; export it read-only (--read-only), or clone it and export the clone",
+                    obj.name
+                ),
+            });
+        }
+        let mut live = self.live.lock().await;
+        if let Some(l) = live.get(&obj.uuid) {
+            if l.rec.persistent == persistent && l.rec.read_only == read_only {
+                return Ok(self.message(l));
+            }
+            return Err(Error::InUse {
+                what: if obj.snapshot { "snapshot" } else { "volume" },
+                name: obj.name.clone(),
+                reason: format!(
+                    "is exported as {} with persistent={} read_only={}; unexport it first to change that",
+                    ublk::block_path(l.rec.dev_id).display(),
+                    l.rec.persistent,
+                    l.rec.read_only
+                ),
+            });
+        }
+        let path = match kernel.choice.path {
+            ublk::DataPath::UserCopy => PathKind::Copy,
+            ublk::DataPath::ZeroCopy => PathKind::ZeroCopy,
+        };
+        if path == PathKind::ZeroCopy {
+            // The zero-copy data path is not built yet: the copy path serves every
+            // kernel (both offer USER_COPY).
+            tracing::debug!("zero copy offered; exports use the copy path for now");
+        }
+        let nr_queues = u16::try_from(self.remotes.len()).map_err(|_| Error::InvalidArgument {
+            field: "cores",
+            reason: "more reactors than ublk queues".to_owned(),
+        })?;
+        let rec = Record {
+            version: RECORD_VERSION,
+            dev_id: 0,
+            persistent,
+            read_only,
+            queue_depth: self.settings.queue_depth,
+            max_io_bytes: self.settings.max_io_bytes,
+            nr_queues,
+            path: PathKind::Copy,
+        };
+        let flags = copy_flags(&kernel);
+        let add = ublk::AddDev {
+            dev_id: None,
+            nr_hw_queues: nr_queues,
+            queue_depth: rec.queue_depth,
+            max_io_buf_bytes: rec.max_io_bytes,
+            flags,
+        };
+        let info = blocking(move || {
+            let c = ublk::Control::open().map_err(ublk_err("open", None))?;
+            c.add(&add).map_err(ublk_err("add", None))
+        })
+        .await?;
+        let dev_id = info.dev_id;
+        let rec = Record { dev_id, ..rec };
+        match self.bring_up(&obj, &rec, &kernel).await {
+            Ok(char_dev) => {
+                let device = ublk::block_path(dev_id).display().to_string();
+                if let Err(e) = self.put_record(obj.uuid, Some(rec.encode())).await {
+                    self.tear_down(dev_id, Some(char_dev), true).await;
+                    return Err(e);
+                }
+                self.store.set_exported(obj.uuid, Some(device.clone()));
+                tracing::info!(volume = %obj.name, uuid = %obj.uuid, device, persistent, read_only, path = path.name(), "exported");
+                let l = Live {
+                    object: obj.clone(),
+                    rec,
+                    char_dev,
+                };
+                let msg = self.message(&l);
+                live.insert(obj.uuid, l);
+                Ok(msg)
+            }
+            Err((e, char_dev)) => {
+                self.tear_down(dev_id, char_dev, true).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens the char device, sets a queue up on every reactor, sets the parameters and
+    /// starts the device. On failure, the char device (if opened) comes back for the
+    /// tear-down.
+    async fn bring_up(
+        &self,
+        obj: &ObjectRef,
+        rec: &Record,
+        kernel: &KernelUblk,
+    ) -> std::result::Result<Arc<File>, (Error, Option<Arc<File>>)> {
+        let dev_id = rec.dev_id;
+        let char_dev = blocking(move || open_char(dev_id))
+            .await
+            .map_err(|e| (e, None))?;
+        let char_dev = Arc::new(char_dev);
+        let fail = |e: Error| (e, Some(Arc::clone(&char_dev)));
+        let (handle, cluster, _owner) = self.store.export_source(obj).await.map_err(fail)?;
+        let mut geo = None;
+        for (q, remote) in self.remotes.iter().enumerate() {
+            let spec = QueueSpec {
+                dev_id,
+                q_id: u16::try_from(q).unwrap_or(u16::MAX),
+                depth: rec.queue_depth,
+                char_dev: Arc::clone(&char_dev),
+                ioctl_encode: kernel.choice.ioctl_encode(),
+                read_only: rec.read_only,
+            };
+            let (h, pool, id) = (handle.clone(), obj.pool_uuid, obj.id);
+            let g = ask(remote, REACTOR_TIMEOUT, move |rx: &Reactor, tx| {
+                let r = open_export_channel(rx, pool, id, &h)
+                    .and_then(|ch| export::install(rx, spec, ch));
+                let _ = tx.send(r);
+            })
+            .await
+            .map_err(fail)?
+            .map_err(|reason| {
+                fail(Error::Ublk {
+                    op: "set up a queue",
+                    dev: format!("/dev/ublkb{dev_id}"),
+                    reason,
+                })
+            })?;
+            geo = Some(g);
+        }
+        let geo =
+            geo.ok_or_else(|| fail(Error::Internal("no reactor serves exports".to_owned())))?;
+        let params = export::device_params(
+            geo.size_bytes,
+            geo.logical_block_size,
+            cluster,
+            rec.max_io_bytes,
+            rec.read_only,
+        );
+        blocking(move || {
+            let c = ublk::Control::open().map_err(ublk_err("open", Some(dev_id)))?;
+            c.set_params(dev_id, &params)
+                .map_err(ublk_err("set parameters", Some(dev_id)))?;
+            c.start(dev_id, std::process::id().try_into().unwrap_or(i32::MAX))
+                .map_err(ublk_err("start", Some(dev_id)))
+        })
+        .await
+        .map_err(fail)?;
+        Ok(char_dev)
+    }
+
+    /// Stops a device (unless `stopped`), waits for its queues to see every command
+    /// back, releases them, closes the char device and deletes the device. Best effort:
+    /// failures are logged (the device is then left for `coreblk export cleanup`).
+    async fn tear_down(&self, dev_id: u32, char_dev: Option<Arc<File>>, stop: bool) {
+        if stop {
+            let r = blocking(move || {
+                let c = ublk::Control::open().map_err(ublk_err("open", Some(dev_id)))?;
+                c.stop(dev_id).map_err(ublk_err("stop", Some(dev_id)))
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(dev_id, error = %e, "stopping a ublk device failed");
+            }
+        }
+        for remote in &self.remotes {
+            let r = ask(
+                remote,
+                STOP_TIMEOUT,
+                move |rx: &Reactor, tx: oneshot::Sender<()>| {
+                    match export::with_queue(dev_id, Rc::clone) {
+                        Some(q) => q.when_stopped(
+                            rx,
+                            Box::new(move |rx: &Reactor| {
+                                export::remove(rx, dev_id);
+                                let _ = tx.send(());
+                            }),
+                        ),
+                        // No queue here (a failed set-up): nothing to wait for.
+                        None => {
+                            let _ = tx.send(());
+                        }
+                    }
+                },
+            )
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(dev_id, reactor = remote.id(), error = %e, "a ublk queue did not stop; releasing it anyway");
+                let _ = remote.send(Box::new(move |rx: &Reactor| export::remove(rx, dev_id)));
+            }
+        }
+        drop(char_dev);
+        let r = blocking(move || {
+            let c = ublk::Control::open().map_err(ublk_err("open", Some(dev_id)))?;
+            c.delete(dev_id).map_err(ublk_err("delete", Some(dev_id)))
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(dev_id, error = %e, "deleting a ublk device failed (`coreblk export cleanup` removes it)");
+        }
+    }
+
+    /// Tears a volume's export down once in-flight IO is done. A device that is open
+    /// (mounted, held) is refused unless `force`.
+    ///
+    /// # Errors
+    /// NOT_FOUND (not exported), FAILED_PRECONDITION (open, or no ublk here).
+    pub async fn unexport(&self, name: &str, force: bool) -> Result<()> {
+        let kernel = self.need_kernel("UnexportVolume")?.clone();
+        self.store.check_ready()?;
+        let obj = self.resolve(name).await?;
+        let mut live = self.live.lock().await;
+        let Some(l) = live.get(&obj.uuid).cloned() else {
+            return Err(Error::NotFound {
+                what: "export of",
+                name: name.to_owned(),
+                hint: "`coreblk export list` shows the exports",
+            });
+        };
+        let dev_id = l.rec.dev_id;
+        let try_stop = kernel.choice.try_stop;
+        // Stopped here already when TRY_STOP_DEV did it.
+        let stopped = blocking(move || -> Result<bool> {
+            let c = ublk::Control::open().map_err(ublk_err("open", Some(dev_id)))?;
+            if force {
+                return Ok(false);
+            }
+            if try_stop {
+                match c.try_stop(dev_id) {
+                    Ok(()) => return Ok(true),
+                    Err(ublk::Error::Busy) => return Err(open_refusal(dev_id)),
+                    Err(ublk::Error::Unsupported { .. }) => {}
+                    Err(e) => return Err(ublk_err("try-stop", Some(dev_id))(e)),
+                }
+            }
+            if device_is_open(dev_id) {
+                return Err(open_refusal(dev_id));
+            }
+            Ok(false)
+        })
+        .await?;
+        self.tear_down(dev_id, Some(l.char_dev), !stopped).await;
+        live.remove(&obj.uuid);
+        self.store.set_exported(obj.uuid, None);
+        self.put_record(obj.uuid, None).await?;
+        tracing::info!(volume = %obj.name, uuid = %obj.uuid, dev_id, force, "unexported");
+        Ok(())
+    }
+
+    /// The exports, sorted by volume UUID.
+    pub async fn list(&self) -> Vec<pb::Export> {
+        let live = self.live.lock().await;
+        live.values().map(|l| self.message(l)).collect()
+    }
+
+    /// At a daemon stop: every queue stops taking new requests (they are held for the
+    /// next daemon) and finishes the ones it serves; the devices stay. Returns once no
+    /// request is being served (or after [`STOP_TIMEOUT`]).
+    pub async fn detach_all(&self) {
+        let live = self.live.lock().await;
+        for l in live.values() {
+            let dev_id = l.rec.dev_id;
+            for remote in &self.remotes {
+                let r = ask(
+                    remote,
+                    STOP_TIMEOUT,
+                    move |rx: &Reactor, tx: oneshot::Sender<()>| match export::with_queue(
+                        dev_id,
+                        Rc::clone,
+                    ) {
+                        Some(q) => q.drain(
+                            rx,
+                            Box::new(move |_rx: &Reactor| {
+                                let _ = tx.send(());
+                            }),
+                        ),
+                        None => {
+                            let _ = tx.send(());
+                        }
+                    },
+                )
+                .await;
+                if let Err(e) = r {
+                    tracing::warn!(dev_id, reactor = remote.id(), error = %e, "a ublk queue did not drain in time");
+                }
+            }
+            tracing::info!(dev_id, volume = %l.object.name, "export left for the next daemon");
+        }
+    }
+
+    fn message(&self, l: &Live) -> pb::Export {
+        pb::Export {
+            volume_uuid: l.object.uuid.to_string(),
+            volume_name: l.object.name.clone(),
+            device_path: ublk::block_path(l.rec.dev_id).display().to_string(),
+            ublk_id: l.rec.dev_id,
+            persistent: l.rec.persistent,
+            read_only: l.rec.read_only,
+            reactors: (0..self.remotes.len())
+                .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
+                .collect(),
+        }
+    }
+}
+
+/// ADD flags for the copy path: the chosen flags, with USER_COPY instead of AUTO_BUF_REG
+/// (the zero-copy path is not built yet).
+fn copy_flags(k: &KernelUblk) -> u64 {
+    let mut f = k.choice.flags & !ublk::Features::AUTO_BUF_REG.0;
+    f |= ublk::Features::USER_COPY.0;
+    f
+}
+
+fn open_refusal(dev_id: u32) -> Error {
+    Error::InUse {
+        what: "export",
+        name: ublk::block_path(dev_id).display().to_string(),
+        reason: "is open (mounted, or held by a process or another device); unmount or close it first, or unexport with --force (IO of its users then fails)".to_owned(),
+    }
+}
+
+/// Whether someone holds the block device: an exclusive opener (a mount, a device-mapper
+/// table, `O_EXCL`) makes our own `O_EXCL` open fail with EBUSY; holders show in sysfs.
+fn device_is_open(dev_id: u32) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let holders = std::fs::read_dir(format!("/sys/block/ublkb{dev_id}/holders"))
+        .map(|d| d.count() > 0)
+        .unwrap_or(false);
+    if holders {
+        return true;
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(ublk::block_path(dev_id))
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
+}
+
+/// Opens `/dev/ublkcN` (the node appears with the device; give devtmpfs a moment).
+fn open_char(dev_id: u32) -> Result<File> {
+    let path = ublk::char_path(dev_id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
+            Ok(f) => return Ok(f),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                return Err(Error::Ublk {
+                    op: "open",
+                    dev: path.display().to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+/// The gRPC service.
+#[derive(Debug)]
+pub struct ExportsService {
+    shared: Arc<Shared>,
+}
+
+impl ExportsService {
+    /// The service over the daemon's shared state.
+    #[must_use]
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::exports_server::Exports for ExportsService {
+    async fn export_volume(
+        &self,
+        request: Request<pb::ExportVolumeRequest>,
+    ) -> std::result::Result<Response<pb::Export>, Status> {
+        self.shared.check_serving()?;
+        let r = request.into_inner();
+        let e = self
+            .shared
+            .exports
+            .export(&r.volume, r.persistent, r.read_only)
+            .await?;
+        Ok(Response::new(e))
+    }
+
+    async fn unexport_volume(
+        &self,
+        request: Request<pb::UnexportVolumeRequest>,
+    ) -> std::result::Result<Response<pb::UnexportVolumeResponse>, Status> {
+        self.shared.check_serving()?;
+        let r = request.into_inner();
+        self.shared.exports.unexport(&r.volume, r.force).await?;
+        Ok(Response::new(pb::UnexportVolumeResponse {}))
+    }
+
+    async fn list_exports(
+        &self,
+        request: Request<pb::ListExportsRequest>,
+    ) -> std::result::Result<Response<pb::ListExportsResponse>, Status> {
+        self.shared.check_serving()?;
+        let r = request.into_inner();
+        let all = self.shared.exports.list().await;
+        let (exports, next_page_token) =
+            super::page::paginate(all, r.page_size, &r.page_token, |e| e.volume_uuid.clone())?;
+        Ok(Response::new(pb::ListExportsResponse {
+            exports,
+            next_page_token,
+        }))
+    }
+}

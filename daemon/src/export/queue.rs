@@ -1,0 +1,613 @@
+//! One ublk hardware queue on its reactor: every tag's FETCH / COMMIT_AND_FETCH command is
+//! a standing command in the reactor's ring; a FETCH that completes carries a kernel
+//! request, which is served against the volume's channel on this reactor and answered
+//! with COMMIT_AND_FETCH (which waits for the tag's next request).
+//!
+//! Copy path (USER_COPY): a WRITE reads the request's bytes from `/dev/ublkcN` at the
+//! tag's user-copy offset into a pooled buffer, then writes them to the volume; a READ
+//! reads the volume into a pooled buffer, then writes the bytes to `/dev/ublkcN`. Requests
+//! larger than a buffer go in buffer-sized pieces, one after another (one buffer per
+//! request at a time). When the pool is empty the tag waits in this queue's line and the
+//! reactor wakes the queue when a buffer comes back (no spinning).
+//!
+//! Per-tag state is preallocated at start; the IO path allocates nothing.
+//!
+//! Must never: leave a fetched request without a COMMIT while the queue runs (every path
+//! ends in [`Queue::commit`], errors included), or block.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::Duration;
+
+use coreblk_ublk as ublk;
+use io_uring::{opcode, types};
+
+use super::{commit_errno, piece_bytes, piece_len, plan, DescOp, Plan};
+use crate::bdev::{Channel, Io};
+use crate::reactor::{BufWaiter, Completion, Errno, IoBuf, IoResult, OpKind, Reactor};
+
+/// Phases of a tag's request (bits 32.. of a completion tag; 0 = the standing command).
+const PH_FETCH: u64 = 0;
+const PH_COPY_IN: u64 = 1;
+const PH_VOL: u64 = 2;
+const PH_COPY_OUT: u64 = 3;
+
+/// Called once a queue is quiet (drained, or stopped).
+type OnQuiet = Box<dyn FnOnce(&Reactor)>;
+
+/// Retry delay after a full request table (EAGAIN).
+const RETRY_AFTER: Duration = Duration::from_micros(50);
+
+/// What a queue is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueState {
+    /// Serving requests.
+    Running,
+    /// Finishing in-flight requests; new ones are held, unanswered, for the next daemon
+    /// (the kernel reissues them once this ring is gone: USER_RECOVERY_REISSUE).
+    Draining,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Tag {
+    /// The kernel holds a FETCH / COMMIT_AND_FETCH of this tag.
+    fetching: bool,
+    /// A request is being served (between its FETCH completion and its COMMIT).
+    busy: bool,
+    /// The kernel answered the tag's command with ABORT or an error: it is done.
+    dead: bool,
+    plan: Option<Plan>,
+    /// Bytes of a read/write finished.
+    done: u64,
+    /// Length of the piece in flight.
+    piece: u64,
+}
+
+/// Counters of one queue, read by the control plane.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Requests completed.
+    pub ops: std::sync::atomic::AtomicU64,
+    /// Bytes read and written.
+    pub bytes: std::sync::atomic::AtomicU64,
+    /// Requests answered with an error.
+    pub errors: std::sync::atomic::AtomicU64,
+}
+
+/// Everything a reactor needs to serve one queue of a device: `Send`, built by the
+/// control plane.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    /// The device id.
+    pub dev_id: u32,
+    /// This queue's id (= its index among the serving reactors).
+    pub q_id: u16,
+    /// Tags.
+    pub depth: u16,
+    /// `/dev/ublkcN`, opened once by the control plane (the driver allows one open).
+    pub char_dev: Arc<File>,
+    /// Commands use the ioctl encoding.
+    pub ioctl_encode: bool,
+    /// Writes are refused.
+    pub read_only: bool,
+}
+
+/// One queue on its reactor.
+pub struct Queue {
+    me: Weak<Queue>,
+    spec: QueueSpec,
+    vol: Rc<dyn Channel>,
+    descs: ublk::IoDescs,
+    /// The char device's index in the reactor's fixed-file table.
+    char_idx: u32,
+    standing_id: Cell<u32>,
+    piece_bytes: u64,
+    tags: RefCell<Vec<Tag>>,
+    /// Tags waiting for a pooled buffer, in arrival order (capacity: depth).
+    waiting: RefCell<VecDeque<u16>>,
+    /// Fetched requests held while draining.
+    held: Cell<u32>,
+    state: Cell<QueueState>,
+    /// Called once no request is being served (draining) / every tag is dead (stopped).
+    on_quiet: RefCell<Option<OnQuiet>>,
+    stats: Arc<QueueStats>,
+}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("dev_id", &self.spec.dev_id)
+            .field("q_id", &self.spec.q_id)
+            .field("state", &self.state.get())
+            .finish()
+    }
+}
+
+impl Queue {
+    /// Sets a queue up on `rx` over the volume channel `vol` (opened on `rx`) and sends
+    /// every tag's FETCH. The reactor thread drops `CAP_SYS_ADMIN` from its effective set
+    /// first, so the driver suppresses partition scans of the device.
+    ///
+    /// # Errors
+    /// The descriptor array cannot be mapped, the char device cannot be registered, or
+    /// the capability cannot be dropped (the message says which).
+    pub fn start(rx: &Reactor, spec: QueueSpec, vol: Rc<dyn Channel>) -> Result<Rc<Queue>, String> {
+        crate::reactor::caps::drop_sys_admin_effective().map_err(|e| {
+            format!(
+                "reactor {}: cannot drop CAP_SYS_ADMIN before serving ublk (partition scans would not be suppressed): {e}",
+                rx.id()
+            )
+        })?;
+        let descs =
+            ublk::IoDescs::map(spec.char_dev.as_raw_fd(), spec.q_id, spec.depth).map_err(|e| {
+                format!(
+                    "mapping the IO descriptors of ublk queue {}: {e}",
+                    spec.q_id
+                )
+            })?;
+        let char_idx = rx.register_file(spec.char_dev.as_raw_fd()).map_err(|e| {
+            format!(
+                "registering /dev/ublkc{} on reactor {}: {e}",
+                spec.dev_id,
+                rx.id()
+            )
+        })?;
+        let geo = vol.geometry();
+        let lbs = u64::from(geo.logical_block_size);
+        let piece = piece_bytes(
+            rx.bufs().chunk_bytes() as u64,
+            u64::from(geo.max_transfer_bytes),
+            lbs,
+        );
+        let depth = usize::from(spec.depth);
+        let q = Rc::new_cyclic(|me| Queue {
+            me: me.clone(),
+            spec,
+            vol,
+            descs,
+            char_idx,
+            standing_id: Cell::new(u32::MAX),
+            piece_bytes: piece,
+            tags: RefCell::new(vec![Tag::default(); depth]),
+            waiting: RefCell::new(VecDeque::with_capacity(depth)),
+            held: Cell::new(0),
+            state: Cell::new(QueueState::Running),
+            on_quiet: RefCell::new(None),
+            stats: Arc::new(QueueStats::default()),
+        });
+        let id = match rx.add_standing(Rc::clone(&q) as Rc<dyn Completion>) {
+            Ok(id) => id,
+            Err(e) => {
+                rx.unregister_file(char_idx);
+                return Err(e.to_string());
+            }
+        };
+        q.standing_id.set(id);
+        for tag in 0..q.spec.depth {
+            q.send_cmd(rx, ublk::IoCmd::Fetch, tag, 0);
+        }
+        Ok(q)
+    }
+
+    /// This queue's counters.
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+
+    fn rc(&self) -> Rc<Queue> {
+        self.me
+            .upgrade()
+            .expect("a queue is alive while its reactor delivers to it")
+    }
+
+    /// Stops serving new requests (they are held for the next daemon) and calls `done`
+    /// once no request is being served.
+    pub fn drain(&self, rx: &Reactor, done: OnQuiet) {
+        self.state.set(QueueState::Draining);
+        *self.on_quiet.borrow_mut() = Some(done);
+        self.check_quiet(rx);
+    }
+
+    /// Calls `done` once every tag's command has come back from the kernel (after the
+    /// device was stopped: each FETCH answers ABORT) and nothing is being served.
+    pub fn when_stopped(&self, rx: &Reactor, done: OnQuiet) {
+        *self.on_quiet.borrow_mut() = Some(done);
+        self.check_quiet(rx);
+    }
+
+    /// Requests being served.
+    fn busy(&self) -> usize {
+        self.tags.borrow().iter().filter(|t| t.busy).count()
+    }
+
+    fn all_dead(&self) -> bool {
+        self.tags.borrow().iter().all(|t| t.dead && !t.busy)
+    }
+
+    fn check_quiet(&self, rx: &Reactor) {
+        if self.on_quiet.borrow().is_none() {
+            return;
+        }
+        let quiet = match self.state.get() {
+            QueueState::Draining => self.busy() == 0,
+            QueueState::Running => self.all_dead(),
+        };
+        if quiet {
+            if let Some(f) = self.on_quiet.borrow_mut().take() {
+                f(rx);
+            }
+        }
+    }
+
+    /// Releases the queue's hold on the reactor (fixed file, handler). Call once its
+    /// tags are dead or the reactor is going away.
+    pub fn close(&self, rx: &Reactor) {
+        rx.remove_standing(self.standing_id.get());
+        rx.unregister_file(self.char_idx);
+        self.vol.close(rx);
+    }
+
+    fn send_cmd(&self, rx: &Reactor, cmd: ublk::IoCmd, tag: u16, result: i32) {
+        let sqe = ublk::io_cmd_sqe(
+            types::Fixed(self.char_idx),
+            cmd,
+            self.spec.q_id,
+            tag,
+            result,
+            0,
+            self.spec.ioctl_encode,
+        );
+        self.tags.borrow_mut()[usize::from(tag)].fetching = true;
+        // SAFETY: the command carries no pointer (addr 0: USER_COPY moves bytes with
+        // separate reads and writes); the char device is registered at `char_idx` on this
+        // reactor until `close`.
+        unsafe { rx.submit_standing(sqe, self.standing_id.get(), u32::from(tag)) };
+    }
+
+    fn commit(&self, rx: &Reactor, tag: u16, result: i32) {
+        {
+            let mut tags = self.tags.borrow_mut();
+            let t = &mut tags[usize::from(tag)];
+            t.busy = false;
+            t.plan = None;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.ops.fetch_add(1, Relaxed);
+        if result < 0 {
+            self.stats.errors.fetch_add(1, Relaxed);
+        } else {
+            self.stats
+                .bytes
+                .fetch_add(u64::from(result.unsigned_abs()), Relaxed);
+        }
+        self.send_cmd(rx, ublk::IoCmd::CommitAndFetch, tag, result);
+        self.check_quiet(rx);
+    }
+
+    fn on_fetch(&self, rx: &Reactor, tag: u16, res: IoResult) {
+        {
+            let mut tags = self.tags.borrow_mut();
+            tags[usize::from(tag)].fetching = false;
+        }
+        match res {
+            // UBLK_IO_RES_OK.
+            Ok(0) => {}
+            Ok(r) => {
+                // NEED_GET_DATA is never asked for; answer so the request is not lost.
+                tracing::warn!(
+                    dev_id = self.spec.dev_id,
+                    tag,
+                    r,
+                    "unexpected ublk fetch result; failing the request"
+                );
+                self.tags.borrow_mut()[usize::from(tag)].busy = true;
+                return self.commit(rx, tag, -libc::EIO);
+            }
+            Err(e) => {
+                // ABORT (ENODEV): the device stops or the queue is cancelled.
+                if e.0 != libc::ENODEV {
+                    tracing::warn!(dev_id = self.spec.dev_id, q = self.spec.q_id, tag, error = %e, "ublk command failed; the tag stops");
+                }
+                self.tags.borrow_mut()[usize::from(tag)].dead = true;
+                return self.check_quiet(rx);
+            }
+        }
+        if self.state.get() == QueueState::Draining {
+            // Held unanswered: the next daemon gets it again (reissue).
+            self.held.set(self.held.get() + 1);
+            return;
+        }
+        let d = self.descs.get(tag);
+        let op = match d.op {
+            ublk::IoOp::Read => DescOp::Read,
+            ublk::IoOp::Write => DescOp::Write,
+            ublk::IoOp::Flush => DescOp::Flush,
+            ublk::IoOp::Discard => DescOp::Discard,
+            ublk::IoOp::WriteZeroes => DescOp::WriteZeroes,
+            ublk::IoOp::Other(_) => DescOp::Other,
+        };
+        let p = plan(
+            op,
+            d.start_sector,
+            d.nr_sectors,
+            d.fua(),
+            self.spec.read_only,
+        );
+        {
+            let mut tags = self.tags.borrow_mut();
+            let t = &mut tags[usize::from(tag)];
+            t.busy = true;
+            t.plan = Some(p);
+            t.done = 0;
+            t.piece = 0;
+        }
+        self.serve(rx, tag, p);
+    }
+
+    fn serve(&self, rx: &Reactor, tag: u16, p: Plan) {
+        let ctag = tag_with(tag, PH_VOL);
+        match p {
+            Plan::Refuse(r) => self.commit(rx, tag, r),
+            Plan::Read { .. } | Plan::Write { .. } => self.next_piece(rx, tag),
+            Plan::Flush => self.vol.submit(rx, Io::Flush, self.rc(), ctag),
+            Plan::Discard { offset, len } => {
+                self.vol
+                    .submit(rx, Io::Discard { offset, len }, self.rc(), ctag);
+            }
+            Plan::WriteZeroes { offset, len } => {
+                self.vol
+                    .submit(rx, Io::WriteZeroes { offset, len }, self.rc(), ctag);
+            }
+        }
+    }
+
+    /// Starts the next piece of a read or write (or queues the tag for a buffer).
+    fn next_piece(&self, rx: &Reactor, tag: u16) {
+        if !self.waiting.borrow().is_empty() {
+            // Others wait already: keep the order.
+            self.waiting.borrow_mut().push_back(tag);
+            return;
+        }
+        if !self.try_piece(rx, tag) {
+            self.waiting.borrow_mut().push_back(tag);
+            let w: Rc<dyn BufWaiter> = self.rc();
+            rx.wait_for_buf(&w);
+        }
+    }
+
+    /// Takes a buffer and issues the piece's first step; false when the pool is empty.
+    fn try_piece(&self, rx: &Reactor, tag: u16) -> bool {
+        let (p, done) = {
+            let tags = self.tags.borrow();
+            let t = &tags[usize::from(tag)];
+            (t.plan, t.done)
+        };
+        let (offset, total, write) = match p {
+            Some(Plan::Read { offset, len }) => (offset, len, false),
+            Some(Plan::Write { offset, len, .. }) => (offset, len, true),
+            _ => unreachable!("pieces only of reads and writes"),
+        };
+        let len = piece_len(total, done, self.piece_bytes);
+        let len_usize = usize::try_from(len).expect("a piece is at most a pool chunk");
+        let Some(buf) = rx.bufs().take(len_usize) else {
+            return false;
+        };
+        self.tags.borrow_mut()[usize::from(tag)].piece = len;
+        if write {
+            self.copy(rx, tag, buf, false);
+        } else {
+            self.vol.submit(
+                rx,
+                Io::Read {
+                    offset: offset + done,
+                    buf,
+                },
+                self.rc(),
+                tag_with(tag, PH_VOL),
+            );
+        }
+        true
+    }
+
+    /// Moves a piece's bytes between `buf` and the request: in (a write's data into
+    /// `buf`) or out (a read's data to the request).
+    fn copy(&self, rx: &Reactor, tag: u16, mut buf: IoBuf, out: bool) {
+        let done = self.tags.borrow()[usize::from(tag)].done;
+        let off = ublk::user_copy_offset(
+            self.spec.q_id,
+            tag,
+            u32::try_from(done).expect("a request is at most max_io_bytes"),
+        );
+        let len = u32::try_from(buf.len()).expect("a piece fits u32");
+        let fd = types::Fixed(self.char_idx);
+        let sqe = match (out, buf.fixed_index()) {
+            (false, Some(i)) => opcode::ReadFixed::new(fd, buf.as_mut_ptr(), len, i)
+                .offset(off)
+                .build(),
+            (false, None) => opcode::Read::new(fd, buf.as_mut_ptr(), len)
+                .offset(off)
+                .build(),
+            (true, Some(i)) => opcode::WriteFixed::new(fd, buf.as_ptr(), len, i)
+                .offset(off)
+                .build(),
+            (true, None) => opcode::Write::new(fd, buf.as_ptr(), len)
+                .offset(off)
+                .build(),
+        };
+        let ph = if out { PH_COPY_OUT } else { PH_COPY_IN };
+        // SAFETY: the SQE points into `buf`, which moves into the request slot and comes
+        // back only with the completion; the char device is registered at `char_idx`.
+        let r = unsafe { rx.submit(sqe, OpKind::Fast, self.rc(), tag_with(tag, ph), Some(buf)) };
+        if let Err((_, buf)) = r {
+            // Full request table: try again shortly (the buffer stays with the tag).
+            let me = self.rc();
+            let Some(buf) = buf else {
+                return self.commit(rx, tag, -libc::EIO);
+            };
+            rx.add_timer(
+                RETRY_AFTER,
+                Box::new(move |rx: &Reactor| me.copy(rx, tag, buf, out)),
+            );
+        }
+    }
+
+    fn on_io(&self, rx: &Reactor, tag: u16, phase: u64, res: IoResult, buf: Option<IoBuf>) {
+        let (p, done, piece) = {
+            let tags = self.tags.borrow();
+            let t = &tags[usize::from(tag)];
+            (t.plan, t.done, t.piece)
+        };
+        let Some(p) = p else {
+            tracing::error!(
+                dev_id = self.spec.dev_id,
+                tag,
+                "completion for an idle ublk tag"
+            );
+            return;
+        };
+        if res == Err(Errno::EAGAIN) && phase == PH_VOL {
+            // The volume's request table was full: resubmit the same step shortly.
+            let me = self.rc();
+            rx.add_timer(
+                RETRY_AFTER,
+                Box::new(move |rx: &Reactor| me.retry_vol(rx, tag, p, buf)),
+            );
+            return;
+        }
+        let res = match res {
+            Ok(n) => n,
+            Err(e) => {
+                if e != Errno::ENOSPC {
+                    tracing::debug!(dev_id = self.spec.dev_id, tag, phase, error = %e, "ublk request failed");
+                }
+                drop(buf);
+                return self.commit(rx, tag, commit_errno(e));
+            }
+        };
+        match (p, phase) {
+            (Plan::Write { offset, fua, .. }, PH_COPY_IN) => {
+                let Some(buf) = buf.filter(|_| u64::from(res) == piece) else {
+                    return self.commit(rx, tag, -libc::EIO);
+                };
+                self.vol.submit(
+                    rx,
+                    Io::Write {
+                        offset: offset + done,
+                        buf,
+                        fua,
+                    },
+                    self.rc(),
+                    tag_with(tag, PH_VOL),
+                );
+            }
+            (Plan::Read { .. }, PH_VOL) => {
+                let Some(buf) = buf else {
+                    return self.commit(rx, tag, -libc::EIO);
+                };
+                self.copy(rx, tag, buf, true);
+            }
+            (Plan::Write { len, .. }, PH_VOL) | (Plan::Read { len, .. }, PH_COPY_OUT) => {
+                if phase == PH_COPY_OUT && u64::from(res) != piece {
+                    return self.commit(rx, tag, -libc::EIO);
+                }
+                drop(buf);
+                let done = done + piece;
+                self.tags.borrow_mut()[usize::from(tag)].done = done;
+                if done < len {
+                    self.next_piece(rx, tag);
+                } else {
+                    let n = i32::try_from(len).unwrap_or(i32::MAX);
+                    self.commit(rx, tag, n);
+                }
+            }
+            (Plan::Flush | Plan::Discard { .. } | Plan::WriteZeroes { .. }, PH_VOL) => {
+                self.commit(rx, tag, 0);
+            }
+            _ => {
+                tracing::error!(
+                    dev_id = self.spec.dev_id,
+                    tag,
+                    phase,
+                    ?p,
+                    "ublk request in an impossible phase"
+                );
+                self.commit(rx, tag, -libc::EIO);
+            }
+        }
+    }
+
+    fn retry_vol(&self, rx: &Reactor, tag: u16, p: Plan, buf: Option<IoBuf>) {
+        let done = self.tags.borrow()[usize::from(tag)].done;
+        let ctag = tag_with(tag, PH_VOL);
+        match (p, buf) {
+            (Plan::Read { offset, .. }, Some(buf)) => self.vol.submit(
+                rx,
+                Io::Read {
+                    offset: offset + done,
+                    buf,
+                },
+                self.rc(),
+                ctag,
+            ),
+            (Plan::Write { offset, fua, .. }, Some(buf)) => self.vol.submit(
+                rx,
+                Io::Write {
+                    offset: offset + done,
+                    buf,
+                    fua,
+                },
+                self.rc(),
+                ctag,
+            ),
+            (p @ (Plan::Flush | Plan::Discard { .. } | Plan::WriteZeroes { .. }), _) => {
+                self.serve(rx, tag, p);
+            }
+            _ => self.commit(rx, tag, -libc::EIO),
+        }
+    }
+}
+
+fn tag_with(tag: u16, phase: u64) -> u64 {
+    u64::from(tag) | (phase << 32)
+}
+
+impl Completion for Queue {
+    fn complete(&self, rx: &Reactor, ctag: u64, res: IoResult, buf: Option<IoBuf>) {
+        let tag = u16::try_from(ctag & 0xffff).expect("masked to 16 bits");
+        let phase = ctag >> 32;
+        if usize::from(tag) >= usize::from(self.spec.depth) {
+            tracing::error!(
+                dev_id = self.spec.dev_id,
+                tag,
+                "ublk completion for an unknown tag"
+            );
+            return;
+        }
+        if phase == PH_FETCH {
+            self.on_fetch(rx, tag, res);
+        } else {
+            self.on_io(rx, tag, phase, res, buf);
+        }
+    }
+}
+
+impl BufWaiter for Queue {
+    fn buf_ready(&self, rx: &Reactor) {
+        loop {
+            let Some(tag) = self.waiting.borrow_mut().pop_front() else {
+                return;
+            };
+            if !self.try_piece(rx, tag) {
+                self.waiting.borrow_mut().push_front(tag);
+                let w: Rc<dyn BufWaiter> = self.rc();
+                rx.wait_for_buf(&w);
+                return;
+            }
+        }
+    }
+}
