@@ -12,9 +12,7 @@
 //! Stop order: the control plane (no new calls, in-flight calls finish, pools flushed,
 //! socket removed), then the reactors, then the claims are let go.
 //!
-//! ublk exports: the kernel's offer is asked once before the control plane starts; at a
-//! stop the control plane drains every export's queues before the pools stop, and the
-//! devices stay for the next daemon.
+//! The ublk exports (issue 12) come on top of what starts here.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +25,6 @@ use coreblk_daemon::bdev::uring::UringDevice;
 use coreblk_daemon::bdev::BlockDevice;
 use coreblk_daemon::config::{Config, DeviceSource};
 use coreblk_daemon::control::claims::Claims;
-use coreblk_daemon::control::exports::{self, Exports};
 use coreblk_daemon::control::node::{self, NodeFacts};
 use coreblk_daemon::control::server::{ControlPlane, ControlPlaneConfig, ReactorHandle, Shared};
 use coreblk_daemon::control::socket::ApiSocket;
@@ -163,6 +160,28 @@ fn verify(device: &std::path::Path, json: bool) -> std::process::ExitCode {
     }
 }
 
+/// Enters the daemon's own mount namespace unless configured off (`sandbox`).
+fn enter_mount_namespace(enabled: bool) -> anyhow::Result<()> {
+    use coreblk_daemon::sandbox::{enter_own_mount_namespace, Isolation};
+    if !enabled {
+        tracing::warn!("mount_namespace is off: the daemon shares the caller's mount namespace");
+        return Ok(());
+    }
+    match enter_own_mount_namespace().context(
+        "entering the daemon's own mount namespace (mount_namespace = false turns this off)",
+    )? {
+        Isolation::Isolated { detached } => tracing::info!(
+            detached = ?detached,
+            "in a mount namespace of its own; inherited ublk mounts detached there"
+        ),
+        Isolation::NotPermitted => tracing::warn!(
+            "no CAP_SYS_ADMIN: staying in the caller's mount namespace (ublk devices cannot \
+             be created either)"
+        ),
+    }
+    Ok(())
+}
+
 /// Blocks SIGTERM and SIGINT in this thread (and so in every thread started after) and
 /// returns the set, to be waited for with `sigwait`.
 fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {
@@ -193,6 +212,8 @@ fn wait_for_stop(set: &libc::sigset_t) -> i32 {
 fn serve(args: coreblk_daemon::config::RunArgs) -> anyhow::Result<()> {
     let start_time = SystemTime::now();
     let cfg = Config::from_args(args)?;
+    // First, while this is the only thread: a mount namespace of its own (DESIGN §5).
+    enter_mount_namespace(cfg.mount_namespace)?;
     // Fail early, before anything starts, when the API socket cannot be created at all.
     coreblk_daemon::control::socket::check_dir(&cfg.socket)?;
     let signals = block_stop_signals()?;
@@ -297,29 +318,7 @@ fn serve(args: coreblk_daemon::config::RunArgs) -> anyhow::Result<()> {
         start_time,
     };
     tracing::info!(node_id = %facts.node_id, "node identity");
-    let kernel = exports::probe_kernel(cfg.export.path);
-    match &kernel {
-        Ok(k) => tracing::info!(
-            features = %k.features.names().join(","),
-            path = %k.choice.path,
-            reason = %k.choice.reason,
-            "ublk exports available"
-        ),
-        Err(why) => tracing::warn!(reason = %why, "ublk exports unavailable on this node"),
-    }
-    let exports = Arc::new(Exports::new(
-        cfg.export.clone(),
-        kernel,
-        reactors.remotes().to_vec(),
-        Arc::clone(&store),
-    ));
-    let shared = Arc::new(Shared::new(
-        Arc::clone(&claims),
-        store,
-        facts,
-        handles,
-        exports,
-    ));
+    let shared = Arc::new(Shared::new(Arc::clone(&claims), store, facts, handles));
     let control = ControlPlane::start(ControlPlaneConfig {
         socket,
         metrics,
