@@ -91,8 +91,84 @@ pub struct FileConfig {
     pub metrics_address: Option<String>,
     /// `--node-id`.
     pub node_id: Option<String>,
+    /// `[export]`: ublk exports.
+    pub export: Option<ExportFileConfig>,
     /// The opposite of `--no-mount-namespace`.
     pub mount_namespace: Option<bool>,
+}
+
+/// The `[export]` table of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportFileConfig {
+    /// Data path: `auto`, `zero-copy` or `copy`.
+    pub path: Option<String>,
+    /// Tags per ublk queue.
+    pub queue_depth: Option<u32>,
+    /// Largest request the kernel sends, e.g. "512k".
+    pub max_io_bytes: Option<String>,
+}
+
+/// Validated export settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSettings {
+    /// Data path preference.
+    pub path: coreblk_ublk::PathPref,
+    /// Tags per queue (1..=4096).
+    pub queue_depth: u16,
+    /// Largest request (4 KiB..=1 MiB, whole 4 KiB pages).
+    pub max_io_bytes: u32,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        Self {
+            path: coreblk_ublk::PathPref::Auto,
+            queue_depth: crate::export::DEFAULT_QUEUE_DEPTH,
+            max_io_bytes: crate::export::DEFAULT_MAX_IO_BYTES,
+        }
+    }
+}
+
+impl ExportSettings {
+    /// Validates the `[export]` table.
+    ///
+    /// # Errors
+    /// A value is out of range (the message gives the range).
+    pub fn from_file(f: Option<ExportFileConfig>) -> anyhow::Result<Self> {
+        let mut s = Self::default();
+        let Some(f) = f else { return Ok(s) };
+        if let Some(p) = f.path {
+            s.path = match p.as_str() {
+                "auto" => coreblk_ublk::PathPref::Auto,
+                "zero-copy" => coreblk_ublk::PathPref::ZeroCopy,
+                "copy" => coreblk_ublk::PathPref::Copy,
+                other => anyhow::bail!(
+                    "invalid export.path {other:?}: expected \"auto\", \"zero-copy\" or \"copy\""
+                ),
+            };
+        }
+        if let Some(d) = f.queue_depth {
+            s.queue_depth = u16::try_from(d)
+                .ok()
+                .filter(|d| (1..=4096).contains(d))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("invalid export.queue_depth {d}: expected 1 to 4096")
+                })?;
+        }
+        if let Some(m) = f.max_io_bytes {
+            let n = parse_size(&m)?;
+            s.max_io_bytes = u32::try_from(n)
+                .ok()
+                .filter(|n| (4096..=1 << 20).contains(n) && n % 4096 == 0)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "invalid export.max_io_bytes {m:?}: expected whole 4 KiB pages from 4k to 1M"
+                    )
+                })?;
+        }
+        Ok(s)
+    }
 }
 
 impl FileConfig {
@@ -161,6 +237,8 @@ pub struct Config {
     pub metrics_address: Option<SocketAddr>,
     /// Configured node id (`None`: derive one).
     pub node_id: Option<String>,
+    /// ublk exports.
+    pub export: ExportSettings,
     /// Enter a mount namespace of its own at start (`crate::sandbox`).
     pub mount_namespace: bool,
 }
@@ -223,6 +301,7 @@ impl Config {
             .or(file.metrics_address)
             .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.to_owned());
         let metrics_address = parse_metrics_address(&metrics_text)?;
+        let export = ExportSettings::from_file(file.export)?;
         let node_id = args.node_id.or(file.node_id);
         if let Some(id) = &node_id {
             validate_node_id(id)?;
@@ -242,6 +321,7 @@ impl Config {
             socket,
             metrics_address,
             node_id,
+            export,
             mount_namespace: !args.no_mount_namespace && file.mount_namespace.unwrap_or(true),
         })
     }
@@ -372,6 +452,33 @@ mod tests {
     }
 
     #[test]
+    fn export_settings_validate() {
+        let d = Config::merge(RunArgs::default(), FileConfig::default()).expect("ok");
+        assert_eq!(d.export, ExportSettings::default());
+        assert_eq!(d.export.queue_depth, 128);
+        assert_eq!(d.export.max_io_bytes, 512 << 10);
+        let f = FileConfig::parse(
+            "[export]\npath = \"copy\"\nqueue_depth = 64\nmax_io_bytes = \"256k\"\n",
+        )
+        .expect("parse");
+        let s = ExportSettings::from_file(f.export).expect("valid");
+        assert_eq!(s.path, coreblk_ublk::PathPref::Copy);
+        assert_eq!((s.queue_depth, s.max_io_bytes), (64, 256 << 10));
+        for bad in [
+            "path = \"fast\"",
+            "queue_depth = 0",
+            "queue_depth = 5000",
+            "max_io_bytes = \"2M\"",
+            "max_io_bytes = \"6000\"",
+        ] {
+            let f = FileConfig::parse(&format!("[export]\n{bad}\n")).expect("parse");
+            let e = ExportSettings::from_file(f.export).expect_err(bad).to_string();
+            assert!(e.contains("export."), "{bad}: {e}");
+        }
+        assert!(FileConfig::parse("[export]\nspeed = 1\n").is_err());
+    }
+
+    #[test]
     fn default_file_is_created_sparse_once() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path().join("var").join(DEFAULT_DEVICE_FILE);
@@ -473,9 +580,11 @@ mod tests {
             .lines()
             .filter_map(|l| l.strip_prefix("# "))
             .filter(|l| {
-                l.split_once(" = ").is_some_and(|(key, _)| {
-                    !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-                })
+                // Table headers (`[export]`) too: the keys after them belong to them.
+                (l.starts_with('[') && l.ends_with(']'))
+                    || l.split_once(" = ").is_some_and(|(key, _)| {
+                        !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    })
             })
             .map(|l| format!("{l}\n"))
             .collect();

@@ -12,7 +12,9 @@
 //! Stop order: the control plane (no new calls, in-flight calls finish, pools flushed,
 //! socket removed), then the reactors, then the claims are let go.
 //!
-//! The ublk exports (issue 12) come on top of what starts here.
+//! ublk exports: the kernel's offer is asked once before the control plane starts; at a
+//! stop the control plane drains every export's queues before the pools stop, and the
+//! devices stay for the next daemon.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use coreblk_daemon::bdev::uring::UringDevice;
 use coreblk_daemon::bdev::BlockDevice;
 use coreblk_daemon::config::{Config, DeviceSource};
 use coreblk_daemon::control::claims::Claims;
+use coreblk_daemon::control::exports::{self, Exports};
 use coreblk_daemon::control::node::{self, NodeFacts};
 use coreblk_daemon::control::server::{ControlPlane, ControlPlaneConfig, ReactorHandle, Shared};
 use coreblk_daemon::control::socket::ApiSocket;
@@ -318,7 +321,29 @@ fn serve(args: coreblk_daemon::config::RunArgs) -> anyhow::Result<()> {
         start_time,
     };
     tracing::info!(node_id = %facts.node_id, "node identity");
-    let shared = Arc::new(Shared::new(Arc::clone(&claims), store, facts, handles));
+    let kernel = exports::probe_kernel(cfg.export.path);
+    match &kernel {
+        Ok(k) => tracing::info!(
+            features = %k.features.names().join(","),
+            path = %k.choice.path,
+            reason = %k.choice.reason,
+            "ublk exports available"
+        ),
+        Err(why) => tracing::warn!(reason = %why, "ublk exports unavailable on this node"),
+    }
+    let exports = Arc::new(Exports::new(
+        cfg.export.clone(),
+        kernel,
+        reactors.remotes().to_vec(),
+        Arc::clone(&store),
+    ));
+    let shared = Arc::new(Shared::new(
+        Arc::clone(&claims),
+        store,
+        facts,
+        handles,
+        exports,
+    ));
     let control = ControlPlane::start(ControlPlaneConfig {
         socket,
         metrics,
