@@ -163,6 +163,7 @@ fn uname() -> String {
 
 fn serve(pref: PathPref) {
     let Some(ctrl) = control() else { return };
+    let ctrl = Arc::new(ctrl);
     let kernel = ctrl.features().expect("GET_FEATURES");
     let choice = choose(kernel, pref).expect("choose");
     if pref == PathPref::Copy
@@ -201,7 +202,7 @@ fn serve(pref: PathPref) {
 
     let pid = i32::try_from(std::process::id()).expect("pid fits");
     let srv = Server::spawn(id, choice.clone(), backing.clone());
-    ctrl.start(id, pid).expect("START_DEV");
+    while_serving("START_DEV", &srv, &ctrl, move |c| c.start(id, pid));
     let live = ctrl.info(id).expect("info");
     assert_eq!(live.state, DevState::Live);
     assert_eq!(live.ublksrv_pid, pid);
@@ -259,7 +260,9 @@ fn serve(pref: PathPref) {
     });
     ctrl.start_user_recovery(id).expect("START_USER_RECOVERY");
     let srv = Server::spawn(id, choice.clone(), backing.clone());
-    ctrl.end_user_recovery(id, pid).expect("END_USER_RECOVERY");
+    while_serving("END_USER_RECOVERY", &srv, &ctrl, move |c| {
+        c.end_user_recovery(id, pid)
+    });
     assert_eq!(ctrl.info(id).expect("info").state, DevState::Live);
     eprintln!("VMCHECK user recovery took {:?}", t_rec.elapsed());
     // Data written by the first server reads back through the second.
@@ -291,6 +294,32 @@ fn serve(pref: PathPref) {
         uname(),
         t0.elapsed()
     );
+}
+
+/// Runs a control command that waits for the queue (START, END_USER_RECOVERY) on its own
+/// thread, and fails fast if the server dies meanwhile (the command would wait forever).
+fn while_serving(
+    what: &str,
+    srv: &Server,
+    ctrl: &Arc<Control>,
+    cmd: impl FnOnce(&Control) -> Result<(), Error> + Send + 'static,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = ctrl.clone();
+    std::thread::spawn(move || tx.send(cmd(&c)));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(res) => return res.unwrap_or_else(|e| panic!("{what}: {e}")),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("{what}: {e}"),
+        }
+        assert!(
+            !srv.handle.is_finished(),
+            "{what}: the server thread ended first (see its panic)"
+        );
+        assert!(Instant::now() < deadline, "{what}: no answer in 120 s");
+    }
 }
 
 fn sysfs_sectors(id: u32) -> u64 {
