@@ -7,11 +7,12 @@
 //! /tmp as backing) on the data path `choose` picks: START, `dd` write/read through
 //! `/dev/ublkbN`, FLUSH, DISCARD, WRITE_ZEROES, resize and try-stop where offered, user
 //! recovery (server exits or is quiesced; a new one takes over, data intact), STOP, DEL.
+//! `partition_scan_suppressed_without_cap_sys_admin`: DESIGN §5's claim, on this kernel.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -154,6 +155,97 @@ fn serve_copy() {
     serve(PathPref::Copy);
 }
 
+/// A disk image with an MBR partition table must not show partitions when the queue's
+/// server lacks CAP_SYS_ADMIN at FETCH, even after BLKRRPART; with the capability the
+/// same image shows `ublkbNp1` (so the image is valid).
+#[test]
+fn partition_scan_suppressed_without_cap_sys_admin() {
+    let Some(ctrl) = control() else { return };
+    let ctrl = Arc::new(ctrl);
+    let kernel = ctrl.features().expect("GET_FEATURES");
+    let choice = choose(kernel, PathPref::Auto).expect("choose");
+    for drop_cap in [false, true] {
+        let info = ctrl
+            .add(&AddDev {
+                dev_id: None,
+                nr_hw_queues: 1,
+                queue_depth: DEPTH,
+                max_io_buf_bytes: MAX_IO_BYTES,
+                flags: choice.flags,
+            })
+            .expect("ADD_DEV");
+        let id = info.dev_id;
+        ctrl.set_params(id, &params()).expect("SET_PARAMS");
+        let path = std::env::temp_dir().join(format!("ublk-mbr-{id}-{drop_cap}"));
+        let backing = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .expect("backing"),
+        );
+        backing.set_len(DEV_BYTES).expect("size");
+        backing.write_all_at(&mbr(2048, 8192), 0).expect("mbr");
+        let pid = i32::try_from(std::process::id()).expect("pid");
+        let srv = Server::spawn(id, choice.clone(), backing.clone(), drop_cap);
+        while_serving("START_DEV", &srv, &ctrl, move |c| c.start(id, pid));
+        let part = PathBuf::from(format!("/sys/block/ublkb{id}/ublkb{id}p1"));
+        let dev = block_path(id).display().to_string();
+        if drop_cap {
+            let rr = Command::new("blockdev")
+                .args(["--rereadpt", &dev])
+                .output()
+                .expect("blockdev");
+            eprintln!(
+                "VMCHECK {} without CAP_SYS_ADMIN at FETCH: p1 {}, blockdev --rereadpt {} {}",
+                uname(),
+                if part.exists() { "present" } else { "absent" },
+                if rr.status.success() {
+                    "succeeded"
+                } else {
+                    "failed:"
+                },
+                String::from_utf8_lossy(&rr.stderr).trim()
+            );
+            assert!(
+                !rr.status.success(),
+                "BLKRRPART allowed on a suppressed disk"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(
+                !part.exists(),
+                "partition scanned although the server lacked CAP_SYS_ADMIN"
+            );
+        } else {
+            wait_for("p1 of a privileged server", Duration::from_secs(10), || {
+                part.exists()
+            });
+            eprintln!(
+                "VMCHECK {} with CAP_SYS_ADMIN at FETCH: p1 present",
+                uname()
+            );
+        }
+        ctrl.stop(id).expect("STOP_DEV");
+        srv.stop_and_join();
+        ctrl.delete(id).expect("DEL_DEV");
+        std::fs::remove_file(&path).ok();
+    }
+}
+
+/// A one-partition MBR (type 0x83) at `start_lba` for `sectors`.
+fn mbr(start_lba: u32, sectors: u32) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    let e = &mut b[446..462];
+    e[4] = 0x83;
+    e[8..12].copy_from_slice(&start_lba.to_le_bytes());
+    e[12..16].copy_from_slice(&sectors.to_le_bytes());
+    b[510] = 0x55;
+    b[511] = 0xaa;
+    b
+}
+
 fn uname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -201,7 +293,7 @@ fn serve(pref: PathPref) {
     backing.set_len(DEV_BYTES).expect("size backing");
 
     let pid = i32::try_from(std::process::id()).expect("pid fits");
-    let srv = Server::spawn(id, choice.clone(), backing.clone());
+    let srv = Server::spawn(id, choice.clone(), backing.clone(), false);
     while_serving("START_DEV", &srv, &ctrl, move |c| c.start(id, pid));
     let live = ctrl.info(id).expect("info");
     assert_eq!(live.state, DevState::Live);
@@ -259,7 +351,7 @@ fn serve(pref: PathPref) {
         ctrl.info(id).expect("info").state == DevState::Quiesced
     });
     ctrl.start_user_recovery(id).expect("START_USER_RECOVERY");
-    let srv = Server::spawn(id, choice.clone(), backing.clone());
+    let srv = Server::spawn(id, choice.clone(), backing.clone(), false);
     while_serving("END_USER_RECOVERY", &srv, &ctrl, move |c| {
         c.end_user_recovery(id, pid)
     });
@@ -457,10 +549,18 @@ struct Server {
 }
 
 impl Server {
-    fn spawn(dev_id: u32, choice: Choice, backing: Arc<File>) -> Server {
+    /// `drop_sys_admin`: the thread drops CAP_SYS_ADMIN from its effective set before
+    /// FETCH, as the daemon's reactors do (DESIGN §5: the driver then suppresses
+    /// partition scans).
+    fn spawn(dev_id: u32, choice: Choice, backing: Arc<File>, drop_sys_admin: bool) -> Server {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let handle = std::thread::spawn(move || serve_queue(dev_id, &choice, &backing, &flag));
+        let handle = std::thread::spawn(move || {
+            if drop_sys_admin {
+                drop_effective_cap(CAP_SYS_ADMIN);
+            }
+            serve_queue(dev_id, &choice, &backing, &flag)
+        });
         Server { stop, handle }
     }
 
@@ -633,6 +733,52 @@ fn serve_queue(dev_id: u32, choice: &Choice, backing: &File, stop: &AtomicBool) 
     drop(descs);
     drop(char_dev);
     stats
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Clears `cap` from the calling thread's effective set (capabilities are per thread).
+fn drop_effective_cap(cap: u32) {
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget writes two `CapData` (version 3) into `data`, which has room for
+    // exactly two, and reads the header.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "capget: {}", std::io::Error::last_os_error());
+    data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+    // SAFETY: as above; capset reads the header and two `CapData`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "capset: {}", std::io::Error::last_os_error());
 }
 
 fn punch(f: &File, offset: u64, len: u64) {
