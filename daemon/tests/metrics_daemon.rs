@@ -418,6 +418,17 @@ fn metrics_equal_what_pool_get_and_volume_get_report() {
             value(&samples, "coreblk_pool_journal_blocks_total", &pool).expect("blocks") >= 1.0
         );
         assert!(value(&samples, "coreblk_pool_copy_ups_total", &pool).is_some());
+        // Journal write latency: a histogram per pool (the parser checked it is whole),
+        // one observation per completed journal write.
+        let h_count = "coreblk_journal_commit_seconds_count";
+        let latency_writes = value(&samples, h_count, &pool).expect("latency histogram");
+        let journal_writes =
+            value(&samples, "coreblk_pool_journal_writes_total", &pool).expect("writes");
+        assert!(
+            latency_writes >= 8.0 && latency_writes <= journal_writes,
+            "{latency_writes} timed of {journal_writes} journal writes"
+        );
+        assert!(value(&samples, "coreblk_journal_commit_seconds_sum", &pool).expect("sum") > 0.0);
         assert_eq!(
             value(
                 &samples,
@@ -459,6 +470,9 @@ fn metrics_equal_what_pool_get_and_volume_get_report() {
             Some(f(v.allocated_bytes))
         );
         assert_eq!(v.allocated_bytes, MIB + (512 << 10) + (64 << 10));
+        // The overwrite allocated a cluster: its journal write was timed.
+        let now = value(&samples, h_count, &pool).expect("latency histogram");
+        assert!(now > latency_writes, "{latency_writes} -> {now}");
     });
     assert!(daemon.stop_with(libc::SIGTERM).success());
 }

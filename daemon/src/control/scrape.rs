@@ -178,6 +178,7 @@ async fn read_pool(store: &Store, p: &PoolInfo) -> super::Result<PoolRead> {
                 journal_blocks: j.blocks,
                 journal_writes: j.writes,
                 journal_records: j.records,
+                journal_write_latency: j.write_latency,
                 checkpoints: st.checkpoints,
                 copy_ups: st.copy_ups,
                 allocations: st.allocations,

@@ -18,6 +18,8 @@
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use super::format::{self, Record, Superblock, BLOCK_BYTES};
 use crate::bdev::{Channel, Io};
@@ -51,6 +53,67 @@ pub struct JournalStats {
     pub flushes: u64,
     /// Commits (append calls) acknowledged.
     pub commits: u64,
+    /// How long the journal writes that completed took, submit to completion.
+    pub write_latency: LatencyCounts,
+}
+
+/// Upper bounds of the journal write latency buckets, in nanoseconds (100 µs … 2.5 s; a
+/// last bucket counts the slower ones).
+pub const WRITE_LATENCY_BOUNDS_NS: [u64; 14] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+];
+
+/// A latency histogram read out: per bucket (not cumulative; the last one past every
+/// bound), and the sum.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LatencyCounts {
+    /// Writes per bucket of [`WRITE_LATENCY_BOUNDS_NS`], then those slower than all.
+    pub buckets: [u64; WRITE_LATENCY_BOUNDS_NS.len() + 1],
+    /// Sum of the latencies.
+    pub sum_ns: u64,
+}
+
+impl LatencyCounts {
+    /// Writes counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+/// Journal write latencies, recorded on the owner reactor: a fixed set of atomic counters
+/// (no lock, no allocation per write), readable from any thread.
+#[derive(Debug, Default)]
+struct WriteLatency {
+    buckets: [AtomicU64; WRITE_LATENCY_BOUNDS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl WriteLatency {
+    fn record(&self, ns: u64) {
+        let i = WRITE_LATENCY_BOUNDS_NS.partition_point(|&b| b < ns);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> LatencyCounts {
+        LatencyCounts {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            sum_ns: self.sum_ns.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The journal writer of one pool.
@@ -89,6 +152,9 @@ pub struct Journal {
     /// full and records wait (the pool then writes a checkpoint and calls `resume`).
     pressure: RefCell<Option<Hook>>,
     stats: Cell<JournalStats>,
+    /// When the write in flight was submitted.
+    write_submitted: Cell<Option<Instant>>,
+    write_latency: WriteLatency,
 }
 
 impl fmt::Debug for Journal {
@@ -126,12 +192,17 @@ impl Journal {
             clean: Cell::new(true),
             pressure: RefCell::new(None),
             stats: Cell::new(JournalStats::default()),
+            write_submitted: Cell::new(None),
+            write_latency: WriteLatency::default(),
         })
     }
 
-    /// Counters.
+    /// Counters, and the write latencies so far.
     pub fn stats(&self) -> JournalStats {
-        self.stats.get()
+        JournalStats {
+            write_latency: self.write_latency.counts(),
+            ..self.stats.get()
+        }
     }
 
     /// Sequence of the next block to be written.
@@ -381,6 +452,7 @@ impl Journal {
             buf: IoBuf::from_slice(&bytes),
             fua: false,
         };
+        self.write_submitted.set(Some(Instant::now()));
         self.ch.submit(rx, io, self.completion(), TAG_WRITE);
         if self.uncovered_blocks() > ring / 2 {
             self.pressure(rx);
@@ -416,6 +488,10 @@ impl Completion for Journal {
                     }
                 };
                 self.bump(|s| s.commits += done.len() as u64);
+                if let (Ok(_), Some(t0)) = (&res, self.write_submitted.take()) {
+                    let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    self.write_latency.record(ns);
+                }
                 if res.is_ok() {
                     // Before the completions: a FUA write they release compares with it.
                     self.completed.set(last_seq);

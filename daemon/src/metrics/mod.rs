@@ -12,8 +12,9 @@
 //! `_seconds`), `_total` for counters. Pools are keyed by their name (`pool`), volumes and
 //! snapshots by `uuid` (with `pool` and `kind`); `coreblk_volume_info` and
 //! `coreblk_snapshot_info` carry the names to join on. Per-volume IO metrics arrive with
-//! the exports. The store keeps no latency histogram of journal commits, so none is
-//! exported (only commit, flush and block counts). Start reading at [`render`].
+//! the exports. Journal write latency is a histogram per pool
+//! (`coreblk_journal_commit_seconds`, recorded by the journal in fixed atomic buckets).
+//! Start reading at [`render`].
 
 pub mod http;
 pub mod text;
@@ -21,6 +22,8 @@ pub mod text;
 use std::time::{Duration, SystemTime};
 
 use text::{Exposition, Kind};
+
+use crate::lvs::journal::{LatencyCounts, WRITE_LATENCY_BOUNDS_NS};
 
 /// One reactor's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -113,6 +116,8 @@ pub struct PoolFiguresSample {
     /// Volumes and snapshots whose usage figures predate the pool's last change (the
     /// per-scrape scan bound was reached, or the pool changed during the scrape).
     pub stale_objects: u64,
+    /// Journal writes by latency (submit to completion).
+    pub journal_write_latency: LatencyCounts,
 }
 
 /// One pool.
@@ -474,6 +479,24 @@ fn render_pools(e: &mut Exposition, pools: &[PoolSample]) {
             }
         }
     }
+    let bounds_s = WRITE_LATENCY_BOUNDS_NS.map(seconds);
+    e.family(
+        "coreblk_journal_commit_seconds",
+        Kind::Histogram,
+        "Latency of each online pool's metadata journal writes, submit to completion (one write carries every commit that waited for it), since the pool was imported.",
+    );
+    for p in pools {
+        if let Some(f) = &p.figures {
+            let h = &f.journal_write_latency;
+            e.histogram(
+                "coreblk_journal_commit_seconds",
+                &[("pool", &p.name)],
+                &bounds_s,
+                &h.buckets,
+                seconds(h.sum_ns),
+            );
+        }
+    }
 }
 
 fn render_objects(e: &mut Exposition, objects: &[ObjectSample]) {
@@ -604,6 +627,15 @@ mod tests {
                         free_bytes: 100,
                         allocated_bytes: 200,
                         journal_commits: 9,
+                        journal_write_latency: LatencyCounts {
+                            // 2 writes ≤ 100 µs, 1 ≤ 1 ms, 1 past 2.5 s.
+                            buckets: std::array::from_fn(|i| match i {
+                                0 => 2,
+                                3 | 14 => 1,
+                                _ => 0,
+                            }),
+                            sum_ns: 3_000_500_000,
+                        },
                         ..PoolFiguresSample::default()
                     }),
                 },
@@ -660,6 +692,18 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} {labels:?} missing:\n{page}"))
                 .value
         };
+        let h = "coreblk_journal_commit_seconds";
+        let bucket = |le: &str| value(&format!("{h}_bucket"), &[("pool", "default"), ("le", le)]);
+        assert_eq!(bucket("0.0001"), 2.0);
+        assert_eq!(bucket("0.001"), 3.0);
+        assert_eq!(bucket("2.5"), 3.0);
+        assert_eq!(bucket("+Inf"), 4.0);
+        assert_eq!(value(&format!("{h}_count"), &[("pool", "default")]), 4.0);
+        assert!((value(&format!("{h}_sum"), &[("pool", "default")]) - 3.0005).abs() < 1e-9);
+        assert!(
+            !page.contains(&format!("{h}_count{{pool=\"broken\"}}")),
+            "a pool not online has no histogram:\n{page}"
+        );
         assert_eq!(value("coreblk_build_info", &[("version", "0.1.0")]), 1.0);
         assert_eq!(value("coreblk_start_time_seconds", &[]), 1_700_000_000.0);
         assert_eq!(

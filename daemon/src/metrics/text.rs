@@ -3,9 +3,10 @@
 //! available everywhere the tests run).
 //!
 //! Owns: [`Exposition`] (HELP and TYPE once per family, before its samples; label values
-//! escaped) and [`parse`] (names, HELP/TYPE lines, label syntax and escapes, values,
-//! families contiguous, counters named `_total`). Must never: emit a sample of a family
-//! it has not declared.
+//! escaped; histograms as `_bucket{le}`/`_sum`/`_count`) and [`parse`] (names, HELP/TYPE
+//! lines, label syntax and escapes, values, families contiguous, counters named `_total`,
+//! histograms whole: cumulative buckets ending at `+Inf` equal to `_count`, a `_sum`).
+//! Must never: emit a sample of a family it has not declared.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -17,6 +18,8 @@ pub enum Kind {
     Counter,
     /// Goes up and down.
     Gauge,
+    /// Observations in cumulative buckets, with their sum and count.
+    Histogram,
 }
 
 impl Kind {
@@ -24,6 +27,7 @@ impl Kind {
         match self {
             Self::Counter => "counter",
             Self::Gauge => "gauge",
+            Self::Histogram => "histogram",
         }
     }
 }
@@ -64,6 +68,12 @@ fn escape_label_value(text: &str) -> String {
     text.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// A count as a sample value (exact below 2^53, which a counter of events never reaches).
+#[allow(clippy::cast_precision_loss)]
+fn as_f64(n: u64) -> f64 {
+    n as f64
 }
 
 fn format_value(v: f64) -> String {
@@ -109,6 +119,54 @@ impl Exposition {
             Some(name),
             "sample of an undeclared family"
         );
+        self.write_sample(name, labels, value);
+    }
+
+    /// Adds one histogram series to the current (histogram) family: `counts[i]`
+    /// observations in bucket `i` (at most `bounds[i]`; the last count is past every
+    /// bound), written cumulative with `+Inf`, then `_sum` and `_count`.
+    ///
+    /// # Panics
+    /// `name` is not the current family, `counts` is not one longer than `bounds`, or a
+    /// label is `le` or invalid (programming errors).
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        bounds: &[f64],
+        counts: &[u64],
+        sum: f64,
+    ) {
+        assert_eq!(
+            self.current.as_deref(),
+            Some(name),
+            "sample of an undeclared family"
+        );
+        assert_eq!(
+            counts.len(),
+            bounds.len() + 1,
+            "one count per bucket and +Inf"
+        );
+        assert!(
+            labels.iter().all(|(k, _)| *k != "le"),
+            "le is the bucket's label"
+        );
+        let bucket = format!("{name}_bucket");
+        let mut total = 0u64;
+        for (i, c) in counts.iter().enumerate() {
+            total = total.saturating_add(*c);
+            let le = bounds
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |b| format_value(*b));
+            let mut with_le: Vec<(&str, &str)> = labels.to_vec();
+            with_le.push(("le", &le));
+            self.write_sample(&bucket, &with_le, as_f64(total));
+        }
+        self.write_sample(&format!("{name}_sum"), labels, sum);
+        self.write_sample(&format!("{name}_count"), labels, as_f64(total));
+    }
+
+    fn write_sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.out.push_str(name);
         if !labels.is_empty() {
             self.out.push('{');
@@ -219,7 +277,81 @@ pub fn parse(page: &str) -> Result<Vec<ParsedSample>, String> {
         }
         samples.push(sample);
     }
+    check_histograms(&samples, &typed)?;
     Ok(samples)
+}
+
+/// Each histogram series (its labels less `le`) is whole: buckets with valid `le`
+/// bounds in increasing order, cumulative counts, a `+Inf` bucket equal to `_count`, and
+/// a `_sum`.
+fn check_histograms(
+    samples: &[ParsedSample],
+    typed: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    #[derive(Default)]
+    struct Series {
+        buckets: Vec<(f64, f64)>,
+        sum: Option<f64>,
+        count: Option<f64>,
+    }
+    let mut all: BTreeMap<(String, String), Series> = BTreeMap::new();
+    for s in samples {
+        let family = family_of(&s.name, typed);
+        if typed.get(family).map(String::as_str) != Some("histogram") {
+            continue;
+        }
+        let mut labels = s.labels.clone();
+        let le = labels.remove("le");
+        let key = (family.to_owned(), format!("{labels:?}"));
+        let series = all.entry(key).or_default();
+        let part = &s.name[family.len()..];
+        let what = || format!("histogram {family}{labels:?}");
+        match (part, le) {
+            ("_bucket", Some(le)) => {
+                let bound = match le.as_str() {
+                    "+Inf" => f64::INFINITY,
+                    v => v
+                        .parse::<f64>()
+                        .map_err(|_| format!("{}: invalid le {v:?}", what()))?,
+                };
+                series.buckets.push((bound, s.value));
+            }
+            ("_bucket", None) => return Err(format!("{}: a bucket without le", what())),
+            ("_sum", None) => series.sum = Some(s.value),
+            ("_count", None) => series.count = Some(s.value),
+            _ => return Err(format!("{}: unexpected sample {}", what(), s.name)),
+        }
+    }
+    for ((family, labels), s) in &all {
+        let what = format!("histogram {family}{labels}");
+        for w in s.buckets.windows(2) {
+            if w[1].0 <= w[0].0 {
+                return Err(format!("{what}: le bounds not increasing"));
+            }
+            if w[1].1 < w[0].1 {
+                return Err(format!("{what}: bucket counts not cumulative"));
+            }
+        }
+        let Some(&(last_le, last)) = s.buckets.last() else {
+            return Err(format!("{what}: no buckets"));
+        };
+        if last_le != f64::INFINITY {
+            return Err(format!("{what}: no +Inf bucket"));
+        }
+        match s.count {
+            Some(c) if c == last => {}
+            Some(c) => {
+                return Err(format!(
+                    "{what}: _count {c} differs from the +Inf bucket {last}"
+                ))
+            }
+            None => return Err(format!("{what}: no _count")),
+        }
+        if s.sum.is_none() {
+            return Err(format!("{what}: no _sum"));
+        }
+    }
+    Ok(())
 }
 
 /// The family a sample belongs to: itself, or for histogram/summary parts the declared
@@ -359,6 +491,20 @@ mod tests {
             ("a 1\na 2\n", "twice"),
             ("a{b=\"1\",b=\"2\"} 1\n", "appears twice"),
             ("a 1 2 3\n", "trailing"),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 2\nh_count 1\n",
+                "not cumulative",
+            ),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 2\nh_count 1\n",
+                "no +Inf",
+            ),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 2\nh_count 3\n",
+                "differs",
+            ),
+            ("# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n", "no _sum"),
+            ("# TYPE h histogram\nh_bucket 1\nh_sum 1\nh_count 1\n", "without le"),
         ] {
             let e = parse(bad).expect_err(bad);
             assert!(e.contains(why), "{bad:?}: {e}");
@@ -376,5 +522,50 @@ mod tests {
         let s = parse(&page).expect("valid");
         assert_eq!(s[0].labels["p"], "a\"b\\c\nd");
         assert!(s[1].value.is_infinite());
+    }
+
+    #[test]
+    fn histograms_are_written_cumulative_and_whole() {
+        let mut e = Exposition::new();
+        e.family("lat_seconds", Kind::Histogram, "Latency.");
+        e.histogram(
+            "lat_seconds",
+            &[("pool", "a")],
+            &[0.001, 0.01],
+            &[2, 0, 3],
+            0.5,
+        );
+        e.histogram(
+            "lat_seconds",
+            &[("pool", "b")],
+            &[0.001, 0.01],
+            &[0, 0, 0],
+            0.0,
+        );
+        let page = e.finish();
+        let s = parse(&page).expect("valid");
+        let got: Vec<(String, Option<&str>, f64)> = s
+            .iter()
+            .filter(|s| s.labels.get("pool").map(String::as_str) == Some("a"))
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.labels.get("le").map(String::as_str),
+                    s.value,
+                )
+            })
+            .collect();
+        let want = [
+            ("lat_seconds_bucket", Some("0.001"), 2.0),
+            ("lat_seconds_bucket", Some("0.01"), 2.0),
+            ("lat_seconds_bucket", Some("+Inf"), 5.0),
+            ("lat_seconds_sum", None, 0.5),
+            ("lat_seconds_count", None, 5.0),
+        ];
+        assert_eq!(got.len(), want.len(), "{page}");
+        for ((n, le, v), (wn, wle, wv)) in got.iter().zip(want) {
+            assert_eq!((n.as_str(), *le), (wn, wle), "{page}");
+            assert!((v - wv).abs() < f64::EPSILON, "{page}");
+        }
     }
 }
