@@ -536,6 +536,13 @@ impl Control {
         self.simple("DEL_DEV", sys::UBLK_U_CMD_DEL_DEV, dev_id, 0)
     }
 
+    /// DEL_DEV_ASYNC: removes the device without waiting for the holders of
+    /// `/dev/ublkcN`; its id is free once the last one closes it. For tearing down a
+    /// device whose server may still hold it (`coreblk export cleanup`).
+    pub fn delete_async(&self, dev_id: u32) -> Result<(), Error> {
+        self.simple("DEL_DEV_ASYNC", sys::UBLK_U_CMD_DEL_DEV_ASYNC, dev_id, 0)
+    }
+
     /// START_USER_RECOVERY: after the previous server died (device QUIESCED), prepares
     /// the device for a new server, which then opens `/dev/ublkcN` and FETCHes.
     pub fn start_user_recovery(&self, dev_id: u32) -> Result<(), Error> {

@@ -138,6 +138,29 @@ fn control_round_trip() {
     ctrl.delete(id).expect("DEL_DEV");
     assert!(matches!(ctrl.info(id), Err(Error::NotFound(d)) if d == id));
     assert!(!Control::list().expect("list").contains(&id));
+    // DEL_DEV_ASYNC returns while /dev/ublkcN is held; the device goes when it closes.
+    let info = ctrl
+        .add(&AddDev {
+            dev_id: None,
+            nr_hw_queues: 1,
+            queue_depth: DEPTH,
+            max_io_buf_bytes: MAX_IO_BYTES,
+            flags: choice.flags,
+        })
+        .expect("ADD_DEV");
+    let held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(char_path(info.dev_id))
+        .expect("open /dev/ublkcN");
+    ctrl.delete_async(info.dev_id).expect("DEL_DEV_ASYNC");
+    drop(held);
+    wait_for(
+        "the async-deleted device to go",
+        Duration::from_secs(10),
+        || !Control::list().expect("list").contains(&info.dev_id),
+    );
+
     match ctrl.try_stop(id) {
         Err(Error::Unsupported { .. }) => assert!(!choice.try_stop),
         Err(Error::NotFound(_)) => assert!(choice.try_stop),
