@@ -516,7 +516,8 @@ impl Control {
     }
 
     /// TRY_STOP_DEV (SAFE_STOP_DEV, Linux >= 7.0): stops only if nobody has the block
-    /// device open; [`Error::Busy`] otherwise.
+    /// device open; [`Error::Busy`] otherwise. A device that is not started is left as
+    /// it is (Ok), as STOP_DEV does.
     pub fn try_stop(&self, dev_id: u32) -> Result<(), Error> {
         self.require(
             Features::SAFE_STOP_DEV,
@@ -526,6 +527,9 @@ impl Control {
             Err(Error::Io {
                 errno: libc::EBUSY, ..
             }) => Err(Error::Busy),
+            // ENODEV also means "no disk": the device exists but was never started (or
+            // is stopped), so there is nothing to stop — as STOP_DEV answers.
+            Err(Error::NotFound(_)) => self.info(dev_id).map(|_| ()),
             other => other,
         }
     }

@@ -135,6 +135,13 @@ fn control_round_trip() {
     eprintln!("VMCHECK duplicate ADD: {err}");
     assert_eq!(err.errno(), Some(libc::EEXIST));
 
+    // Stopping a device that never started is a no-op, whichever way.
+    ctrl.stop(id).expect("STOP_DEV of a dead device");
+    if choice.try_stop {
+        ctrl.try_stop(id).expect("TRY_STOP_DEV of a dead device");
+    }
+    assert_eq!(ctrl.info(id).expect("info").state, DevState::Dead);
+
     ctrl.delete(id).expect("DEL_DEV");
     assert!(matches!(ctrl.info(id), Err(Error::NotFound(d)) if d == id));
     assert!(!Control::list().expect("list").contains(&id));
