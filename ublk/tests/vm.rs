@@ -264,6 +264,103 @@ fn partition_scan_suppressed_without_cap_sys_admin() {
     }
 }
 
+/// `coreblk export cleanup`'s case: the server is gone for good while a reader waits
+/// on the quiesced device. STOP and DEL still work without a server, and the waiting
+/// reader gets an error instead of hanging.
+#[test]
+fn orphan_cleanup_without_server() {
+    let Some(ctrl) = control() else { return };
+    let ctrl = Arc::new(ctrl);
+    let kernel = ctrl.features().expect("GET_FEATURES");
+    let choice = choose(kernel, PathPref::Auto).expect("choose");
+    let info = ctrl
+        .add(&AddDev {
+            dev_id: None,
+            nr_hw_queues: 1,
+            queue_depth: DEPTH,
+            max_io_buf_bytes: MAX_IO_BYTES,
+            flags: choice.flags,
+        })
+        .expect("ADD_DEV");
+    let id = info.dev_id;
+    ctrl.set_params(id, &params()).expect("SET_PARAMS");
+    let path = std::env::temp_dir().join(format!("ublk-orphan-{id}"));
+    let backing = Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("backing"),
+    );
+    backing.set_len(DEV_BYTES).expect("size");
+    let pid = i32::try_from(std::process::id()).expect("pid");
+    let srv = Server::spawn(id, choice.clone(), backing.clone(), true);
+    while_serving("START_DEV", &srv, &ctrl, move |c| c.start(id, pid));
+    srv.stop_and_join();
+    wait_for("QUIESCED", Duration::from_secs(30), || {
+        ctrl.info(id).expect("info").state == DevState::Quiesced
+    });
+    let dev = block_path(id).display().to_string();
+    let mut reader = Command::new("dd")
+        .args([
+            &format!("if={dev}"),
+            "of=/dev/null",
+            "bs=4k",
+            "count=1",
+            "skip=100",
+            "iflag=direct",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dd");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        reader.try_wait().expect("try_wait").is_none(),
+        "a read completed without a server"
+    );
+
+    let t = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = ctrl.clone();
+    std::thread::spawn(move || tx.send(c.stop(id).and_then(|()| c.delete(id))));
+    let res = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("STOP+DEL without a server hung");
+    res.expect("STOP+DEL without a server");
+    let mut status = None;
+    wait_for(
+        "the waiting reader to finish",
+        Duration::from_secs(30),
+        || {
+            status = reader.try_wait().expect("try_wait");
+            status.is_some()
+        },
+    );
+    let status = status.expect("finished");
+    eprintln!(
+        "VMCHECK {} orphan cleanup: STOP+DEL in {:?}, waiting reader exited {status} ({})",
+        uname(),
+        t.elapsed(),
+        reader
+            .stderr
+            .take()
+            .map(|mut e| {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut e, &mut s).ok();
+                s.lines().next().unwrap_or_default().to_string()
+            })
+            .unwrap_or_default()
+    );
+    assert!(
+        !status.success(),
+        "the read of a torn-down device succeeded"
+    );
+    assert!(!Control::list().expect("list").contains(&id));
+    std::fs::remove_file(&path).ok();
+}
+
 /// A one-partition MBR (type 0x83) at `start_lba` for `sectors`.
 fn mbr(start_lba: u32, sectors: u32) -> Vec<u8> {
     let mut b = vec![0u8; 512];
