@@ -43,7 +43,7 @@ use crate::bdev::label::{self, Uuid};
 use crate::bdev::uring::UringDevice;
 use crate::bdev::{BlockDevice, Channel, Io};
 use crate::lvs::pool::{self, PoolError, VolumeMeta};
-use crate::lvs::table::VolumeTable;
+use crate::lvs::table::{VolumeTable, MAX_CONTROL_BYTES};
 use crate::lvs::volume::{ObjectUsage, PoolRt, Reply};
 use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, Remote};
 
@@ -1691,6 +1691,63 @@ impl Store {
             .await?
             .map_err(|reason| journal_error("set labels of volume", &v.name, &p.name, reason))?;
         self.volume_with_usage(&v.uuid.to_string()).await
+    }
+
+    /// Persists (`Some`) or clears (`None`) the export record of the volume or snapshot
+    /// `uuid` in its pool's journal (FORMAT.md record type 8): durable — written and
+    /// flushed — when this returns Ok, deleted with the object. The bytes are the export
+    /// layer's; at most [`MAX_CONTROL_BYTES`].
+    ///
+    /// # Errors
+    /// NOT_FOUND, INVALID_ARGUMENT (too large), UNAVAILABLE (pool not online), or the
+    /// store's failure.
+    pub async fn set_export_record(&self, uuid: Uuid, rec: Option<Vec<u8>>) -> Result<()> {
+        let data = rec.unwrap_or_default();
+        if data.len() > MAX_CONTROL_BYTES {
+            return Err(Error::InvalidArgument {
+                field: "export record",
+                reason: format!(
+                    "{} bytes; the volume store keeps at most {MAX_CONTROL_BYTES}",
+                    data.len()
+                ),
+            });
+        }
+        let key = uuid.to_string();
+        let obj = match self.volume(&key).await {
+            Ok(v) => v.object(),
+            Err(Error::NotFound { .. }) => self.snapshot(&key).await?.object(),
+            Err(e) => return Err(e),
+        };
+        let p = self.online(&obj.pool_uuid.to_string())?;
+        let id = obj.id;
+        self.pool_op(&p, move |r, rt, reply| rt.set_control(r, id, data, reply))
+            .await?
+            .map_err(|reason| journal_error("record the export of", &obj.name, &p.name, reason))
+    }
+
+    /// Every export record kept by the online pools, by volume or snapshot UUID.
+    ///
+    /// # Errors
+    /// The store is not ready, or a reactor does not answer.
+    pub async fn export_records(&self) -> Result<Vec<(Uuid, Vec<u8>)>> {
+        self.check_ready()?;
+        let mut out = Vec::new();
+        for p in self.pools() {
+            if p.state != PoolState::Online {
+                continue;
+            }
+            let recs = self
+                .pool_query(&p, |rt| {
+                    let t = rt.volumes();
+                    t.control
+                        .iter()
+                        .filter_map(|(id, data)| Some((t.get(*id)?.uuid, data.clone())))
+                        .collect::<Vec<_>>()
+                })
+                .await?;
+            out.extend(recs.into_iter().map(|(u, d)| (Uuid(u), d)));
+        }
+        Ok(out)
     }
 
     /// Makes a volume's content that of one of its snapshots.

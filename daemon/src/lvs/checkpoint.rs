@@ -68,6 +68,15 @@ pub fn encode(sb: &Superblock, table: &VolumeTable, maps: &Maps) -> Vec<u8> {
         };
         recs.push(r.encode());
     }
+    for (id, data) in &table.control {
+        recs.push(
+            VolumeRecord::Control {
+                id: *id,
+                data: data.clone(),
+            }
+            .encode(),
+        );
+    }
     let mut leaf_ids: HashMap<usize, u32> = HashMap::new();
     for (id, map) in maps {
         let mut pairs = Vec::new();
@@ -275,7 +284,8 @@ pub fn decode(sb: &Superblock, bytes: &[u8]) -> Result<(VolumeTable, Maps), Stri
                     }
                     _ => return Err(format!("block {seq}: unexpected record type {kind}")),
                 },
-                15 => {
+                // Settings, and control records (after the objects they belong to).
+                8 | 15 => {
                     if let Some(v) = VolumeRecord::decode(&r)? {
                         table.apply(&v).map_err(|e| format!("block {seq}: {e}"))?;
                     }
@@ -363,6 +373,11 @@ mod tests {
             .apply(&VolumeRecord::Create(meta(4, "emptied", 4096)))
             .expect("create");
         maps.insert(4, emptied);
+        for (id, data) in [(2, b"snap export".to_vec()), (3, vec![0xab; 1024])] {
+            table
+                .apply(&VolumeRecord::Control { id, data })
+                .expect("control record");
+        }
 
         let bytes = encode(&sb, &table, &maps);
         sb.ckpt_crc = crc32c::crc32c(&bytes);
@@ -371,6 +386,8 @@ mod tests {
         assert_eq!(t2.volumes, table.volumes);
         assert_eq!(t2.snapshots, table.snapshots);
         assert_eq!(t2.lineage, table.lineage);
+        assert_eq!(t2.control, table.control);
+        assert_eq!(t2.control.len(), 2);
         assert!(t2.next_id() >= 4, "ids are not reused: {}", t2.next_id());
         for (id, m) in &maps {
             let mut want = Vec::new();

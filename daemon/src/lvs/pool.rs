@@ -368,6 +368,7 @@ pub fn apply_record(
                 VolumeRecord::Written { .. }
                 | VolumeRecord::Group { .. }
                 | VolumeRecord::Labels { .. }
+                | VolumeRecord::Control { .. }
                 | VolumeRecord::Settings { .. } => {}
             }
             Ok(())

@@ -1,5 +1,5 @@
 //! The volume table: volumes, snapshots and clones of a pool, and the journal records that
-//! change it (FORMAT.md §3, types 3–7 and 9–11).
+//! change it (FORMAT.md §3, types 3–11 and 15).
 //!
 //! A snapshot is a read-only volume whose map shares every leaf of its source's map at the
 //! instant it was taken (`map.rs`); a clone is a writable volume made the same way from a
@@ -102,6 +102,14 @@ pub enum VolumeRecord {
         /// The new labels.
         labels: BTreeMap<String, String>,
     },
+    /// The control plane's record for volume or snapshot `id` (type 8): opaque bytes
+    /// (an export record), replaced whole; empty clears it. Deleting the object drops it.
+    Control {
+        /// The volume or snapshot.
+        id: u32,
+        /// At most [`MAX_CONTROL_BYTES`]; empty = none.
+        data: Vec<u8>,
+    },
     /// Pool settings (type 15): the overcommit limit, in thousandths (provisioned bytes
     /// ≤ limit × capacity).
     Settings {
@@ -109,6 +117,9 @@ pub enum VolumeRecord {
         overcommit_milli: u32,
     },
 }
+
+/// The largest control record a volume can carry (it always fits one journal record).
+pub const MAX_CONTROL_BYTES: usize = 1024;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     let len = u16::try_from(s.len()).expect("strings validated to fit a record");
@@ -262,6 +273,13 @@ impl VolumeRecord {
                 put_labels(&mut body, labels);
                 11
             }
+            VolumeRecord::Control { id, data } => {
+                body.extend_from_slice(&id.to_le_bytes());
+                let len = u16::try_from(data.len()).expect("control record validated");
+                body.extend_from_slice(&len.to_le_bytes());
+                body.extend_from_slice(data);
+                8
+            }
             VolumeRecord::Settings { overcommit_milli } => {
                 body.extend_from_slice(&overcommit_milli.to_le_bytes());
                 15
@@ -318,6 +336,19 @@ impl VolumeRecord {
                 id: take_u32(&mut b)?,
                 labels: take_labels(&mut b)?,
             },
+            8 => {
+                let id = take_u32(&mut b)?;
+                let len = usize::from(take_u16(&mut b)?);
+                if len > MAX_CONTROL_BYTES {
+                    return Err(format!(
+                        "control record of {len} bytes (at most {MAX_CONTROL_BYTES})"
+                    ));
+                }
+                VolumeRecord::Control {
+                    id,
+                    data: take(&mut b, len)?.to_vec(),
+                }
+            }
             15 => VolumeRecord::Settings {
                 overcommit_milli: take_u32(&mut b)?,
             },
@@ -355,6 +386,8 @@ pub struct VolumeTable {
     pub id_floor: u32,
     /// Overcommit limit × 1000 as set (0 = never set: the default, 1.0).
     pub overcommit_milli: u32,
+    /// The control plane's record of each volume or snapshot that has one (exports).
+    pub control: BTreeMap<u32, Vec<u8>>,
 }
 
 impl VolumeTable {
@@ -411,6 +444,7 @@ impl VolumeTable {
                     return Err(format!("delete of unknown id {id}"));
                 }
                 self.lineage.remove(id);
+                self.control.remove(id);
             }
             VolumeRecord::Resize { id, size_bytes } => {
                 let v = self
@@ -509,6 +543,22 @@ impl VolumeTable {
                     .ok_or_else(|| format!("labels of unknown id {id}"))?;
                 v.labels = labels.clone();
             }
+            VolumeRecord::Control { id, data } => {
+                if self.get(*id).is_none() {
+                    return Err(format!("control record of unknown id {id}"));
+                }
+                if data.len() > MAX_CONTROL_BYTES {
+                    return Err(format!(
+                        "control record of {} bytes for id {id} (at most {MAX_CONTROL_BYTES})",
+                        data.len()
+                    ));
+                }
+                if data.is_empty() {
+                    self.control.remove(id);
+                } else {
+                    self.control.insert(*id, data.clone());
+                }
+            }
         }
         Ok(())
     }
@@ -545,5 +595,55 @@ impl VolumeTable {
     /// Whether the table holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_records_round_trip_and_die_with_their_object() {
+        let mut t = VolumeTable::default();
+        let m = VolumeMeta {
+            id: 1,
+            name: "v".into(),
+            size_bytes: 1 << 20,
+            ..VolumeMeta::default()
+        };
+        t.apply(&VolumeRecord::Create(m)).expect("create");
+        let rec = VolumeRecord::Control {
+            id: 1,
+            data: b"{\"dev_id\":3}".to_vec(),
+        };
+        let decoded = VolumeRecord::decode(&rec.encode())
+            .expect("decode")
+            .expect("a table record");
+        assert_eq!(decoded, rec);
+        t.apply(&decoded).expect("apply");
+        assert_eq!(t.control[&1], b"{\"dev_id\":3}");
+        // Unknown objects and oversized records are refused; empty clears.
+        let unknown = VolumeRecord::Control {
+            id: 9,
+            data: vec![1],
+        };
+        assert!(t
+            .apply(&unknown)
+            .expect_err("unknown")
+            .contains("unknown id 9"));
+        let big = VolumeRecord::Control {
+            id: 1,
+            data: vec![0; MAX_CONTROL_BYTES + 1],
+        };
+        assert!(t.apply(&big).expect_err("too big").contains("at most"));
+        t.apply(&VolumeRecord::Control {
+            id: 1,
+            data: Vec::new(),
+        })
+        .expect("clear");
+        assert!(t.control.is_empty());
+        t.apply(&rec).expect("set again");
+        t.apply(&VolumeRecord::Delete { id: 1 }).expect("delete");
+        assert!(t.control.is_empty(), "a deleted volume keeps no record");
     }
 }

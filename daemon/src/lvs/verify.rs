@@ -849,6 +849,19 @@ fn checkpoint_record(
                 }
             }
         }
+        15 => match VolumeRecord::decode(r).map_err(dmg)? {
+            Some(VolumeRecord::Settings { overcommit_milli }) if overcommit_milli >= 1000 => {}
+            _ => return Err(dmg("pool settings record is invalid".into())),
+        },
+        8 => match VolumeRecord::decode(r).map_err(dmg)? {
+            Some(VolumeRecord::Control { id, .. }) if sizes.contains_key(&id) => {}
+            Some(VolumeRecord::Control { id, .. }) => {
+                return Err(dmg(format!(
+                    "control (export) record of id {id}, which is not defined before"
+                )))
+            }
+            _ => return Err(dmg("control record did not decode".into())),
+        },
         other => {
             return Err(dmg(format!(
                 "record type {other} does not belong in a checkpoint"

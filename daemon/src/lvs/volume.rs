@@ -694,6 +694,46 @@ impl PoolRt {
         });
     }
 
+    /// Replaces the control plane's record of volume or snapshot `id` (an export record;
+    /// empty clears it). `done` runs once the record is durable — written and flushed — so
+    /// it survives a power loss as well as a daemon crash.
+    pub fn set_control(&self, rx: &Reactor, id: u32, data: Vec<u8>, done: Reply<()>) {
+        let rt = self.rc();
+        self.serialized(rx, done, move |rx, done| {
+            rt.set_control_now(rx, id, data, done)
+        });
+    }
+
+    fn set_control_now(&self, rx: &Reactor, id: u32, data: Vec<u8>, done: Reply<()>) {
+        let rec = VolumeRecord::Control { id, data };
+        if let Err(e) = self.table.borrow().clone().apply(&rec) {
+            return done(rx, Err(e));
+        }
+        let rt = self.rc();
+        self.journal.append(
+            rx,
+            vec![rec.encode()],
+            Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
+                if let Err(e) = res {
+                    return done(rx, Err(format!("journal: {e}")));
+                }
+                if let Err(e) = rt.table.borrow_mut().apply(&rec) {
+                    return done(rx, Err(e));
+                }
+                let journal = Rc::clone(&rt.journal);
+                journal.flush(
+                    rx,
+                    Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
+                        done(
+                            rx,
+                            res.map(|_| ()).map_err(|e| format!("journal flush: {e}")),
+                        );
+                    }),
+                );
+            }),
+        );
+    }
+
     fn set_overcommit_now(&self, rx: &Reactor, overcommit_milli: u32, done: Reply<()>) {
         let rec = VolumeRecord::Settings { overcommit_milli };
         if let Err(e) = self.table.borrow().clone().apply(&rec) {

@@ -1373,3 +1373,66 @@ fn concurrent_control_operations_never_journal_contradictions() {
         .expect("table");
     assert_eq!(t.volumes.len(), 1, "{t:?}");
 }
+
+/// Export records (journal record type 8) survive a restart through the journal and
+/// through a checkpoint, die with their object, and `verify` accepts them (and the pool
+/// settings record) in a checkpoint.
+#[test]
+fn control_records_survive_restarts_and_checkpoints_and_die_with_their_object() {
+    let h = Harness::new(64 << 20);
+    let vol = h.create("exported", 4 << 20);
+    let snaps = h
+        .control(move |rx, rt, reply| {
+            let meta = VolumeMeta {
+                name: "exported-snap".into(),
+                uuid: [2; 16],
+                ..VolumeMeta::default()
+            };
+            rt.snapshot(rx, vec![(vol, meta)], reply);
+        })
+        .expect("snapshot");
+    let snap = snaps[0];
+    for (id, data) in [
+        (vol, b"vol-record".to_vec()),
+        (snap, b"snap-record".to_vec()),
+    ] {
+        h.control(move |rx, rt, reply| rt.set_control(rx, id, data, reply))
+            .expect("set control");
+    }
+    let err = h
+        .control(|rx, rt, reply| rt.set_control(rx, 999, b"x".to_vec(), reply))
+        .expect_err("unknown id");
+    assert!(err.contains("unknown id 999"), "{err}");
+    h.control(|rx, rt, reply| rt.set_overcommit(rx, 1500, reply))
+        .expect("overcommit");
+    let table = |h: &Harness| {
+        h.control(|rx, rt, reply| reply(rx, Ok(rt.volumes())))
+            .expect("table")
+    };
+    // Through the journal.
+    h.stop();
+    h.start();
+    let t = table(&h);
+    assert_eq!(t.control[&vol], b"vol-record");
+    assert_eq!(t.control[&snap], b"snap-record");
+    // Through a checkpoint.
+    h.control(|rx, rt, reply| rt.checkpoint(rx, reply))
+        .expect("checkpoint");
+    h.stop();
+    let c = BlockingDevice::new(Arc::clone(&h.dev), h.set.remotes()[0].clone()).expect("client");
+    let report = crate::lvs::verify::verify(&c);
+    assert!(report.is_clean(), "{report:?}");
+    drop(c);
+    h.start();
+    let t = table(&h);
+    assert_eq!(t.control.len(), 2, "{:?}", t.control);
+    assert_eq!(t.overcommit(), 1500);
+    // Cleared, and deleted with the object.
+    h.control(move |rx, rt, reply| rt.set_control(rx, vol, Vec::new(), reply))
+        .expect("clear");
+    h.control(move |rx, rt, reply| rt.delete_volume(rx, snap, reply))
+        .expect("delete snapshot");
+    h.stop();
+    h.start();
+    assert!(table(&h).control.is_empty());
+}
