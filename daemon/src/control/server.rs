@@ -2,16 +2,23 @@
 //! pool) that serves the gRPC services on the API socket and `/metrics`, and stops
 //! gracefully.
 //!
-//! Owns: [`ControlPlane`] (start, stop), [`Shared`] (what every service reads). A stop
-//! marks the daemon stopping (new calls answer UNAVAILABLE), stops accepting connections,
-//! lets in-flight calls finish (at most [`STOP_GRACE`]), stops `/metrics` and removes the
-//! socket; the caller stops the reactors afterwards.
+//! Owns: [`ControlPlane`] (start, stop), [`Shared`] (what every service reads), the count
+//! of calls in flight ([`InFlight`]). A stop marks the daemon stopping (new calls answer
+//! UNAVAILABLE), stops accepting connections, lets in-flight calls finish (at most
+//! [`STOP_GRACE`]) and then closes the connections still open — idle ones are not waited
+//! for: tonic's graceful shutdown waits for every HTTP/2 connection to close, and an idle
+//! one closes only after its client answers the GOAWAY's PING, which a client that is not
+//! polling its connection never does (the stop then took the whole grace period). Then it
+//! stops `/metrics` and removes the socket; the caller stops the reactors afterwards.
 //!
 //! Must never: run on a reactor thread; make a reactor wait on it.
 
+use std::future::Future;
 use std::net::TcpListener as StdTcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -40,6 +47,131 @@ use crate::reactor::ReactorStats;
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
 /// Threads the runtime may use for blocking work (discovery, claims).
 pub const MAX_BLOCKING_THREADS: usize = 4;
+
+/// The API calls being served: each counts from the moment the server hands it to the
+/// services until its response body has been sent or dropped (a streamed export or
+/// import counts until its stream ends).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    calls: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl InFlight {
+    /// Calls in flight now.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::Acquire)
+    }
+
+    fn enter(self: &Arc<Self>) -> CallGuard {
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        CallGuard(Arc::clone(self))
+    }
+
+    /// Returns once no call is in flight.
+    pub async fn drained(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check, so a last call ending in between still wakes us.
+            idle.as_mut().enable();
+            if self.calls() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// One call in flight; dropping it ends the call.
+#[derive(Debug)]
+struct CallGuard(Arc<InFlight>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if self.0.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Tower layer counting every API call in [`InFlight`].
+#[derive(Debug, Clone)]
+struct CountCallsLayer(Arc<InFlight>);
+
+impl<S> tower::Layer<S> for CountCallsLayer {
+    type Service = CountCalls<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CountCalls {
+            inner,
+            inflight: Arc::clone(&self.0),
+        }
+    }
+}
+
+/// See [`CountCallsLayer`].
+#[derive(Debug, Clone)]
+struct CountCalls<S> {
+    inner: S,
+    inflight: Arc<InFlight>,
+}
+
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl<S, B> tower::Service<tonic::codegen::http::Request<B>> for CountCalls<S>
+where
+    S: tower::Service<tonic::codegen::http::Request<B>, Response = HttpResponse>,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let guard = self.inflight.enter();
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let r = response.await?;
+            Ok(r.map(|body| {
+                tonic::body::Body::new(CountedBody {
+                    body,
+                    _guard: guard,
+                })
+            }))
+        })
+    }
+}
+
+/// A response body that ends its call when it is dropped.
+struct CountedBody {
+    body: tonic::body::Body,
+    _guard: CallGuard,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// One reactor's identity and counters.
 #[derive(Debug, Clone)]
@@ -275,7 +407,9 @@ async fn run(
             tracing::info!("control plane stopping: no new calls; finishing in-flight ones");
         }
     };
+    let inflight = Arc::new(InFlight::default());
     let server = tonic::transport::Server::builder()
+        .layer(CountCallsLayer(Arc::clone(&inflight)))
         .add_service(pb::devices_server::DevicesServer::new(DevicesService::new(
             Arc::clone(&shared),
         )))
@@ -313,11 +447,24 @@ async fn run(
             tokio::time::sleep(STOP_GRACE).await;
         }
     };
+    // Once stopping and no call is in flight, the connections left are idle: the server
+    // future is dropped (its connection tasks go with the runtime, closing them).
+    let drained = {
+        let mut rx = stop_rx.clone();
+        let inflight = Arc::clone(&inflight);
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+            inflight.drained().await;
+        }
+    };
     tokio::select! {
         result = server => {
             if let Err(error) = result {
                 tracing::error!(%error, "the API server failed");
             }
+        }
+        () = drained => {
+            tracing::info!("in-flight calls finished; closing idle connections");
         }
         () = grace => {
             tracing::warn!(grace_s = STOP_GRACE.as_secs(), "in-flight calls did not finish in time; stopping anyway");
