@@ -1,8 +1,10 @@
 //! What `/metrics` reads of the pools at scrape time, and the cache that bounds it.
 //!
 //! Owns: [`Scraper`] — per online pool, one message to its owner reactor for the pool's
-//! figures, journal and store counters and object table, then the allocated/unique bytes
-//! of its volumes and snapshots from a cache.
+//! figures, journal and store counters and object table (with each object's export
+//! record), then the allocated/unique bytes of its volumes and snapshots from a cache, and
+//! the IO counters of the exported ones (`export::stats`: read from atomics, joined to
+//! their volume through the export record's device id).
 //!
 //! The cost rule: an object's figures are a scan of its map on the owner reactor, so they
 //! are not recomputed for every object on every scrape. A pool's cached figures stay
@@ -23,8 +25,11 @@ use std::time::Duration;
 
 use super::store::{PoolInfo, PoolState, Store};
 use crate::bdev::label::Uuid;
+use crate::export::stats::{IoCounts, REGISTRY};
 use crate::lvs::volume::ObjectUsage;
-use crate::metrics::{ObjectKind, ObjectSample, PoolFiguresSample, PoolSample, PoolStateSample};
+use crate::metrics::{
+    ExportSample, ObjectKind, ObjectSample, PoolFiguresSample, PoolSample, PoolStateSample,
+};
 
 /// Most volume and snapshot maps scanned per pool per scrape.
 pub const MAX_SCANS_PER_SCRAPE: usize = 256;
@@ -64,6 +69,8 @@ struct ObjectRow {
     volume_uuid: Option<Uuid>,
     pvc_namespace: String,
     pvc_name: String,
+    /// Its export record, if it has one.
+    export: Option<Vec<u8>>,
 }
 
 struct PoolRead {
@@ -93,6 +100,7 @@ impl Scraper {
         *scrapes += 1;
         let scrape = *scrapes;
         let pools = store.pools();
+        let io = REGISTRY.collect();
         caches.retain(|uuid, _| pools.iter().any(|p| p.uuid == *uuid));
         let (mut out_pools, mut out_objects) = (Vec::new(), Vec::new());
         for p in &pools {
@@ -111,7 +119,7 @@ impl Scraper {
             };
             if p.state == PoolState::Online {
                 let cache = caches.entry(p.uuid).or_default();
-                match scrape_pool(store, p, cache, scrape, &self.scans).await {
+                match scrape_pool(store, p, cache, scrape, &self.scans, &io).await {
                     Ok((figures, objects)) => {
                         sample.figures = Some(figures);
                         out_objects.extend(objects);
@@ -147,6 +155,7 @@ async fn read_pool(store: &Store, p: &PoolInfo) -> super::Result<PoolRead> {
                 volume_uuid: None,
                 pvc_namespace: label(m, PVC_NAMESPACE_LABEL),
                 pvc_name: label(m, PVC_NAME_LABEL),
+                export: table.control.get(&m.id).cloned(),
             })
             .collect();
         rows.extend(table.snapshots.values().map(|m| {
@@ -162,6 +171,7 @@ async fn read_pool(store: &Store, p: &PoolInfo) -> super::Result<PoolRead> {
                     .map(|s| Uuid(s.uuid)),
                 pvc_namespace: String::new(),
                 pvc_name: String::new(),
+                export: table.control.get(&m.id).cloned(),
             }
         }));
         PoolRead {
@@ -227,6 +237,7 @@ async fn scrape_pool(
     cache: &mut PoolCache,
     scrape: u64,
     scans: &AtomicU64,
+    io: &HashMap<u32, IoCounts>,
 ) -> super::Result<(PoolFiguresSample, Vec<ObjectSample>)> {
     let read = read_pool(store, p).await?;
     cache
@@ -283,7 +294,22 @@ async fn scrape_pool(
             pvc_name: r.pvc_name,
             allocated_bytes: cached.map(|c| c.usage.allocated_bytes),
             unique_bytes: cached.map(|c| c.usage.unique_bytes),
+            export: r.export.as_deref().and_then(|rec| export_sample(rec, io)),
         });
     }
     Ok((figures, objects))
+}
+
+/// An object's export as `/metrics` shows it: its record (device id, path, flags) and the
+/// counters of the queues serving that device here; `None` when the record is unreadable
+/// or no queue of this daemon serves the device (yet).
+fn export_sample(record: &[u8], io: &HashMap<u32, IoCounts>) -> Option<ExportSample> {
+    let rec = crate::export::Record::decode(record).ok()?;
+    Some(ExportSample {
+        device: coreblk_ublk::block_path(rec.dev_id).display().to_string(),
+        data_path: rec.path.name(),
+        read_only: rec.read_only,
+        persistent: rec.persistent,
+        io: *io.get(&rec.dev_id)?,
+    })
 }

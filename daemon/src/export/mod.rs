@@ -9,7 +9,7 @@
 //! device parameters from a volume ([`device_params`]) and the persisted export record
 //! ([`Record`]). The control plane (`control/exports.rs`) adds, starts, stops and deletes
 //! devices (blocking ublk control commands, on its blocking pool) and opens the queues
-//! here by message.
+//! here by message. Per-export IO counters for `/metrics`: [`stats`].
 //!
 //! Must never: block a reactor (control commands never run here), allocate per IO in
 //! steady state (per-tag state is preallocated, buffers come from the reactor's pool),
@@ -19,6 +19,7 @@
 //! Start reading at [`queue::Queue::start`], then [`plan`].
 
 pub mod queue;
+pub mod stats;
 
 use std::cell::RefCell;
 use std::collections::HashMap;

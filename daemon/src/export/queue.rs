@@ -116,6 +116,8 @@ pub struct Queue {
     /// Called once no request is being served (draining) / every tag is dead (stopped).
     on_quiet: RefCell<Option<OnQuiet>>,
     stats: Arc<QueueStats>,
+    /// Per-volume IO counters (`/metrics`).
+    io: super::stats::Recorder,
 }
 
 impl fmt::Debug for Queue {
@@ -165,6 +167,7 @@ impl Queue {
             lbs,
         );
         let depth = usize::from(spec.depth);
+        let io = super::stats::Recorder::new(spec.dev_id, spec.depth);
         let q = Rc::new_cyclic(|me| Queue {
             me: me.clone(),
             spec,
@@ -179,6 +182,7 @@ impl Queue {
             state: Cell::new(QueueState::Running),
             on_quiet: RefCell::new(None),
             stats: Arc::new(QueueStats::default()),
+            io,
         });
         let id = match rx.add_standing(Rc::clone(&q) as Rc<dyn Completion>) {
             Ok(id) => id,
@@ -276,6 +280,7 @@ impl Queue {
             t.busy = false;
             t.plan = None;
         }
+        self.io.finish(tag, result, rx.now());
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.ops.fetch_add(1, Relaxed);
         if result < 0 {
@@ -338,6 +343,7 @@ impl Queue {
             d.fua(),
             self.spec.read_only,
         );
+        self.io.start(tag, op, &p, rx.now());
         {
             let mut tags = self.tags.borrow_mut();
             let t = &mut tags[usize::from(tag)];

@@ -11,9 +11,12 @@
 //! Names follow Prometheus conventions: `coreblk_` prefix, base units (`_bytes`,
 //! `_seconds`), `_total` for counters. Pools are keyed by their name (`pool`), volumes and
 //! snapshots by `uuid` (with `pool` and `kind`); `coreblk_volume_info` and
-//! `coreblk_snapshot_info` carry the names to join on. Per-volume IO metrics arrive with
-//! the exports. Journal write latency is a histogram per pool
-//! (`coreblk_journal_commit_seconds`, recorded by the journal in fixed atomic buckets).
+//! `coreblk_snapshot_info` carry the names to join on. Journal write latency is a
+//! histogram per pool (`coreblk_journal_commit_seconds`, recorded by the journal in fixed
+//! atomic buckets). Each volume (or snapshot) this daemon exports has
+//! `coreblk_export_info` and `coreblk_volume_io_*` by `uuid` and `op`: requests, bytes,
+//! errors and a latency histogram, recorded by its ublk queues on their reactors
+//! (`export::stats`) and summed over the queues at scrape time.
 //! Start reading at [`render`].
 
 pub mod http;
@@ -23,6 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use text::{Exposition, Kind};
 
+use crate::export::stats::{IoCounts, IoOp, LATENCY_BOUNDS_NS, LATENCY_CLASSES};
 use crate::lvs::journal::{LatencyCounts, WRITE_LATENCY_BOUNDS_NS};
 
 /// One reactor's counters.
@@ -176,6 +180,23 @@ pub struct ObjectSample {
     pub allocated_bytes: Option<u64>,
     /// Clusters only it references.
     pub unique_bytes: Option<u64>,
+    /// Its ublk export, when this daemon serves one.
+    pub export: Option<ExportSample>,
+}
+
+/// One export this daemon serves, with its IO counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSample {
+    /// `/dev/ublkbN`.
+    pub device: String,
+    /// The data path (`copy`, `zero-copy`).
+    pub data_path: &'static str,
+    /// Exported read-only.
+    pub read_only: bool,
+    /// Re-created after a node reboot.
+    pub persistent: bool,
+    /// Its requests so far, summed over its queues.
+    pub io: IoCounts,
 }
 
 /// Everything `/metrics` shows, gathered at scrape time.
@@ -564,6 +585,87 @@ fn render_objects(e: &mut Exposition, objects: &[ObjectSample]) {
             }
         }
     }
+    render_exports(e, objects);
+}
+
+fn render_exports(e: &mut Exposition, objects: &[ObjectSample]) {
+    let exports: Vec<(&str, &ExportSample)> = objects
+        .iter()
+        .filter_map(|o| Some((o.uuid.as_str(), o.export.as_ref()?)))
+        .collect();
+    e.family(
+        "coreblk_export_info",
+        Kind::Gauge,
+        "Always 1, one series per volume or snapshot this daemon exports: its ublk device and data path.",
+    );
+    for (uuid, x) in &exports {
+        e.sample(
+            "coreblk_export_info",
+            &[
+                ("uuid", uuid),
+                ("device", &x.device),
+                ("data_path", x.data_path),
+                ("read_only", bool_label(x.read_only)),
+                ("persistent", bool_label(x.persistent)),
+            ],
+            1.0,
+        );
+    }
+    type IoFamily = (&'static str, &'static str, fn(&IoCounts, IoOp) -> u64);
+    let families: [IoFamily; 3] = [
+        (
+            "coreblk_volume_io_ops_total",
+            "Requests the kernel sent to each exported volume and this daemon answered, by op (since it was exported by this daemon).",
+            IoCounts::ops,
+        ),
+        (
+            "coreblk_volume_io_bytes_total",
+            "Bytes of each exported volume's requests answered without error, by op (discard and write_zeroes count their range).",
+            IoCounts::bytes,
+        ),
+        (
+            "coreblk_volume_io_errors_total",
+            "Requests of each exported volume answered with an error (no space, unsupported, IO error), by op.",
+            IoCounts::errors,
+        ),
+    ];
+    for (name, help, value) in families {
+        e.family(name, Kind::Counter, help);
+        for (uuid, x) in &exports {
+            for op in IoOp::ALL {
+                e.sample(
+                    name,
+                    &[("uuid", uuid), ("op", op.name())],
+                    count(value(&x.io, op)),
+                );
+            }
+        }
+    }
+    let bounds_s = LATENCY_BOUNDS_NS.map(seconds);
+    e.family(
+        "coreblk_volume_io_latency_seconds",
+        Kind::Histogram,
+        "Latency of each exported volume's requests in this daemon, from the request seen (its fetch completed) to its answer submitted, by op (read, write, other); resolution one reactor loop iteration.",
+    );
+    for (uuid, x) in &exports {
+        for (h, op) in x.io.latency.iter().zip(LATENCY_CLASSES) {
+            e.histogram(
+                "coreblk_volume_io_latency_seconds",
+                &[("uuid", uuid), ("op", op)],
+                &bounds_s,
+                &h.buckets,
+                seconds(h.sum_ns),
+            );
+        }
+    }
+}
+
+fn bool_label(b: bool) -> &'static str {
+    if b {
+        "true"
+    } else {
+        "false"
+    }
 }
 
 /// A counter as a sample value. Prometheus values are doubles: above 2^53 the value is
@@ -580,6 +682,32 @@ fn count_usize(n: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two 4 KiB reads (30 µs, 5 ms) and a failed 8 KiB write (2 ms) through the
+    /// recorder, as one queue of a device would see them.
+    fn sample_io() -> IoCounts {
+        use crate::export::stats::{Recorder, Registry};
+        use crate::export::{DescOp, Plan};
+        let reg = Registry::new();
+        let q = Recorder::with_registry(&reg, 3, 8);
+        let t0 = std::time::Instant::now();
+        let read = Plan::Read {
+            offset: 0,
+            len: 4096,
+        };
+        q.start(0, DescOp::Read, &read, t0);
+        q.start(1, DescOp::Read, &read, t0);
+        let write = Plan::Write {
+            offset: 0,
+            len: 8192,
+            fua: false,
+        };
+        q.start(2, DescOp::Write, &write, t0);
+        q.finish(0, 4096, t0 + Duration::from_micros(30));
+        q.finish(1, 4096, t0 + Duration::from_millis(5));
+        q.finish(2, -libc::ENOSPC, t0 + Duration::from_millis(2));
+        reg.collect()[&3]
+    }
 
     fn sample() -> Snapshot {
         Snapshot {
@@ -659,6 +787,13 @@ mod tests {
                     pvc_name: "data".into(),
                     allocated_bytes: Some(65536),
                     unique_bytes: Some(0),
+                    export: Some(ExportSample {
+                        device: "/dev/ublkb3".into(),
+                        data_path: "copy",
+                        read_only: false,
+                        persistent: true,
+                        io: sample_io(),
+                    }),
                 },
                 ObjectSample {
                     pool: "default".into(),
@@ -670,6 +805,7 @@ mod tests {
                     pvc_name: String::new(),
                     allocated_bytes: None,
                     unique_bytes: None,
+                    export: None,
                 },
             ],
             object_scans: 5,
@@ -815,6 +951,47 @@ mod tests {
             .any(|s| s.name == "coreblk_object_allocated_bytes"
                 && s.labels.get("uuid").map(String::as_str) == Some("s1")));
         assert_eq!(value("coreblk_metrics_object_scans_total", &[]), 5.0);
+        assert_eq!(
+            value(
+                "coreblk_export_info",
+                &[
+                    ("uuid", "v1"),
+                    ("device", "/dev/ublkb3"),
+                    ("data_path", "copy"),
+                    ("read_only", "false"),
+                    ("persistent", "true")
+                ]
+            ),
+            1.0
+        );
+        let io = |name: &str, op: &str| value(name, &[("uuid", "v1"), ("op", op)]);
+        assert_eq!(io("coreblk_volume_io_ops_total", "read"), 2.0);
+        assert_eq!(io("coreblk_volume_io_bytes_total", "read"), 8192.0);
+        assert_eq!(io("coreblk_volume_io_errors_total", "read"), 0.0);
+        assert_eq!(io("coreblk_volume_io_ops_total", "write"), 1.0);
+        assert_eq!(io("coreblk_volume_io_bytes_total", "write"), 0.0);
+        assert_eq!(io("coreblk_volume_io_errors_total", "write"), 1.0);
+        assert_eq!(io("coreblk_volume_io_ops_total", "write_zeroes"), 0.0);
+        let lat = "coreblk_volume_io_latency_seconds";
+        let bucket = |op: &str, le: &str| {
+            value(
+                &format!("{lat}_bucket"),
+                &[("uuid", "v1"), ("op", op), ("le", le)],
+            )
+        };
+        assert_eq!(bucket("read", "0.00001"), 0.0);
+        assert_eq!(bucket("read", "0.00005"), 1.0);
+        assert_eq!(bucket("read", "0.005"), 2.0);
+        assert_eq!(bucket("write", "0.001"), 0.0);
+        assert_eq!(bucket("write", "0.0025"), 1.0);
+        assert_eq!(bucket("other", "+Inf"), 0.0);
+        assert_eq!(io(&format!("{lat}_count"), "read"), 2.0);
+        assert!((io(&format!("{lat}_sum"), "read") - 0.00503).abs() < 1e-12);
+        // Volumes not exported, and snapshots, have no IO series.
+        assert!(!parsed
+            .iter()
+            .any(|s| s.name.starts_with("coreblk_volume_io_")
+                && s.labels.get("uuid").map(String::as_str) == Some("s1")));
         assert!(page.contains("# TYPE coreblk_reactor_busy_seconds_total counter\n"));
         assert!(page.ends_with('\n'));
     }
