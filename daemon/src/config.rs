@@ -472,7 +472,9 @@ mod tests {
             "max_io_bytes = \"6000\"",
         ] {
             let f = FileConfig::parse(&format!("[export]\n{bad}\n")).expect("parse");
-            let e = ExportSettings::from_file(f.export).expect_err(bad).to_string();
+            let e = ExportSettings::from_file(f.export)
+                .expect_err(bad)
+                .to_string();
             assert!(e.contains("export."), "{bad}: {e}");
         }
         assert!(FileConfig::parse("[export]\nspeed = 1\n").is_err());

@@ -216,14 +216,7 @@ pub fn decode(sb: &Superblock, bytes: &[u8]) -> Result<(VolumeTable, Maps), Stri
                                     sb.clusters
                                 ));
                             }
-                            leaf.set(
-                                slot as u64,
-                                Mapping {
-                                    pc: v - 1,
-                                    epoch: 0,
-                                },
-                                &mut |_| {},
-                            );
+                            leaf.set(slot as u64, Mapping { pc: v - 1 }, &mut |_| {});
                         }
                         slot += 1;
                     }
@@ -339,7 +332,6 @@ mod tests {
                 lc,
                 Mapping {
                     pc: u32::try_from(lc).expect("small"),
-                    epoch: 0,
                 },
                 &mut |_| {},
             );
@@ -356,7 +348,7 @@ mod tests {
         };
         table.apply(&snap).expect("snapshot");
         maps.insert(2, Arc::new(a.share()));
-        a.set(5, Mapping { pc: 9000, epoch: 0 }, &mut |_| {});
+        a.set(5, Mapping { pc: 9000 }, &mut |_| {});
         table
             .apply(&VolumeRecord::Delete { id: 1 })
             .expect("delete source");
@@ -367,7 +359,7 @@ mod tests {
         maps.insert(3, Arc::new(ClusterMap::new(1)));
         // A leaf whose every entry was unmapped again stays allocated: nothing to store.
         let emptied = Arc::new(ClusterMap::new(1));
-        emptied.set(0, Mapping { pc: 3, epoch: 0 }, &mut |_| {});
+        emptied.set(0, Mapping { pc: 3 }, &mut |_| {});
         emptied.clear(0, &mut |_| {});
         table
             .apply(&VolumeRecord::Create(meta(4, "emptied", 4096)))

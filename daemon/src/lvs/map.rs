@@ -1,4 +1,4 @@
-//! A volume's cluster map: logical cluster → (physical cluster, birth epoch), readable from
+//! A volume's cluster map: logical cluster → physical cluster, readable from
 //! every reactor without a lock, written by the pool's owner reactor only.
 //!
 //! Two levels: a top array of leaf pointers and leaves of [`LEAF_ENTRIES`] atomic entries,
@@ -16,7 +16,8 @@
 //! more leaf: the mutating methods report each of them to the caller (`on_copy`), which
 //! keeps the physical clusters' reference counts (`alloc.rs`).
 //!
-//! Entry encoding: `0` = unmapped, else `(physical + 1) | epoch << 32`.
+//! Entry encoding: a `u32`, `0` = unmapped, else physical + 1 (pools have fewer than
+//! 2^32 - 1 clusters), so a mapped cluster costs 4 bytes of leaf.
 //!
 //! Readers on other reactors may hold a leaf pointer for the length of one lookup. A leaf
 //! that no map holds any more is therefore not freed at once when the map has a
@@ -89,7 +90,7 @@ impl Drop for LeafRetire {
     }
 }
 
-/// Entries per leaf (8 KiB of entries): small enough that copying a shared leaf on the
+/// Entries per leaf (4 KiB of entries): small enough that copying a shared leaf on the
 /// first write after a snapshot is cheap, large enough that sharing a 1 TiB map is 16 Ki
 /// pointer copies.
 pub const LEAF_ENTRIES: usize = 1024;
@@ -97,14 +98,14 @@ pub const LEAF_ENTRIES: usize = 1024;
 struct Leaf {
     /// Maps whose top points to this leaf.
     refs: AtomicU32,
-    e: [AtomicU64; LEAF_ENTRIES],
+    e: [AtomicU32; LEAF_ENTRIES],
 }
 
 impl Leaf {
     fn new_raw() -> *mut Leaf {
         Box::into_raw(Box::new(Leaf {
             refs: AtomicU32::new(1),
-            e: std::array::from_fn(|_| AtomicU64::new(0)),
+            e: std::array::from_fn(|_| AtomicU32::new(0)),
         }))
     }
 }
@@ -116,26 +117,20 @@ type Top = Box<[AtomicPtr<Leaf>]>;
 pub struct Mapping {
     /// Physical cluster.
     pub pc: u32,
-    /// Snapshot epoch the mapping was born in.
-    pub epoch: u32,
 }
 
 impl Mapping {
-    fn encode(self) -> u64 {
+    fn encode(self) -> u32 {
         assert!(
             self.pc < u32::MAX,
             "physical cluster {} out of range (pools have < 2^32 - 1 clusters)",
             self.pc
         );
-        (u64::from(self.pc) + 1) | (u64::from(self.epoch) << 32)
+        self.pc + 1
     }
 
-    fn decode(v: u64) -> Option<Self> {
-        let low = v & 0xFFFF_FFFF;
-        (low != 0).then(|| Self {
-            pc: u32::try_from(low - 1).expect("low 32 bits minus one fit u32"),
-            epoch: u32::try_from(v >> 32).expect("high 32 bits fit u32"),
-        })
+    fn decode(v: u32) -> Option<Self> {
+        (v != 0).then(|| Self { pc: v - 1 })
     }
 }
 
@@ -573,7 +568,7 @@ mod tests {
             for (lc, pc, what) in ops {
                 match what {
                     0 | 1 if lc < map.len() => {
-                        let m = Mapping { pc: pc % u32::MAX, epoch: pc % 7 };
+                        let m = Mapping { pc: pc % u32::MAX };
                         map.set(lc, m, &mut |_| {});
                         model.insert(lc, m);
                     }
@@ -617,7 +612,7 @@ mod tests {
                 match what {
                     0 | 1 => {
                         next_pc += 1;
-                        let m = Mapping { pc: next_pc, epoch: 0 };
+                        let m = Mapping { pc: next_pc };
                         refs.add(next_pc, 1);
                         let (map, model) = &mut maps[i];
                         let old = map.set(lc, m, &mut |c| refs.add(c.pc, 1));
@@ -687,7 +682,6 @@ mod tests {
                 lc,
                 Mapping {
                     pc: u32::try_from(lc).expect("small"),
-                    epoch: 0,
                 },
                 &mut |_| {},
             );
@@ -695,26 +689,13 @@ mod tests {
         let snap = map.share();
         assert!(map.leaf_shared(0) && snap.leaf_shared(5));
         let mut copied = 0;
-        map.set(
-            7,
-            Mapping {
-                pc: 9_999_999,
-                epoch: 0,
-            },
-            &mut |_| copied += 1,
-        );
+        map.set(7, Mapping { pc: 9_999_999 }, &mut |_| copied += 1);
         assert_eq!(copied, LEAF_ENTRIES, "the first change copies one leaf");
         assert!(
             !map.leaf_shared(7) && !snap.leaf_shared(7) && map.leaf_shared(LEAF_ENTRIES as u64)
         );
-        assert_eq!(snap.get(7), Some(Mapping { pc: 7, epoch: 0 }));
-        assert_eq!(
-            map.get(7),
-            Some(Mapping {
-                pc: 9_999_999,
-                epoch: 0
-            })
-        );
+        assert_eq!(snap.get(7), Some(Mapping { pc: 7 }));
+        assert_eq!(map.get(7), Some(Mapping { pc: 9_999_999 }));
         assert!(map.same_leaf(&snap, 3) && !map.same_leaf(&snap, 0));
     }
 
@@ -731,12 +712,11 @@ mod tests {
                         let len = map.len();
                         for lc in (0..len).step_by(977) {
                             if let Some(m) = map.get(lc) {
-                                // The writer maps lc to pc = lc ^ 0x5a5a and epoch = 3.
+                                // The writer maps lc to pc = lc ^ 0x5a5a.
                                 assert_eq!(
                                     m,
                                     Mapping {
-                                        pc: u32::try_from(lc).expect("small") ^ 0x5a5a,
-                                        epoch: 3
+                                        pc: u32::try_from(lc).expect("small") ^ 0x5a5a
                                     }
                                 );
                             }
@@ -754,7 +734,6 @@ mod tests {
                     lc,
                     Mapping {
                         pc: u32::try_from(lc).expect("small") ^ 0x5a5a,
-                        epoch: 3,
                     },
                     &mut |_| {},
                 );
@@ -763,13 +742,7 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         let reads: u64 = readers.into_iter().map(|r| r.join().expect("reader")).sum();
         assert!(reads > 0);
-        assert_eq!(
-            map.get(31),
-            Some(Mapping {
-                pc: 31 ^ 0x5a5a,
-                epoch: 3
-            })
-        );
+        assert_eq!(map.get(31), Some(Mapping { pc: 31 ^ 0x5a5a }));
         assert_eq!(map.get(map.len()), None);
     }
 
@@ -782,13 +755,13 @@ mod tests {
             "an empty 1 TiB map costs only its top array: {empty}"
         );
         for lc in 0..LEAF_ENTRIES as u64 {
-            map.set(lc, Mapping { pc: 1, epoch: 0 }, &mut |_| {});
+            map.set(lc, Mapping { pc: 1 }, &mut |_| {});
         }
         let full_leaf = map.memory_bytes() - empty;
         assert_eq!(
             full_leaf,
-            LEAF_ENTRIES * 8 + 8,
-            "8 bytes per mapped cluster in a full leaf, plus its reference count"
+            LEAF_ENTRIES * 4 + 4,
+            "4 bytes per mapped cluster in a full leaf, plus its reference count"
         );
     }
 }

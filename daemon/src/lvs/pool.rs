@@ -403,7 +403,8 @@ pub fn drop_pending(table: &mut VolumeTable, maps: &mut Maps) -> Vec<u32> {
 
 fn apply_map_record(sb: &Superblock, maps: &Maps, r: &Record) -> Result<(), String> {
     match *r {
-        Record::Map { vol, lc, pc, epoch } => {
+        // The birth epoch is reserved (written 0, ignored).
+        Record::Map { vol, lc, pc, .. } => {
             let map = maps
                 .get(&vol)
                 .ok_or_else(|| format!("mapping for unknown volume id {vol}"))?;
@@ -419,7 +420,7 @@ fn apply_map_record(sb: &Superblock, maps: &Maps, r: &Record) -> Result<(), Stri
                     sb.clusters
                 ));
             }
-            map.set(lc, Mapping { pc, epoch }, &mut |_| {});
+            map.set(lc, Mapping { pc }, &mut |_| {});
         }
         Record::Unmap { vol, lc } => {
             let map = maps

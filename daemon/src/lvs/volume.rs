@@ -1818,7 +1818,7 @@ impl PoolRt {
             Box::new(move |rx: &Reactor, res: Result<u64, Errno>| match res {
                 Ok(seq) => {
                     rt.from_reserve.borrow_mut().remove(&pc);
-                    rt.set_mapping(&v2, lc, Mapping { pc, epoch: 0 }, seq);
+                    rt.set_mapping(&v2, lc, Mapping { pc }, seq);
                     rt.kick_recycle(rx);
                     if first_write {
                         let _ = rt

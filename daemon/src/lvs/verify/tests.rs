@@ -483,7 +483,7 @@ fn a_checkpoint_leaf_mapping_past_the_pool_is_refused() {
     let (p, ids) = built(0);
     rewrite_checkpoint(&p, |sb, maps| {
         let pc = u32::try_from(sb.clusters).expect("small") + 5;
-        maps[&ids.a].set(4, Mapping { pc, epoch: 0 }, &mut |_| {});
+        maps[&ids.a].set(4, Mapping { pc }, &mut |_| {});
     });
     let e = p.import().expect_err("refused");
     assert!(
