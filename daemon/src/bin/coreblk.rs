@@ -1114,13 +1114,16 @@ async fn image(channel: Channel, out: Output, cmd: ImageCmd) -> CmdResult {
             };
             let receiver = async {
                 let mut durable = resume_offset;
+                let mut progress = Progress::new("import", file_len, resume_offset);
                 while let Some(m) = responses.message().await? {
                     match m.msg {
                         Some(pb::import_image_response::Msg::Ack(a)) => {
-                            durable = a.durable_offset_bytes
+                            durable = a.durable_offset_bytes;
+                            progress.update(durable);
                         }
                         Some(pb::import_image_response::Msg::Finished(v)) => {
-                            return Ok((v, durable))
+                            progress.finish(durable);
+                            return Ok((v, durable));
                         }
                         _ => {}
                     }
@@ -1161,17 +1164,27 @@ async fn image(channel: Channel, out: Output, cmd: ImageCmd) -> CmdResult {
                 .open(&file)
                 .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", file.display()))?;
             let mut data_bytes = 0u64;
+            // Progress by position in the volume: holes are skipped, not sent.
+            let mut progress = Progress::new("export", None, 0);
+            let mut at = 0u64;
             while let Some(m) = stream.message().await? {
                 match m.msg {
-                    Some(pb::export_image_response::Msg::Header(h)) => f.set_len(h.size_bytes)?,
+                    Some(pb::export_image_response::Msg::Header(h)) => {
+                        f.set_len(h.size_bytes)?;
+                        progress.set_total(h.size_bytes);
+                    }
                     Some(pb::export_image_response::Msg::Chunk(ch)) => {
                         write_chunk(&f, &ch)?;
-                        data_bytes += u64::try_from(ch.data.len()).unwrap_or(u64::MAX);
+                        let len = u64::try_from(ch.data.len()).unwrap_or(u64::MAX);
+                        data_bytes += len;
+                        at = ch.offset_bytes + if ch.zero { ch.length_bytes } else { len };
+                        progress.update(at);
                     }
                     Some(pb::export_image_response::Msg::Trailer(_)) | None => {}
                 }
             }
             f.sync_all()?;
+            progress.finish(progress.total.unwrap_or(at));
             done(
                 out,
                 &format!(
@@ -1183,6 +1196,109 @@ async fn image(channel: Channel, out: Output, cmd: ImageCmd) -> CmdResult {
         }
     }
     Ok(())
+}
+
+/// Progress of a long transfer, drawn on standard error when it is a terminal (or when
+/// `COREBLK_PROGRESS=1`): bytes done, of how many, rate and time left, redrawn at most
+/// five times a second and ended with a newline. Scripts (no terminal) see nothing.
+struct Progress {
+    what: &'static str,
+    total: Option<u64>,
+    /// Bytes done before this run (a resumed import): not counted in the rate.
+    base: u64,
+    start: std::time::Instant,
+    last_draw: Option<std::time::Instant>,
+    enabled: bool,
+}
+
+impl Progress {
+    fn new(what: &'static str, total: Option<u64>, base: u64) -> Self {
+        use std::io::IsTerminal;
+        let forced = std::env::var("COREBLK_PROGRESS").is_ok_and(|v| v == "1");
+        Self {
+            what,
+            total,
+            base,
+            start: std::time::Instant::now(),
+            last_draw: None,
+            enabled: forced || std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn set_total(&mut self, total: u64) {
+        self.total = Some(total);
+    }
+
+    /// `done` bytes of the whole (absolute, `base` included).
+    fn update(&mut self, done: u64) {
+        if !self.enabled {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self
+            .last_draw
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_millis(200))
+        {
+            return;
+        }
+        self.last_draw = Some(now);
+        let line = progress_line(
+            self.what,
+            done,
+            self.total,
+            done.saturating_sub(self.base),
+            now.duration_since(self.start),
+        );
+        eprint!("\r{line}\x1b[K");
+    }
+
+    fn finish(&mut self, done: u64) {
+        if self.enabled {
+            self.last_draw = None;
+            self.update(done);
+            eprintln!();
+        }
+    }
+}
+
+/// One progress line: `import 1.5 GiB / 4.0 GiB (37%), 120.3 MiB/s, 21s left`.
+fn progress_line(
+    what: &str,
+    done: u64,
+    total: Option<u64>,
+    moved: u64,
+    elapsed: std::time::Duration,
+) -> String {
+    let mut line = format!("{what} {}", human_size(done));
+    if let Some(t) = total.filter(|t| *t > 0) {
+        let pct = u128::from(done.min(t)) * 100 / u128::from(t);
+        let _ = write!(line, " / {} ({pct}%)", human_size(t));
+    }
+    let secs = elapsed.as_secs_f64();
+    if secs >= 0.05 {
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
+        let rate = (moved as f64 / secs) as u64;
+        let _ = write!(line, ", {}/s", human_size(rate));
+        if let Some(t) = total {
+            if rate > 0 && done < t {
+                let left = (t - done) / rate;
+                let _ = write!(line, ", {} left", short_duration(left));
+            }
+        }
+    }
+    line
+}
+
+fn short_duration(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
 }
 
 /// The byte ranges of `buf` made of blocks that are not all zero, adjacent blocks
@@ -1687,6 +1803,30 @@ mod tests {
     #[test]
     fn the_command_tree_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn progress_lines_say_done_total_rate_and_time_left() {
+        let s = std::time::Duration::from_secs;
+        assert_eq!(
+            progress_line("import", 1 << 30, Some(4 << 30), 1 << 30, s(10)),
+            "import 1.0 GiB / 4.0 GiB (25%), 102.3 MiB/s, 30s left"
+        );
+        // A resumed import: the rate counts only what moved in this run.
+        assert_eq!(
+            progress_line("import", 3 << 30, Some(4 << 30), 1 << 30, s(100)),
+            "import 3.0 GiB / 4.0 GiB (75%), 10.2 MiB/s, 1m40s left"
+        );
+        // Standard input: no total, no time left.
+        assert_eq!(
+            progress_line("import", 5 << 20, None, 5 << 20, s(5)),
+            "import 5.0 MiB, 1.0 MiB/s"
+        );
+        assert_eq!(
+            progress_line("export", 8 << 30, Some(8 << 30), 8 << 30, s(4000)),
+            "export 8.0 GiB / 8.0 GiB (100%), 2.0 MiB/s"
+        );
+        assert_eq!(short_duration(7322), "2h02m");
     }
 
     #[test]
