@@ -501,11 +501,7 @@ async fn run(cli: Cli) -> CmdResult {
         ..
     } = cli.cmd
     {
-        return Err(anyhow::anyhow!(
-            "export cleanup: not available yet: it tears down ublk devices left without a daemon, \
-             and ublk exports are not built into coreblk yet"
-        )
-        .into());
+        return export_cleanup(&cli.socket, out).await;
     }
     let channel = connect(&cli.socket)
         .await
@@ -1722,6 +1718,68 @@ fn print_snapshots(out: Output, snaps: &[pb::Snapshot], next: &str) {
     }
     print!("{}", t.render());
     next_page(next);
+}
+
+/// `coreblk export cleanup`: with no daemon serving, stops and deletes the ublk devices
+/// whose server process is gone. The one command that talks to the kernel instead of the
+/// API. Devices whose server is alive are left alone.
+async fn export_cleanup(socket: &Path, out: Output) -> CmdResult {
+    use coreblk_ublk as ublk;
+    if let Ok(ch) = connect(socket).await {
+        if pb::node_client::NodeClient::new(ch)
+            .get_node_info(pb::GetNodeInfoRequest {})
+            .await
+            .is_ok()
+        {
+            return Err(anyhow::anyhow!(
+                "a coreblkd serves on {}: it owns its exports (use `coreblk unexport`); cleanup is for devices left without a daemon",
+                socket.display()
+            )
+            .into());
+        }
+    }
+    let ids = ublk::Control::list().map_err(anyhow::Error::from)?;
+    let c = ublk::Control::open().map_err(anyhow::Error::from)?;
+    let mut removed = Vec::new();
+    for id in ids {
+        let info = match c.info(id) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("ublk device {id}: {e}; skipped");
+                continue;
+            }
+        };
+        let pid = info.ublksrv_pid;
+        let comm = (pid > 0)
+            .then(|| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok())
+            .flatten();
+        if let Some(comm) = comm.as_deref().map(str::trim) {
+            eprintln!(
+                "{}: its server {comm} (pid {pid}) is alive; left alone",
+                ublk::block_path(id).display()
+            );
+            continue;
+        }
+        if let Err(e) = c.stop(id) {
+            eprintln!("{}: stop: {e}", ublk::block_path(id).display());
+        }
+        match c.delete(id) {
+            Ok(()) => removed.push(ublk::block_path(id).display().to_string()),
+            Err(e) => eprintln!("{}: delete: {e}", ublk::block_path(id).display()),
+        }
+    }
+    match out {
+        Output::Json => print_json(&json!({ "removed": removed })),
+        Output::Table => {
+            for r in &removed {
+                println!("removed {r}");
+            }
+            if removed.is_empty() {
+                println!("no orphaned ublk devices");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn export_json(e: &pb::Export) -> serde_json::Value {

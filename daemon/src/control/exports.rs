@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use coreblk_proto::v1 as pb;
@@ -39,6 +39,10 @@ use crate::reactor::{Reactor, Remote};
 const REACTOR_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest the queues of a stopped device may take to see every FETCH come back.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a re-attach waits for the previous daemon's hold on a device to go.
+const RECOVERY_WAIT: Duration = Duration::from_secs(10);
+/// Longest an Exports call waits for the start-up recovery before answering UNAVAILABLE.
+const RECOVERED_WAIT: Duration = Duration::from_secs(30);
 
 /// What the running kernel offers, asked once at start.
 #[derive(Debug, Clone)]
@@ -76,8 +80,10 @@ pub struct Exports {
     store: Arc<Store>,
     /// By volume UUID. The async mutex serialises export and unexport calls.
     live: tokio::sync::Mutex<BTreeMap<Uuid, Live>>,
-    /// Export records until the volume store keeps them (see [`Self::put_record`]).
-    records: Mutex<BTreeMap<Uuid, Vec<u8>>>,
+    /// True once [`Exports::recover_all`] is done: until then the calls wait (a listing
+    /// right after a restart must show the re-attached exports, and an export call must
+    /// not take a device id a recorded export still owns).
+    recovered: tokio::sync::watch::Sender<bool>,
 }
 
 fn ublk_err(op: &'static str, dev: Option<u32>) -> impl FnOnce(ublk::Error) -> Error {
@@ -131,7 +137,23 @@ impl Exports {
             remotes,
             store,
             live: tokio::sync::Mutex::new(BTreeMap::new()),
-            records: Mutex::new(BTreeMap::new()),
+            recovered: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Waits (at most [`RECOVERED_WAIT`]) until the exports of the previous daemon are
+    /// served again.
+    async fn wait_recovered(&self) -> Result<()> {
+        let mut rx = self.recovered.subscribe();
+        let r = tokio::time::timeout(RECOVERED_WAIT, rx.wait_for(|done| *done))
+            .await
+            .map(|r| r.map(|_| ()));
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Err(_) => Err(Error::Importing {
+                detail: "the exports of the previous daemon are still being re-attached".to_owned(),
+            }),
         }
     }
 
@@ -149,18 +171,15 @@ impl Exports {
             })
     }
 
-    /// Persists (or clears) the record of an export. Kept here until the volume store
-    /// keeps export records (`Store::set_export_record`): then this forwards to it.
+    /// Persists (or clears) the record of an export in its pool's metadata (journaled
+    /// and flushed before this returns).
     async fn put_record(&self, volume: Uuid, rec: Option<Vec<u8>>) -> Result<()> {
-        let mut r = self
-            .records
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match rec {
-            Some(b) => r.insert(volume, b),
-            None => r.remove(&volume),
-        };
-        Ok(())
+        self.store.set_export_record(volume, rec).await
+    }
+
+    /// Every persisted export record, by volume UUID.
+    async fn load_records(&self) -> Result<Vec<(Uuid, Vec<u8>)>> {
+        self.store.export_records().await
     }
 
     async fn resolve(&self, name: &str) -> Result<ObjectRef> {
@@ -193,6 +212,7 @@ impl Exports {
     ) -> Result<pb::Export> {
         let kernel = self.need_kernel("ExportVolume")?.clone();
         self.store.check_ready()?;
+        self.wait_recovered().await?;
         let obj = self.resolve(name).await?;
         if obj.snapshot && !read_only {
             return Err(Error::InvalidArgument {
@@ -203,6 +223,19 @@ impl Exports {
                 ),
             });
         }
+        self.export_with(&obj, persistent, read_only, None, &kernel)
+            .await
+    }
+
+    /// Makes a device for `obj` (with id `want_id` if free) and serves it.
+    async fn export_with(
+        &self,
+        obj: &ObjectRef,
+        persistent: bool,
+        read_only: bool,
+        want_id: Option<u32>,
+        kernel: &KernelUblk,
+    ) -> Result<pb::Export> {
         let mut live = self.live.lock().await;
         if let Some(l) = live.get(&obj.uuid) {
             if l.rec.persistent == persistent && l.rec.read_only == read_only {
@@ -242,9 +275,9 @@ impl Exports {
             nr_queues,
             path: PathKind::Copy,
         };
-        let flags = copy_flags(&kernel);
+        let flags = copy_flags(kernel);
         let add = ublk::AddDev {
-            dev_id: None,
+            dev_id: want_id,
             nr_hw_queues: nr_queues,
             queue_depth: rec.queue_depth,
             max_io_buf_bytes: rec.max_io_bytes,
@@ -252,12 +285,21 @@ impl Exports {
         };
         let info = blocking(move || {
             let c = ublk::Control::open().map_err(ublk_err("open", None))?;
-            c.add(&add).map_err(ublk_err("add", None))
+            match c.add(&add) {
+                // The old id is taken: any id will do.
+                Err(e) if add.dev_id.is_some() && e.errno() == Some(libc::EEXIST) => c
+                    .add(&ublk::AddDev {
+                        dev_id: None,
+                        ..add
+                    })
+                    .map_err(ublk_err("add", None)),
+                r => r.map_err(ublk_err("add", None)),
+            }
         })
         .await?;
         let dev_id = info.dev_id;
         let rec = Record { dev_id, ..rec };
-        match self.bring_up(&obj, &rec, &kernel).await {
+        match self.bring_up(obj, &rec, kernel).await {
             Ok(char_dev) => {
                 let device = ublk::block_path(dev_id).display().to_string();
                 if let Err(e) = self.put_record(obj.uuid, Some(rec.encode())).await {
@@ -297,36 +339,10 @@ impl Exports {
             .map_err(|e| (e, None))?;
         let char_dev = Arc::new(char_dev);
         let fail = |e: Error| (e, Some(Arc::clone(&char_dev)));
-        let (handle, cluster, _owner) = self.store.export_source(obj).await.map_err(fail)?;
-        let mut geo = None;
-        for (q, remote) in self.remotes.iter().enumerate() {
-            let spec = QueueSpec {
-                dev_id,
-                q_id: u16::try_from(q).unwrap_or(u16::MAX),
-                depth: rec.queue_depth,
-                char_dev: Arc::clone(&char_dev),
-                ioctl_encode: kernel.choice.ioctl_encode(),
-                read_only: rec.read_only,
-            };
-            let (h, pool, id) = (handle.clone(), obj.pool_uuid, obj.id);
-            let g = ask(remote, REACTOR_TIMEOUT, move |rx: &Reactor, tx| {
-                let r = open_export_channel(rx, pool, id, &h)
-                    .and_then(|ch| export::install(rx, spec, ch));
-                let _ = tx.send(r);
-            })
+        let (geo, cluster) = self
+            .setup_queues(obj, rec, kernel.choice.ioctl_encode(), &char_dev)
             .await
-            .map_err(fail)?
-            .map_err(|reason| {
-                fail(Error::Ublk {
-                    op: "set up a queue",
-                    dev: format!("/dev/ublkb{dev_id}"),
-                    reason,
-                })
-            })?;
-            geo = Some(g);
-        }
-        let geo =
-            geo.ok_or_else(|| fail(Error::Internal("no reactor serves exports".to_owned())))?;
+            .map_err(fail)?;
         let params = export::device_params(
             geo.size_bytes,
             geo.logical_block_size,
@@ -344,6 +360,209 @@ impl Exports {
         .await
         .map_err(fail)?;
         Ok(char_dev)
+    }
+
+    /// Sets a queue of device `rec.dev_id` up on each of the first `rec.nr_queues`
+    /// reactors (each sends its FETCHes); returns the volume's geometry and cluster size.
+    async fn setup_queues(
+        &self,
+        obj: &ObjectRef,
+        rec: &Record,
+        ioctl_encode: bool,
+        char_dev: &Arc<File>,
+    ) -> Result<(crate::bdev::Geometry, u64)> {
+        let dev_id = rec.dev_id;
+        if usize::from(rec.nr_queues) > self.remotes.len() || rec.nr_queues == 0 {
+            return Err(Error::Ublk {
+                op: "serve",
+                dev: format!("/dev/ublkb{dev_id}"),
+                reason: format!(
+                    "the device has {} queues and this daemon runs {} reactors (one queue per reactor); run it with at least as many cores",
+                    rec.nr_queues,
+                    self.remotes.len()
+                ),
+            });
+        }
+        let (handle, cluster, _owner) = self.store.export_source(obj).await?;
+        let mut geo = None;
+        for (q, remote) in self
+            .remotes
+            .iter()
+            .take(usize::from(rec.nr_queues))
+            .enumerate()
+        {
+            let spec = QueueSpec {
+                dev_id,
+                q_id: u16::try_from(q).unwrap_or(u16::MAX),
+                depth: rec.queue_depth,
+                char_dev: Arc::clone(char_dev),
+                ioctl_encode,
+                read_only: rec.read_only,
+            };
+            let (h, pool, id) = (handle.clone(), obj.pool_uuid, obj.id);
+            let g = ask(remote, REACTOR_TIMEOUT, move |rx: &Reactor, tx| {
+                let r = open_export_channel(rx, pool, id, &h)
+                    .and_then(|ch| export::install(rx, spec, ch));
+                let _ = tx.send(r);
+            })
+            .await?
+            .map_err(|reason| Error::Ublk {
+                op: "set up a queue",
+                dev: format!("/dev/ublkb{dev_id}"),
+                reason,
+            })?;
+            geo = Some(g);
+        }
+        let geo = geo.ok_or_else(|| Error::Internal("no reactor serves exports".to_owned()))?;
+        Ok((geo, cluster))
+    }
+
+    /// Re-attaches to device `rec.dev_id`, left by an earlier daemon (a crash, a kill, an
+    /// upgrade): START_USER_RECOVERY (once the old server is gone), `/dev/ublkcN` opened,
+    /// every tag fetched on its reactor, END_USER_RECOVERY with our pid. The kernel then
+    /// reissues what the old daemon held.
+    async fn reattach(&self, obj: &ObjectRef, rec: &Record) -> Result<Arc<File>> {
+        let dev_id = rec.dev_id;
+        let info = blocking(move || {
+            let c = ublk::Control::open().map_err(ublk_err("open", Some(dev_id)))?;
+            let info = c.info(dev_id).map_err(ublk_err("get info", Some(dev_id)))?;
+            // The old daemon's queues may still be going away: retry while busy.
+            let deadline = std::time::Instant::now() + RECOVERY_WAIT;
+            loop {
+                match c.start_user_recovery(dev_id) {
+                    Ok(()) => return Ok(info),
+                    Err(e)
+                        if e.errno() == Some(libc::EBUSY)
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(ublk_err("start user recovery", Some(dev_id))(e)),
+                }
+            }
+        })
+        .await?;
+        let rec = Record {
+            nr_queues: info.nr_hw_queues,
+            queue_depth: info.queue_depth,
+            ..rec.clone()
+        };
+        let char_dev = Arc::new(blocking(move || open_char(dev_id)).await?);
+        let ioctl_encode = info.flags & ublk::Features::CMD_IOCTL_ENCODE.0 != 0;
+        if let Err(e) = self.setup_queues(obj, &rec, ioctl_encode, &char_dev).await {
+            self.release_queues(dev_id).await;
+            return Err(e);
+        }
+        let r = blocking(move || {
+            let c = ublk::Control::open().map_err(ublk_err("open", Some(dev_id)))?;
+            c.end_user_recovery(dev_id, std::process::id().try_into().unwrap_or(i32::MAX))
+                .map_err(ublk_err("end user recovery", Some(dev_id)))
+        })
+        .await;
+        if let Err(e) = r {
+            self.release_queues(dev_id).await;
+            return Err(e);
+        }
+        Ok(char_dev)
+    }
+
+    /// At start, once the pools are imported: every recorded export is served again —
+    /// its device re-attached where it still exists, re-created after a node reboot when
+    /// it is persistent (the others' records are dropped: kubelet stages its volumes
+    /// again itself).
+    pub async fn recover_all(&self) {
+        let t0 = std::time::Instant::now();
+        self.recover_records().await;
+        let n = self.live.lock().await.len();
+        if n > 0 {
+            tracing::info!(
+                exports = n,
+                took_ms = t0.elapsed().as_millis(),
+                "exports served again after the start"
+            );
+        }
+        self.recovered.send_replace(true);
+    }
+
+    async fn recover_records(&self) {
+        let Ok(kernel) = self.kernel.clone() else {
+            return;
+        };
+        let recs = match self.load_records().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the export records; exports are not recovered");
+                return;
+            }
+        };
+        for (uuid, bytes) in recs {
+            let rec = match Record::decode(&bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(volume = %uuid, error = %e, "export record unreadable; left alone");
+                    continue;
+                }
+            };
+            let obj = match self.resolve(&uuid.to_string()).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(volume = %uuid, error = %e, "the exported object is gone; its record is dropped");
+                    let _ = self.put_record(uuid, None).await;
+                    continue;
+                }
+            };
+            let t0 = std::time::Instant::now();
+            let dev = ublk::block_path(rec.dev_id).display().to_string();
+            if ublk::char_path(rec.dev_id).exists() {
+                let mut live = self.live.lock().await;
+                match self.reattach(&obj, &rec).await {
+                    Ok(char_dev) => {
+                        self.store.set_exported(obj.uuid, Some(dev.clone()));
+                        tracing::info!(volume = %obj.name, device = %dev, took_ms = t0.elapsed().as_millis(), "export re-attached (user recovery)");
+                        live.insert(
+                            obj.uuid,
+                            Live {
+                                object: obj,
+                                rec,
+                                char_dev,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = %obj.name, device = %dev, error = %e, "cannot re-attach the export; `coreblk export cleanup` removes the device")
+                    }
+                }
+            } else if rec.persistent {
+                match self
+                    .export_with(
+                        &obj,
+                        rec.persistent,
+                        rec.read_only,
+                        Some(rec.dev_id),
+                        &kernel,
+                    )
+                    .await
+                {
+                    Ok(e) => {
+                        tracing::info!(volume = %obj.name, device = %e.device_path, "persistent export re-created")
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = %obj.name, error = %e, "cannot re-create the persistent export")
+                    }
+                }
+            } else {
+                tracing::info!(volume = %obj.name, device = %dev, "the device is gone (node reboot?); the export was not persistent: its record is dropped");
+                let _ = self.put_record(obj.uuid, None).await;
+            }
+        }
+    }
+
+    /// Releases this device's queues on every reactor without waiting for the kernel
+    /// (a failed re-attach: the device stays for the next try or for cleanup).
+    async fn release_queues(&self, dev_id: u32) {
+        for remote in &self.remotes {
+            let _ = remote.send(Box::new(move |rx: &Reactor| export::remove(rx, dev_id)));
+        }
     }
 
     /// Stops a device (unless `stopped`), waits for its queues to see every command
@@ -405,6 +624,7 @@ impl Exports {
     pub async fn unexport(&self, name: &str, force: bool) -> Result<()> {
         let kernel = self.need_kernel("UnexportVolume")?.clone();
         self.store.check_ready()?;
+        self.wait_recovered().await?;
         let obj = self.resolve(name).await?;
         let mut live = self.live.lock().await;
         let Some(l) = live.get(&obj.uuid).cloned() else {
@@ -436,8 +656,10 @@ impl Exports {
             Ok(false)
         })
         .await?;
-        self.tear_down(dev_id, Some(l.char_dev), !stopped).await;
+        // Out of the table first: DEL_DEV waits until every open file of the char device
+        // is closed, and the table's entry holds one.
         live.remove(&obj.uuid);
+        self.tear_down(dev_id, Some(l.char_dev), !stopped).await;
         self.store.set_exported(obj.uuid, None);
         self.put_record(obj.uuid, None).await?;
         tracing::info!(volume = %obj.name, uuid = %obj.uuid, dev_id, force, "unexported");
@@ -445,9 +667,15 @@ impl Exports {
     }
 
     /// The exports, sorted by volume UUID.
-    pub async fn list(&self) -> Vec<pb::Export> {
+    ///
+    /// # Errors
+    /// UNAVAILABLE while the exports of the previous daemon are still being re-attached.
+    pub async fn list(&self) -> Result<Vec<pb::Export>> {
+        if self.kernel.is_ok() {
+            self.wait_recovered().await?;
+        }
         let live = self.live.lock().await;
-        live.values().map(|l| self.message(l)).collect()
+        Ok(live.values().map(|l| self.message(l)).collect())
     }
 
     /// At a daemon stop: every queue stops taking new requests (they are held for the
@@ -610,7 +838,7 @@ impl pb::exports_server::Exports for ExportsService {
     ) -> std::result::Result<Response<pb::ListExportsResponse>, Status> {
         self.shared.check_serving()?;
         let r = request.into_inner();
-        let all = self.shared.exports.list().await;
+        let all = self.shared.exports.list().await?;
         let (exports, next_page_token) =
             super::page::paginate(all, r.page_size, &r.page_token, |e| e.volume_uuid.clone())?;
         Ok(Response::new(pb::ListExportsResponse {

@@ -439,6 +439,16 @@ async fn run(
     // Pools are imported while the API serves: until then pool, volume and image calls
     // answer UNAVAILABLE.
     let import = tokio::spawn(Arc::clone(&shared.store).import_all());
+    // Then the exports an earlier daemon left (or persistent ones after a reboot).
+    let recover = {
+        let s = Arc::clone(&shared);
+        tokio::spawn(async move {
+            while !s.store.is_ready() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            s.exports.recover_all().await;
+        })
+    };
 
     let grace = {
         let mut rx = stop_rx.clone();
@@ -474,6 +484,7 @@ async fn run(
         let _ = task.await;
     }
     import.abort();
+    recover.abort();
     // Exports stay for the next daemon; their in-flight requests finish before the pools
     // are flushed and stopped.
     shared.exports.detach_all().await;

@@ -62,6 +62,11 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a pool's import waits for its free-cluster pipeline to settle before it is
 /// served anyway (allocations then wait for zeroed clusters).
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest a start-up import waits for the pipeline: every unreferenced cluster is zeroed
+/// again after an import, which takes minutes on a large (or slow) device, and the pools
+/// (and the exports left by the previous daemon, whose IO is paused meanwhile) must serve
+/// within seconds of a restart; the zeroing goes on in the background.
+pub const IMPORT_SETTLE_WAIT: Duration = Duration::from_secs(1);
 /// Longest `CreatePool` waits for the new pool to come online before answering with it
 /// still importing.
 pub const CREATE_WAIT: Duration = Duration::from_secs(30);
@@ -856,7 +861,7 @@ impl Store {
             tracing::error!(pool = %info.name, error = %e, "pool start failed; the pool is not served");
             return;
         }
-        self.settle(&info).await;
+        self.settle(&info, IMPORT_SETTLE_WAIT).await;
     }
 
     async fn start_pool(
@@ -893,10 +898,10 @@ impl Store {
         Ok(())
     }
 
-    /// Waits (bounded) for the pool's free-cluster pipeline to settle after an import
-    /// (every unreferenced cluster is zeroed again before use), then serves it.
-    async fn settle(&self, info: &PoolInfo) {
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
+    /// Waits (at most `max_wait`) for the pool's free-cluster pipeline to settle after an
+    /// import (every unreferenced cluster is zeroed again before use), then serves it.
+    async fn settle(&self, info: &PoolInfo, max_wait: Duration) {
+        let deadline = Instant::now() + max_wait;
         loop {
             match self
                 .pool_query(info, |rt| rt.alloc_counts().recycling)
@@ -904,7 +909,7 @@ impl Store {
             {
                 Ok(0) => break,
                 Ok(n) if Instant::now() >= deadline => {
-                    tracing::warn!(pool = %info.name, recycling = n, "free clusters still being zeroed; serving anyway");
+                    tracing::info!(pool = %info.name, recycling = n, "free clusters still being zeroed; serving meanwhile (allocations wait for zeroed clusters)");
                     break;
                 }
                 Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -1034,7 +1039,7 @@ impl Store {
         tracing::info!(pool = %info.name, device = %info.device_path.display(), "pool created");
         let me = Arc::clone(self);
         let settling = info.clone();
-        let task = tokio::spawn(async move { me.settle(&settling).await });
+        let task = tokio::spawn(async move { me.settle(&settling, SETTLE_TIMEOUT).await });
         let _ = tokio::time::timeout(CREATE_WAIT, task).await;
         Ok((self.pool(&info.uuid.to_string())?, true))
     }

@@ -431,19 +431,17 @@ impl Queue {
         );
         let len = u32::try_from(buf.len()).expect("a piece fits u32");
         let fd = types::Fixed(self.char_idx);
-        let sqe = match (out, buf.fixed_index()) {
-            (false, Some(i)) => opcode::ReadFixed::new(fd, buf.as_mut_ptr(), len, i)
+        // Never READ_FIXED / WRITE_FIXED here, even from a registered buffer: the driver's
+        // user copy takes only a user-backed iterator and answers EACCES to a registered
+        // buffer's bvec iterator (6.12), which failed every request with EIO.
+        let sqe = if out {
+            opcode::Write::new(fd, buf.as_ptr(), len)
                 .offset(off)
-                .build(),
-            (false, None) => opcode::Read::new(fd, buf.as_mut_ptr(), len)
+                .build()
+        } else {
+            opcode::Read::new(fd, buf.as_mut_ptr(), len)
                 .offset(off)
-                .build(),
-            (true, Some(i)) => opcode::WriteFixed::new(fd, buf.as_ptr(), len, i)
-                .offset(off)
-                .build(),
-            (true, None) => opcode::Write::new(fd, buf.as_ptr(), len)
-                .offset(off)
-                .build(),
+                .build()
         };
         let ph = if out { PH_COPY_OUT } else { PH_COPY_IN };
         // SAFETY: the SQE points into `buf`, which moves into the request slot and comes
