@@ -288,6 +288,11 @@ impl Lvol {
         // An import zeroes every unreferenced cluster again in the background: IO timed
         // before that finishes would compete with it.
         lv.settle(set)?;
+        // The bench measures the store, not its limits: clones of a large volume (and
+        // --measure import's 1,000 volumes) may provision more than the pool holds.
+        pool_op(set, "raising the overcommit limit", |rx, rt, reply| {
+            rt.set_overcommit(rx, BENCH_OVERCOMMIT_MILLI, reply);
+        })?;
         let (volume_id, dev) = lv.add_volume(set, "bench", volume_bytes)?;
         Ok(Self {
             dev,
@@ -608,6 +613,9 @@ const OP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs `f` with the pool runtime on its owner reactor and waits for the answer it gives
 /// `done`.
+/// Overcommit limit of bench pools (× 1000): 1000× the capacity.
+const BENCH_OVERCOMMIT_MILLI: u32 = 1_000_000;
+
 fn pool_op<T, F>(set: &ReactorSet, what: &'static str, f: F) -> anyhow::Result<T>
 where
     T: Send + 'static,

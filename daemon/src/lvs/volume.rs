@@ -198,14 +198,14 @@ pub struct PoolRt {
     table: RefCell<VolumeTable>,
     vols: RefCell<BTreeMap<u32, Rc<VolRt>>>,
     /// Allocations in flight, with the writes waiting for each.
-    allocating: RefCell<HashMap<(u32, u64), Vec<Parked>>>,
+    allocating: RefCell<IntMap<(u32, u64), Vec<Parked>>>,
     /// Writes waiting for the pipeline to produce a zeroed cluster.
     alloc_waiters: RefCell<Vec<Parked>>,
     /// Data IOs in flight per physical cluster: a cluster is not freed (so never zeroed and
     /// reused) while an IO that looked it up is still on its way to or from it.
-    pc_inflight: RefCell<HashMap<u32, u32>>,
+    pc_inflight: RefCell<IntMap<u32, u32>>,
     /// Frees waiting for a cluster's in-flight IOs: cluster → journal seq of the record.
-    deferred_free: RefCell<HashMap<u32, u64>>,
+    deferred_free: RefCell<IntMap<u32, u64>>,
     recycling: Cell<bool>,
     /// A pipeline round is scheduled on the reactor's timers.
     scheduled: Cell<bool>,
@@ -330,10 +330,10 @@ impl PoolRt {
             alloc: RefCell::new(alloc),
             table: RefCell::new(imp.table),
             vols: RefCell::new(vols),
-            allocating: RefCell::new(HashMap::new()),
+            allocating: RefCell::new(IntMap::default()),
             alloc_waiters: RefCell::new(Vec::new()),
-            pc_inflight: RefCell::new(HashMap::new()),
-            deferred_free: RefCell::new(HashMap::new()),
+            pc_inflight: RefCell::new(IntMap::default()),
+            deferred_free: RefCell::new(IntMap::default()),
             recycling: Cell::new(false),
             scheduled: Cell::new(false),
             ckpt_scheduled: Cell::new(false),
@@ -2454,24 +2454,97 @@ enum SegOp {
     Zeroes,
 }
 
-fn segments(offset: u64, len: u64, cluster: u64) -> Vec<Seg> {
-    let mut out = Vec::new();
-    let mut pos = offset;
-    let end = offset + len;
-    while pos < end {
-        let lc = pos / cluster;
-        let in_cluster = pos % cluster;
-        let n = (cluster - in_cluster).min(end - pos);
-        out.push(Seg {
+/// The pieces of the request `[offset, offset + len)`, one per cluster it touches, in
+/// order; computed as they are taken (no allocation per IO).
+fn segments(offset: u64, len: u64, cluster: u64) -> Segments {
+    Segments {
+        start: offset,
+        pos: offset,
+        end: offset + len,
+        cluster,
+    }
+}
+
+/// Iterator of [`segments`].
+struct Segments {
+    start: u64,
+    pos: u64,
+    end: u64,
+    cluster: u64,
+}
+
+impl Iterator for Segments {
+    type Item = Seg;
+
+    fn next(&mut self) -> Option<Seg> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let lc = self.pos / self.cluster;
+        let in_cluster = self.pos % self.cluster;
+        let n = (self.cluster - in_cluster).min(self.end - self.pos);
+        let seg = Seg {
             lc,
             in_cluster,
-            buf_off: usize::try_from(pos - offset).expect("IO length fits memory"),
+            buf_off: usize::try_from(self.pos - self.start).expect("IO length fits memory"),
             len: usize::try_from(n).expect("IO length fits memory"),
-        });
-        pos += n;
+        };
+        self.pos += n;
+        Some(seg)
     }
-    out
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = if self.pos >= self.end {
+            0
+        } else {
+            usize::try_from((self.end - 1) / self.cluster - self.pos / self.cluster + 1)
+                .expect("IO length fits memory")
+        };
+        (n, Some(n))
+    }
 }
+
+impl ExactSizeIterator for Segments {}
+
+/// Hasher for the IO path's maps keyed by cluster numbers: FxHash's rotate-xor-multiply
+/// per word instead of SipHash's rounds. Keys are bounded by what is in flight, so a
+/// tenant choosing colliding logical clusters makes at most a queue depth's worth of
+/// probes, not an attack.
+#[derive(Clone, Copy, Default)]
+struct IntHasher(u64);
+
+impl IntHasher {
+    fn add(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl std::hash::Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.add(u64::from(*b));
+        }
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.add(u64::from(v));
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.add(v);
+    }
+
+    fn write_usize(&mut self, v: usize) {
+        self.add(v as u64);
+    }
+}
+
+/// A `HashMap` with [`IntHasher`].
+type IntMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IntHasher>>;
 
 impl VolumeChannel {
     fn rc(&self) -> Rc<VolumeChannel> {

@@ -1436,3 +1436,41 @@ fn control_records_survive_restarts_and_checkpoints_and_die_with_their_object() 
     h.start();
     assert!(table(&h).control.is_empty());
 }
+
+#[test]
+fn segments_cover_a_request_once_cluster_by_cluster_and_know_their_count() {
+    let mut rng = Rng::new(seed_or(7));
+    for _ in 0..2000 {
+        let cluster = 4096u64 << rng.below(5);
+        let offset = rng.below(1 << 22) / 512 * 512;
+        let len = (rng.below(1 << 20) / 512 + 1) * 512;
+        let segs = segments(offset, len, cluster);
+        let n = segs.len();
+        let v: Vec<Seg> = segs.collect();
+        assert_eq!(v.len(), n, "len() at {offset}+{len}, cluster {cluster}");
+        let mut at = offset;
+        for s in &v {
+            assert_eq!(s.lc * cluster + s.in_cluster, at);
+            assert_eq!(s.buf_off as u64, at - offset);
+            assert!(
+                s.in_cluster + s.len as u64 <= cluster,
+                "a piece crosses a cluster"
+            );
+            at += s.len as u64;
+        }
+        assert_eq!(at, offset + len, "the pieces cover the request exactly");
+    }
+    assert_eq!(segments(0, 0, 4096).len(), 0);
+}
+
+#[test]
+fn the_int_hasher_keeps_cluster_keys_apart() {
+    let mut m: IntMap<(u32, u64), u32> = IntMap::default();
+    for pc in 0..5000u32 {
+        m.insert((pc, u64::from(pc) << 20), pc);
+    }
+    for pc in 0..5000u32 {
+        assert_eq!(m.get(&(pc, u64::from(pc) << 20)), Some(&pc));
+    }
+    assert_eq!(m.len(), 5000);
+}
