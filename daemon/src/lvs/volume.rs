@@ -2409,6 +2409,9 @@ struct Req {
     cb: Rc<dyn Completion>,
     tag: u64,
     buf: Option<IoBuf>,
+    /// The buffer while it is lent out in pieces to several device IOs (`buf` is `None`
+    /// then); back into `buf` when the request finishes.
+    lent: Option<Rc<IoBuf>>,
     parts: u32,
     err: Option<Errno>,
     bytes: u32,
@@ -2563,7 +2566,17 @@ impl VolumeChannel {
             r.parts == 0
         };
         if done {
-            let r = self.reqs.borrow_mut().take(slot).expect("request present");
+            let mut r = self.reqs.borrow_mut().take(slot).expect("request present");
+            if let Some(whole) = r.lent.take() {
+                // Every part is done and each dropped its piece in `seg_done`.
+                match Rc::try_unwrap(whole) {
+                    Ok(b) => r.buf = Some(b),
+                    Err(_) => {
+                        tracing::error!("a piece of a request's buffer outlived the request");
+                        r.err.get_or_insert(Errno(libc::EIO));
+                    }
+                }
+            }
             let res = match r.err {
                 Some(e) => Err(e),
                 None => Ok(r.bytes),
@@ -2583,61 +2596,60 @@ impl VolumeChannel {
 
     fn read_seg(&self, rx: &Reactor, slot: usize, seg: Seg) {
         let Some(m) = self.vol.map.get(seg.lc) else {
-            self.with_buf(slot, |b| b[seg.buf_off..seg.buf_off + seg.len].fill(0));
+            let mut b = self.seg_buf(slot, seg);
+            b.fill(0);
+            self.seg_done(slot, Some(b));
             return self.part_done(rx, slot, Ok(()));
         };
         let me = self.rc();
         self.rt.io_start(m.pc);
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf: Option<IoBuf>| {
             me.rt.io_end(rx, m.pc);
-            me.seg_done(slot, seg, buf, res.is_ok());
+            me.seg_done(slot, buf);
             me.part_done(rx, slot, res.map(drop));
         });
         let io = Io::Read {
             offset: self.rt.phys(m.pc, seg.in_cluster),
-            buf: self.seg_buf(slot, seg, false),
+            buf: self.seg_buf(slot, seg),
         };
         self.rt.data.submit(rx, io, cb, 0);
     }
 
-    fn with_buf(&self, slot: usize, f: impl FnOnce(&mut [u8])) {
-        if let Some(Req { buf: Some(b), .. }) = self.reqs.borrow_mut().get_mut(slot) {
-            f(b);
-        }
-    }
-
     /// The buffer for `seg`'s device IO: the request's own buffer when the segment is the
-    /// whole request (no copy: the common single-cluster IO), else a new buffer, holding a
-    /// copy of the segment's bytes when `copy_in` (writes).
-    fn seg_buf(&self, slot: usize, seg: Seg, copy_in: bool) -> IoBuf {
+    /// whole request (the common single-cluster IO), else a piece of it (reads land and
+    /// writes are taken in place, no copy); a new zeroed buffer when the request has none.
+    fn seg_buf(&self, slot: usize, seg: Seg) -> IoBuf {
         let mut reqs = self.reqs.borrow_mut();
-        let Some(Req { buf: Some(b), .. }) = reqs.get_mut(slot) else {
+        let Some(r) = reqs.get_mut(slot) else {
             return IoBuf::alloc(seg.len);
         };
-        if seg.buf_off == 0 && b.len() == seg.len {
-            return reqs
-                .get_mut(slot)
-                .and_then(|r| r.buf.take())
-                .expect("checked above");
+        if r.lent.is_none() {
+            let Some(b) = r.buf.take() else {
+                return IoBuf::alloc(seg.len);
+            };
+            if seg.buf_off == 0 && b.len() == seg.len {
+                return b;
+            }
+            r.lent = Some(Rc::new(b));
         }
-        if copy_in {
-            IoBuf::from_slice(&b[seg.buf_off..seg.buf_off + seg.len])
-        } else {
-            IoBuf::alloc(seg.len)
-        }
+        let whole = r.lent.as_ref().expect("lent above");
+        // SAFETY: the segments of one request are disjoint ranges of its buffer and each
+        // has at most one device IO (so one piece) at a time; while lent, the buffer is
+        // reached only through pieces, and it is taken back in `part_done` after every
+        // part has finished and dropped its piece in `seg_done`.
+        unsafe { IoBuf::piece(whole, seg.buf_off, seg.len) }
     }
 
-    /// The device IO of `seg` is done: hands a whole-request buffer back to the request,
-    /// or copies a successful read's bytes into it.
-    fn seg_done(&self, slot: usize, seg: Seg, buf: Option<IoBuf>, copy_out: bool) {
-        let mut reqs = self.reqs.borrow_mut();
-        let (Some(r), Some(b)) = (reqs.get_mut(slot), buf) else {
+    /// The device IO of a segment is done: a whole-request buffer goes back to the
+    /// request; a piece (its bytes are already in place) or a scratch buffer is dropped.
+    fn seg_done(&self, slot: usize, buf: Option<IoBuf>) {
+        let Some(b) = buf.filter(|b| !b.is_piece()) else {
             return;
         };
-        match &mut r.buf {
-            None => r.buf = Some(b),
-            Some(dst) if copy_out => dst[seg.buf_off..seg.buf_off + seg.len].copy_from_slice(&b),
-            Some(_) => {}
+        if let Some(r) = self.reqs.borrow_mut().get_mut(slot) {
+            if r.buf.is_none() && r.lent.is_none() {
+                r.buf = Some(b);
+            }
         }
     }
 
@@ -2696,7 +2708,7 @@ impl VolumeChannel {
             && self.rt.journal.flushed_seq() < self.rt.journal.completed_seq();
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
             me.rt.io_end(rx, m.pc);
-            me.seg_done(slot, seg, buf, false);
+            me.seg_done(slot, buf);
             if flush_after && res.is_ok() {
                 let me2 = Rc::clone(&me);
                 return me.rt.journal.flush(
@@ -2712,7 +2724,7 @@ impl VolumeChannel {
         let io = match op {
             SegOp::Data { fua } => Io::Write {
                 offset,
-                buf: self.seg_buf(slot, seg, true),
+                buf: self.seg_buf(slot, seg),
                 fua,
             },
             SegOp::Zeroes => Io::WriteZeroes {
@@ -2745,7 +2757,7 @@ impl VolumeChannel {
         self.rt.bump(|s| s.allocations += 1);
         let me = self.rc();
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
-            me.seg_done(slot, seg, buf, false);
+            me.seg_done(slot, buf);
             if let Err(e) = res {
                 me.rt.abandon(rx, pc, key);
                 return me.part_done(rx, slot, Err(e));
@@ -2774,7 +2786,7 @@ impl VolumeChannel {
         });
         let io = Io::Write {
             offset: self.rt.phys(pc, seg.in_cluster),
-            buf: self.seg_buf(slot, seg, true),
+            buf: self.seg_buf(slot, seg),
             fua: fua || replacing,
         };
         self.rt.data.submit(rx, io, cb, 0);
@@ -2843,6 +2855,7 @@ impl VolumeChannel {
             cb,
             tag,
             buf,
+            lent: None,
             parts: u32::try_from(parts).expect("segments of one IO fit u32"),
             err: None,
             bytes,

@@ -99,8 +99,17 @@ impl BufPool {
 }
 
 enum Backing {
-    Pool { pool: Rc<PoolInner>, idx: u32 },
-    Heap { layout: std::alloc::Layout },
+    Pool {
+        pool: Rc<PoolInner>,
+        idx: u32,
+    },
+    Heap {
+        layout: std::alloc::Layout,
+    },
+    /// Part of another buffer, kept alive by this reference (see [`IoBuf::piece`]).
+    Piece {
+        whole: Rc<IoBuf>,
+    },
 }
 
 /// An aligned buffer for one IO. Owned by whoever holds it; moved into a request while the
@@ -165,6 +174,39 @@ impl IoBuf {
         (buf, fresh)
     }
 
+    /// A buffer over bytes `[off, off + len)` of `whole`: a request's buffer lent out in
+    /// pieces, one per device IO, with no copy. `whole` comes back (`Rc::try_unwrap`) once
+    /// every piece is dropped.
+    ///
+    /// # Safety
+    /// While the piece lives, no other live piece of `whole` overlaps it and nobody reads
+    /// or writes `whole`'s bytes through `whole` itself (each piece hands out `&mut` to
+    /// its own range).
+    ///
+    /// # Panics
+    /// When the range is not inside `whole`.
+    pub unsafe fn piece(whole: &Rc<IoBuf>, off: usize, len: usize) -> IoBuf {
+        assert!(
+            off.checked_add(len).is_some_and(|end| end <= whole.len),
+            "piece {off}+{len} outside a buffer of {}",
+            whole.len
+        );
+        // The range is inside `whole`'s allocation, so the pointer is in bounds, non-null.
+        let ptr = NonNull::new(whole.ptr.as_ptr().wrapping_add(off)).unwrap_or(whole.ptr);
+        IoBuf {
+            ptr,
+            len,
+            backing: Backing::Piece {
+                whole: Rc::clone(whole),
+            },
+        }
+    }
+
+    /// Whether this buffer is a piece of another ([`Self::piece`]).
+    pub fn is_piece(&self) -> bool {
+        matches!(self.backing, Backing::Piece { .. })
+    }
+
     /// Length of the IO this buffer carries.
     pub fn len(&self) -> usize {
         self.len
@@ -177,9 +219,10 @@ impl IoBuf {
 
     /// Index of the ring's fixed buffer that holds this memory, if it is pooled memory.
     pub fn fixed_index(&self) -> Option<u16> {
-        match self.backing {
+        match &self.backing {
             Backing::Pool { .. } => Some(0),
             Backing::Heap { .. } => None,
+            Backing::Piece { whole } => whole.fixed_index(),
         }
     }
 
@@ -217,6 +260,8 @@ impl Drop for IoBuf {
     fn drop(&mut self) {
         match &self.backing {
             Backing::Pool { pool, idx } => pool.free.borrow_mut().push(*idx),
+            // The whole buffer goes with its last reference.
+            Backing::Piece { .. } => {}
             Backing::Heap { layout } => {
                 let (ptr, layout) = (self.ptr, *layout);
                 // During thread exit the cache may be gone: free directly then.
@@ -334,6 +379,26 @@ mod tests {
             cached,
             "large buffers are not kept"
         );
+    }
+
+    #[test]
+    fn pieces_write_into_the_whole_without_a_copy() {
+        let whole = Rc::new(IoBuf::alloc(8192));
+        // SAFETY: the two pieces are disjoint and `whole` is not read while they live.
+        let (mut a, mut b) = unsafe {
+            (
+                IoBuf::piece(&whole, 0, 4096),
+                IoBuf::piece(&whole, 4096, 4096),
+            )
+        };
+        assert!(a.is_piece() && !whole.is_piece());
+        assert_eq!(b.as_ptr() as usize - whole.as_ptr() as usize, 4096);
+        a.fill(1);
+        b.fill(2);
+        assert_eq!(b.fixed_index(), None);
+        drop((a, b));
+        let whole = Rc::try_unwrap(whole).expect("no piece left");
+        assert!(whole[..4096].iter().all(|&x| x == 1) && whole[4096..].iter().all(|&x| x == 2));
     }
 
     #[test]
