@@ -103,8 +103,6 @@ pub struct Queue {
     spec: QueueSpec,
     vol: Rc<dyn Channel>,
     descs: ublk::IoDescs,
-    /// The char device's index in the reactor's fixed-file table.
-    char_idx: u32,
     standing_id: Cell<u32>,
     piece_bytes: u64,
     tags: RefCell<Vec<Tag>>,
@@ -152,13 +150,6 @@ impl Queue {
                     spec.q_id
                 )
             })?;
-        let char_idx = rx.register_file(spec.char_dev.as_raw_fd()).map_err(|e| {
-            format!(
-                "registering /dev/ublkc{} on reactor {}: {e}",
-                spec.dev_id,
-                rx.id()
-            )
-        })?;
         let geo = vol.geometry();
         let lbs = u64::from(geo.logical_block_size);
         let piece = piece_bytes(
@@ -173,7 +164,6 @@ impl Queue {
             spec,
             vol,
             descs,
-            char_idx,
             standing_id: Cell::new(u32::MAX),
             piece_bytes: piece,
             tags: RefCell::new(vec![Tag::default(); depth]),
@@ -186,10 +176,7 @@ impl Queue {
         });
         let id = match rx.add_standing(Rc::clone(&q) as Rc<dyn Completion>) {
             Ok(id) => id,
-            Err(e) => {
-                rx.unregister_file(char_idx);
-                return Err(e.to_string());
-            }
+            Err(e) => return Err(e.to_string()),
         };
         q.standing_id.set(id);
         for tag in 0..q.spec.depth {
@@ -248,17 +235,24 @@ impl Queue {
         }
     }
 
-    /// Releases the queue's hold on the reactor (fixed file, handler). Call once its
-    /// tags are dead or the reactor is going away.
+    /// Releases the queue's hold on the reactor (its handler) and the volume channel.
+    /// Call once its tags are dead or the reactor is going away.
     pub fn close(&self, rx: &Reactor) {
         rx.remove_standing(self.standing_id.get());
-        rx.unregister_file(self.char_idx);
         self.vol.close(rx);
+    }
+
+    /// The char device, by plain fd. Not a fixed file: on 6.12 a fixed file removed from
+    /// the table is released only once every request issued before the removal is done,
+    /// and the standing FETCHes of the other devices on this reactor never are: the char
+    /// device stayed open and DEL_DEV waited forever.
+    fn char_fd(&self) -> types::Fd {
+        types::Fd(self.spec.char_dev.as_raw_fd())
     }
 
     fn send_cmd(&self, rx: &Reactor, cmd: ublk::IoCmd, tag: u16, result: i32) {
         let sqe = ublk::io_cmd_sqe(
-            types::Fixed(self.char_idx),
+            self.char_fd(),
             cmd,
             self.spec.q_id,
             tag,
@@ -268,8 +262,8 @@ impl Queue {
         );
         self.tags.borrow_mut()[usize::from(tag)].fetching = true;
         // SAFETY: the command carries no pointer (addr 0: USER_COPY moves bytes with
-        // separate reads and writes); the char device is registered at `char_idx` on this
-        // reactor until `close`.
+        // separate reads and writes); the fd is the char device this queue holds open
+        // (`spec.char_dev`) for as long as it lives.
         unsafe { rx.submit_standing(sqe, self.standing_id.get(), u32::from(tag)) };
     }
 
@@ -430,7 +424,7 @@ impl Queue {
             u32::try_from(done).expect("a request is at most max_io_bytes"),
         );
         let len = u32::try_from(buf.len()).expect("a piece fits u32");
-        let fd = types::Fixed(self.char_idx);
+        let fd = self.char_fd();
         // Never READ_FIXED / WRITE_FIXED here, even from a registered buffer: the driver's
         // user copy takes only a user-backed iterator and answers EACCES to a registered
         // buffer's bvec iterator (6.12), which failed every request with EIO.
@@ -445,7 +439,7 @@ impl Queue {
         };
         let ph = if out { PH_COPY_OUT } else { PH_COPY_IN };
         // SAFETY: the SQE points into `buf`, which moves into the request slot and comes
-        // back only with the completion; the char device is registered at `char_idx`.
+        // back only with the completion; the fd is the char device this queue holds open.
         let r = unsafe { rx.submit(sqe, OpKind::Fast, self.rc(), tag_with(tag, ph), Some(buf)) };
         if let Err((_, buf)) = r {
             // Full request table: try again shortly (the buffer stays with the tag).
