@@ -873,13 +873,19 @@ async fn volume(channel: Channel, out: Output, cmd: VolumeCmd) -> CmdResult {
             done(out, &format!("deleted volume {volume}"));
             return Ok(());
         }
-        VolumeCmd::Resize { volume, size } => c
-            .resize_volume(pb::ResizeVolumeRequest {
-                volume,
-                size_bytes: size,
-            })
-            .await?
-            .into_inner(),
+        VolumeCmd::Resize { volume, size } => {
+            let r = c
+                .resize_volume(pb::ResizeVolumeRequest {
+                    volume,
+                    size_bytes: size,
+                })
+                .await?;
+            // An exported volume whose device could not grow with it says why.
+            if let Some(note) = r.metadata().get("coreblk-note") {
+                eprintln!("note: {}", note.to_str().unwrap_or("(unreadable)"));
+            }
+            r.into_inner()
+        }
         VolumeCmd::Label {
             volume,
             set,

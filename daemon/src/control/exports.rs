@@ -666,6 +666,47 @@ impl Exports {
         Ok(())
     }
 
+    /// After a volume grew: the device of its export (if any) takes the new size with
+    /// UPDATE_SIZE where the kernel offers it (Linux >= 6.16). Otherwise the device keeps
+    /// its old size until the next export, and the answer says so. Never fails the resize
+    /// (the volume has grown): a failure comes back as a note.
+    pub async fn resized(&self, volume: Uuid, size_bytes: u64) -> Option<String> {
+        let live = self.live.lock().await;
+        let l = live.get(&volume)?;
+        let dev_id = l.rec.dev_id;
+        let device = ublk::block_path(dev_id).display().to_string();
+        let update = self
+            .kernel
+            .as_ref()
+            .is_ok_and(|k| k.features.contains(ublk::Features::UPDATE_SIZE));
+        if !update {
+            let note = format!(
+                "{device} keeps its old size until the volume is exported again: this kernel has no ublk UPDATE_SIZE (Linux >= 6.16)"
+            );
+            tracing::info!(volume = %l.object.name, device, size_bytes, "{note}");
+            return Some(note);
+        }
+        let sectors = size_bytes / export::SECTOR_BYTES;
+        let r = blocking(move || {
+            let c = ublk::Control::open().map_err(ublk_err("open", Some(dev_id)))?;
+            c.update_size(dev_id, sectors)
+                .map_err(ublk_err("update size", Some(dev_id)))
+        })
+        .await;
+        match r {
+            Ok(()) => {
+                tracing::info!(volume = %l.object.name, device, size_bytes, "export resized");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(volume = %l.object.name, device, error = %e, "the export keeps its old size");
+                Some(format!(
+                    "{device} keeps its old size until the volume is exported again: {e}"
+                ))
+            }
+        }
+    }
+
     /// The exports, sorted by volume UUID.
     ///
     /// # Errors

@@ -238,7 +238,15 @@ impl pb::volumes_server::Volumes for VolumesService {
             .store
             .resize_volume(&r.volume, r.size_bytes)
             .await?;
-        Ok(Response::new(volume_message(&v)))
+        let mut resp = Response::new(volume_message(&v));
+        // An exported volume's device grows too where the kernel can (UPDATE_SIZE); where
+        // it cannot, the answer carries why in its `coreblk-note` metadata.
+        if let Some(note) = self.shared.exports.resized(v.uuid, v.size_bytes).await {
+            if let Ok(val) = tonic::metadata::MetadataValue::try_from(note.as_str()) {
+                resp.metadata_mut().insert("coreblk-note", val);
+            }
+        }
+        Ok(resp)
     }
 
     async fn set_volume_labels(
