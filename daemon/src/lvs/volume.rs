@@ -60,8 +60,13 @@ const RECYCLE_PERIOD: Duration = Duration::from_millis(5);
 /// Most clusters zeroed per pipeline round: well below a reactor's request slots (1024 by
 /// default), so IO never finds the table full because of re-zeroing.
 const ZERO_BATCH: usize = 256;
-/// Most writes waiting for a cluster while the pipeline recycles (then ENOSPC).
-const MAX_ALLOC_WAITERS: usize = 4096;
+/// Most writes waiting for a cluster while the pipeline recycles (then ENOSPC). Each
+/// waiter is a request in flight, bounded by the reactors' request slots and the exports'
+/// queue depths, so this is a backstop writes do not reach: after an import every free
+/// cluster is zeroed again while the pool already serves (the control plane waits at most
+/// a second for it), and first writes wait for zeroed clusters instead of failing (4096
+/// here made a busy node's writes fail with ENOSPC after a daemon restart).
+const MAX_ALLOC_WAITERS: usize = 1 << 16;
 /// Checkpoint bytes per write.
 const CKPT_CHUNK: usize = 1 << 20;
 
