@@ -68,17 +68,6 @@ struct Tag {
     piece: u64,
 }
 
-/// Counters of one queue, read by the control plane.
-#[derive(Debug, Default)]
-pub struct QueueStats {
-    /// Requests completed.
-    pub ops: std::sync::atomic::AtomicU64,
-    /// Bytes read and written.
-    pub bytes: std::sync::atomic::AtomicU64,
-    /// Requests answered with an error.
-    pub errors: std::sync::atomic::AtomicU64,
-}
-
 /// Everything a reactor needs to serve one queue of a device: `Send`, built by the
 /// control plane.
 #[derive(Debug, Clone)]
@@ -113,7 +102,6 @@ pub struct Queue {
     state: Cell<QueueState>,
     /// Called once no request is being served (draining) / every tag is dead (stopped).
     on_quiet: RefCell<Option<OnQuiet>>,
-    stats: Arc<QueueStats>,
     /// Per-volume IO counters (`/metrics`).
     io: super::stats::Recorder,
 }
@@ -171,7 +159,6 @@ impl Queue {
             held: Cell::new(0),
             state: Cell::new(QueueState::Running),
             on_quiet: RefCell::new(None),
-            stats: Arc::new(QueueStats::default()),
             io,
         });
         let id = match rx.add_standing(Rc::clone(&q) as Rc<dyn Completion>) {
@@ -183,11 +170,6 @@ impl Queue {
             q.send_cmd(rx, ublk::IoCmd::Fetch, tag, 0);
         }
         Ok(q)
-    }
-
-    /// This queue's counters.
-    pub fn stats(&self) -> &Arc<QueueStats> {
-        &self.stats
     }
 
     fn rc(&self) -> Rc<Queue> {
@@ -275,15 +257,6 @@ impl Queue {
             t.plan = None;
         }
         self.io.finish(tag, result, rx.now());
-        use std::sync::atomic::Ordering::Relaxed;
-        self.stats.ops.fetch_add(1, Relaxed);
-        if result < 0 {
-            self.stats.errors.fetch_add(1, Relaxed);
-        } else {
-            self.stats
-                .bytes
-                .fetch_add(u64::from(result.unsigned_abs()), Relaxed);
-        }
         self.send_cmd(rx, ublk::IoCmd::CommitAndFetch, tag, result);
         self.check_quiet(rx);
     }

@@ -29,24 +29,11 @@ use std::time::Instant;
 
 use crossbeam::queue::SegQueue;
 
-use super::{DescOp, Plan};
+use super::Plan;
 
-/// Request kinds as the counters split them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IoOp {
-    /// READ.
-    Read,
-    /// WRITE.
-    Write,
-    /// FLUSH.
-    Flush,
-    /// DISCARD.
-    Discard,
-    /// WRITE_ZEROES.
-    WriteZeroes,
-    /// Anything else the kernel sent (refused), or a request whose kind is unknown.
-    Other,
-}
+/// Request kinds as the counters split them: the descriptor's own kinds ([`DescOp`];
+/// `Other` also counts refused requests). Counter order is declaration order.
+pub use super::DescOp as IoOp;
 
 impl IoOp {
     /// Every kind, in counter order.
@@ -82,19 +69,6 @@ impl IoOp {
             IoOp::Read => 0,
             IoOp::Write => 1,
             _ => 2,
-        }
-    }
-}
-
-impl From<DescOp> for IoOp {
-    fn from(op: DescOp) -> Self {
-        match op {
-            DescOp::Read => IoOp::Read,
-            DescOp::Write => IoOp::Write,
-            DescOp::Flush => IoOp::Flush,
-            DescOp::Discard => IoOp::Discard,
-            DescOp::WriteZeroes => IoOp::WriteZeroes,
-            DescOp::Other => IoOp::Other,
         }
     }
 }
@@ -273,7 +247,7 @@ impl Recorder {
 
     /// Request `tag` was seen at `now`: a descriptor of kind `op` that became `plan`.
     #[inline]
-    pub fn start(&self, tag: u16, op: DescOp, plan: &Plan, now: Instant) {
+    pub fn start(&self, tag: u16, op: IoOp, plan: &Plan, now: Instant) {
         let bytes = match *plan {
             Plan::Read { len, .. }
             | Plan::Write { len, .. }
@@ -284,7 +258,7 @@ impl Recorder {
         if let Some(t) = self.tags.get(usize::from(tag)) {
             t.set(Started {
                 at: Some(now),
-                op: op.into(),
+                op,
                 bytes,
             });
         }
@@ -375,6 +349,7 @@ impl Default for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::DescOp;
     use std::time::Duration;
 
     fn read(offset: u64, len: u64) -> Plan {
