@@ -169,7 +169,7 @@ enum PoolCmd {
         /// A claimed device (path or device UUID); repeatable.
         #[arg(long = "device", required = true)]
         devices: Vec<String>,
-        /// Cluster size, a power of two from 64K to 4M (default 64K).
+        /// Cluster size, a power of two from 4K to 4M (default 64K).
         #[arg(long, value_parser = size_arg)]
         cluster_size: Option<u64>,
         /// Overcommit limit: provisioned <= LIMIT x capacity (default 1.0).

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use coreblk_proto::v1 as pb;
 use coreblk_ublk as ublk;
+use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
@@ -41,6 +42,10 @@ const REACTOR_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a re-attach waits for the previous daemon's hold on a device to go.
 const RECOVERY_WAIT: Duration = Duration::from_secs(10);
+/// Exports re-attached at once at start.
+const RECOVERY_CONCURRENCY: usize = 16;
+/// Longest QUIESCE_DEV at a daemon stop waits for the device's in-flight requests.
+const QUIESCE_TIMEOUT_MS: u32 = 30_000;
 /// Longest an Exports call waits for the start-up recovery before answering UNAVAILABLE.
 const RECOVERED_WAIT: Duration = Duration::from_secs(30);
 
@@ -495,65 +500,76 @@ impl Exports {
                 return;
             }
         };
-        for (uuid, bytes) in recs {
-            let rec = match Record::decode(&bytes) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(volume = %uuid, error = %e, "export record unreadable; left alone");
-                    continue;
-                }
-            };
-            let obj = match self.resolve(&uuid.to_string()).await {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::warn!(volume = %uuid, error = %e, "the exported object is gone; its record is dropped");
-                    let _ = self.put_record(uuid, None).await;
-                    continue;
-                }
-            };
-            let t0 = std::time::Instant::now();
-            let dev = ublk::block_path(rec.dev_id).display().to_string();
-            if ublk::char_path(rec.dev_id).exists() {
-                let mut live = self.live.lock().await;
-                match self.reattach(&obj, &rec).await {
-                    Ok(char_dev) => {
-                        self.store.set_exported(obj.uuid, Some(dev.clone()));
-                        tracing::info!(volume = %obj.name, device = %dev, took_ms = t0.elapsed().as_millis(), "export re-attached (user recovery)");
-                        live.insert(
-                            obj.uuid,
-                            Live {
-                                object: obj,
-                                rec,
-                                char_dev,
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        tracing::error!(volume = %obj.name, device = %dev, error = %e, "cannot re-attach the export; `coreblk export cleanup` removes the device")
-                    }
-                }
-            } else if rec.persistent {
-                match self
-                    .export_with(
-                        &obj,
-                        rec.persistent,
-                        rec.read_only,
-                        Some(rec.dev_id),
-                        &kernel,
-                    )
-                    .await
-                {
-                    Ok(e) => {
-                        tracing::info!(volume = %obj.name, device = %e.device_path, "persistent export re-created")
-                    }
-                    Err(e) => {
-                        tracing::error!(volume = %obj.name, error = %e, "cannot re-create the persistent export")
-                    }
-                }
-            } else {
-                tracing::info!(volume = %obj.name, device = %dev, "the device is gone (node reboot?); the export was not persistent: its record is dropped");
-                let _ = self.put_record(obj.uuid, None).await;
+        // Devices are independent: re-attach several at once (each re-attach waits on
+        // control commands in blocking threads and on the reactors), so a node with many
+        // exports resumes in about the time of a few.
+        futures_util::stream::iter(recs)
+            .for_each_concurrent(RECOVERY_CONCURRENCY, |(uuid, bytes)| {
+                self.recover_one(uuid, bytes, &kernel)
+            })
+            .await;
+    }
+
+    /// Serves one recorded export again (see [`Exports::recover_all`]).
+    async fn recover_one(&self, uuid: Uuid, bytes: Vec<u8>, kernel: &KernelUblk) {
+        let rec = match Record::decode(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(volume = %uuid, error = %e, "export record unreadable; left alone");
+                return;
             }
+        };
+        let obj = match self.resolve(&uuid.to_string()).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(volume = %uuid, error = %e, "the exported object is gone; its record is dropped");
+                let _ = self.put_record(uuid, None).await;
+                return;
+            }
+        };
+        let t0 = std::time::Instant::now();
+        let dev = ublk::block_path(rec.dev_id).display().to_string();
+        if ublk::char_path(rec.dev_id).exists() {
+            // No Exports call runs before the recovery is done (`wait_recovered`), so the
+            // table is locked only to insert.
+            match self.reattach(&obj, &rec).await {
+                Ok(char_dev) => {
+                    self.store.set_exported(obj.uuid, Some(dev.clone()));
+                    tracing::info!(volume = %obj.name, device = %dev, took_ms = t0.elapsed().as_millis(), "export re-attached (user recovery)");
+                    self.live.lock().await.insert(
+                        obj.uuid,
+                        Live {
+                            object: obj,
+                            rec,
+                            char_dev,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(volume = %obj.name, device = %dev, error = %e, "cannot re-attach the export; `coreblk export cleanup` removes the device")
+                }
+            }
+        } else if rec.persistent {
+            match self
+                .export_with(
+                    &obj,
+                    rec.persistent,
+                    rec.read_only,
+                    Some(rec.dev_id),
+                    kernel,
+                )
+                .await
+            {
+                Ok(e) => {
+                    tracing::info!(volume = %obj.name, device = %e.device_path, "persistent export re-created")
+                }
+                Err(e) => {
+                    tracing::error!(volume = %obj.name, error = %e, "cannot re-create the persistent export")
+                }
+            }
+        } else {
+            tracing::info!(volume = %obj.name, device = %dev, "the device is gone (node reboot?); the export was not persistent: its record is dropped");
+            let _ = self.put_record(obj.uuid, None).await;
         }
     }
 
@@ -719,38 +735,86 @@ impl Exports {
         Ok(live.values().map(|l| self.message(l)).collect())
     }
 
-    /// At a daemon stop: every queue stops taking new requests (they are held for the
-    /// next daemon) and finishes the ones it serves; the devices stay. Returns once no
-    /// request is being served (or after [`STOP_TIMEOUT`]).
+    /// At a daemon stop: each device is quiesced where the kernel offers QUIESCE_DEV (the
+    /// kernel stops sending requests, waits for the ones we serve, and answers every
+    /// FETCH with ABORT; it keeps the rest for the next daemon), otherwise each queue
+    /// drains (in-flight requests finish, new ones are held unanswered, and the kernel
+    /// reissues them to the next daemon). The devices stay. All devices at once; returns
+    /// once no request is being served (or after the timeouts).
     pub async fn detach_all(&self) {
         let live = self.live.lock().await;
-        for l in live.values() {
-            let dev_id = l.rec.dev_id;
-            for remote in &self.remotes {
-                let r = ask(
-                    remote,
-                    STOP_TIMEOUT,
-                    move |rx: &Reactor, tx: oneshot::Sender<()>| match export::with_queue(
-                        dev_id,
-                        Rc::clone,
-                    ) {
-                        Some(q) => q.drain(
-                            rx,
-                            Box::new(move |_rx: &Reactor| {
-                                let _ = tx.send(());
-                            }),
-                        ),
-                        None => {
-                            let _ = tx.send(());
-                        }
-                    },
-                )
-                .await;
-                if let Err(e) = r {
-                    tracing::warn!(dev_id, reactor = remote.id(), error = %e, "a ublk queue did not drain in time");
+        let quiesce = self.kernel.as_ref().is_ok_and(|k| k.choice.quiesce);
+        futures_util::stream::iter(live.values())
+            .for_each_concurrent(None, |l| self.detach(l, quiesce))
+            .await;
+    }
+
+    async fn detach(&self, l: &Live, quiesce: bool) {
+        let dev_id = l.rec.dev_id;
+        if quiesce {
+            let t0 = std::time::Instant::now();
+            let r = blocking(move || {
+                let c = ublk::Control::open().map_err(ublk_err("open", Some(dev_id)))?;
+                // A device made by an older daemon may lack the QUIESCE flag.
+                let info = c.info(dev_id).map_err(ublk_err("get info", Some(dev_id)))?;
+                if info.flags & ublk::Features::QUIESCE.0 == 0 {
+                    return Ok(false);
+                }
+                c.quiesce(dev_id, QUIESCE_TIMEOUT_MS)
+                    .map_err(ublk_err("quiesce", Some(dev_id)))?;
+                Ok(true)
+            })
+            .await;
+            match r {
+                Ok(true) => {
+                    // Every FETCH comes back with ABORT once the queue's requests are done.
+                    self.wait_queues(dev_id, |q, rx, done| q.when_stopped(rx, done))
+                        .await;
+                    tracing::info!(dev_id, volume = %l.object.name, took_ms = t0.elapsed().as_millis(), "export quiesced and left for the next daemon");
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(dev_id, error = %e, "quiescing the device failed; draining its queues instead");
                 }
             }
-            tracing::info!(dev_id, volume = %l.object.name, "export left for the next daemon");
+        }
+        self.wait_queues(dev_id, |q, rx, done| q.drain(rx, done))
+            .await;
+        tracing::info!(dev_id, volume = %l.object.name, "export left for the next daemon");
+    }
+
+    /// Asks every reactor's queue of device `dev_id` to call back once quiet (`arm`:
+    /// drain or wait-until-stopped) and waits at most [`STOP_TIMEOUT`] for each.
+    async fn wait_queues(
+        &self,
+        dev_id: u32,
+        arm: impl Fn(&export::queue::Queue, &Reactor, Box<dyn FnOnce(&Reactor)>) + Copy + Send + 'static,
+    ) {
+        for remote in &self.remotes {
+            let r = ask(
+                remote,
+                STOP_TIMEOUT,
+                move |rx: &Reactor, tx: oneshot::Sender<()>| match export::with_queue(
+                    dev_id,
+                    Rc::clone,
+                ) {
+                    Some(q) => arm(
+                        &q,
+                        rx,
+                        Box::new(move |_rx: &Reactor| {
+                            let _ = tx.send(());
+                        }),
+                    ),
+                    None => {
+                        let _ = tx.send(());
+                    }
+                },
+            )
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(dev_id, reactor = remote.id(), error = %e, "a ublk queue did not finish in time");
+            }
         }
     }
 

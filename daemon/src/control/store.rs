@@ -51,8 +51,8 @@ use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, Remote};
 pub const STATE_FILE: &str = "pools.json";
 /// The name of the pool on the default device.
 pub const DEFAULT_POOL_NAME: &str = "default";
-/// Smallest cluster size the API accepts.
-pub const MIN_CLUSTER_BYTES: u64 = 64 << 10;
+/// Smallest cluster size the API accepts (the store's limit: one 4 KiB block).
+pub const MIN_CLUSTER_BYTES: u64 = 4 << 10;
 /// Largest cluster size (the store's limit).
 pub const MAX_CLUSTER_BYTES: u64 = 4 << 20;
 /// Largest volume (bounds the cluster map a volume needs).
