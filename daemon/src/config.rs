@@ -107,6 +107,8 @@ pub struct ExportFileConfig {
     pub queue_depth: Option<u32>,
     /// Largest request the kernel sends, e.g. "512k".
     pub max_io_bytes: Option<String>,
+    /// Most exports this node serves at once (reported for CSI's max_volumes_per_node).
+    pub max_exports: Option<u32>,
 }
 
 /// Validated export settings.
@@ -118,7 +120,18 @@ pub struct ExportSettings {
     pub queue_depth: u16,
     /// Largest request (4 KiB..=1 MiB, whole 4 KiB pages).
     pub max_io_bytes: u32,
+    /// Most exports at once (1..=[`MAX_EXPORTS_LIMIT`]).
+    pub max_exports: u32,
 }
+
+/// Default of `export.max_exports`. What an export costs does not grow with its IO: the
+/// copy path's IO buffers are a fixed pool per reactor shared by every export (reported by
+/// `node info`), and zero copy uses the request's own pages; per export there is only
+/// per-tag state and the kernel's request table (queue depth x queues). 256 leaves the
+/// kernel's ublk device ids and a node's file descriptors plenty of room.
+pub const DEFAULT_MAX_EXPORTS: u32 = 256;
+/// Largest `export.max_exports`.
+pub const MAX_EXPORTS_LIMIT: u32 = 4096;
 
 impl Default for ExportSettings {
     fn default() -> Self {
@@ -126,6 +139,7 @@ impl Default for ExportSettings {
             path: coreblk_ublk::PathPref::Auto,
             queue_depth: crate::export::DEFAULT_QUEUE_DEPTH,
             max_io_bytes: crate::export::DEFAULT_MAX_IO_BYTES,
+            max_exports: DEFAULT_MAX_EXPORTS,
         }
     }
 }
@@ -166,6 +180,12 @@ impl ExportSettings {
                         "invalid export.max_io_bytes {m:?}: expected whole 4 KiB pages from 4k to 1M"
                     )
                 })?;
+        }
+        if let Some(n) = f.max_exports {
+            if !(1..=MAX_EXPORTS_LIMIT).contains(&n) {
+                anyhow::bail!("invalid export.max_exports {n}: expected 1 to {MAX_EXPORTS_LIMIT}");
+            }
+            s.max_exports = n;
         }
         Ok(s)
     }
@@ -458,18 +478,22 @@ mod tests {
         assert_eq!(d.export.queue_depth, 128);
         assert_eq!(d.export.max_io_bytes, 512 << 10);
         let f = FileConfig::parse(
-            "[export]\npath = \"copy\"\nqueue_depth = 64\nmax_io_bytes = \"256k\"\n",
+            "[export]\npath = \"copy\"\nqueue_depth = 64\nmax_io_bytes = \"256k\"\nmax_exports = 40\n",
         )
         .expect("parse");
         let s = ExportSettings::from_file(f.export).expect("valid");
         assert_eq!(s.path, coreblk_ublk::PathPref::Copy);
         assert_eq!((s.queue_depth, s.max_io_bytes), (64, 256 << 10));
+        assert_eq!(s.max_exports, 40);
+        assert_eq!(d.export.max_exports, DEFAULT_MAX_EXPORTS);
         for bad in [
             "path = \"fast\"",
             "queue_depth = 0",
             "queue_depth = 5000",
             "max_io_bytes = \"2M\"",
             "max_io_bytes = \"6000\"",
+            "max_exports = 0",
+            "max_exports = 5000",
         ] {
             let f = FileConfig::parse(&format!("[export]\n{bad}\n")).expect("parse");
             let e = ExportSettings::from_file(f.export)

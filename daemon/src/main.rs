@@ -319,6 +319,7 @@ fn serve(args: coreblk_daemon::config::RunArgs) -> anyhow::Result<()> {
         socket: cfg.socket.clone(),
         metrics_address,
         start_time,
+        io_buffer_bytes_per_reactor: (cfg.reactor.buf_chunk_bytes * cfg.reactor.buf_count) as u64,
     };
     tracing::info!(node_id = %facts.node_id, "node identity");
     let kernel = exports::probe_kernel(cfg.export.path);

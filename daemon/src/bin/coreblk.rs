@@ -1517,7 +1517,47 @@ fn node_info_json(i: &pb::NodeInfo) -> Value {
         "served_device_path": i.served_device_path,
         "metrics_address": i.metrics_address,
         "socket_path": i.socket_path,
+        "ublk": i.ublk.as_ref().map(|u| json!({
+            "available": u.available, "unavailable_reason": u.unavailable_reason,
+            "features": u.features, "feature_names": u.feature_names,
+            "data_path": u.data_path, "reason": u.reason,
+            "max_exports": u.max_exports, "exports": u.exports,
+            "io_buffer_bytes_per_reactor": u.io_buffer_bytes_per_reactor,
+            "queue_depth": u.queue_depth, "max_io_bytes": u.max_io_bytes,
+        })),
     })
+}
+
+/// The `node info` rows about ublk exports.
+fn ublk_rows(u: Option<&pb::UblkInfo>) -> Vec<(&'static str, String)> {
+    match u {
+        None => vec![("exports", "-".to_owned())],
+        Some(u) if !u.available => {
+            vec![("exports", format!("unavailable: {}", u.unavailable_reason))]
+        }
+        Some(u) => vec![
+            (
+                "exports",
+                format!("{} of at most {}", u.exports, u.max_exports),
+            ),
+            ("ublk data path", format!("{} ({})", u.data_path, u.reason)),
+            (
+                "ublk queues",
+                format!(
+                    "depth {}, requests up to {}",
+                    u.queue_depth,
+                    human_size(u64::from(u.max_io_bytes))
+                ),
+            ),
+            (
+                "IO buffers",
+                format!(
+                    "{} per reactor (shared by every export)",
+                    human_size(u.io_buffer_bytes_per_reactor)
+                ),
+            ),
+        ],
+    }
 }
 
 fn stats_json(s: &pb::NodeStats) -> Value {
@@ -1582,7 +1622,10 @@ fn print_node_info(out: Output, i: &pb::NodeInfo) {
         ("socket", i.socket_path.clone()),
         ("metrics", or_dash(&i.metrics_address)),
         ("claimed devices", i.devices.len().to_string()),
-    ] {
+    ]
+    .into_iter()
+    .chain(ublk_rows(i.ublk.as_ref()))
+    {
         t.row(vec![k.to_owned(), v]);
     }
     print!("{}", t.render());

@@ -187,6 +187,12 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// The node serves as many exports as it is configured for.
+    #[error("this node already serves {limit} exports, its limit (export.max_exports in coreblkd's config file); unexport one, or raise the limit and restart coreblkd")]
+    ExportLimit {
+        /// `export.max_exports`.
+        limit: u32,
+    },
     /// The daemon is stopping.
     #[error("coreblkd is stopping; retry once it (or its successor) is serving again")]
     ShuttingDown,
@@ -246,6 +252,7 @@ impl Error {
                 tonic::Code::FailedPrecondition
             }
             Self::Ublk { .. } => tonic::Code::Internal,
+            Self::ExportLimit { .. } => tonic::Code::ResourceExhausted,
             Self::ShuttingDown => tonic::Code::Unavailable,
         }
     }
@@ -367,6 +374,13 @@ mod tests {
         assert_eq!(
             tonic::Status::from(Error::ShuttingDown).code(),
             tonic::Code::Unavailable
+        );
+        let status = tonic::Status::from(Error::ExportLimit { limit: 3 });
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("3 exports") && status.message().contains("max_exports"),
+            "{}",
+            status.message()
         );
         for (reason, code) in [
             ("no volume or snapshot with id 7", tonic::Code::NotFound),

@@ -162,6 +162,17 @@ impl Exports {
         }
     }
 
+    /// The export settings.
+    #[must_use]
+    pub fn settings(&self) -> &ExportSettings {
+        &self.settings
+    }
+
+    /// How many exports this daemon serves.
+    pub async fn count(&self) -> usize {
+        self.live.lock().await.len()
+    }
+
     /// What the kernel offers, or why exports are unavailable.
     pub fn kernel(&self) -> std::result::Result<&KernelUblk, &str> {
         self.kernel.as_ref().map_err(String::as_str)
@@ -255,6 +266,11 @@ impl Exports {
                     l.rec.persistent,
                     l.rec.read_only
                 ),
+            });
+        }
+        if live.len() >= self.settings.max_exports as usize {
+            return Err(Error::ExportLimit {
+                limit: self.settings.max_exports,
             });
         }
         let path = match kernel.choice.path {

@@ -39,6 +39,8 @@ pub struct NodeFacts {
     pub metrics_address: Option<SocketAddr>,
     /// When the daemon started.
     pub start_time: SystemTime,
+    /// IO buffer pool of each reactor, bytes.
+    pub io_buffer_bytes_per_reactor: u64,
 }
 
 fn read_trimmed(path: &str) -> Option<String> {
@@ -140,6 +142,11 @@ impl pb::node_server::Node for NodeService {
             socket_path: f.socket.display().to_string(),
             ublk: Some(match self.shared.exports.kernel() {
                 Ok(k) => pb::UblkInfo {
+                    max_exports: self.shared.exports.settings().max_exports,
+                    exports: u32::try_from(self.shared.exports.count().await).unwrap_or(u32::MAX),
+                    io_buffer_bytes_per_reactor: f.io_buffer_bytes_per_reactor,
+                    queue_depth: u32::from(self.shared.exports.settings().queue_depth),
+                    max_io_bytes: self.shared.exports.settings().max_io_bytes,
                     available: true,
                     unavailable_reason: String::new(),
                     features: k.features.0,
@@ -151,6 +158,7 @@ impl pb::node_server::Node for NodeService {
                 Err(why) => pb::UblkInfo {
                     available: false,
                     unavailable_reason: why.to_owned(),
+                    io_buffer_bytes_per_reactor: f.io_buffer_bytes_per_reactor,
                     ..Default::default()
                 },
             }),
