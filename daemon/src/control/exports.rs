@@ -783,8 +783,10 @@ impl Exports {
             .await;
             match r {
                 Ok(true) => {
-                    // Every FETCH comes back with ABORT once the queue's requests are done.
-                    self.wait_queues(dev_id, |q, rx, done| q.when_stopped(rx, done))
+                    // The kernel sends nothing more; wait until no request is being served
+                    // (not for every FETCH to come back: under load some are not aborted
+                    // before the daemon exits, and closing the char device ends them).
+                    self.wait_queues(dev_id, |q, rx, done| q.drain(rx, done))
                         .await;
                     tracing::info!(dev_id, volume = %l.object.name, took_ms = t0.elapsed().as_millis(), "export quiesced and left for the next daemon");
                     return;
