@@ -611,6 +611,7 @@ impl Exports {
                 tracing::warn!(dev_id, error = %e, "stopping a ublk device failed");
             }
         }
+        let mut released = true;
         for remote in &self.remotes {
             let r = ask(
                 remote,
@@ -635,16 +636,30 @@ impl Exports {
             if let Err(e) = r {
                 tracing::warn!(dev_id, reactor = remote.id(), error = %e, "a ublk queue did not stop; releasing it anyway");
                 let _ = remote.send(Box::new(move |rx: &Reactor| export::remove(rx, dev_id)));
+                released = false;
             }
         }
         drop(char_dev);
-        let r = blocking(move || {
+        // DEL_DEV waits for every holder of /dev/ublkcN; a queue that did not stop may hold
+        // it a while longer, so then DEL_DEV_ASYNC (the id is freed once it lets go). Either
+        // way the caller (who holds the exports table) waits a bounded time.
+        let del = blocking(move || {
             let c = ublk::Control::open().map_err(ublk_err("open", Some(dev_id)))?;
-            c.delete(dev_id).map_err(ublk_err("delete", Some(dev_id)))
-        })
-        .await;
-        if let Err(e) = r {
-            tracing::warn!(dev_id, error = %e, "deleting a ublk device failed (`coreblk export cleanup` removes it)");
+            if released {
+                c.delete(dev_id).map_err(ublk_err("delete", Some(dev_id)))
+            } else {
+                c.delete_async(dev_id)
+                    .map_err(ublk_err("delete (async)", Some(dev_id)))
+            }
+        });
+        match tokio::time::timeout(STOP_TIMEOUT, del).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(dev_id, error = %e, "deleting a ublk device failed (`coreblk export cleanup` removes it)");
+            }
+            Err(_) => {
+                tracing::warn!(dev_id, timeout_s = STOP_TIMEOUT.as_secs(), "deleting a ublk device did not finish in time; it goes once its last holder lets go (`coreblk export cleanup` otherwise)");
+            }
         }
     }
 
