@@ -480,7 +480,7 @@ impl Prefill {
                     buf
                 } else {
                     let len = usize::try_from(left).expect("less than a buffer");
-                    IoBuf::from_slice(&buf[..len])
+                    IoBuf::from_slice(&buf.as_slice().expect("heap memory")[..len])
                 };
                 self.next.set(next + buf.len() as u64);
                 (next, buf)
@@ -598,7 +598,7 @@ fn write_plan(
         let mut any = false;
         for _ in 0..qd {
             let mut buf = IoBuf::alloc(chunk_bytes as usize);
-            buf.fill(0x5A);
+            buf.as_mut_slice().expect("heap memory").fill(0x5A);
             any |= p.issue(rx, buf);
         }
         if !any {

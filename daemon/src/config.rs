@@ -334,6 +334,11 @@ impl Config {
                     .or(file.idle_threshold_us)
                     .unwrap_or(defaults.idle_threshold_us),
                 pin,
+                // One fixed-buffer slot per tag of every export a reactor may serve (zero
+                // copy); bounded by io_uring's table limit in the reactor.
+                kernel_buf_slots: export
+                    .max_exports
+                    .saturating_mul(u32::from(export.queue_depth)),
                 ..defaults
             },
             device,

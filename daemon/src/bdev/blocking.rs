@@ -58,7 +58,8 @@ struct Reply(crossbeam::channel::Sender<(IoResult, Option<Vec<u8>>)>);
 
 impl Completion for Reply {
     fn complete(&self, _rx: &Reactor, _tag: u64, res: IoResult, buf: Option<IoBuf>) {
-        let _ = self.0.send((res, buf.map(|b| b.to_vec())));
+        // Our own heap buffers come back (see `io`), so the bytes are there.
+        let _ = self.0.send((res, buf.and_then(|b| b.to_vec())));
     }
 }
 
@@ -94,7 +95,11 @@ impl BlockingDevice {
         // across as bytes and rebuilt on the reactor.
         let (op, offset, data, fua, len) = match io {
             Io::Read { offset, buf } => (0u8, offset, None, false, buf.len() as u64),
-            Io::Write { offset, buf, fua } => (1, offset, Some(buf.to_vec()), fua, 0),
+            Io::Write { offset, buf, fua } => match buf.to_vec() {
+                Some(data) => (1, offset, Some(data), fua, 0),
+                // A kernel buffer belongs to its reactor's ring; it cannot travel here.
+                None => return Ok((Err(Errno(libc::EFAULT)), None)),
+            },
             Io::Flush => (2, 0, None, false, 0),
             Io::Discard { offset, len } => (3, offset, None, false, len),
             Io::WriteZeroes { offset, len } => (4, offset, None, false, len),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{complete_soft, fail_request, BlockDevice, Channel, Geometry, Io};
-use crate::reactor::{Completion, IoBuf, Reactor};
+use crate::reactor::{Completion, Errno, Reactor};
 
 /// Largest transfer for memory devices.
 const MEM_MAX_TRANSFER: u32 = 1 << 20;
@@ -80,6 +80,11 @@ impl Channel for NullChannel {
         let res = Ok(u32::try_from(len).expect("validated: len ≤ max_transfer_bytes"));
         complete_soft(rx, cb, tag, res, io.into_buf());
     }
+
+    fn takes_kernel_bufs(&self, _write: bool) -> bool {
+        // It never touches the bytes.
+        true
+    }
 }
 
 /// The `malloc` device: a RAM disk shared by every reactor.
@@ -136,14 +141,14 @@ impl MallocChannel {
         &self.words[start..start + n]
     }
 
-    fn read_into(&self, offset: u64, buf: &mut IoBuf) {
+    fn read_into(&self, offset: u64, buf: &mut [u8]) {
         let words = self.words(offset, buf.len() as u64);
         for (chunk, w) in buf.chunks_exact_mut(8).zip(words) {
             chunk.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
         }
     }
 
-    fn write_from(&self, offset: u64, buf: &IoBuf) {
+    fn write_from(&self, offset: u64, buf: &[u8]) {
         let words = self.words(offset, buf.len() as u64);
         for (chunk, w) in buf.chunks_exact(8).zip(words) {
             let v = u64::from_ne_bytes(chunk.try_into().expect("chunks_exact yields 8 bytes"));
@@ -168,13 +173,18 @@ impl Channel for MallocChannel {
         }
         let mut done = 0usize;
         match &mut io {
+            // The RAM disk copies bytes, so it needs host memory (and says no to kernel
+            // buffers: `takes_kernel_bufs`).
+            Io::Read { buf, .. } | Io::Write { buf, .. } if buf.is_kernel() => {
+                return fail_request(rx, cb, tag, Errno(libc::EFAULT), io.into_buf());
+            }
             Io::Read { offset, buf } => {
-                self.read_into(*offset, buf);
                 done = buf.len();
+                self.read_into(*offset, buf.as_mut_slice().expect("host memory"));
             }
             Io::Write { offset, buf, .. } => {
-                self.write_from(*offset, buf);
                 done = buf.len();
+                self.write_from(*offset, buf.as_slice().expect("host memory"));
             }
             Io::Flush => {}
             Io::Discard { offset, len } | Io::WriteZeroes { offset, len } => {

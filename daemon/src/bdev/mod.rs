@@ -31,7 +31,7 @@ pub mod uring;
 use std::fmt;
 use std::rc::Rc;
 
-use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor};
+use crate::reactor::{Completion, Errno, IoBuf, IoResult, OpKind, Reactor};
 
 /// Shape and abilities of a block device.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -173,8 +173,46 @@ pub trait Channel: fmt::Debug {
     /// with EAGAIN — never a panic, never a lost buffer.
     fn submit(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64);
 
+    /// Whether reads (`write` false) or writes of this channel take a kernel buffer
+    /// ([`IoBuf::kernel`]: a ublk request's pages, with no memory here) and never need its
+    /// bytes. Callers holding a kernel buffer check this first and otherwise bring the
+    /// bytes into host memory (the ublk copy path). A channel that says no and gets one
+    /// anyway fails the request (EFAULT) without touching it.
+    fn takes_kernel_bufs(&self, _write: bool) -> bool {
+        false
+    }
+
     /// Releases per-reactor resources (registered files). Called on the reactor's thread.
     fn close(&self, _rx: &Reactor) {}
+}
+
+/// Fills `buf` with zeroes and completes `cb(tag)` with its length (and the buffer): in
+/// place for host memory; for a kernel buffer by a `READ_FIXED` from `/dev/zero` into it,
+/// the one way to write bytes we cannot address.
+pub fn zero_fill(rx: &Reactor, mut buf: IoBuf, cb: Rc<dyn Completion>, tag: u64) {
+    let n = u32::try_from(buf.len()).expect("an IO buffer fits u32");
+    if let Some(b) = buf.as_mut_slice() {
+        b.fill(0);
+        return complete_soft(rx, cb, tag, Ok(n), Some(buf));
+    }
+    let (Some(index), addr) = buf.sqe_addr() else {
+        unreachable!("a buffer without memory is a fixed kernel buffer")
+    };
+    let sqe = io_uring::opcode::ReadFixed::new(
+        io_uring::types::Fd(rx.dev_zero_fd()),
+        addr as *mut u8,
+        n,
+        index,
+    )
+    .build();
+    // SAFETY: the SQE names the kernel buffer at `index` by an offset the kernel resolves
+    // and bounds-checks there; `buf` moves into the request slot, so its owner keeps the
+    // registration alive until the completion; `/dev/zero` is held open by the reactor.
+    let r = unsafe { rx.submit(sqe, OpKind::Fast, Rc::clone(&cb), tag, Some(buf)) };
+    if let Err((_full, buf)) = r {
+        // The request table is full: the caller retries (as for any channel).
+        complete_soft(rx, cb, tag, Err(Errno::EAGAIN), buf);
+    }
 }
 
 /// Completes a request in software: through the reactor's software completion path, so
@@ -257,5 +295,116 @@ impl<T> ReqTable<T> {
             self.free.push(i);
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod kernel_buf_tests {
+    //! Kernel buffers (ublk zero copy) on the host: which channels take them, and that the
+    //! ones that do not fail them without touching them. The host has no ublk, so a kernel
+    //! buffer here names an empty slot of the ring's table: the kernel answers EFAULT,
+    //! which shows the SQE named the slot (not an address).
+    use super::*;
+    use crate::reactor::{ReactorConfig, ReactorSet};
+
+    type Seen = (IoResult, Option<bool>, Option<Vec<u8>>);
+
+    /// Sends (result, whether the buffer came back as a kernel buffer, its bytes).
+    struct Tx(crossbeam::channel::Sender<Seen>);
+    impl Completion for Tx {
+        fn complete(&self, _rx: &Reactor, _tag: u64, res: IoResult, buf: Option<IoBuf>) {
+            let k = buf.as_ref().map(IoBuf::is_kernel);
+            let bytes = buf.and_then(|b| b.to_vec());
+            let _ = self.0.send((res, k, bytes));
+        }
+    }
+
+    fn reactor() -> ReactorSet {
+        let cfg = ReactorConfig {
+            pin: false,
+            buf_count: 4,
+            kernel_buf_slots: 8,
+            ..ReactorConfig::default()
+        };
+        ReactorSet::start(&[0], &cfg).expect("reactor")
+    }
+
+    #[test]
+    fn only_channels_that_never_touch_bytes_take_kernel_buffers() {
+        let set = reactor();
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0x5a; 1 << 20]).expect("file");
+        let uring = uring::UringDevice::open(&path).expect("uring device");
+        let (tx, rx_done) = crossbeam::channel::unbounded();
+        set.remotes()[0]
+            .call(move |rx: &Reactor| {
+                let m = mem::MallocDevice::new(1 << 20)
+                    .expect("malloc")
+                    .open_channel(rx)
+                    .expect("channel");
+                let n = mem::NullDevice::new(1 << 20)
+                    .open_channel(rx)
+                    .expect("channel");
+                let u = uring.open_channel(rx).expect("channel");
+                assert!(!m.takes_kernel_bufs(false) && !m.takes_kernel_bufs(true));
+                assert!(n.takes_kernel_bufs(false) && n.takes_kernel_bufs(true));
+                assert!(u.takes_kernel_bufs(false) && u.takes_kernel_bufs(true));
+                let cb = || Rc::new(Tx(tx.clone())) as Rc<dyn Completion>;
+                // 1. The RAM disk refuses one, hands it back, touches nothing.
+                m.submit(
+                    rx,
+                    Io::Write {
+                        offset: 0,
+                        buf: IoBuf::kernel(1, 0, 4096),
+                        fua: false,
+                    },
+                    cb(),
+                    0,
+                );
+                // 2. READ_FIXED / WRITE_FIXED name the (empty) slot: EFAULT from the kernel.
+                u.submit(
+                    rx,
+                    Io::Read {
+                        offset: 0,
+                        buf: IoBuf::kernel(1, 0, 4096),
+                    },
+                    cb(),
+                    0,
+                );
+                // 3. Zero fill: in place for memory, READ_FIXED from /dev/zero for a slot.
+                zero_fill(rx, IoBuf::from_slice(&[7u8; 4096]), cb(), 0);
+                zero_fill(rx, IoBuf::kernel(2, 4096, 4096), cb(), 0);
+                // 4. Pooled memory still goes through index 0 and reads the file.
+                let b = rx.bufs().take(4096).expect("pooled");
+                u.submit(rx, Io::Read { offset: 0, buf: b }, cb(), 0);
+            })
+            .expect("call");
+        let mut got: Vec<Seen> = (0..5)
+            .map(|_| {
+                rx_done
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .expect("completion")
+            })
+            .collect();
+        // Software completions (malloc, host zero fill) come in submission order, ring
+        // completions in any: sort the three kinds apart.
+        got.sort_by_key(|(res, k, b)| (res.is_ok(), *k, b.as_ref().map(|b| b[0])));
+        let efault = Err(Errno(libc::EFAULT));
+        assert_eq!(
+            got.iter().filter(|(r, k, _)| *r == efault && *k == Some(true)).count(),
+            3,
+            "malloc, READ_FIXED and the /dev/zero fill of empty slots: EFAULT, buffer back: {got:?}"
+        );
+        assert!(
+            got.iter().any(|(r, _, b)| *r == Ok(4096)
+                && b.as_deref().is_some_and(|b| b.iter().all(|&x| x == 0))),
+            "host memory zero-filled in place: {got:?}"
+        );
+        assert!(
+            got.iter().any(|(r, _, b)| *r == Ok(4096)
+                && b.as_deref().is_some_and(|b| b.iter().all(|&x| x == 0x5a))),
+            "a pooled read through index 0 reads the file: {got:?}"
+        );
     }
 }

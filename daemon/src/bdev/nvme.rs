@@ -253,6 +253,12 @@ impl Channel for PassthroughChannel {
         &self.geo
     }
 
+    fn takes_kernel_bufs(&self, _write: bool) -> bool {
+        // The command's data is a fixed buffer of this reactor's table
+        // (IORING_URING_CMD_FIXED), resolved by the kernel like READ_FIXED's.
+        true
+    }
+
     fn submit(&self, rx: &Reactor, mut io: Io, cb: Rc<dyn Completion>, tag: u64) {
         if let Err(e) = io.validate(&self.geo) {
             return fail_request(rx, cb, tag, e, io.into_buf());
@@ -266,8 +272,9 @@ impl Channel for PassthroughChannel {
                 let len = u32::try_from(buf.len()).expect("validated: len ≤ max_transfer_bytes");
                 let slba = *offset >> self.lba_shift;
                 let nlb0 = (len >> self.lba_shift) - 1;
-                let addr = buf.as_mut_ptr() as u64;
-                let buf_index = buf.fixed_index();
+                // With a fixed buffer the data address is resolved in it (an offset for a
+                // kernel-registered ublk request buffer): IORING_URING_CMD_FIXED.
+                let (buf_index, addr) = buf.sqe_addr();
                 let cdw12 = nlb0 | if fua { NVME_RW_FUA } else { 0 };
                 #[allow(clippy::cast_possible_truncation)] // splitting a u64 into its halves
                 let cmd = nvme_cmd(
@@ -293,7 +300,9 @@ impl Channel for PassthroughChannel {
         // SAFETY:
         // - the command's data address points into the request's buffer, which moves into
         //   the request slot with the SQE and comes back only after the CQE is reaped
-        //   (a pooled buffer lies in the reactor's registered region: `buf_index` 0);
+        //   (a pooled buffer lies in the reactor's registered region: `buf_index` 0; a
+        //   kernel buffer is an offset the kernel resolves in the buffer registered at its
+        //   index, registered until the buffer comes back);
         // - `self.fixed` is registered on this reactor and the channel keeps it open;
         // - the ring has 128-byte SQEs (checked in `open_channel`).
         let submitted = unsafe {

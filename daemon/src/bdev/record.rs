@@ -13,7 +13,7 @@ use std::rc::{Rc, Weak};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{BlockDevice, Channel, Geometry, Io, Parked, ReqTable};
-use crate::reactor::{Completion, IoBuf, IoResult, Reactor};
+use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor};
 
 /// What a logged request did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -226,11 +226,17 @@ impl Channel for RecordingChannel {
     fn submit(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
         let op = match &io {
             Io::Read { .. } => None,
-            Io::Write { offset, buf, fua } => Some(RecordOp::Write {
-                offset: *offset,
-                data: buf.to_vec(),
-                fua: *fua,
-            }),
+            Io::Write { offset, buf, fua } => {
+                // It says no to kernel buffers (the log needs the bytes), so it gets none.
+                let Some(data) = buf.to_vec() else {
+                    return super::fail_request(rx, cb, tag, Errno(libc::EFAULT), io.into_buf());
+                };
+                Some(RecordOp::Write {
+                    offset: *offset,
+                    data,
+                    fua: *fua,
+                })
+            }
             Io::Flush => Some(RecordOp::Flush),
             Io::Discard { offset, len } => Some(RecordOp::Discard {
                 offset: *offset,

@@ -288,6 +288,11 @@ impl Channel for UringChannel {
         &self.geo
     }
 
+    fn takes_kernel_bufs(&self, _write: bool) -> bool {
+        // READ_FIXED / WRITE_FIXED name any buffer of this reactor's table.
+        true
+    }
+
     fn submit(&self, rx: &Reactor, mut io: Io, cb: Rc<dyn Completion>, tag: u64) {
         if let Err(e) = io.validate(&self.geo) {
             return fail_request(rx, cb, tag, e, io.into_buf());
@@ -297,8 +302,10 @@ impl Channel for UringChannel {
         let (sqe, kind) = match &mut io {
             Io::Read { offset, buf } => {
                 let len = u32::try_from(buf.len()).expect("validated: len ≤ max_transfer_bytes");
-                let ptr = buf.as_mut_ptr();
-                let sqe = match buf.fixed_index() {
+                // A kernel buffer's "address" is an offset in it: an integer, not a pointer.
+                let (index, addr) = buf.sqe_addr();
+                let ptr = addr as *mut u8;
+                let sqe = match index {
                     Some(idx) => opcode::ReadFixed::new(fd, ptr, len, idx)
                         .offset(*offset)
                         .build(),
@@ -308,9 +315,10 @@ impl Channel for UringChannel {
             }
             Io::Write { offset, buf, fua } => {
                 let len = u32::try_from(buf.len()).expect("validated: len ≤ max_transfer_bytes");
-                let ptr = buf.as_ptr();
+                let (index, addr) = buf.sqe_addr();
+                let ptr = addr as *const u8;
                 let flags = if *fua { libc::RWF_DSYNC } else { 0 };
-                let sqe = match buf.fixed_index() {
+                let sqe = match index {
                     Some(idx) => opcode::WriteFixed::new(fd, ptr, len, idx)
                         .offset(*offset)
                         .rw_flags(flags)
@@ -358,7 +366,10 @@ impl Channel for UringChannel {
         // SAFETY:
         // - read/write SQEs point into `buf`, which moves into the request slot with the SQE
         //   and is handed back only after the CQE is reaped (pooled buffers lie inside the
-        //   reactor's registered region, so `buf_index` matches);
+        //   reactor's registered region, so `buf_index` matches; a kernel buffer's SQE
+        //   carries an offset that the kernel resolves, and bounds-checks, in the buffer
+        //   registered at its index, which stays registered until the buffer's owner gets it
+        //   back and commits the ublk request);
         // - other SQEs carry no pointers (offsets and lengths are values);
         // - `self.fixed` was registered on this reactor in `open_channel`, and the channel
         //   keeps the descriptor open.

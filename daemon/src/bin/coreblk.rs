@@ -1835,7 +1835,7 @@ fn export_json(e: &pb::Export) -> serde_json::Value {
     json!({
         "volume_uuid": e.volume_uuid, "volume_name": e.volume_name,
         "device_path": e.device_path, "ublk_id": e.ublk_id, "persistent": e.persistent,
-        "read_only": e.read_only, "reactors": e.reactors,
+        "read_only": e.read_only, "reactors": e.reactors, "data_path": e.data_path,
     })
 }
 
@@ -1847,13 +1847,14 @@ fn print_exports(out: Output, exports: &[pb::Export], next: &str) {
         }));
         return;
     }
-    let mut t = Table::new(&["VOLUME", "DEVICE", "PERSISTENT", "READ-ONLY"]);
+    let mut t = Table::new(&["VOLUME", "DEVICE", "PERSISTENT", "READ-ONLY", "DATA-PATH"]);
     for e in exports {
         t.row(vec![
             e.volume_name.clone(),
             e.device_path.clone(),
             if e.persistent { "yes" } else { "no" }.to_owned(),
             if e.read_only { "yes" } else { "no" }.to_owned(),
+            e.data_path.clone(),
         ]);
     }
     print!("{}", t.render());

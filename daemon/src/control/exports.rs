@@ -273,15 +273,7 @@ impl Exports {
                 limit: self.settings.max_exports,
             });
         }
-        let path = match kernel.choice.path {
-            ublk::DataPath::UserCopy => PathKind::Copy,
-            ublk::DataPath::ZeroCopy => PathKind::ZeroCopy,
-        };
-        if path == PathKind::ZeroCopy {
-            // The zero-copy data path is not built yet: the copy path serves every
-            // kernel (both offer USER_COPY).
-            tracing::debug!("zero copy offered; exports use the copy path for now");
-        }
+        let path = export_path(kernel);
         let nr_queues = u16::try_from(self.remotes.len()).map_err(|_| Error::InvalidArgument {
             field: "cores",
             reason: "more reactors than ublk queues".to_owned(),
@@ -294,9 +286,9 @@ impl Exports {
             queue_depth: self.settings.queue_depth,
             max_io_bytes: self.settings.max_io_bytes,
             nr_queues,
-            path: PathKind::Copy,
+            path,
         };
-        let flags = copy_flags(kernel);
+        let flags = add_flags(kernel, path);
         let add = ublk::AddDev {
             dev_id: want_id,
             nr_hw_queues: nr_queues,
@@ -361,7 +353,7 @@ impl Exports {
         let char_dev = Arc::new(char_dev);
         let fail = |e: Error| (e, Some(Arc::clone(&char_dev)));
         let (geo, cluster) = self
-            .setup_queues(obj, rec, kernel.choice.ioctl_encode(), &char_dev)
+            .setup_queues(obj, rec, kernel.choice.ioctl_encode(), rec.path, &char_dev)
             .await
             .map_err(fail)?;
         let params = export::device_params(
@@ -390,6 +382,7 @@ impl Exports {
         obj: &ObjectRef,
         rec: &Record,
         ioctl_encode: bool,
+        path: PathKind,
         char_dev: &Arc<File>,
     ) -> Result<(crate::bdev::Geometry, u64)> {
         let dev_id = rec.dev_id;
@@ -419,6 +412,7 @@ impl Exports {
                 char_dev: Arc::clone(char_dev),
                 ioctl_encode,
                 read_only: rec.read_only,
+                zero_copy: path == PathKind::ZeroCopy,
             };
             let (h, pool, id) = (handle.clone(), obj.pool_uuid, obj.id);
             let g = ask(remote, REACTOR_TIMEOUT, move |rx: &Reactor, tx| {
@@ -442,7 +436,9 @@ impl Exports {
     /// upgrade): START_USER_RECOVERY (once the old server is gone), `/dev/ublkcN` opened,
     /// every tag fetched on its reactor, END_USER_RECOVERY with our pid. The kernel then
     /// reissues what the old daemon held.
-    async fn reattach(&self, obj: &ObjectRef, rec: &Record) -> Result<Arc<File>> {
+    /// Returns the char device and the data path the device was added with (its flags
+    /// are fixed at ADD, so they, not the record, decide how its queues fetch).
+    async fn reattach(&self, obj: &ObjectRef, rec: &Record) -> Result<(Arc<File>, PathKind)> {
         let dev_id = rec.dev_id;
         let info = blocking(move || {
             let c = ublk::Control::open().map_err(ublk_err("open", Some(dev_id)))?;
@@ -470,7 +466,18 @@ impl Exports {
         };
         let char_dev = Arc::new(blocking(move || open_char(dev_id)).await?);
         let ioctl_encode = info.flags & ublk::Features::CMD_IOCTL_ENCODE.0 != 0;
-        if let Err(e) = self.setup_queues(obj, &rec, ioctl_encode, &char_dev).await {
+        let path = if info.flags & ublk::Features::AUTO_BUF_REG.0 != 0 {
+            PathKind::ZeroCopy
+        } else {
+            PathKind::Copy
+        };
+        if path != rec.path {
+            tracing::warn!(dev_id, recorded = rec.path.name(), device = path.name(), "the export record's data path differs from the device's flags; serving (and recording) the device's");
+        }
+        if let Err(e) = self
+            .setup_queues(obj, &rec, ioctl_encode, path, &char_dev)
+            .await
+        {
             self.release_queues(dev_id).await;
             return Err(e);
         }
@@ -484,7 +491,7 @@ impl Exports {
             self.release_queues(dev_id).await;
             return Err(e);
         }
-        Ok(char_dev)
+        Ok((char_dev, path))
     }
 
     /// At start, once the pools are imported: every recorded export is served again —
@@ -549,7 +556,14 @@ impl Exports {
             // No Exports call runs before the recovery is done (`wait_recovered`), so the
             // table is locked only to insert.
             match self.reattach(&obj, &rec).await {
-                Ok(char_dev) => {
+                Ok((char_dev, path)) => {
+                    let rec = if path == rec.path {
+                        rec
+                    } else {
+                        let fixed = Record { path, ..rec };
+                        let _ = self.put_record(obj.uuid, Some(fixed.encode())).await;
+                        fixed
+                    };
                     self.store.set_exported(obj.uuid, Some(dev.clone()));
                     tracing::info!(volume = %obj.name, device = %dev, took_ms = t0.elapsed().as_millis(), "export re-attached (user recovery)");
                     self.live.lock().await.insert(
@@ -862,16 +876,33 @@ impl Exports {
             reactors: (0..self.remotes.len())
                 .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
                 .collect(),
+            data_path: l.rec.path.name().to_owned(),
         }
     }
 }
 
-/// ADD flags for the copy path: the chosen flags, with USER_COPY instead of AUTO_BUF_REG
-/// (the zero-copy path is not built yet).
-fn copy_flags(k: &KernelUblk) -> u64 {
-    let mut f = k.choice.flags & !ublk::Features::AUTO_BUF_REG.0;
-    f |= ublk::Features::USER_COPY.0;
-    f
+/// The data path of a new export: zero copy where the kernel offers AUTO_BUF_REG and the
+/// configuration allows it (`ublk::choose`), *with* USER_COPY, which the queues fall back
+/// to per request when the bytes must pass through the daemon (see `export::queue`);
+/// otherwise the copy path.
+pub(crate) fn export_path(k: &KernelUblk) -> PathKind {
+    let user_copy = k.choice.flags & ublk::Features::USER_COPY.0 != 0;
+    match k.choice.path {
+        ublk::DataPath::ZeroCopy if user_copy => PathKind::ZeroCopy,
+        _ => PathKind::Copy,
+    }
+}
+
+/// ADD flags for an export on `path`: the chosen flags (AUTO_BUF_REG|USER_COPY for zero
+/// copy); for the copy path USER_COPY without AUTO_BUF_REG, also where zero copy was
+/// chosen but USER_COPY is missing (no fallback for requests that need the bytes).
+fn add_flags(k: &KernelUblk, path: PathKind) -> u64 {
+    match path {
+        PathKind::ZeroCopy => k.choice.flags,
+        PathKind::Copy => {
+            (k.choice.flags & !ublk::Features::AUTO_BUF_REG.0) | ublk::Features::USER_COPY.0
+        }
+    }
 }
 
 fn open_refusal(dev_id: u32) -> Error {

@@ -151,8 +151,8 @@ impl pb::node_server::Node for NodeService {
                     unavailable_reason: String::new(),
                     features: k.features.0,
                     feature_names: k.features.names().iter().map(|n| (*n).to_owned()).collect(),
-                    // The zero-copy path is not built yet: every export copies.
-                    data_path: crate::export::PathKind::Copy.name().to_owned(),
+                    // What new exports get; each export's own is in its Export message.
+                    data_path: super::exports::export_path(k).name().to_owned(),
                     reason: k.choice.reason.clone(),
                 },
                 Err(why) => pb::UblkInfo {

@@ -2570,8 +2570,12 @@ impl Completion for Batch {
                 if let (true, Some(b)) = (self.reading, buf) {
                     let mut out = self.out.borrow_mut();
                     let start = usize::try_from(tag).unwrap_or(usize::MAX);
-                    if let Some(dst) = out.get_mut(start..start.saturating_add(b.len())) {
-                        dst.copy_from_slice(&b);
+                    // Our own pooled or heap buffers: host memory.
+                    if let (Some(dst), Some(src)) = (
+                        out.get_mut(start..start.saturating_add(b.len())),
+                        b.as_slice(),
+                    ) {
+                        dst.copy_from_slice(src);
                     }
                 }
             }
@@ -2647,7 +2651,9 @@ impl Session {
                         let part = &data[s..e];
                         let buf = match r.bufs().take(part.len()) {
                             Some(mut b) => {
-                                b.copy_from_slice(part);
+                                b.as_mut_slice()
+                                    .expect("pooled buffers are host memory")
+                                    .copy_from_slice(part);
                                 b
                             }
                             None => IoBuf::from_slice(part),

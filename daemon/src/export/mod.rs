@@ -4,7 +4,8 @@
 //! kernel with no thread hop and no lock.
 //!
 //! Owns: [`queue`] (a queue's state machine on its reactor: FETCH, serve, COMMIT_AND_FETCH;
-//! the copy data path through `/dev/ublkcN` with USER_COPY), the pure pieces it is made
+//! zero copy with AUTO_BUF_REG, and the copy data path through `/dev/ublkcN` with
+//! USER_COPY that requests fall back to), the pure pieces it is made
 //! of (how a descriptor becomes volume requests, splitting, errno mapping: this module),
 //! device parameters from a volume ([`device_params`]) and the persisted export record
 //! ([`Record`]). The control plane (`control/exports.rs`) adds, starts, stops and deletes

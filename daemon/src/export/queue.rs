@@ -10,6 +10,19 @@
 //! request at a time). When the pool is empty the tag waits in this queue's line and the
 //! reactor wakes the queue when a buffer comes back (no spinning).
 //!
+//! Zero copy (AUTO_BUF_REG, Linux >= 6.16): the queue holds one slot of the reactor's
+//! fixed-buffer table per tag ([`Reactor::alloc_kernel_slots`]) and every FETCH /
+//! COMMIT_AND_FETCH names the tag's slot, so the kernel registers the request's pages
+//! there before the FETCH completes (and unregisters them at the commit). A READ or WRITE
+//! then goes to the volume as a kernel buffer ([`IoBuf::kernel`], no memory here) at that
+//! slot, in pieces of at most one volume transfer, and the device reads or writes the
+//! pages directly (`READ_FIXED`/`WRITE_FIXED`). A request falls back to the copy path
+//! when the volume channel cannot take kernel buffers for it
+//! ([`crate::bdev::Channel::takes_kernel_bufs`]: a write through another reactor's
+//! channel travels as bytes), when the kernel could not register the pages (FALLBACK:
+//! `UBLK_IO_F_NEED_REG_BUF`), or when the queue got no slots (the table is full): such
+//! devices are added with USER_COPY too, so the copy path works on them unchanged.
+//!
 //! Per-tag state is preallocated at start; the IO path allocates nothing.
 //!
 //! Must never: leave a fetched request without a COMMIT while the queue runs (every path
@@ -66,6 +79,8 @@ struct Tag {
     done: u64,
     /// Length of the piece in flight.
     piece: u64,
+    /// This request is served zero copy (its pages registered at the tag's slot).
+    zc: bool,
 }
 
 /// Everything a reactor needs to serve one queue of a device: `Send`, built by the
@@ -84,6 +99,8 @@ pub struct QueueSpec {
     pub ioctl_encode: bool,
     /// Writes are refused.
     pub read_only: bool,
+    /// The device was added with AUTO_BUF_REG (and USER_COPY): serve zero copy.
+    pub zero_copy: bool,
 }
 
 /// One queue on its reactor.
@@ -94,6 +111,16 @@ pub struct Queue {
     descs: ublk::IoDescs,
     standing_id: Cell<u32>,
     piece_bytes: u64,
+    /// Zero copy: the first of `depth` fixed-buffer slots (tag `t` uses `first + t`).
+    kslots: Option<u16>,
+    /// The fixed-buffer index each FETCH names: `kslots`, or (an AUTO_BUF_REG device
+    /// without slots) an index beyond the table, so every request falls back.
+    kslot_base: u16,
+    /// Largest zero-copy piece: one volume transfer.
+    zc_piece_bytes: u64,
+    /// Reads and writes served zero copy / through the copy path (logged at close).
+    served_zc: Cell<u64>,
+    served_copy: Cell<u64>,
     tags: RefCell<Vec<Tag>>,
     /// Tags waiting for a pooled buffer, in arrival order (capacity: depth).
     waiting: RefCell<VecDeque<u16>>,
@@ -145,7 +172,28 @@ impl Queue {
             u64::from(geo.max_transfer_bytes),
             lbs,
         );
+        let zc_piece = piece_bytes(
+            u64::from(geo.max_transfer_bytes),
+            u64::from(geo.max_transfer_bytes),
+            lbs,
+        );
         let depth = usize::from(spec.depth);
+        let kslots = if spec.zero_copy {
+            let s = rx.alloc_kernel_slots(spec.depth);
+            if s.is_none() {
+                tracing::warn!(
+                    dev_id = spec.dev_id,
+                    q = spec.q_id,
+                    reactor = rx.id(),
+                    depth = spec.depth,
+                    "no free run of fixed-buffer slots for zero copy on this reactor (raise kernel_buf_slots); this queue serves through the copy path"
+                );
+            }
+            s
+        } else {
+            None
+        };
+        let kslot_base = kslots.unwrap_or_else(|| rx.no_kernel_slot());
         let io = super::stats::Recorder::new(spec.dev_id, spec.depth);
         let q = Rc::new_cyclic(|me| Queue {
             me: me.clone(),
@@ -154,6 +202,11 @@ impl Queue {
             descs,
             standing_id: Cell::new(u32::MAX),
             piece_bytes: piece,
+            kslots,
+            kslot_base,
+            zc_piece_bytes: zc_piece,
+            served_zc: Cell::new(0),
+            served_copy: Cell::new(0),
             tags: RefCell::new(vec![Tag::default(); depth]),
             waiting: RefCell::new(VecDeque::with_capacity(depth)),
             held: Cell::new(0),
@@ -163,7 +216,12 @@ impl Queue {
         });
         let id = match rx.add_standing(Rc::clone(&q) as Rc<dyn Completion>) {
             Ok(id) => id,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => {
+                if let Some(first) = q.kslots {
+                    rx.free_kernel_slots(first, q.spec.depth);
+                }
+                return Err(e.to_string());
+            }
         };
         q.standing_id.set(id);
         for tag in 0..q.spec.depth {
@@ -222,6 +280,22 @@ impl Queue {
     pub fn close(&self, rx: &Reactor) {
         rx.remove_standing(self.standing_id.get());
         self.vol.close(rx);
+        if let Some(first) = self.kslots {
+            rx.free_kernel_slots(first, self.spec.depth);
+        }
+        tracing::info!(
+            dev_id = self.spec.dev_id,
+            q = self.spec.q_id,
+            zero_copy = self.spec.zero_copy,
+            zero_copy_requests = self.served_zc.get(),
+            copied_requests = self.served_copy.get(),
+            "ublk queue closed"
+        );
+    }
+
+    /// Whether this queue serves zero copy (it holds fixed-buffer slots).
+    pub fn zero_copy(&self) -> bool {
+        self.kslots.is_some()
     }
 
     /// The char device, by plain fd. Not a fixed file: on 6.12 a fixed file removed from
@@ -233,19 +307,32 @@ impl Queue {
     }
 
     fn send_cmd(&self, rx: &Reactor, cmd: ublk::IoCmd, tag: u16, result: i32) {
+        // AUTO_BUF_REG: where the kernel registers the tag's next request. FALLBACK: if it
+        // cannot (an index beyond the table: no slots), the request still comes, flagged
+        // NEED_REG_BUF, and is served through the copy path.
+        let addr = if self.spec.zero_copy {
+            ublk::auto_buf_reg_addr(
+                self.kslot_base
+                    .saturating_add(if self.kslots.is_some() { tag } else { 0 }),
+                ublk::sys::UBLK_AUTO_BUF_REG_FALLBACK,
+            )
+        } else {
+            0
+        };
         let sqe = ublk::io_cmd_sqe(
             self.char_fd(),
             cmd,
             self.spec.q_id,
             tag,
             result,
-            0,
+            addr,
             self.spec.ioctl_encode,
         );
         self.tags.borrow_mut()[usize::from(tag)].fetching = true;
-        // SAFETY: the command carries no pointer (addr 0: USER_COPY moves bytes with
-        // separate reads and writes); the fd is the char device this queue holds open
-        // (`spec.char_dev`) for as long as it lives.
+        // SAFETY: the command carries no pointer (`addr` is 0, or a fixed-buffer index and
+        // flags the kernel registers the request's pages at, in this ring's own table); the
+        // fd is the char device this queue holds open (`spec.char_dev`) for as long as it
+        // lives.
         unsafe { rx.submit_standing(sqe, self.standing_id.get(), u32::from(tag)) };
     }
 
@@ -311,6 +398,22 @@ impl Queue {
             self.spec.read_only,
         );
         self.io.start(tag, op, &p, rx.now());
+        let zc = match p {
+            Plan::Read { .. } | Plan::Write { .. } => {
+                self.kslots.is_some()
+                    && !d.need_reg_buf()
+                    && self.vol.takes_kernel_bufs(matches!(p, Plan::Write { .. }))
+            }
+            _ => false,
+        };
+        if matches!(p, Plan::Read { .. } | Plan::Write { .. }) {
+            let c = if zc {
+                &self.served_zc
+            } else {
+                &self.served_copy
+            };
+            c.set(c.get() + 1);
+        }
         {
             let mut tags = self.tags.borrow_mut();
             let t = &mut tags[usize::from(tag)];
@@ -318,6 +421,7 @@ impl Queue {
             t.plan = Some(p);
             t.done = 0;
             t.piece = 0;
+            t.zc = zc;
         }
         self.serve(rx, tag, p);
     }
@@ -341,6 +445,9 @@ impl Queue {
 
     /// Starts the next piece of a read or write (or queues the tag for a buffer).
     fn next_piece(&self, rx: &Reactor, tag: u16) {
+        if self.tags.borrow()[usize::from(tag)].zc {
+            return self.zc_piece(rx, tag);
+        }
         if !self.waiting.borrow().is_empty() {
             // Others wait already: keep the order.
             self.waiting.borrow_mut().push_back(tag);
@@ -351,6 +458,42 @@ impl Queue {
             let w: Rc<dyn BufWaiter> = self.rc();
             rx.wait_for_buf(&w);
         }
+    }
+
+    /// Zero copy: the next piece of the request goes to the volume as the kernel buffer at
+    /// the tag's slot (its bytes `[done, done + len)`); no pooled buffer, no copy.
+    fn zc_piece(&self, rx: &Reactor, tag: u16) {
+        let (p, done) = {
+            let tags = self.tags.borrow();
+            let t = &tags[usize::from(tag)];
+            (t.plan, t.done)
+        };
+        let Some(first) = self.kslots else {
+            unreachable!("zero-copy requests only on a queue with slots")
+        };
+        let (offset, total) = match p {
+            Some(Plan::Read { offset, len } | Plan::Write { offset, len, .. }) => (offset, len),
+            _ => unreachable!("pieces only of reads and writes"),
+        };
+        let len = piece_len(total, done, self.zc_piece_bytes);
+        self.tags.borrow_mut()[usize::from(tag)].piece = len;
+        let buf = IoBuf::kernel(
+            first + tag,
+            u32::try_from(done).expect("a request is at most max_io_bytes"),
+            usize::try_from(len).expect("a piece fits memory"),
+        );
+        let io = match p {
+            Some(Plan::Write { fua, .. }) => Io::Write {
+                offset: offset + done,
+                buf,
+                fua,
+            },
+            _ => Io::Read {
+                offset: offset + done,
+                buf,
+            },
+        };
+        self.vol.submit(rx, io, self.rc(), tag_with(tag, PH_VOL));
     }
 
     /// Takes a buffer and issues the piece's first step; false when the pool is empty.
@@ -398,17 +541,16 @@ impl Queue {
         );
         let len = u32::try_from(buf.len()).expect("a piece fits u32");
         let fd = self.char_fd();
+        let Some(ptr) = buf.mem_ptr() else {
+            unreachable!("the copy path copies into pooled buffers, never kernel ones")
+        };
         // Never READ_FIXED / WRITE_FIXED here, even from a registered buffer: the driver's
         // user copy takes only a user-backed iterator and answers EACCES to a registered
         // buffer's bvec iterator (6.12), which failed every request with EIO.
         let sqe = if out {
-            opcode::Write::new(fd, buf.as_ptr(), len)
-                .offset(off)
-                .build()
+            opcode::Write::new(fd, ptr, len).offset(off).build()
         } else {
-            opcode::Read::new(fd, buf.as_mut_ptr(), len)
-                .offset(off)
-                .build()
+            opcode::Read::new(fd, ptr, len).offset(off).build()
         };
         let ph = if out { PH_COPY_OUT } else { PH_COPY_IN };
         // SAFETY: the SQE points into `buf`, which moves into the request slot and comes
@@ -428,10 +570,10 @@ impl Queue {
     }
 
     fn on_io(&self, rx: &Reactor, tag: u16, phase: u64, res: IoResult, buf: Option<IoBuf>) {
-        let (p, done, piece) = {
+        let (p, done, piece, zc) = {
             let tags = self.tags.borrow();
             let t = &tags[usize::from(tag)];
-            (t.plan, t.done, t.piece)
+            (t.plan, t.done, t.piece, t.zc)
         };
         let Some(p) = p else {
             tracing::error!(
@@ -476,16 +618,19 @@ impl Queue {
                     tag_with(tag, PH_VOL),
                 );
             }
-            (Plan::Read { .. }, PH_VOL) => {
+            (Plan::Read { .. }, PH_VOL) if !zc => {
                 let Some(buf) = buf else {
                     return self.commit(rx, tag, -libc::EIO);
                 };
                 self.copy(rx, tag, buf, true);
             }
-            (Plan::Write { len, .. }, PH_VOL) | (Plan::Read { len, .. }, PH_COPY_OUT) => {
+            (Plan::Write { len, .. } | Plan::Read { len, .. }, PH_VOL)
+            | (Plan::Read { len, .. }, PH_COPY_OUT) => {
                 if phase == PH_COPY_OUT && u64::from(res) != piece {
                     return self.commit(rx, tag, -libc::EIO);
                 }
+                // Zero copy: the buffer names the request's own pages; it must be back
+                // (dropped) before the commit unregisters them.
                 drop(buf);
                 let done = done + piece;
                 self.tags.borrow_mut()[usize::from(tag)].done = done;

@@ -2123,6 +2123,8 @@ struct RemoteReq {
     cb: Rc<dyn Completion>,
     tag: u64,
     buf: Option<IoBuf>,
+    /// A kernel buffer lent out in pieces, one per segment (see `read_kernel`).
+    lent: Option<Rc<IoBuf>>,
     parts: u32,
     err: Option<Errno>,
     bytes: u32,
@@ -2189,9 +2191,47 @@ impl RemoteChannel {
             r.parts == 0
         };
         if done {
-            let r = self.reqs.borrow_mut().take(slot).expect("request present");
+            let mut r = self.reqs.borrow_mut().take(slot).expect("request present");
+            if let Some(whole) = r.lent.take() {
+                // Every segment is done and dropped its piece.
+                match Rc::try_unwrap(whole) {
+                    Ok(b) => r.buf = Some(b),
+                    Err(_) => {
+                        tracing::error!("a piece of a request's buffer outlived the request");
+                        r.err.get_or_insert(Errno(libc::EIO));
+                    }
+                }
+            }
             Grace::leave(&self.slot, r.parity);
             self.finish(rx, r);
+        }
+    }
+
+    /// The segments of a read into a kernel buffer (ublk zero copy): each reads into its
+    /// piece of the buffer — the bytes never pass through here — and unmapped ones are
+    /// zero-filled from `/dev/zero`.
+    fn read_kernel(&self, rx: &Reactor, slot: usize, segs: Segments, whole: &Rc<IoBuf>) {
+        for seg in segs {
+            // SAFETY: the segments are disjoint ranges of the request, each with one IO;
+            // a kernel buffer has no bytes here to alias in any case.
+            let piece = unsafe { IoBuf::piece(whole, seg.buf_off, seg.len) };
+            let me = self.rc();
+            let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, b: Option<IoBuf>| {
+                drop(b);
+                me.read_part_done(rx, slot, res.map(drop));
+            });
+            match self.h.map.get(seg.lc) {
+                None => crate::bdev::zero_fill(rx, piece, cb, 0),
+                Some(m) => {
+                    let io = Io::Read {
+                        offset: self.h.data_start
+                            + u64::from(m.pc) * self.h.cluster
+                            + seg.in_cluster,
+                        buf: piece,
+                    };
+                    self.data.submit(rx, io, cb, 0);
+                }
+            }
         }
     }
 
@@ -2205,11 +2245,27 @@ impl RemoteChannel {
             Grace::leave(&self.slot, parity);
             return crate::bdev::fail_request(rx, cb, tag, Errno(libc::ENODEV), Some(buf));
         }
+        let parts = u32::try_from(segs.len()).expect("segments fit u32");
+        if buf.is_kernel() {
+            let whole = Rc::new(buf);
+            let slot = self.reqs.borrow_mut().insert(RemoteReq {
+                cb,
+                tag,
+                buf: None,
+                lent: Some(Rc::clone(&whole)),
+                parts,
+                err: None,
+                bytes,
+                parity,
+            });
+            return self.read_kernel(rx, slot, segs, &whole);
+        }
         let slot = self.reqs.borrow_mut().insert(RemoteReq {
             cb,
             tag,
             buf: Some(buf),
-            parts: u32::try_from(segs.len()).expect("segments fit u32"),
+            lent: None,
+            parts,
             err: None,
             bytes,
             parity,
@@ -2217,7 +2273,9 @@ impl RemoteChannel {
         for seg in segs {
             let Some(m) = self.h.map.get(seg.lc) else {
                 if let Some(RemoteReq { buf: Some(b), .. }) = self.reqs.borrow_mut().get_mut(slot) {
-                    b[seg.buf_off..seg.buf_off + seg.len].fill(0);
+                    if let Some(bytes) = b.as_mut_slice() {
+                        bytes[seg.buf_off..seg.buf_off + seg.len].fill(0);
+                    }
                 }
                 self.read_part_done(rx, slot, Ok(()));
                 continue;
@@ -2240,8 +2298,11 @@ impl RemoteChannel {
                     if single {
                         r.buf = Some(b);
                     } else if res.is_ok() {
-                        if let Some(dst) = r.buf.as_mut() {
-                            dst[seg.buf_off..seg.buf_off + seg.len].copy_from_slice(&b);
+                        // Host memory both (kernel buffers go through `read_kernel`).
+                        if let (Some(dst), Some(src)) =
+                            (r.buf.as_mut().and_then(IoBuf::as_mut_slice), b.as_slice())
+                        {
+                            dst[seg.buf_off..seg.buf_off + seg.len].copy_from_slice(src);
                         }
                     }
                 }
@@ -2258,7 +2319,14 @@ impl RemoteChannel {
     /// Sends a write-type request or flush to the owner; the answer completes it here.
     fn forward(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
         let (kind, data, buf) = match io {
-            Io::Write { offset, buf, fua } => (Fwd::Write { offset, fua }, buf.to_vec(), Some(buf)),
+            Io::Write { offset, buf, fua } => {
+                // The bytes travel to the owner by message; a kernel buffer (which this
+                // channel declines: `takes_kernel_bufs`) has none to send.
+                let Some(data) = buf.to_vec() else {
+                    return crate::bdev::fail_request(rx, cb, tag, Errno(libc::EFAULT), Some(buf));
+                };
+                (Fwd::Write { offset, fua }, data, Some(buf))
+            }
             Io::Discard { offset, len } => (Fwd::Discard { offset, len }, Vec::new(), None),
             Io::WriteZeroes { offset, len } => (Fwd::Zero { offset, len }, Vec::new(), None),
             Io::Flush => (Fwd::Flush, Vec::new(), None),
@@ -2271,6 +2339,7 @@ impl RemoteChannel {
             cb,
             tag,
             buf,
+            lent: None,
             parts: 1,
             err: None,
             bytes,
@@ -2354,6 +2423,12 @@ fn serve_forwarded(
 impl Channel for RemoteChannel {
     fn geometry(&self) -> &Geometry {
         &self.h.geo
+    }
+
+    fn takes_kernel_bufs(&self, write: bool) -> bool {
+        // Reads go to this reactor's own device channel (pieces, zero fill by io_uring);
+        // writes travel to the owner as bytes.
+        !write && self.data.takes_kernel_bufs(false)
     }
 
     fn submit(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
@@ -2602,9 +2677,18 @@ impl VolumeChannel {
     fn read_seg(&self, rx: &Reactor, slot: usize, seg: Seg) {
         let Some(m) = self.vol.map.get(seg.lc) else {
             let mut b = self.seg_buf(slot, seg);
-            b.fill(0);
-            self.seg_done(slot, Some(b));
-            return self.part_done(rx, slot, Ok(()));
+            if let Some(bytes) = b.as_mut_slice() {
+                bytes.fill(0);
+                self.seg_done(slot, Some(b));
+                return self.part_done(rx, slot, Ok(()));
+            }
+            // A kernel buffer (ublk zero copy): zeroes only by an io_uring read.
+            let me = self.rc();
+            let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf: Option<IoBuf>| {
+                me.seg_done(slot, buf);
+                me.part_done(rx, slot, res.map(drop));
+            });
+            return crate::bdev::zero_fill(rx, b, cb, 0);
         };
         let me = self.rc();
         self.rt.io_start(m.pc);
@@ -2872,6 +2956,12 @@ impl VolumeChannel {
 impl Channel for VolumeChannel {
     fn geometry(&self) -> &Geometry {
         &self.geo
+    }
+
+    fn takes_kernel_bufs(&self, write: bool) -> bool {
+        // Data moves between the request's buffer (or its pieces) and the device only:
+        // copy-ups use their own buffer, unmapped reads are zero-filled by io_uring.
+        self.rt.data.takes_kernel_bufs(write)
     }
 
     fn submit(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {

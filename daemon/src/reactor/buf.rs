@@ -1,5 +1,15 @@
 //! IO buffers: page-aligned memory owned by one reactor, pooled, and registered with that
-//! reactor's io_uring as one fixed buffer so backends can use `READ_FIXED`/`WRITE_FIXED`.
+//! reactor's io_uring as one fixed buffer so backends can use `READ_FIXED`/`WRITE_FIXED`;
+//! and *kernel buffers*: a ublk request's own pages, registered by the kernel in a slot
+//! of the reactor's fixed-buffer table (AUTO_BUF_REG), which have no address in this
+//! process at all.
+//!
+//! The bytes of an [`IoBuf`] are reached only through [`IoBuf::as_slice`] /
+//! [`IoBuf::as_mut_slice`], which answer `None` for a kernel buffer: code that must read
+//! or write data (a memory device, a copy, a zero fill) has to say what it does when there
+//! is no memory, instead of touching it by accident. Backends that only hand the buffer to
+//! the kernel use [`IoBuf::fixed`] (`READ_FIXED`/`WRITE_FIXED`, NVMe `uring_cmd` with a
+//! fixed buffer) or [`IoBuf::mem_ptr`] (plain reads/writes of host memory).
 //!
 //! An [`IoBuf`] is moved into a request when the request is submitted and handed back with
 //! its completion, so the type system — not a comment — guarantees that nobody touches the
@@ -88,7 +98,7 @@ impl BufPool {
         // The chunk lies inside the map, so the pointer is in bounds and non-null.
         let ptr = NonNull::new(self.inner.map.as_ptr().wrapping_add(offset).cast_mut())?;
         Some(IoBuf {
-            ptr,
+            addr: Addr::Mem(ptr),
             len,
             backing: Backing::Pool {
                 pool: Rc::clone(&self.inner),
@@ -110,12 +120,25 @@ enum Backing {
     Piece {
         whole: Rc<IoBuf>,
     },
+    /// A kernel-registered buffer: nothing of ours to free (the kernel unregisters it when
+    /// the ublk request is committed, which its owner does only after this buffer is back).
+    Kernel,
+}
+
+/// Where the bytes are.
+#[derive(Clone, Copy)]
+enum Addr {
+    /// Host memory we own while we hold the buffer.
+    Mem(NonNull<u8>),
+    /// Bytes `[offset, offset + len)` of the buffer at fixed-buffer `index` of this
+    /// reactor's ring, registered by the kernel; no address in this process.
+    Kernel { index: u16, offset: u32 },
 }
 
 /// An aligned buffer for one IO. Owned by whoever holds it; moved into a request while the
 /// kernel (or a backend) uses it and handed back with the completion.
 pub struct IoBuf {
-    ptr: NonNull<u8>,
+    addr: Addr,
     len: usize,
     backing: Backing,
 }
@@ -125,6 +148,7 @@ impl fmt::Debug for IoBuf {
         f.debug_struct("IoBuf")
             .field("len", &self.len)
             .field("pooled", &matches!(self.backing, Backing::Pool { .. }))
+            .field("kernel", &self.is_kernel())
             .finish()
     }
 }
@@ -136,7 +160,7 @@ impl IoBuf {
     pub fn alloc(len: usize) -> Self {
         let (mut buf, fresh) = Self::heap(len);
         if !fresh {
-            buf.fill(0);
+            buf.host_mut().fill(0);
         }
         buf
     }
@@ -144,8 +168,71 @@ impl IoBuf {
     /// A heap buffer holding a copy of `data`.
     pub fn from_slice(data: &[u8]) -> Self {
         let (mut buf, _) = Self::heap(data.len());
-        buf.copy_from_slice(data);
+        buf.host_mut().copy_from_slice(data);
         buf
+    }
+
+    /// Bytes `[offset, offset + len)` of the kernel-registered buffer at fixed-buffer
+    /// `index` of this reactor's ring (a ublk request's pages, AUTO_BUF_REG). It has no memory here:
+    /// [`Self::as_slice`] answers `None`; backends use [`Self::fixed`]. The kernel checks
+    /// every use against the registered buffer's bounds and direction, so a wrong index or
+    /// length fails the IO (EFAULT) rather than touching our memory.
+    ///
+    /// Whoever makes one keeps the registration alive (does not commit the ublk request)
+    /// until the buffer, and every piece of it, is back.
+    pub fn kernel(index: u16, offset: u32, len: usize) -> Self {
+        assert!(
+            u32::try_from(len)
+                .ok()
+                .and_then(|l| l.checked_add(offset))
+                .is_some(),
+            "a kernel buffer of {offset}+{len} bytes is beyond any ublk request"
+        );
+        Self {
+            addr: Addr::Kernel { index, offset },
+            len,
+            backing: Backing::Kernel,
+        }
+    }
+
+    /// Whether this buffer (or the whole it is a piece of) is kernel-registered memory
+    /// with no address here.
+    pub fn is_kernel(&self) -> bool {
+        matches!(self.addr, Addr::Kernel { .. })
+    }
+
+    /// The bytes, for code that reads them; `None` for a kernel buffer.
+    pub fn as_slice(&self) -> Option<&[u8]> {
+        let Addr::Mem(ptr) = self.addr else {
+            return None;
+        };
+        // SAFETY:
+        // - `ptr` points to `len` bytes we own exclusively (a pool chunk taken off the free
+        //   list, our own heap allocation, or a piece's disjoint range of one) that stay
+        //   allocated while `self` lives;
+        // - nobody else (kernel included) accesses it while we hold `&self`: requests take
+        //   the buffer by value and give it back only after the completion is reaped.
+        Some(unsafe { std::slice::from_raw_parts(ptr.as_ptr(), self.len) })
+    }
+
+    /// The bytes, for code that writes them; `None` for a kernel buffer.
+    pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+        let Addr::Mem(ptr) = self.addr else {
+            return None;
+        };
+        // SAFETY: as in `as_slice`; `&mut self` additionally makes this the only reference.
+        Some(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), self.len) })
+    }
+
+    /// A copy of the bytes; `None` for a kernel buffer.
+    pub fn to_vec(&self) -> Option<Vec<u8>> {
+        self.as_slice().map(<[u8]>::to_vec)
+    }
+
+    /// The bytes of a buffer made here from host memory (never a kernel buffer).
+    fn host_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+            .expect("heap buffers are host memory by construction")
     }
 
     /// A heap buffer of `len` bytes with unspecified (but initialised) content: a recycled
@@ -167,7 +254,7 @@ impl IoBuf {
             std::alloc::handle_alloc_error(layout)
         };
         let buf = Self {
-            ptr,
+            addr: Addr::Mem(ptr),
             len,
             backing: Backing::Heap { layout },
         };
@@ -176,7 +263,8 @@ impl IoBuf {
 
     /// A buffer over bytes `[off, off + len)` of `whole`: a request's buffer lent out in
     /// pieces, one per device IO, with no copy. `whole` comes back (`Rc::try_unwrap`) once
-    /// every piece is dropped.
+    /// every piece is dropped. A piece of a kernel buffer is the same registered buffer at
+    /// `offset + off`.
     ///
     /// # Safety
     /// While the piece lives, no other live piece of `whole` overlaps it and nobody reads
@@ -191,10 +279,18 @@ impl IoBuf {
             "piece {off}+{len} outside a buffer of {}",
             whole.len
         );
-        // The range is inside `whole`'s allocation, so the pointer is in bounds, non-null.
-        let ptr = NonNull::new(whole.ptr.as_ptr().wrapping_add(off)).unwrap_or(whole.ptr);
+        let addr = match whole.addr {
+            // The range is inside `whole`'s allocation, so the pointer is in bounds,
+            // non-null.
+            Addr::Mem(p) => Addr::Mem(NonNull::new(p.as_ptr().wrapping_add(off)).unwrap_or(p)),
+            Addr::Kernel { index, offset } => Addr::Kernel {
+                index,
+                // `off < whole.len`, which fits u32 (see `kernel`).
+                offset: offset + u32::try_from(off).expect("inside a kernel buffer"),
+            },
+        };
         IoBuf {
-            ptr,
+            addr,
             len,
             backing: Backing::Piece {
                 whole: Rc::clone(whole),
@@ -217,42 +313,42 @@ impl IoBuf {
         self.len == 0
     }
 
-    /// Index of the ring's fixed buffer that holds this memory, if it is pooled memory.
-    pub fn fixed_index(&self) -> Option<u16> {
-        match &self.backing {
-            Backing::Pool { .. } => Some(0),
-            Backing::Heap { .. } => None,
-            Backing::Piece { whole } => whole.fixed_index(),
+    /// The ring's fixed buffer holding these bytes, for `READ_FIXED`/`WRITE_FIXED` (or a
+    /// `uring_cmd` with a fixed buffer): `(buf_index, addr)`, where `addr` is what the SQE
+    /// carries — the address for pooled memory (index 0, the pool region), the offset
+    /// inside the registered buffer for a kernel buffer (a kernel-registered buffer
+    /// starts at address 0). `None` for heap memory, which is not registered.
+    pub fn fixed(&self) -> Option<(u16, u64)> {
+        match (self.addr, &self.backing) {
+            (Addr::Kernel { index, offset }, _) => Some((index, u64::from(offset))),
+            (Addr::Mem(p), Backing::Pool { .. }) => Some((0, p.as_ptr() as u64)),
+            (Addr::Mem(p), Backing::Piece { whole }) => {
+                whole.fixed().map(|(i, _)| (i, p.as_ptr() as u64))
+            }
+            (Addr::Mem(_), Backing::Heap { .. } | Backing::Kernel) => None,
         }
     }
 
-    /// Raw pointer for building an SQE; valid for `len()` bytes while `self` is alive.
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
+    /// What an SQE carries for this buffer: `(Some(buf_index), addr)` for a fixed buffer
+    /// (see [`Self::fixed`]), `(None, address)` for heap memory. Valid for `len()` bytes
+    /// while `self` is alive.
+    pub fn sqe_addr(&mut self) -> (Option<u16>, u64) {
+        if let Some((index, addr)) = self.fixed() {
+            return (Some(index), addr);
+        }
+        match self.addr {
+            Addr::Mem(p) => (None, p.as_ptr() as u64),
+            Addr::Kernel { .. } => unreachable!("a kernel buffer is always fixed"),
+        }
     }
 
-    /// Raw const pointer for building an SQE; valid for `len()` bytes while `self` is alive.
-    pub fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
-}
-
-impl std::ops::Deref for IoBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY:
-        // - `ptr` points to `len` bytes we own exclusively (a pool chunk taken off the free
-        //   list, or our own heap allocation) that stay allocated while `self` lives;
-        // - nobody else (kernel included) accesses it while we hold `&self`: requests take
-        //   the buffer by value and give it back only after the completion is reaped.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for IoBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`; `&mut self` additionally makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    /// Raw pointer to the bytes for building an SQE (valid for `len()` bytes while `self`
+    /// is alive); `None` for a kernel buffer.
+    pub fn mem_ptr(&mut self) -> Option<*mut u8> {
+        match self.addr {
+            Addr::Mem(p) => Some(p.as_ptr()),
+            Addr::Kernel { .. } => None,
+        }
     }
 }
 
@@ -260,10 +356,13 @@ impl Drop for IoBuf {
     fn drop(&mut self) {
         match &self.backing {
             Backing::Pool { pool, idx } => pool.free.borrow_mut().push(*idx),
-            // The whole buffer goes with its last reference.
-            Backing::Piece { .. } => {}
+            // The whole buffer goes with its last reference; the kernel's with its commit.
+            Backing::Piece { .. } | Backing::Kernel => {}
             Backing::Heap { layout } => {
-                let (ptr, layout) = (self.ptr, *layout);
+                let Addr::Mem(ptr) = self.addr else {
+                    unreachable!("heap buffers are host memory")
+                };
+                let layout = *layout;
                 // During thread exit the cache may be gone: free directly then.
                 let kept = HEAP_CACHE
                     .try_with(|c| c.borrow_mut().put(ptr, layout))
@@ -338,12 +437,21 @@ impl Drop for HeapCache {
 mod tests {
     use super::*;
 
+    fn addr(b: &mut IoBuf) -> usize {
+        b.mem_ptr().expect("host memory") as usize
+    }
+
     #[test]
     fn pool_hands_out_aligned_chunks_and_takes_them_back() {
         let pool = BufPool::new(4096, 3).expect("pool");
-        let a = pool.take(4096).expect("a");
+        let mut a = pool.take(4096).expect("a");
         let b = pool.take(512).expect("b");
-        assert_eq!(a.as_ptr() as usize % BUF_ALIGN, 0);
+        assert_eq!(addr(&mut a) % BUF_ALIGN, 0);
+        assert_eq!(
+            a.fixed(),
+            Some((0, addr(&mut a) as u64)),
+            "pool memory is index 0"
+        );
         assert_eq!(b.len(), 512);
         assert_eq!(pool.available(), 1);
         assert!(pool.take(8192).is_none(), "larger than a chunk");
@@ -357,15 +465,22 @@ mod tests {
     #[test]
     fn heap_buffers_are_reused_zeroed_again_and_the_cache_is_bounded() {
         let mut a = IoBuf::alloc(65536);
-        a.fill(0xab);
-        let pa = a.as_ptr();
+        a.as_mut_slice().expect("memory").fill(0xab);
+        let pa = addr(&mut a);
         drop(a);
-        let b = IoBuf::alloc(65536);
-        assert_eq!(b.as_ptr(), pa, "a freed buffer of the same size is reused");
-        assert!(b.iter().all(|&x| x == 0), "alloc zeroes a reused buffer");
+        let mut b = IoBuf::alloc(65536);
+        assert_eq!(
+            addr(&mut b),
+            pa,
+            "a freed buffer of the same size is reused"
+        );
+        assert!(
+            b.as_slice().expect("memory").iter().all(|&x| x == 0),
+            "alloc zeroes a reused buffer"
+        );
         drop(b);
         let c = IoBuf::from_slice(&[7u8; 65536]);
-        assert!(c.iter().all(|&x| x == 7));
+        assert!(c.as_slice().expect("memory").iter().all(|&x| x == 7));
         drop(c);
         let many: Vec<IoBuf> = (0..HEAP_CACHE_BYTES / 65536 + 8)
             .map(|_| IoBuf::alloc(65536))
@@ -383,7 +498,9 @@ mod tests {
 
     #[test]
     fn pieces_write_into_the_whole_without_a_copy() {
-        let whole = Rc::new(IoBuf::alloc(8192));
+        let mut whole = IoBuf::alloc(8192);
+        let base = addr(&mut whole);
+        let whole = Rc::new(whole);
         // SAFETY: the two pieces are disjoint and `whole` is not read while they live.
         let (mut a, mut b) = unsafe {
             (
@@ -392,22 +509,78 @@ mod tests {
             )
         };
         assert!(a.is_piece() && !whole.is_piece());
-        assert_eq!(b.as_ptr() as usize - whole.as_ptr() as usize, 4096);
-        a.fill(1);
-        b.fill(2);
-        assert_eq!(b.fixed_index(), None);
+        assert_eq!(addr(&mut b) - base, 4096);
+        a.as_mut_slice().expect("memory").fill(1);
+        b.as_mut_slice().expect("memory").fill(2);
+        assert_eq!(b.fixed(), None, "heap memory is not registered");
         drop((a, b));
         let whole = Rc::try_unwrap(whole).expect("no piece left");
-        assert!(whole[..4096].iter().all(|&x| x == 1) && whole[4096..].iter().all(|&x| x == 2));
+        let bytes = whole.as_slice().expect("memory");
+        assert!(bytes[..4096].iter().all(|&x| x == 1) && bytes[4096..].iter().all(|&x| x == 2));
+    }
+
+    #[test]
+    fn pieces_of_pooled_memory_keep_the_pool_index() {
+        let pool = BufPool::new(8192, 1).expect("pool");
+        let whole = Rc::new(pool.take(8192).expect("chunk"));
+        // SAFETY: one piece, `whole` untouched while it lives.
+        let mut p = unsafe { IoBuf::piece(&whole, 4096, 4096) };
+        let at = addr(&mut p) as u64;
+        assert_eq!(p.fixed(), Some((0, at)));
+        drop(p);
+        drop(Rc::try_unwrap(whole).expect("no piece left"));
+        assert_eq!(pool.available(), 1);
+    }
+
+    #[test]
+    fn kernel_buffers_have_no_bytes_and_their_pieces_are_offsets() {
+        let mut k = IoBuf::kernel(17, 0, 3 * 4096);
+        assert!(k.is_kernel());
+        assert_eq!(k.len(), 3 * 4096);
+        assert!(k.as_slice().is_none(), "no bytes to read");
+        assert!(k.as_mut_slice().is_none(), "no bytes to write");
+        assert!(k.to_vec().is_none());
+        assert!(k.mem_ptr().is_none(), "no address for a plain read/write");
+        assert_eq!(
+            k.fixed(),
+            Some((17, 0)),
+            "a kernel buffer starts at address 0"
+        );
+        let whole = Rc::new(k);
+        // SAFETY: disjoint pieces; a kernel buffer has no bytes here to alias anyway.
+        let (a, b) = unsafe {
+            (
+                IoBuf::piece(&whole, 0, 4096),
+                IoBuf::piece(&whole, 4096, 8192),
+            )
+        };
+        assert!(a.is_kernel() && b.is_kernel() && b.is_piece());
+        assert_eq!(a.fixed(), Some((17, 0)));
+        assert_eq!(b.fixed(), Some((17, 4096)));
+        assert!(b.as_slice().is_none());
+        let whole2 = Rc::new(b);
+        // SAFETY: one piece of a piece.
+        let c = unsafe { IoBuf::piece(&whole2, 4096, 4096) };
+        assert_eq!(c.fixed(), Some((17, 8192)), "offsets add up through pieces");
+        drop((a, c));
+        drop(whole2);
+        assert!(Rc::try_unwrap(whole).is_ok(), "no piece left");
+        assert_eq!(IoBuf::kernel(3, 8192, 4096).fixed(), Some((3, 8192)));
     }
 
     #[test]
     fn heap_buffers_are_aligned_and_zeroed() {
         let mut buf = IoBuf::alloc(8192);
-        assert_eq!(buf.as_ptr() as usize % BUF_ALIGN, 0);
-        assert!(buf.iter().all(|&b| b == 0));
-        buf[0] = 7;
-        assert_eq!(IoBuf::from_slice(&buf)[0], 7);
-        assert_eq!(buf.fixed_index(), None);
+        assert_eq!(addr(&mut buf) % BUF_ALIGN, 0);
+        assert!(buf.as_slice().expect("memory").iter().all(|&b| b == 0));
+        buf.as_mut_slice().expect("memory")[0] = 7;
+        assert_eq!(
+            IoBuf::from_slice(buf.as_slice().expect("memory"))
+                .as_slice()
+                .expect("memory")[0],
+            7
+        );
+        assert_eq!(buf.fixed(), None);
+        assert!(!buf.is_kernel());
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod buf;
 pub mod caps;
+pub mod kslots;
 pub mod msg;
 mod ring;
 mod timer;
@@ -120,6 +121,13 @@ pub struct ReactorConfig {
     /// Use 128-byte SQEs / 32-byte CQEs (needed by NVMe passthrough; costs memory
     /// bandwidth on every other op, so off unless asked for).
     pub big_sqe: bool,
+    /// Fixed-buffer table slots for ublk zero copy (AUTO_BUF_REG): one per tag of every
+    /// export queue this reactor serves — coreblkd asks for `export.max_exports` ×
+    /// `export.queue_depth` (the default here, 4096, is 32 queues of 128) — bounded by
+    /// io_uring's table limit (16383 besides the pool's index 0, so 127 exports at depth
+    /// 128). An empty slot costs the kernel one pointer. A queue that finds no run free
+    /// serves through the copy path, with a warning ([`kslots`]).
+    pub kernel_buf_slots: u32,
 }
 
 impl Default for ReactorConfig {
@@ -134,6 +142,7 @@ impl Default for ReactorConfig {
             buf_count: 64,
             pin: true,
             big_sqe: false,
+            kernel_buf_slots: 32 * 128,
         }
     }
 }
@@ -297,6 +306,10 @@ pub struct Reactor {
     stopping: Cell<bool>,
     /// Registered file table: slots used so far.
     files_used: RefCell<Vec<bool>>,
+    /// Fixed-buffer slots lent to ublk queues (zero copy).
+    kslots: RefCell<kslots::KernelSlots>,
+    /// `/dev/zero`, the source that zero-fills kernel buffers ([`crate::bdev::zero_fill`]).
+    dev_zero: std::fs::File,
     /// Landing spot of the armed doorbell read; boxed so its address never moves.
     doorbell_buf: Box<Cell<u64>>,
     cached_now: Cell<Instant>,
@@ -334,10 +347,15 @@ impl Reactor {
             iov_base: ptr.cast_mut().cast(),
             iov_len: len,
         };
+        // A sparse table: the pool at index 0, empty slots for the kernel to register ublk
+        // requests' pages in (zero copy).
+        let kslots = kslots::KernelSlots::new(cfg.kernel_buf_slots);
+        ring.submitter()
+            .register_buffers_sparse(kslots.table_len())?;
         // SAFETY: the iovec describes the pool's mmap, which lives as long as `bufs`, which
         // the reactor owns and drops only after the ring (field order below is irrelevant:
-        // the ring is explicitly dropped first in `Drop`).
-        unsafe { ring.submitter().register_buffers(&[iov]) }.map_err(|e| {
+        // the ring is explicitly dropped first in `drop_reactor`).
+        unsafe { ring.submitter().register_buffers_update(0, &[iov], None) }.map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOMEM) {
                 std::io::Error::new(
                     e.kind(),
@@ -366,6 +384,8 @@ impl Reactor {
             stats: Arc::new(ReactorStats::default()),
             stopping: Cell::new(false),
             files_used: RefCell::new(vec![false; MAX_FILES as usize]),
+            kslots: RefCell::new(kslots),
+            dev_zero: std::fs::File::open("/dev/zero")?,
             doorbell_buf: Box::new(Cell::new(0)),
             cached_now: Cell::new(Instant::now()),
             standing: RefCell::new(Vec::new()),
@@ -433,6 +453,51 @@ impl Reactor {
             .register_files_update(idx_u32, &[fd])?;
         used[idx] = true;
         Ok(idx_u32)
+    }
+
+    /// `/dev/zero`, open for as long as the reactor lives.
+    pub fn dev_zero_fd(&self) -> RawFd {
+        self.dev_zero.as_raw_fd()
+    }
+
+    /// Lends `n` contiguous fixed-buffer slots for the kernel to register ublk requests'
+    /// pages in (AUTO_BUF_REG); returns the first index. `None` when the table has no run
+    /// that long free (the caller then serves through the copy path).
+    pub fn alloc_kernel_slots(&self, n: u16) -> Option<u16> {
+        self.kslots.borrow_mut().alloc(n)
+    }
+
+    /// An index beyond this ring's fixed-buffer table: a kernel registration there fails,
+    /// so with FALLBACK every request falls back to the copy path.
+    pub fn no_kernel_slot(&self) -> u16 {
+        u16::try_from(self.kslots.borrow().table_len()).unwrap_or(u16::MAX)
+    }
+
+    /// Takes back slots lent by [`Self::alloc_kernel_slots`], first clearing any buffer the
+    /// kernel left registered there (requests held unanswered when a queue stopped), so the
+    /// next queue's registrations find them empty.
+    pub fn free_kernel_slots(&self, first: u16, n: u16) {
+        let empty = vec![
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            };
+            usize::from(n)
+        ];
+        // SAFETY: empty iovecs register no memory; they only drop what the slots hold.
+        let r = unsafe {
+            self.ring
+                .borrow()
+                .submitter()
+                .register_buffers_update(u32::from(first), &empty, None)
+        };
+        if let Err(e) = r {
+            // The slots stay lent (leaked until the reactor exits) rather than handed to a
+            // queue whose registrations would fail on them.
+            tracing::warn!(reactor = self.id, first, n, error = %e, "cannot clear kernel-buffer slots; not reusing them");
+            return;
+        }
+        self.kslots.borrow_mut().free(first, n);
     }
 
     /// Frees a fixed-file slot taken by [`Self::register_file`].

@@ -249,7 +249,8 @@ fn a_reactor_sleeps_while_only_slow_ops_are_in_flight() {
         .call(move |rx: &Reactor| {
             let buf = IoBuf::alloc(8);
             let mut buf = buf;
-            let sqe = opcode::Read::new(types::Fd(read_fd), buf.as_mut_ptr(), 8)
+            let ptr = buf.mem_ptr().expect("heap memory");
+            let sqe = opcode::Read::new(types::Fd(read_fd), ptr, 8)
                 .build()
                 .flags(squeue::Flags::ASYNC);
             // SAFETY: the read targets `buf`, which moves into the request slot until the

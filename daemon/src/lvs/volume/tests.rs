@@ -137,7 +137,7 @@ impl Harness {
                     rx,
                     io,
                     FnCompletion::boxed(move |_rx, res, buf| {
-                        tx2.send(res.map(|_| buf.map(|b| b.to_vec()).unwrap_or_default()))
+                        tx2.send(res.map(|_| buf.and_then(|b| b.to_vec()).unwrap_or_default()))
                             .expect("send")
                     }),
                     0,

@@ -38,7 +38,7 @@ fn remote_io(h: &Harness, vol: u32, io: IoReq) -> Result<Vec<u8>, Errno> {
                 rx,
                 io,
                 FnCompletion::boxed(move |_rx, res, buf| {
-                    tx.send(res.map(|_| buf.map(|b| b.to_vec()).unwrap_or_default()))
+                    tx.send(res.map(|_| buf.and_then(|b| b.to_vec()).unwrap_or_default()))
                         .expect("send");
                 }),
                 0,
@@ -188,7 +188,7 @@ fn a_remote_read_never_sees_a_cluster_reused_under_it() {
                     buf: IoBuf::alloc(4096),
                 },
                 FnCompletion::boxed(move |_rx, res, buf| {
-                    tx.send(res.map(|_| buf.map(|b| b.to_vec()).unwrap_or_default()))
+                    tx.send(res.map(|_| buf.and_then(|b| b.to_vec()).unwrap_or_default()))
                         .expect("send");
                 }),
                 0,
