@@ -184,6 +184,26 @@ pub fn piece_bytes(chunk_bytes: u64, max_transfer_bytes: u64, lbs: u64) -> u64 {
     (n / lbs).max(1) * lbs
 }
 
+/// Whether a request is served zero copy (its pages, registered by the kernel at the tag's
+/// fixed-buffer slot, go to the volume as a kernel buffer) or through the copy path: only
+/// reads and writes, only on a queue holding slots, only when the kernel did register the
+/// pages (`need_reg_buf`: FALLBACK told us it could not), and only when the volume channel
+/// takes kernel buffers for that direction (`takes(write)`).
+#[must_use]
+pub fn serve_zero_copy(
+    p: &Plan,
+    has_slots: bool,
+    need_reg_buf: bool,
+    takes: impl FnOnce(bool) -> bool,
+) -> bool {
+    let write = match p {
+        Plan::Read { .. } => false,
+        Plan::Write { .. } => true,
+        _ => return false,
+    };
+    has_slots && !need_reg_buf && takes(write)
+}
+
 /// The result a kernel request is committed with when the volume failed it: no space
 /// stays no space (the kernel's BLK_STS_NOSPC, so the writer sees ENOSPC), unsupported
 /// stays unsupported, everything else is an IO error.
@@ -425,6 +445,49 @@ mod tests {
             .expect_err("version")
             .contains("version 99"));
         assert!(Record::decode(b"{").is_err());
+    }
+
+    #[test]
+    fn zero_copy_only_for_data_the_kernel_registered_and_the_channel_takes() {
+        let read = Plan::Read {
+            offset: 0,
+            len: 4096,
+        };
+        let write = Plan::Write {
+            offset: 0,
+            len: 4096,
+            fua: false,
+        };
+        // A remote volume channel: reads yes, writes travel as bytes.
+        let reads_only = |w: bool| !w;
+        assert!(serve_zero_copy(&read, true, false, reads_only));
+        assert!(
+            !serve_zero_copy(&write, true, false, reads_only),
+            "write copied"
+        );
+        assert!(serve_zero_copy(&write, true, false, |_| true));
+        assert!(!serve_zero_copy(&read, false, false, |_| true), "no slots");
+        assert!(
+            !serve_zero_copy(&read, true, true, |_| true),
+            "FALLBACK: the kernel did not register the pages"
+        );
+        for p in [
+            Plan::Flush,
+            Plan::Discard {
+                offset: 0,
+                len: 4096,
+            },
+            Plan::WriteZeroes {
+                offset: 0,
+                len: 4096,
+            },
+            Plan::Refuse(-libc::EIO),
+        ] {
+            assert!(
+                !serve_zero_copy(&p, true, false, |_| true),
+                "{p:?}: no data"
+            );
+        }
     }
 
     #[test]

@@ -40,7 +40,7 @@ use std::time::Duration;
 use coreblk_ublk as ublk;
 use io_uring::{opcode, types};
 
-use super::{commit_errno, piece_bytes, piece_len, plan, DescOp, Plan};
+use super::{commit_errno, piece_bytes, piece_len, plan, serve_zero_copy, DescOp, Plan};
 use crate::bdev::{Channel, Io};
 use crate::reactor::{BufWaiter, Completion, Errno, IoBuf, IoResult, OpKind, Reactor};
 
@@ -398,14 +398,9 @@ impl Queue {
             self.spec.read_only,
         );
         self.io.start(tag, op, &p, rx.now());
-        let zc = match p {
-            Plan::Read { .. } | Plan::Write { .. } => {
-                self.kslots.is_some()
-                    && !d.need_reg_buf()
-                    && self.vol.takes_kernel_bufs(matches!(p, Plan::Write { .. }))
-            }
-            _ => false,
-        };
+        let zc = serve_zero_copy(&p, self.kslots.is_some(), d.need_reg_buf(), |w| {
+            self.vol.takes_kernel_bufs(w)
+        });
         if matches!(p, Plan::Read { .. } | Plan::Write { .. }) {
             let c = if zc {
                 &self.served_zc
