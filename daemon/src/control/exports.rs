@@ -625,32 +625,21 @@ impl Exports {
                 tracing::warn!(dev_id, error = %e, "stopping a ublk device failed");
             }
         }
-        let mut released = true;
-        for remote in &self.remotes {
-            let r = ask(
-                remote,
-                STOP_TIMEOUT,
-                move |rx: &Reactor, tx: oneshot::Sender<()>| {
-                    match export::with_queue(dev_id, Rc::clone) {
-                        Some(q) => q.when_stopped(
-                            rx,
-                            Box::new(move |rx: &Reactor| {
-                                export::remove(rx, dev_id);
-                                let _ = tx.send(());
-                            }),
-                        ),
-                        // No queue here (a failed set-up): nothing to wait for.
-                        None => {
-                            let _ = tx.send(());
-                        }
-                    }
-                },
-            )
+        let released = self
+            .wait_queues(dev_id, move |q, rx, done| {
+                q.when_stopped(
+                    rx,
+                    Box::new(move |rx: &Reactor| {
+                        export::remove(rx, dev_id);
+                        done(rx);
+                    }),
+                );
+            })
             .await;
-            if let Err(e) = r {
-                tracing::warn!(dev_id, reactor = remote.id(), error = %e, "a ublk queue did not stop; releasing it anyway");
+        if !released {
+            tracing::warn!(dev_id, "releasing the queues that did not stop anyway");
+            for remote in &self.remotes {
                 let _ = remote.send(Box::new(move |rx: &Reactor| export::remove(rx, dev_id)));
-                released = false;
             }
         }
         drop(char_dev);
@@ -832,12 +821,14 @@ impl Exports {
     }
 
     /// Asks every reactor's queue of device `dev_id` to call back once quiet (`arm`:
-    /// drain or wait-until-stopped) and waits at most [`STOP_TIMEOUT`] for each.
+    /// drain or wait-until-stopped) and waits at most [`STOP_TIMEOUT`] for each. A reactor
+    /// without the queue (a failed set-up) answers at once. False when one did not answer.
     async fn wait_queues(
         &self,
         dev_id: u32,
         arm: impl Fn(&export::queue::Queue, &Reactor, Box<dyn FnOnce(&Reactor)>) + Copy + Send + 'static,
-    ) {
+    ) -> bool {
+        let mut all = true;
         for remote in &self.remotes {
             let r = ask(
                 remote,
@@ -861,8 +852,10 @@ impl Exports {
             .await;
             if let Err(e) = r {
                 tracing::warn!(dev_id, reactor = remote.id(), error = %e, "a ublk queue did not finish in time");
+                all = false;
             }
         }
+        all
     }
 
     fn message(&self, l: &Live) -> pb::Export {

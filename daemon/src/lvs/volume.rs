@@ -2118,6 +2118,20 @@ impl VolumeHandle {
     }
 }
 
+/// Takes a request's buffer back from the pieces lent to its parts once every part is done
+/// (each dropped its piece); a piece still alive is a bug, reported as EIO.
+fn take_back_lent(lent: &mut Option<Rc<IoBuf>>, buf: &mut Option<IoBuf>, err: &mut Option<Errno>) {
+    if let Some(whole) = lent.take() {
+        match Rc::try_unwrap(whole) {
+            Ok(b) => *buf = Some(b),
+            Err(_) => {
+                tracing::error!("a piece of a request's buffer outlived the request");
+                err.get_or_insert(Errno(libc::EIO));
+            }
+        }
+    }
+}
+
 /// A request of a remote channel in flight.
 struct RemoteReq {
     cb: Rc<dyn Completion>,
@@ -2192,16 +2206,8 @@ impl RemoteChannel {
         };
         if done {
             let mut r = self.reqs.borrow_mut().take(slot).expect("request present");
-            if let Some(whole) = r.lent.take() {
-                // Every segment is done and dropped its piece.
-                match Rc::try_unwrap(whole) {
-                    Ok(b) => r.buf = Some(b),
-                    Err(_) => {
-                        tracing::error!("a piece of a request's buffer outlived the request");
-                        r.err.get_or_insert(Errno(libc::EIO));
-                    }
-                }
-            }
+            // Every segment is done and dropped its piece.
+            take_back_lent(&mut r.lent, &mut r.buf, &mut r.err);
             Grace::leave(&self.slot, r.parity);
             self.finish(rx, r);
         }
@@ -2647,16 +2653,8 @@ impl VolumeChannel {
         };
         if done {
             let mut r = self.reqs.borrow_mut().take(slot).expect("request present");
-            if let Some(whole) = r.lent.take() {
-                // Every part is done and each dropped its piece in `seg_done`.
-                match Rc::try_unwrap(whole) {
-                    Ok(b) => r.buf = Some(b),
-                    Err(_) => {
-                        tracing::error!("a piece of a request's buffer outlived the request");
-                        r.err.get_or_insert(Errno(libc::EIO));
-                    }
-                }
-            }
+            // Every part is done and each dropped its piece in `seg_done`.
+            take_back_lent(&mut r.lent, &mut r.buf, &mut r.err);
             let res = match r.err {
                 Some(e) => Err(e),
                 None => Ok(r.bytes),
