@@ -363,16 +363,13 @@ impl Channel for UringChannel {
                 (self.fallocate(mode, *offset, *len), OpKind::Slow)
             }
         };
-        // SAFETY:
-        // - read/write SQEs point into `buf`, which moves into the request slot with the SQE
-        //   and is handed back only after the CQE is reaped (pooled buffers lie inside the
-        //   reactor's registered region, so `buf_index` matches; a kernel buffer's SQE
-        //   carries an offset that the kernel resolves, and bounds-checks, in the buffer
-        //   registered at its index, which stays registered until the buffer's owner gets it
-        //   back and commits the ublk request);
-        // - other SQEs carry no pointers (offsets and lengths are values);
-        // - `self.fixed` was registered on this reactor in `open_channel`, and the channel
-        //   keeps the descriptor open.
+        // Read/write SQEs point into `buf`, which moves into the request slot with the SQE and
+        // comes back only after the CQE is reaped. Pooled buffers lie in the reactor's
+        // registered region (`buf_index` matches); a kernel buffer's SQE carries an offset
+        // the kernel resolves and bounds-checks in the buffer registered at its index, which
+        // stays registered until its owner gets the buffer back and commits the ublk request.
+        // SAFETY: as above; other SQEs carry no pointers; `self.fixed` was registered on
+        // this reactor in `open_channel`, and the channel keeps the descriptor open.
         let submitted = unsafe { rx.submit(sqe, kind, Rc::clone(&cb), tag, io.into_buf()) };
         if let Err((_, buf)) = submitted {
             cb.complete(rx, tag, Err(crate::reactor::Errno::EAGAIN), buf);
