@@ -434,10 +434,11 @@ fn lock_whole_file(file: &File) -> io::Result<()> {
         // Must be 0 for OFD locks.
         l_pid: 0,
     };
-    // SAFETY: F_OFD_SETLK reads exactly one `struct flock` through the third argument,
+    // F_OFD_SETLK reads exactly one `struct flock` through the third argument,
     // which points to `lock`, a fully initialised local that outlives the call; the fd
     // is owned by `file`, which is borrowed (so open) for the whole call; the kernel
     // keeps no reference to the pointer after returning.
+    // SAFETY: the reasons above hold for this call.
     let rc = unsafe {
         libc::fcntl(
             file.as_raw_fd(),

@@ -205,9 +205,10 @@ pub fn zero_fill(rx: &Reactor, mut buf: IoBuf, cb: Rc<dyn Completion>, tag: u64)
         index,
     )
     .build();
-    // SAFETY: the SQE names the kernel buffer at `index` by an offset the kernel resolves
+    // the SQE names the kernel buffer at `index` by an offset the kernel resolves
     // and bounds-checks there; `buf` moves into the request slot, so its owner keeps the
     // registration alive until the completion; `/dev/zero` is held open by the reactor.
+    // SAFETY: the reasons above hold for this call.
     let r = unsafe { rx.submit(sqe, OpKind::Fast, Rc::clone(&cb), tag, Some(buf)) };
     if let Err((_full, buf)) = r {
         // The request table is full: the caller retries (as for any channel).

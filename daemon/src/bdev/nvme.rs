@@ -297,7 +297,7 @@ impl Channel for PassthroughChannel {
             .cmd(cmd)
             .buf_index(buf_index)
             .build();
-        // SAFETY:
+        // Why the submit is sound:
         // - the command's data address points into the request's buffer, which moves into
         //   the request slot with the SQE and comes back only after the CQE is reaped
         //   (a pooled buffer lies in the reactor's registered region: `buf_index` 0; a
@@ -305,6 +305,7 @@ impl Channel for PassthroughChannel {
         //   index, registered until the buffer comes back);
         // - `self.fixed` is registered on this reactor and the channel keeps it open;
         // - the ring has 128-byte SQEs (checked in `open_channel`).
+        // SAFETY: the reasons above hold for this call.
         let submitted = unsafe {
             rx.submit128(
                 sqe,

@@ -368,8 +368,9 @@ impl Channel for UringChannel {
         // registered region (`buf_index` matches); a kernel buffer's SQE carries an offset
         // the kernel resolves and bounds-checks in the buffer registered at its index, which
         // stays registered until its owner gets the buffer back and commits the ublk request.
-        // SAFETY: as above; other SQEs carry no pointers; `self.fixed` was registered on
+        // Other SQEs carry no pointers; `self.fixed` was registered on
         // this reactor in `open_channel`, and the channel keeps the descriptor open.
+        // SAFETY: the reasons above hold for this call.
         let submitted = unsafe { rx.submit(sqe, kind, Rc::clone(&cb), tag, io.into_buf()) };
         if let Err((_, buf)) = submitted {
             cb.complete(rx, tag, Err(crate::reactor::Errno::EAGAIN), buf);

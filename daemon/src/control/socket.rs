@@ -110,8 +110,9 @@ pub fn check_dir(path: &Path) -> Result<(), SocketError> {
     fs::create_dir_all(&dir).map_err(fail)?;
     let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|_| fail(io::Error::from(io::ErrorKind::InvalidInput)))?;
-    // SAFETY: `c_dir` is a NUL-terminated string that lives across the call; access()
+    // `c_dir` is a NUL-terminated string that lives across the call; access()
     // only reads it.
+    // SAFETY: the reasons above hold for this call.
     let rc = unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) };
     if rc != 0 {
         return Err(fail(io::Error::last_os_error()));
@@ -259,8 +260,9 @@ fn create_dir_hint(e: &io::Error) -> String {
 
 /// An exclusive, non-blocking `flock` on `file`; EWOULDBLOCK when someone holds it.
 fn try_flock(file: &File) -> io::Result<()> {
-    // SAFETY: flock takes a file descriptor and flags only; the fd belongs to `file`,
+    // flock takes a file descriptor and flags only; the fd belongs to `file`,
     // which is borrowed (so open) for the whole call.
+    // SAFETY: the reasons above hold for this call.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == -1 {
         return Err(io::Error::last_os_error());

@@ -329,10 +329,11 @@ impl Queue {
             self.spec.ioctl_encode,
         );
         self.tags.borrow_mut()[usize::from(tag)].fetching = true;
-        // SAFETY: the command carries no pointer (`addr` is 0, or a fixed-buffer index and
+        // the command carries no pointer (`addr` is 0, or a fixed-buffer index and
         // flags the kernel registers the request's pages at, in this ring's own table); the
         // fd is the char device this queue holds open (`spec.char_dev`) for as long as it
         // lives.
+        // SAFETY: the reasons above hold for this call.
         unsafe { rx.submit_standing(sqe, self.standing_id.get(), u32::from(tag)) };
     }
 
@@ -548,8 +549,9 @@ impl Queue {
             opcode::Read::new(fd, ptr, len).offset(off).build()
         };
         let ph = if out { PH_COPY_OUT } else { PH_COPY_IN };
-        // SAFETY: the SQE points into `buf`, which moves into the request slot and comes
+        // the SQE points into `buf`, which moves into the request slot and comes
         // back only with the completion; the fd is the char device this queue holds open.
+        // SAFETY: the reasons above hold for this call.
         let r = unsafe { rx.submit(sqe, OpKind::Fast, self.rc(), tag_with(tag, ph), Some(buf)) };
         if let Err((_, buf)) = r {
             // Full request table: try again shortly (the buffer stays with the tag).
