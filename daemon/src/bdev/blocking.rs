@@ -35,6 +35,14 @@ pub enum BlockingError {
         source: std::io::Error,
     },
     /// The IO failed.
+    /// A read that returned fewer bytes than asked (past the end of the device).
+    #[error("read of {len} bytes at offset {offset} of {device} returned {got} bytes")]
+    ShortRead {
+        device: String,
+        offset: u64,
+        len: usize,
+        got: usize,
+    },
     #[error("{op} on {device} failed: {errno}")]
     Io {
         /// Operation.
@@ -54,12 +62,41 @@ pub struct BlockingDevice {
     id: u64,
 }
 
-struct Reply(crossbeam::channel::Sender<(IoResult, Option<Vec<u8>>)>);
+/// One IO as it crosses to the reactor (the reactor makes the buffers).
+enum Op {
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    Flush,
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+}
+
+struct Reply {
+    tx: crossbeam::channel::Sender<(IoResult, Option<Vec<u8>>)>,
+    reads: bool,
+}
 
 impl Completion for Reply {
     fn complete(&self, _rx: &Reactor, _tag: u64, res: IoResult, buf: Option<IoBuf>) {
-        // Our own heap buffers come back (see `io`), so the bytes are there.
-        let _ = self.0.send((res, buf.and_then(|b| b.to_vec())));
+        // Only the bytes a read filled: its buffer was not zeroed first.
+        let data = match (self.reads, res, buf) {
+            (true, Ok(n), Some(b)) => b.as_slice().map(|s| s[..s.len().min(n as usize)].to_vec()),
+            _ => None,
+        };
+        let _ = self.tx.send((res, data));
     }
 }
 
@@ -86,40 +123,28 @@ impl BlockingDevice {
         &self.dev
     }
 
-    /// Runs one IO and returns its result and the buffer's bytes (IO errors are returned in
-    /// the result, not converted).
-    pub fn io(&self, io: Io) -> Result<(IoResult, Option<Vec<u8>>), BlockingError> {
+    /// Runs one IO and returns its result and, for a read, the bytes it filled (IO errors
+    /// are returned in the result, not converted).
+    fn call(&self, op: Op) -> Result<(IoResult, Option<Vec<u8>>), BlockingError> {
         let (tx, rx_reply) = crossbeam::channel::bounded(1);
         let id = self.id;
-        // IoBuf is !Send (pooled buffers belong to one reactor); heap buffers are moved
-        // across as bytes and rebuilt on the reactor.
-        let (op, offset, data, fua, len) = match io {
-            Io::Read { offset, buf } => (0u8, offset, None, false, buf.len() as u64),
-            Io::Write { offset, buf, fua } => match buf.to_vec() {
-                Some(data) => (1, offset, Some(data), fua, 0),
-                // A kernel buffer belongs to its reactor's ring; it cannot travel here.
-                None => return Ok((Err(Errno(libc::EFAULT)), None)),
-            },
-            Io::Flush => (2, 0, None, false, 0),
-            Io::Discard { offset, len } => (3, offset, None, false, len),
-            Io::WriteZeroes { offset, len } => (4, offset, None, false, len),
-        };
         self.remote.send(Box::new(move |rx: &Reactor| {
             let io = match op {
-                0 => Io::Read {
+                Op::Read { offset, len } => Io::Read {
                     offset,
-                    buf: IoBuf::alloc(usize::try_from(len).unwrap_or(0)),
+                    buf: IoBuf::alloc_for_read(len),
                 },
-                1 => Io::Write {
+                Op::Write { offset, data, fua } => Io::Write {
                     offset,
-                    buf: IoBuf::from_slice(data.as_deref().unwrap_or_default()),
+                    buf: IoBuf::from_slice(&data),
                     fua,
                 },
-                2 => Io::Flush,
-                3 => Io::Discard { offset, len },
-                _ => Io::WriteZeroes { offset, len },
+                Op::Flush => Io::Flush,
+                Op::Discard { offset, len } => Io::Discard { offset, len },
+                Op::WriteZeroes { offset, len } => Io::WriteZeroes { offset, len },
             };
-            let reply: Rc<dyn Completion> = Rc::new(Reply(tx.clone()));
+            let reads = matches!(io, Io::Read { .. });
+            let reply: Rc<dyn Completion> = Rc::new(Reply { tx, reads });
             match CHANNELS.with(|c| c.borrow().get(&id).cloned()) {
                 Some(ch) => ch.submit(rx, io, reply, 0),
                 None => reply.complete(rx, 0, Err(Errno::EIO), io.into_buf()),
@@ -141,19 +166,25 @@ impl BlockingDevice {
 
     /// Reads `len` bytes at `offset`.
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockingError> {
-        let (res, buf) = self.io(Io::Read {
-            offset,
-            buf: IoBuf::alloc(len),
-        })?;
-        self.check("read", res)?;
-        Ok(buf.unwrap_or_default())
+        let (res, buf) = self.call(Op::Read { offset, len })?;
+        let n = self.check("read", res)?;
+        let buf = buf.unwrap_or_default();
+        if n as usize != len || buf.len() != len {
+            return Err(BlockingError::ShortRead {
+                device: self.dev.name().to_string(),
+                offset,
+                len,
+                got: buf.len(),
+            });
+        }
+        Ok(buf)
     }
 
     /// Writes `data` at `offset` (FUA when asked).
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockingError> {
-        let (res, _) = self.io(Io::Write {
+        let (res, _) = self.call(Op::Write {
             offset,
-            buf: IoBuf::from_slice(data),
+            data: data.to_vec(),
             fua,
         })?;
         self.check("write", res).map(drop)
@@ -161,19 +192,19 @@ impl BlockingDevice {
 
     /// Flushes the device.
     pub fn flush(&self) -> Result<(), BlockingError> {
-        let (res, _) = self.io(Io::Flush)?;
+        let (res, _) = self.call(Op::Flush)?;
         self.check("flush", res).map(drop)
     }
 
     /// Discards a range.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), BlockingError> {
-        let (res, _) = self.io(Io::Discard { offset, len })?;
+        let (res, _) = self.call(Op::Discard { offset, len })?;
         self.check("discard", res).map(drop)
     }
 
     /// Zeroes a range.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockingError> {
-        let (res, _) = self.io(Io::WriteZeroes { offset, len })?;
+        let (res, _) = self.call(Op::WriteZeroes { offset, len })?;
         self.check("write-zeroes", res).map(drop)
     }
 }

@@ -773,6 +773,7 @@ impl Store {
         let device_uuid = c.device_uuid;
         let me = Arc::clone(self);
         let recorded = record.is_some();
+        let began = Instant::now();
         let found = blocking(move || {
             let dev = me.open_device(device_uuid)?;
             let bd = BlockingDevice::new(Arc::clone(&dev), remote)
@@ -859,12 +860,28 @@ impl Store {
         if created {
             tracing::info!(pool = %info.name, device = %c.path.display(), "created the default pool");
         }
+        let imported = began.elapsed();
+        let t = imp.timings;
+        let started = Instant::now();
         if let Err(e) = self.start_pool(&info, dev, imp).await {
             self.set_state(pool_uuid, PoolState::Failed(e.to_string()));
             tracing::error!(pool = %info.name, error = %e, "pool start failed; the pool is not served");
             return;
         }
+        let start = started.elapsed();
         self.settle(&info, IMPORT_SETTLE_WAIT).await;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::info!(
+            pool = %info.name,
+            total_ms = ms(began.elapsed()),
+            import_ms = ms(imported),
+            checkpoint_ms = ms(t.checkpoint),
+            journal_ms = ms(t.journal),
+            replayed_blocks = t.replayed_blocks,
+            apply_ms = ms(t.apply),
+            start_ms = ms(start),
+            "pool import timings"
+        );
     }
 
     async fn start_pool(

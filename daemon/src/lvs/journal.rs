@@ -628,5 +628,100 @@ pub fn replay(sb: &Superblock, mut read_block: impl FnMut(u64) -> Option<Vec<u8>
     }
 }
 
+/// Replay and the damaged-block check of [`valid_blocks_past`] in one pass over the ring,
+/// fed block by block in ring order from the position of `sb.first_seq` (wrapping), so an
+/// import reads each journal block once, a chunk at a time, and never holds the whole
+/// ring: on a slow machine the ring's copies cost more than its reads.
+#[derive(Debug)]
+pub struct RingScan<'a> {
+    sb: &'a Superblock,
+    blocks: u64,
+    next: u64,
+    fed: u64,
+    records: Vec<(u64, Record)>,
+    stop: Option<format::DecodeError>,
+    past: Vec<u64>,
+}
+
+impl<'a> RingScan<'a> {
+    /// A scan of `sb`'s journal; the first block fed is the one holding `sb.first_seq`.
+    pub fn new(sb: &'a Superblock) -> Self {
+        Self {
+            sb,
+            blocks: sb.journal_blocks(),
+            next: sb.first_seq,
+            fed: 0,
+            records: Vec::new(),
+            stop: None,
+            past: Vec::new(),
+        }
+    }
+
+    /// The ring position of the next block to feed.
+    pub fn next_pos(&self) -> u64 {
+        (self.sb.first_seq + self.fed) % self.blocks
+    }
+
+    /// Blocks still to feed for one whole ring.
+    pub fn remaining(&self) -> u64 {
+        self.blocks - self.fed
+    }
+
+    /// Feeds the block at [`Self::next_pos`].
+    pub fn feed(&mut self, b: &[u8]) {
+        let pos = self.next_pos();
+        self.fed += 1;
+        match &self.stop {
+            None => match format::decode_journal_block(b, self.sb.journal_tag, self.next) {
+                Ok(rs) => {
+                    let seq = self.next;
+                    self.records.extend(rs.into_iter().map(|r| (seq, r)));
+                    self.next += 1;
+                    if self.next == self.sb.first_seq + self.blocks {
+                        self.stop = Some(format::DecodeError::Field {
+                            field: "journal",
+                            why: "a full ring replayed without a checkpoint".into(),
+                        });
+                    }
+                }
+                Err(e) => self.stop = Some(e),
+            },
+            Some(_) => {
+                let Some(found) = b
+                    .get(16..24)
+                    .and_then(|h| h.try_into().ok())
+                    .map(u64::from_le_bytes)
+                else {
+                    return;
+                };
+                if found > self.next
+                    && found % self.blocks == pos
+                    && format::decode_journal_block(b, self.sb.journal_tag, found).is_ok()
+                {
+                    self.past.push(found);
+                }
+            }
+        }
+    }
+
+    /// The replay, and the sequences of valid blocks past its end (sorted), as
+    /// [`replay`] and [`valid_blocks_past`] give them for the whole ring.
+    pub fn finish(mut self) -> (Replay, Vec<u64>) {
+        let stop = self.stop.unwrap_or_else(|| format::DecodeError::Field {
+            field: "journal",
+            why: format!("block {} unread", self.next),
+        });
+        self.past.sort_unstable();
+        (
+            Replay {
+                records: self.records,
+                next_seq: self.next,
+                stop,
+            },
+            self.past,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests;

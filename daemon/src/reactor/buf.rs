@@ -165,6 +165,13 @@ impl IoBuf {
         buf
     }
 
+    /// A buffer to read into: [`Self::alloc`] without zeroing a reused buffer again (it
+    /// keeps this thread's bytes of its last use). Only for reads whose user hands on no
+    /// more than the bytes the read filled.
+    pub fn alloc_for_read(len: usize) -> Self {
+        Self::heap(len).0
+    }
+
     /// A heap buffer holding a copy of `data`.
     pub fn from_slice(data: &[u8]) -> Self {
         let (mut buf, _) = Self::heap(data.len());
