@@ -210,15 +210,29 @@ impl Allocator {
         }
     }
 
-    /// Up to `max` dirty clusters to zero now; the pool issues write-zeroes for each.
-    pub fn take_dirty(&mut self, max: usize) -> Vec<u32> {
-        let n = max.min(self.dirty.len());
-        let out: Vec<u32> = self.dirty.drain(..n).collect();
-        for &c in &out {
+    /// Dirty clusters to zero now, as runs of consecutive clusters `(first, count)` in
+    /// queue order: at most `max_clusters` clusters in at most `max_runs` runs (one
+    /// write-zeroes each). The pool zeroes a fresh or re-imported pool's free space
+    /// (whole runs in ascending order) with few commands this way.
+    pub fn take_dirty_runs(&mut self, max_clusters: usize, max_runs: usize) -> Vec<(u32, u32)> {
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        let mut taken = 0usize;
+        while taken < max_clusters {
+            let Some(&c) = self.dirty.front() else {
+                break;
+            };
+            let full = runs.len() == max_runs;
+            match runs.last_mut() {
+                Some((first, n)) if first.checked_add(*n) == Some(c) => *n += 1,
+                _ if full => break,
+                _ => runs.push((c, 1)),
+            }
+            self.dirty.pop_front();
             self.state[c as usize] = ClusterState::Zeroing;
+            taken += 1;
         }
-        self.zeroing += out.len() as u64;
-        out
+        self.zeroing += taken as u64;
+        runs
     }
 
     /// The write-zeroes of cluster `c` completed (`ok = false`: it failed; retry later).
@@ -323,7 +337,7 @@ mod tests {
         Alloc,
         Free(usize),
         Durable(u64),
-        TakeDirty(usize),
+        TakeDirty(usize, usize),
         Zeroed(usize, bool),
         BeginFlush,
         FlushDone(usize),
@@ -334,7 +348,7 @@ mod tests {
             4 => Just(Op::Alloc),
             3 => any::<usize>().prop_map(Op::Free),
             2 => (0u64..8).prop_map(Op::Durable),
-            2 => (0usize..5).prop_map(Op::TakeDirty),
+            2 => (0usize..5, 1usize..3).prop_map(|(k, runs)| Op::TakeDirty(k, runs)),
             2 => (any::<usize>(), prop::bool::weighted(0.9)).prop_map(|(i, ok)| Op::Zeroed(i, ok)),
             1 => Just(Op::BeginFlush),
             1 => any::<usize>().prop_map(Op::FlushDone),
@@ -402,10 +416,16 @@ mod tests {
                             }
                         }
                     }
-                    Op::TakeDirty(k) => {
-                        for c in a.take_dirty(k) {
-                            prop_assert!(truth[c as usize].freed_seq.is_none() && !truth[c as usize].in_use);
-                            zeroing.push(c);
+                    Op::TakeDirty(k, most_runs) => {
+                        let runs = a.take_dirty_runs(k, most_runs);
+                        prop_assert!(runs.len() <= most_runs);
+                        prop_assert!(runs.iter().map(|r| r.1 as usize).sum::<usize>() <= k);
+                        for (first, len) in runs {
+                            prop_assert!(len > 0, "an empty run");
+                            for c in first..first + len {
+                                prop_assert!(truth[c as usize].freed_seq.is_none() && !truth[c as usize].in_use);
+                                zeroing.push(c);
+                            }
                         }
                     }
                     Op::Zeroed(i, ok) => {
@@ -455,14 +475,26 @@ mod tests {
                 recycling: 3
             }
         );
-        let d = a.take_dirty(10);
-        assert_eq!(d, vec![0, 1, 3]);
-        for c in d {
-            a.zeroed(c, true);
+        let d = a.take_dirty_runs(10, 8);
+        assert_eq!(d, vec![(0, 2), (3, 1)], "consecutive clusters share a run");
+        for (first, n) in d {
+            for c in first..first + n {
+                a.zeroed(c, true);
+            }
         }
         let early = a.begin_flush();
         a.flush_done(early);
         assert_eq!(a.alloc(), Some(0));
         a.check().expect("consistent");
+    }
+
+    #[test]
+    fn dirty_runs_stop_at_the_cluster_or_run_limit() {
+        let mut a = Allocator::from_in_use(10, [4]).expect("import");
+        assert_eq!(a.take_dirty_runs(3, 8), vec![(0, 3)]);
+        assert_eq!(a.take_dirty_runs(10, 1), vec![(3, 1)], "one run: 3, then 5 starts another");
+        assert_eq!(a.take_dirty_runs(10, 8), vec![(5, 5)]);
+        assert_eq!(a.take_dirty_runs(10, 8), vec![]);
+        assert_eq!(a.counts().recycling, 9);
     }
 }

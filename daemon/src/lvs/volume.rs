@@ -57,9 +57,13 @@ use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, Remote};
 
 /// How often the owner reactor drives the free-cluster pipeline.
 const RECYCLE_PERIOD: Duration = Duration::from_millis(5);
-/// Most clusters zeroed per pipeline round: well below a reactor's request slots (1024 by
-/// default), so IO never finds the table full because of re-zeroing.
+/// Most write-zeroes in flight per pipeline round: well below a reactor's request slots
+/// (1024 by default), so IO never finds the table full because of re-zeroing.
 const ZERO_BATCH: usize = 256;
+/// Most bytes zeroed per pipeline round (runs of consecutive clusters share one
+/// write-zeroes): a fresh or re-imported pool of small clusters is zeroed in MiB-sized
+/// commands, not one per 4 KiB cluster.
+const ZERO_BATCH_BYTES: u64 = 16 << 20;
 /// Most writes waiting for a cluster while the pipeline recycles (then ENOSPC). Each
 /// waiter is a request in flight, bounded by the reactors' request slots and the exports'
 /// queue depths, so this is a backstop writes do not reach: after an import every free
@@ -1878,7 +1882,8 @@ impl PoolRt {
             (
                 has,
                 if has {
-                    a.take_dirty(ZERO_BATCH)
+                    let most = (ZERO_BATCH_BYTES / self.cluster_bytes()).max(1);
+                    a.take_dirty_runs(usize::try_from(most).unwrap_or(ZERO_BATCH), ZERO_BATCH)
                 } else {
                     Vec::new()
                 },
@@ -1927,18 +1932,22 @@ impl PoolRt {
             }
         };
         let step: Rc<dyn Fn(&Reactor)> = Rc::new(step);
-        for c in dirty {
-            let off = self.phys(c, 0);
+        for (first, n) in dirty {
+            let off = self.phys(first, 0);
             let (rt, step) = (Rc::clone(&rt), Rc::clone(&step));
             let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| {
-                rt.alloc.borrow_mut().zeroed(c, res.is_ok());
+                let mut a = rt.alloc.borrow_mut();
+                for c in first..first + n {
+                    a.zeroed(c, res.is_ok());
+                }
+                drop(a);
                 step(rx);
             });
             self.data.submit(
                 rx,
                 Io::WriteZeroes {
                     offset: off,
-                    len: self.cluster_bytes(),
+                    len: u64::from(n) * self.cluster_bytes(),
                 },
                 cb,
                 0,
