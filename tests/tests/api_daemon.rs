@@ -69,7 +69,7 @@ impl Daemon {
     fn spawn(dir: &Path, socket: &Path, extra: &[&str]) -> Self {
         let log = dir.join(format!("coreblkd-{}.log", unique()));
         let log_file = std::fs::File::create(&log).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_coreblkd"))
+        let child = Command::new(coreblk_tests::bin("coreblkd"))
             .args(["--no-pin", "--cores", "0", "--default-size", "256M"])
             .args(["--metrics-address", "127.0.0.1:0"])
             .arg("--var-dir")
@@ -157,7 +157,7 @@ fn unique() -> String {
 }
 
 fn coreblk_on(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_coreblk"))
+    Command::new(coreblk_tests::bin("coreblk"))
         .arg("--socket")
         .arg(socket)
         .args(args)
@@ -214,7 +214,7 @@ fn devices_are_listed_claimed_held_and_released_through_the_cli() {
     assert_eq!(again["device_uuid"], device_uuid.as_str());
 
     // Held: the file's lock refuses an offline claim by the other tool.
-    let offline = Command::new(env!("CARGO_BIN_EXE_coreblkd"))
+    let offline = Command::new(coreblk_tests::bin("coreblkd"))
         .args(["devices", "claim", img_s, "--force"])
         .output()
         .expect("run coreblkd devices claim");
@@ -263,7 +263,7 @@ fn devices_are_listed_claimed_held_and_released_through_the_cli() {
         .ends_with("default-pool.img"));
 
     // A relative path is made absolute by the CLI.
-    let rel = Command::new(env!("CARGO_BIN_EXE_coreblk"))
+    let rel = Command::new(coreblk_tests::bin("coreblk"))
         .arg("--socket")
         .arg(&daemon.socket)
         .args(["-o", "json", "device", "claim", "pool-a.img"])
@@ -322,7 +322,7 @@ fn claims_survive_a_restart_and_are_found_by_label() {
         daemon.log_text()
     );
     // Still held by the restarted daemon.
-    let offline = Command::new(env!("CARGO_BIN_EXE_coreblkd"))
+    let offline = Command::new(coreblk_tests::bin("coreblkd"))
         .args(["devices", "claim", path_str(&img), "--force"])
         .output()
         .expect("run");
@@ -521,7 +521,7 @@ fn cli_without_a_daemon_and_completions() {
         "coreblkd is not running",
     );
     // COREBLK_SOCKET names the socket too.
-    let out = Command::new(env!("CARGO_BIN_EXE_coreblk"))
+    let out = Command::new(coreblk_tests::bin("coreblk"))
         .env("COREBLK_SOCKET", dir.path().join("env.sock"))
         .args(["node", "info"])
         .output()

@@ -18,7 +18,7 @@ use coreblk_proto::v1 as pb;
 const MIB: usize = 1 << 20;
 
 fn coreblk(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_coreblk"))
+    Command::new(coreblk_tests::bin("coreblk"))
         .arg("--socket")
         .arg(socket)
         .args(args)
@@ -46,7 +46,7 @@ fn a_busy_pool_verifies_clean_and_check_data_is_refused() {
     let daemon = Daemon::start(dir.path());
     let image = dir.path().join("image.raw");
     std::fs::write(&image, seeded(96 * MIB, 7)).expect("image");
-    let mut import = Command::new(env!("CARGO_BIN_EXE_coreblk"))
+    let mut import = Command::new(coreblk_tests::bin("coreblk"))
         .arg("--socket")
         .arg(&daemon.socket)
         .args(["image", "import"])

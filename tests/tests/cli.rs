@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn coreblkd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_coreblkd"))
+    Command::new(coreblk_tests::bin("coreblkd"))
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -121,7 +121,7 @@ fn an_image_piped_in_comes_back_out_through_the_cli() {
         std::fs::read_to_string(&log_path).unwrap_or_default()
     );
     let coreblk = || {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_coreblk"));
+        let mut c = Command::new(coreblk_tests::bin("coreblk"));
         c.arg("--socket").arg(&socket);
         c
     };
@@ -266,7 +266,7 @@ fn snapshots_and_clones_through_the_cli_tables() {
         std::fs::read_to_string(&log_path).unwrap_or_default()
     );
     let run = |args: &[&str]| -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_coreblk"))
+        let out = Command::new(coreblk_tests::bin("coreblk"))
             .arg("--socket")
             .arg(&socket)
             .args(args)

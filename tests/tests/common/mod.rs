@@ -1,6 +1,7 @@
-//! Shared harness of the daemon tests in this directory that drive a real `coreblkd`
-//! through its gRPC API: start it on a temp socket with a file-backed default pool, stop
-//! or `kill -9` it, talk to it with a tonic client, and read `/metrics`.
+//! Shared harness of the end-to-end tests in this directory that drive a real `coreblkd`
+//! through its gRPC API: start it (the binary found by [`coreblk_tests::bin`]) on a temp
+//! socket with a file-backed default pool, stop or `kill -9` it, talk to it with a tonic
+//! client, and read `/metrics`.
 
 // Each test crate uses a different part of the harness.
 #![allow(dead_code)]
@@ -67,7 +68,7 @@ impl Daemon {
         let socket = dir.join("api.sock");
         let log = dir.join(format!("coreblkd-{}.log", unique()));
         let log_file = std::fs::File::create(&log).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_coreblkd"))
+        let child = Command::new(coreblk_tests::bin("coreblkd"))
             .args(["--no-pin", "--cores", "0", "--default-size", "256M"])
             .args(["--metrics-address", "127.0.0.1:0"])
             .arg("--var-dir")
