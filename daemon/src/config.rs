@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// Microseconds a reactor polls without work before it sleeps [default: 200].
     #[arg(long)]
     pub idle_threshold_us: Option<u64>,
+    /// Microseconds a reactor polls for the completion of fast IO (reads, writes) in flight
+    /// before it sleeps anyway; 0: it sleeps whenever it finds no work [default: 2000].
+    #[arg(long)]
+    pub busy_poll_limit_us: Option<u64>,
     /// Do not pin reactor threads to their cores.
     #[arg(long)]
     pub no_pin: bool,
@@ -83,6 +87,8 @@ pub struct FileConfig {
     pub default_size: Option<String>,
     /// `--idle-threshold-us`.
     pub idle_threshold_us: Option<u64>,
+    /// `--busy-poll-limit-us`.
+    pub busy_poll_limit_us: Option<u64>,
     /// The opposite of `--no-pin`.
     pub pin: Option<bool>,
     /// `--socket`.
@@ -333,6 +339,10 @@ impl Config {
                     .idle_threshold_us
                     .or(file.idle_threshold_us)
                     .unwrap_or(defaults.idle_threshold_us),
+                busy_poll_limit_us: args
+                    .busy_poll_limit_us
+                    .or(file.busy_poll_limit_us)
+                    .unwrap_or(defaults.busy_poll_limit_us),
                 pin,
                 // One fixed-buffer slot per tag of every export a reactor may serve (zero
                 // copy); bounded by io_uring's table limit in the reactor.
@@ -556,6 +566,7 @@ mod tests {
             metrics_address = "off"
             pin = false
             idle_threshold_us = 7
+            busy_poll_limit_us = 5
             node_id = "node-a"
             mount_namespace = false
             "#,
@@ -569,6 +580,7 @@ mod tests {
         let cfg = Config::merge(args, file).expect("ok");
         assert_eq!(cfg.socket, Path::new("/tmp/flag.sock"));
         assert_eq!(cfg.reactor.idle_threshold_us, 9);
+        assert_eq!(cfg.reactor.busy_poll_limit_us, 5);
         assert_eq!(cfg.metrics_address, None);
         assert!(!cfg.reactor.pin);
         assert_eq!(cfg.node_id.as_deref(), Some("node-a"));
@@ -630,12 +642,17 @@ mod tests {
             cfg.reactor.idle_threshold_us,
             defaults.reactor.idle_threshold_us
         );
+        assert_eq!(
+            cfg.reactor.busy_poll_limit_us,
+            defaults.reactor.busy_poll_limit_us
+        );
         for key in [
             "cores",
             "device",
             "var_dir",
             "default_size",
             "idle_threshold_us",
+            "busy_poll_limit_us",
             "pin",
             "socket",
             "metrics_address",
