@@ -112,6 +112,16 @@ impl MallocDevice {
     }
 }
 
+impl MallocDevice {
+    /// This device with a smaller largest transfer, as many NVMe controllers have (MDTS):
+    /// requests above it fail with EINVAL, so users must split.
+    #[must_use]
+    pub fn with_max_transfer(mut self, bytes: u32) -> Self {
+        self.geo.max_transfer_bytes = bytes;
+        self
+    }
+}
+
 impl BlockDevice for MallocDevice {
     fn geometry(&self) -> &Geometry {
         &self.geo

@@ -492,7 +492,11 @@ mod tests {
     fn dirty_runs_stop_at_the_cluster_or_run_limit() {
         let mut a = Allocator::from_in_use(10, [4]).expect("import");
         assert_eq!(a.take_dirty_runs(3, 8), vec![(0, 3)]);
-        assert_eq!(a.take_dirty_runs(10, 1), vec![(3, 1)], "one run: 3, then 5 starts another");
+        assert_eq!(
+            a.take_dirty_runs(10, 1),
+            vec![(3, 1)],
+            "one run: 3, then 5 starts another"
+        );
         assert_eq!(a.take_dirty_runs(10, 8), vec![(5, 5)]);
         assert_eq!(a.take_dirty_runs(10, 8), vec![]);
         assert_eq!(a.counts().recycling, 9);

@@ -369,7 +369,12 @@ impl Journal {
         // checkpoint does not cover yet.
         let to_end = ring - first % ring;
         let room = (self.reusable_below.get() + ring).saturating_sub(first);
-        let max_blocks = MAX_BLOCKS_PER_WRITE.min(to_end).min(room);
+        // Within the device's largest transfer too.
+        let transfer = u64::from(self.ch.geometry().max_transfer_bytes) / BLOCK_BYTES as u64;
+        let max_blocks = MAX_BLOCKS_PER_WRITE
+            .min(transfer.max(1))
+            .min(to_end)
+            .min(room);
         if max_blocks == 0 {
             if room == 0 && self.pressure.borrow().is_some() {
                 // Records wait for the checkpoint the hook starts (or fails).

@@ -1464,7 +1464,9 @@ impl PoolRt {
                 }),
             );
         }
-        let n = CKPT_CHUNK.min(bytes.len() - off);
+        // Within the device's largest transfer (the checkpoint is in 4 KiB blocks).
+        let most = usize::try_from(self.piece_bytes()).unwrap_or(CKPT_CHUNK);
+        let n = CKPT_CHUNK.min(most).min(bytes.len() - off);
         let io = Io::Write {
             offset: base + off as u64,
             buf: IoBuf::from_slice(&bytes[off..off + n]),
@@ -1758,34 +1760,64 @@ impl PoolRt {
         self.bump(|s| s.copy_ups += 1);
         self.io_start(m.pc);
         let (rt, v2) = (self.rc(), Rc::clone(v));
+        self.copy_cluster(
+            rx,
+            m.pc,
+            pc,
+            0,
+            Box::new(move |rx: &Reactor, r: Result<(), Errno>| {
+                rt.io_end(rx, m.pc);
+                match r {
+                    Ok(()) => rt.journal_mapping(rx, &v2, lc, pc, false, done),
+                    Err(e) => {
+                        rt.abandon(rx, pc, key);
+                        done(rx, Err(e));
+                    }
+                }
+            }),
+        );
+    }
+
+    /// Copies cluster `from` to cluster `to` from byte `off` on, in pieces the device takes
+    /// in one request (a cluster may be larger than its largest transfer). Each piece is
+    /// written FUA: the copy must be durable before the record that maps it (power loss
+    /// would otherwise show zeroes where flushed data was).
+    fn copy_cluster(&self, rx: &Reactor, from: u32, to: u32, off: u64, done: StepDone) {
+        let cluster = self.cluster_bytes();
+        if off >= cluster {
+            return done(rx, Ok(()));
+        }
+        let n = self.piece_bytes().min(cluster - off);
+        let rt = self.rc();
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf: Option<IoBuf>| {
-            rt.io_end(rx, m.pc);
             let (Ok(_), Some(buf)) = (res, buf) else {
-                rt.abandon(rx, pc, key);
                 return done(rx, Err(res.err().unwrap_or(Errno::EIO)));
             };
-            // The copy must be durable before the record that maps it (power loss would
-            // otherwise show zeroes where flushed data was): FUA.
             let rt2 = Rc::clone(&rt);
-            let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| {
-                if let Err(e) = res {
-                    rt2.abandon(rx, pc, key);
-                    return done(rx, Err(e));
-                }
-                rt2.journal_mapping(rx, &v2, lc, pc, false, done);
+            let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, _| match res {
+                Ok(_) => rt2.copy_cluster(rx, from, to, off + n, done),
+                Err(e) => done(rx, Err(e)),
             });
             let io = Io::Write {
-                offset: rt.phys(pc, 0),
+                offset: rt.phys(to, off),
                 buf,
                 fua: true,
             };
             rt.data.submit(rx, io, cb, 0);
         });
         let io = Io::Read {
-            offset: self.phys(m.pc, 0),
-            buf: IoBuf::alloc(usize::try_from(self.cluster_bytes()).expect("cluster fits memory")),
+            offset: self.phys(from, off),
+            buf: IoBuf::alloc(usize::try_from(n).expect("a piece fits memory")),
         };
         self.data.submit(rx, io, cb, 0);
+    }
+
+    /// Most bytes of one device read or write of whole-cluster and checkpoint work: the
+    /// device's largest transfer, in 4 KiB units (at least one).
+    fn piece_bytes(&self) -> u64 {
+        let max = u64::from(self.data.geometry().max_transfer_bytes);
+        let block = super::format::BLOCK_BYTES as u64;
+        (max - max % block).max(block)
     }
 
     /// Data for `lc` of `v` is in new cluster `pc`: journal the mapping (and the volume's
