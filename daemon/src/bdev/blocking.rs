@@ -34,15 +34,19 @@ pub enum BlockingError {
         /// Why.
         source: std::io::Error,
     },
-    /// The IO failed.
     /// A read that returned fewer bytes than asked (past the end of the device).
     #[error("read of {len} bytes at offset {offset} of {device} returned {got} bytes")]
     ShortRead {
+        /// Device name.
         device: String,
+        /// Byte offset.
         offset: u64,
+        /// Bytes asked.
         len: usize,
+        /// Bytes read.
         got: usize,
     },
+    /// The IO failed.
     #[error("{op} on {device} failed: {errno}")]
     Io {
         /// Operation.
