@@ -51,9 +51,10 @@ impl RetiredLeaves {
 impl Drop for RetiredLeaves {
     fn drop(&mut self) {
         for p in self.0.drain(..) {
-            // SAFETY: each pointer came from `Leaf::new_raw`, reached zero references
+            // each pointer came from `Leaf::new_raw`, reached zero references
             // (no top array points to it) and was queued once; the holder waited for a
             // grace period, so no reader still uses it.
+            // SAFETY: the reasons above hold here.
             drop(unsafe { Box::from_raw(p as *mut Leaf) });
         }
     }
@@ -189,8 +190,9 @@ unsafe fn drop_leaf_ref(
     }
     match retire {
         Some(r) => r.push(p),
-        // SAFETY: that was the last reference: no top array points to `p` any more, and
+        // that was the last reference: no top array points to `p` any more, and
         // without a retire queue no reader outside the owner uses this map.
+        // SAFETY: the reasons above hold here.
         None => drop(unsafe { Box::from_raw(p) }),
     }
 }
@@ -256,8 +258,9 @@ impl ClusterMap {
     }
 
     fn top(&self) -> &Top {
-        // SAFETY: `top` always points to a live Top: installed from Box::into_raw, and a
+        // `top` always points to a live Top: installed from Box::into_raw, and a
         // replaced one is retired (kept alive) until Drop, which needs `&mut self`.
+        // SAFETY: the reasons above hold here.
         unsafe { &*self.top.load(Ordering::Acquire) }
     }
 
@@ -267,8 +270,9 @@ impl ClusterMap {
         }
         let idx = usize::try_from(lc).ok()?;
         let p = self.top().get(idx / LEAF_ENTRIES)?.load(Ordering::Acquire);
-        // SAFETY: a non-null leaf pointer in a live top is a live leaf (module contract);
+        // a non-null leaf pointer in a live top is a live leaf (module contract);
         // the Acquire load pairs with the Release store that published it.
+        // SAFETY: the reasons above hold here.
         let leaf = unsafe { p.as_ref()? };
         Some((leaf, idx % LEAF_ENTRIES))
     }
@@ -527,9 +531,10 @@ impl Drop for ClusterMap {
     fn drop(&mut self) {
         let top = *self.top.get_mut();
         let retire = self.retire.get().cloned();
-        // SAFETY: `&mut self`: no reader of this map is left. Each leaf pointer appears in
+        // `&mut self`: no reader of this map is left. Each leaf pointer appears in
         // the current top exactly once (growth copies pointers into the new top) and this
         // map owns one reference to it; retired tops are freed below without their leaves.
+        // SAFETY: the reasons above hold here.
         unsafe {
             for slot in (&*top).iter() {
                 let p = slot.load(Ordering::Relaxed);
@@ -545,8 +550,9 @@ impl Drop for ClusterMap {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
         for t in retired {
-            // SAFETY: retired tops came from Box::into_raw and are freed once, here; their
+            // retired tops came from Box::into_raw and are freed once, here; their
             // leaves are owned by the current top and were handled above.
+            // SAFETY: the reasons above hold here.
             drop(unsafe { Box::from_raw(t) });
         }
     }

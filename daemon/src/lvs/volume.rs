@@ -2259,8 +2259,9 @@ impl RemoteChannel {
     /// zero-filled from `/dev/zero`.
     fn read_kernel(&self, rx: &Reactor, slot: usize, segs: Segments, whole: &Rc<IoBuf>) {
         for seg in segs {
-            // SAFETY: the segments are disjoint ranges of the request, each with one IO;
+            // the segments are disjoint ranges of the request, each with one IO;
             // a kernel buffer has no bytes here to alias in any case.
+            // SAFETY: the reasons above hold here.
             let piece = unsafe { IoBuf::piece(whole, seg.buf_off, seg.len) };
             let me = self.rc();
             let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, b: Option<IoBuf>| {
@@ -2761,10 +2762,11 @@ impl VolumeChannel {
             r.lent = Some(Rc::new(b));
         }
         let whole = r.lent.as_ref().expect("lent above");
-        // SAFETY: the segments of one request are disjoint ranges of its buffer and each
+        // the segments of one request are disjoint ranges of its buffer and each
         // has at most one device IO (so one piece) at a time; while lent, the buffer is
         // reached only through pieces, and it is taken back in `part_done` after every
         // part has finished and dropped its piece in `seg_done`.
+        // SAFETY: the reasons above hold here.
         unsafe { IoBuf::piece(whole, seg.buf_off, seg.len) }
     }
 
