@@ -584,7 +584,7 @@ fn print_result(
         let lvol = lvol.map(|l| {
             serde_json::json!({
                 "cluster_bytes": l.cluster_bytes, "volume_bytes": l.volume_bytes, "pool_clusters": l.pool_clusters,
-                "alloc": { "zeroed": l.alloc.zeroed, "in_use": l.alloc.in_use, "recycling": l.alloc.recycling },
+                "alloc": { "zeroed": l.alloc.zeroed, "clean": l.alloc.clean, "in_use": l.alloc.in_use, "recycling": l.alloc.recycling },
                 "clusters_allocated": l.clusters_allocated,
                 "user_write_bytes": r.write_bytes_all,
                 "device": l.device,
@@ -647,11 +647,12 @@ fn print_result(
         if let Some(l) = lvol {
             let d = &l.device;
             println!(
-                "  lvol: cluster {} KiB, volume {} MiB, pool clusters {} (zeroed {}, in use {}, recycling {}); run allocated {} clusters",
+                "  lvol: cluster {} KiB, volume {} MiB, pool clusters {} (ready {}, clean {}, in use {}, recycling {}); run allocated {} clusters",
                 l.cluster_bytes >> 10,
                 l.volume_bytes >> 20,
                 l.pool_clusters,
                 l.alloc.zeroed,
+                l.alloc.clean,
                 l.alloc.in_use,
                 l.alloc.recycling,
                 l.clusters_allocated

@@ -19,10 +19,161 @@
 //! An in-use cluster carries a reference count: the number of map leaves holding it
 //! (snapshots and clones share leaves, `map.rs`); it leaves `InUse` when the last goes.
 //!
+//! Free space that is durably zero survives a restart (FORMAT.md §5): beyond a window of
+//! ready clusters, zeroed clusters become `Clean` and the pool journals them (a *zeroed*
+//! record); a clean cluster is handed out only after a *withdrawn* record naming it was
+//! written and flushed (`Withdrawing`), so the journal never calls a cluster zero that may
+//! hold data. An import starts from the recorded clean set and zeroes only the rest of the
+//! free space: the ready window, and what was freed since.
+//!
+//! ```text
+//! ZeroedUnflushed --flush_done, window full--> Clean --begin_withdraw--> Withdrawing
+//!                                                  ^                          |
+//!                                                  +--withdrawn(failed)-------+--withdrawn--> Zeroed
+//! ```
+//!
 //! Must never: hand out a cluster twice, or before it is durably zero. Memory: three bytes
-//! per cluster (state and count) plus the queues.
+//! per cluster (state and count) plus the queues and the clean runs (at most
+//! [`MAX_CLEAN_RUNS`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+
+/// The most runs the clean set holds (memory and checkpoint space stay bounded: 8 bytes
+/// per run in a checkpoint); a zeroed cluster that would start a run past it stays ready.
+pub const MAX_CLEAN_RUNS: usize = 1 << 16;
+
+/// A set of clusters as runs `first -> count` (disjoint, never adjacent).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ZeroRuns {
+    runs: BTreeMap<u32, u32>,
+    clusters: u64,
+}
+
+impl ZeroRuns {
+    /// Clusters in the set.
+    pub fn clusters(&self) -> u64 {
+        self.clusters
+    }
+
+    /// Runs in the set.
+    pub fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// The runs `(first, count)`, ascending.
+    pub fn runs(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.runs.iter().map(|(&f, &n)| (f, n))
+    }
+
+    /// Whether cluster `c` is in the set.
+    pub fn contains(&self, c: u32) -> bool {
+        self.runs
+            .range(..=c)
+            .next_back()
+            .is_some_and(|(&f, &n)| u64::from(c) < u64::from(f) + u64::from(n))
+    }
+
+    /// Whether adding `[first, first + n)` to the set would start a new run.
+    fn starts_run(&self, first: u32, n: u32) -> bool {
+        let joins_before = self
+            .runs
+            .range(..=first)
+            .next_back()
+            .is_some_and(|(&f, &m)| u64::from(f) + u64::from(m) >= u64::from(first));
+        let joins_after = first
+            .checked_add(n)
+            .and_then(|end| self.runs.range(..=end).next_back())
+            .is_some_and(|(&f, _)| f >= first);
+        !(joins_before || joins_after)
+    }
+
+    /// Adds `[first, first + n)` (parts already in the set are fine).
+    pub fn add(&mut self, first: u32, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let mut lo = u64::from(first);
+        // Cluster numbers are u32 and below the pool's count (itself a u32).
+        let mut hi = (lo + u64::from(n)).min(u64::from(u32::MAX));
+        if hi <= lo {
+            return;
+        }
+        // Absorb every run that overlaps or touches [lo, hi).
+        let touching: Vec<(u32, u32)> = self
+            .runs
+            .range(..=u32::try_from(hi).unwrap_or(u32::MAX))
+            .rev()
+            .take_while(|(&f, &m)| u64::from(f) + u64::from(m) >= lo)
+            .map(|(&f, &m)| (f, m))
+            .collect();
+        for (f, m) in touching {
+            self.runs.remove(&f);
+            self.clusters -= u64::from(m);
+            lo = lo.min(u64::from(f));
+            hi = hi.max(u64::from(f) + u64::from(m));
+        }
+        let first = u32::try_from(lo).expect("below the first added cluster");
+        let n = u32::try_from(hi - lo).expect("runs of u32 clusters");
+        self.runs.insert(first, n);
+        self.clusters += u64::from(n);
+    }
+
+    /// Removes `[first, first + n)` (parts not in the set are fine).
+    pub fn remove(&mut self, first: u32, n: u32) {
+        let lo = u64::from(first);
+        let hi = lo + u64::from(n);
+        if n == 0 {
+            return;
+        }
+        let hit: Vec<(u32, u32)> = self
+            .runs
+            .range(..u32::try_from(hi).unwrap_or(u32::MAX))
+            .rev()
+            .take_while(|(&f, &m)| u64::from(f) + u64::from(m) > lo)
+            .map(|(&f, &m)| (f, m))
+            .collect();
+        for (f, m) in hit {
+            let (f64_, end) = (u64::from(f), u64::from(f) + u64::from(m));
+            if end <= lo || f64_ >= hi {
+                continue;
+            }
+            self.runs.remove(&f);
+            self.clusters -= u64::from(m);
+            if f64_ < lo {
+                self.runs
+                    .insert(f, u32::try_from(lo - f64_).expect("part of a run"));
+                self.clusters += lo - f64_;
+            }
+            if end > hi {
+                let tail = u32::try_from(hi).expect("inside a run");
+                self.runs
+                    .insert(tail, u32::try_from(end - hi).expect("part of a run"));
+                self.clusters += end - hi;
+            }
+        }
+    }
+
+    /// Takes up to `most` clusters from the lowest runs.
+    fn take_front(&mut self, most: u64) -> Vec<(u32, u32)> {
+        let mut out = Vec::new();
+        let mut left = most;
+        while left > 0 {
+            let Some((&f, &m)) = self.runs.iter().next() else {
+                break;
+            };
+            let take = u32::try_from(left.min(u64::from(m))).expect("at most a run");
+            self.remove(f, take);
+            out.push((f, take));
+            left -= u64::from(take);
+        }
+        out
+    }
+}
 
 /// State of one cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +191,11 @@ pub enum ClusterState {
     Zeroing = 4,
     /// Zeroed, waiting for a flush to make the zeroes durable.
     ZeroedUnflushed = 5,
+    /// Durably zero and in the clean set (journaled as such): not handed out until a
+    /// withdrawn record naming it is durable.
+    Clean = 6,
+    /// A withdrawn record naming it is on its way to the journal and a flush.
+    Withdrawing = 7,
 }
 
 /// A flush the pool started, covering the zeroings completed before it.
@@ -55,6 +211,8 @@ pub struct AllocCounts {
     pub in_use: u64,
     /// On their way back (freed, dirty, zeroing, unflushed): free space, not yet usable.
     pub recycling: u64,
+    /// Clean or being withdrawn: durably zero free space, usable after a withdrawal.
+    pub clean: u64,
 }
 
 /// The allocator of one pool.
@@ -73,6 +231,14 @@ pub struct Allocator {
     zeroing: u64,
     epoch: u64,
     in_use: u64,
+    /// Clusters in state `Clean`.
+    clean: ZeroRuns,
+    /// Clusters in state `Withdrawing`.
+    withdrawing: u64,
+    /// Runs that became clean and whose zeroed records the pool has not journaled yet.
+    new_clean: Vec<(u32, u32)>,
+    /// Ready clusters to keep; past it, zeroed clusters become clean (0: never).
+    window: u64,
 }
 
 impl Allocator {
@@ -89,6 +255,18 @@ impl Allocator {
         clusters: u32,
         in_use: impl IntoIterator<Item = u32>,
     ) -> Result<Self, String> {
+        Self::from_import(clusters, in_use, &ZeroRuns::default()).map(|(a, _)| a)
+    }
+
+    /// An imported pool whose journal recorded `clean` clusters as durably zero and not
+    /// handed out: they start clean; every other unreferenced cluster is zeroed again.
+    /// Also returns how many recorded clean clusters are mapped (damage: they count as in
+    /// use and leave the clean set).
+    pub fn from_import(
+        clusters: u32,
+        in_use: impl IntoIterator<Item = u32>,
+        clean: &ZeroRuns,
+    ) -> Result<(Self, u64), String> {
         let mut a = Self::empty(clusters, ClusterState::Dirty);
         for c in in_use {
             let s = a
@@ -106,10 +284,108 @@ impl Allocator {
             a.refs[c as usize] = 1;
             a.in_use += 1;
         }
+        let mut mapped_clean = 0u64;
+        for (first, n) in clean.runs() {
+            let end = u64::from(first) + u64::from(n);
+            if end > u64::from(clusters) {
+                return Err(format!(
+                    "clusters {first}..{end} recorded zero past the pool's {clusters}"
+                ));
+            }
+            let mut run: Option<(u32, u32)> = None;
+            for c in first..first + n {
+                let s = &mut a.state[c as usize];
+                if *s == ClusterState::InUse {
+                    mapped_clean += 1;
+                    continue;
+                }
+                *s = ClusterState::Clean;
+                match &mut run {
+                    Some((f, m)) if *f + *m == c => *m += 1,
+                    _ => {
+                        if let Some((f, m)) = run.take() {
+                            a.clean.add(f, m);
+                        }
+                        run = Some((c, 1));
+                    }
+                }
+            }
+            if let Some((f, m)) = run {
+                a.clean.add(f, m);
+            }
+        }
         a.dirty = (0..clusters)
             .filter(|&c| a.state[c as usize] == ClusterState::Dirty)
             .collect();
-        Ok(a)
+        Ok((a, mapped_clean))
+    }
+
+    /// Keeps `ready` clusters ready to hand out; zeroed clusters past that become clean
+    /// (journaled, so an import need not zero them again).
+    pub fn set_window(&mut self, ready: u64) {
+        self.window = ready;
+    }
+
+    /// The clean set (what a checkpoint records as durably zero).
+    pub fn clean(&self) -> &ZeroRuns {
+        &self.clean
+    }
+
+    /// Runs that became clean since the last call: the pool journals them (zeroed
+    /// records) before any withdrawn record it appends later.
+    pub fn take_new_clean(&mut self) -> Vec<(u32, u32)> {
+        std::mem::take(&mut self.new_clean)
+    }
+
+    /// Whether the ready queue runs low while clean clusters wait (and no withdrawal is
+    /// under way).
+    pub fn wants_withdraw(&self) -> bool {
+        self.withdrawing == 0
+            && !self.clean.is_empty()
+            && (self.zeroed.len() as u64) < self.window.div_ceil(2).max(1)
+    }
+
+    /// Takes clean clusters (lowest first) to refill the ready window: the pool journals a
+    /// withdrawn record naming these runs, flushes, then calls [`withdrawn`](Self::withdrawn).
+    pub fn begin_withdraw(&mut self) -> Vec<(u32, u32)> {
+        let want = self
+            .window
+            .max(1)
+            .saturating_sub(self.zeroed.len() as u64)
+            .max(1);
+        let runs = self.clean.take_front(want);
+        for &(f, n) in &runs {
+            for c in f..f + n {
+                self.state[c as usize] = ClusterState::Withdrawing;
+            }
+            self.withdrawing += u64::from(n);
+        }
+        runs
+    }
+
+    /// The withdrawn record for `runs` is durable (`ok`): they are ready. Otherwise they
+    /// stay clean (still zero, never handed out).
+    pub fn withdrawn(&mut self, runs: &[(u32, u32)], ok: bool) {
+        for &(f, n) in runs {
+            for c in f..f + n {
+                let s = &mut self.state[c as usize];
+                assert_eq!(
+                    *s,
+                    ClusterState::Withdrawing,
+                    "withdrawal of cluster {c} in state {s:?}"
+                );
+                if ok {
+                    *s = ClusterState::Zeroed;
+                    self.zeroed.push_back(c);
+                } else {
+                    *s = ClusterState::Clean;
+                }
+            }
+            self.withdrawing -= u64::from(n);
+            if !ok {
+                self.clean.add(f, n);
+            }
+        }
     }
 
     fn empty(clusters: u32, fill: ClusterState) -> Self {
@@ -123,6 +399,10 @@ impl Allocator {
             zeroing: 0,
             epoch: 0,
             in_use: 0,
+            clean: ZeroRuns::default(),
+            withdrawing: 0,
+            new_clean: Vec::new(),
+            window: 0,
         }
     }
 
@@ -135,15 +415,17 @@ impl Allocator {
     pub fn counts(&self) -> AllocCounts {
         let total = self.state.len() as u64;
         let zeroed = self.zeroed.len() as u64;
+        let clean = self.clean.clusters() + self.withdrawing;
         AllocCounts {
             zeroed,
             in_use: self.in_use,
-            recycling: total - zeroed - self.in_use,
+            recycling: total - zeroed - self.in_use - clean,
+            clean,
         }
     }
 
-    /// Hands out a durably zero cluster. `None` with `recycling > 0` means "wait for the
-    /// pipeline"; `None` with nothing recycling means the pool is full (ENOSPC).
+    /// Hands out a durably zero cluster. `None` with `recycling > 0` or `clean > 0` means
+    /// "wait for the pipeline"; `None` with neither means the pool is full (ENOSPC).
     pub fn alloc(&mut self) -> Option<u32> {
         let c = self.zeroed.pop_front()?;
         let s = &mut self.state[c as usize];
@@ -271,8 +553,20 @@ impl Allocator {
                 break;
             }
             self.unflushed.pop_front();
-            self.state[c as usize] = ClusterState::Zeroed;
-            self.zeroed.push_back(c);
+            let keep_ready = (self.zeroed.len() as u64) < self.window
+                || self.window == 0
+                || (self.clean.len() >= MAX_CLEAN_RUNS && self.clean.starts_run(c, 1));
+            if keep_ready {
+                self.state[c as usize] = ClusterState::Zeroed;
+                self.zeroed.push_back(c);
+                continue;
+            }
+            self.state[c as usize] = ClusterState::Clean;
+            self.clean.add(c, 1);
+            match self.new_clean.last_mut() {
+                Some((f, n)) if *f + *n == c => *n += 1,
+                _ => self.new_clean.push((c, 1)),
+            }
         }
     }
 
@@ -302,12 +596,19 @@ impl Allocator {
         for &(_, c) in &self.unflushed {
             mark(c, ClusterState::ZeroedUnflushed, "the unflushed queue")?;
         }
+        for (f, n) in self.clean.runs() {
+            for c in f..f + n {
+                mark(c, ClusterState::Clean, "the clean set")?;
+            }
+        }
         let mut zeroing = 0;
         let mut in_use = 0;
+        let mut withdrawing = 0;
         for (i, s) in self.state.iter().enumerate() {
             match s {
                 ClusterState::InUse => in_use += 1,
                 ClusterState::Zeroing => zeroing += 1,
+                ClusterState::Withdrawing => withdrawing += 1,
                 _ if seen[i] != 1 => {
                     return Err(format!(
                         "cluster {i} in state {s:?} is on {} queues",
@@ -317,10 +618,10 @@ impl Allocator {
                 _ => {}
             }
         }
-        if in_use != self.in_use || zeroing != self.zeroing {
+        if in_use != self.in_use || zeroing != self.zeroing || withdrawing != self.withdrawing {
             return Err(format!(
-                "counts: in use {in_use} vs {}, zeroing {zeroing} vs {}",
-                self.in_use, self.zeroing
+                "counts: in use {in_use} vs {}, zeroing {zeroing} vs {}, withdrawing {withdrawing} vs {}",
+                self.in_use, self.zeroing, self.withdrawing
             ));
         }
         Ok(())
@@ -341,6 +642,10 @@ mod tests {
         Zeroed(usize, bool),
         BeginFlush,
         FlushDone(usize),
+        /// Journal the new clean runs, then begin a withdrawal (as the pool does).
+        Withdraw,
+        WithdrawDone(usize, bool),
+        Journal,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -352,6 +657,9 @@ mod tests {
             2 => (any::<usize>(), prop::bool::weighted(0.9)).prop_map(|(i, ok)| Op::Zeroed(i, ok)),
             1 => Just(Op::BeginFlush),
             1 => any::<usize>().prop_map(Op::FlushDone),
+            1 => Just(Op::Withdraw),
+            1 => (any::<usize>(), prop::bool::weighted(0.9)).prop_map(|(i, ok)| Op::WithdrawDone(i, ok)),
+            1 => Just(Op::Journal),
         ]
     }
 
@@ -369,15 +677,42 @@ mod tests {
 
     proptest! {
         #[test]
-        fn never_hands_out_a_cluster_in_use_or_not_durably_zero(ops in prop::collection::vec(op(), 1..300), fresh in any::<bool>()) {
+        fn never_hands_out_a_cluster_in_use_or_not_durably_zero(ops in prop::collection::vec(op(), 1..300), fresh in any::<bool>(), window in 0u64..6, clean_mask in any::<u16>()) {
             let n = 12u32;
-            let mut a = if fresh { Allocator::new_zeroed(n) } else { Allocator::from_in_use(n, [1, 5, 7]).expect("import") };
+            // What the journal says is clean, as an import would replay it.
+            let mut journal = ZeroRuns::default();
+            if !fresh {
+                for c in 0..n {
+                    if clean_mask & (1 << c) != 0 {
+                        journal.add(c, 1);
+                    }
+                }
+            }
+            let mut a = if fresh {
+                Allocator::new_zeroed(n)
+            } else {
+                let (a, mapped) = Allocator::from_import(n, [1, 5, 7], &journal).expect("import");
+                let want = [1u32, 5, 7].iter().filter(|&&c| journal.contains(c)).count() as u64;
+                prop_assert_eq!(mapped, want, "recorded clean but mapped");
+                for c in [1, 5, 7] {
+                    journal.remove(c, 1);
+                }
+                a
+            };
+            a.set_window(window);
             let mut truth = vec![Truth { zero_durable: fresh, zero_written_at: fresh.then_some(0), ..Truth::default() }; n as usize];
             if !fresh {
                 for c in [1, 5, 7] {
                     truth[c].in_use = true;
                 }
+                for c in 0..n {
+                    if journal.contains(c) {
+                        prop_assert_eq!(a.state(c), ClusterState::Clean);
+                        truth[c as usize] = Truth { zero_durable: true, zero_written_at: Some(0), ..Truth::default() };
+                    }
+                }
             }
+            let mut withdrawals: Vec<Vec<(u32, u32)>> = Vec::new();
             let mut seq = 1u64;
             let mut clock = 1u64;
             let mut zeroing: Vec<u32> = Vec::new();
@@ -437,6 +772,37 @@ mod tests {
                             }
                         }
                     }
+                    Op::Withdraw => {
+                        for (f, m) in a.take_new_clean() {
+                            journal.add(f, m);
+                        }
+                        if a.wants_withdraw() {
+                            let runs = a.begin_withdraw();
+                            prop_assert!(!runs.is_empty());
+                            for &(f, m) in &runs {
+                                journal.remove(f, m);
+                            }
+                            withdrawals.push(runs);
+                        }
+                    }
+                    Op::WithdrawDone(i, ok) => {
+                        if !withdrawals.is_empty() {
+                            let runs = withdrawals.remove(i % withdrawals.len());
+                            a.withdrawn(&runs, ok);
+                            if !ok {
+                                // Still zero and never handed out: the next checkpoint may
+                                // record it clean again.
+                                for &(f, m) in &runs {
+                                    journal.add(f, m);
+                                }
+                            }
+                        }
+                    }
+                    Op::Journal => {
+                        for (f, m) in a.take_new_clean() {
+                            journal.add(f, m);
+                        }
+                    }
                     Op::BeginFlush => flushes.push((a.begin_flush(), clock)),
                     Op::FlushDone(i) => {
                         if !flushes.is_empty() {
@@ -451,8 +817,82 @@ mod tests {
                     }
                 }
                 a.check().map_err(TestCaseError::fail)?;
+                for (f, m) in journal.runs() {
+                    for c in f..f + m {
+                        let t = truth[c as usize];
+                        prop_assert!(t.zero_durable && !t.in_use, "cluster {c} journaled clean but {t:?}");
+                    }
+                }
+                let cn = a.counts();
+                prop_assert_eq!(cn.zeroed + cn.in_use + cn.recycling + cn.clean, u64::from(n));
             }
         }
+
+        #[test]
+        fn zero_runs_equal_a_set(ops in prop::collection::vec((any::<bool>(), 0u32..40, 0u32..8), 1..60)) {
+            let mut z = ZeroRuns::default();
+            let mut model = std::collections::BTreeSet::new();
+            for (add, first, len) in ops {
+                if add {
+                    z.add(first, len);
+                    model.extend(first..first + len);
+                } else {
+                    z.remove(first, len);
+                    for c in first..first + len {
+                        model.remove(&c);
+                    }
+                }
+                let got: Vec<u32> = z.runs().flat_map(|(f, m)| f..f + m).collect();
+                prop_assert_eq!(&got, &model.iter().copied().collect::<Vec<_>>());
+                prop_assert_eq!(z.clusters(), model.len() as u64);
+                let runs: Vec<(u32, u32)> = z.runs().collect();
+                for w in runs.windows(2) {
+                    prop_assert!(w[0].0 + w[0].1 < w[1].0, "runs {:?} touch or overlap", w);
+                }
+                for c in 0..50 {
+                    prop_assert_eq!(z.contains(c), model.contains(&c));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn clean_clusters_need_a_withdrawal_and_runs_are_bounded() {
+        let mut a = Allocator::from_in_use(8, []).expect("import");
+        a.set_window(2);
+        let d = a.take_dirty_runs(8, 8);
+        assert_eq!(d, vec![(0, 8)]);
+        for c in 0..8 {
+            a.zeroed(c, true);
+        }
+        let t = a.begin_flush();
+        a.flush_done(t);
+        assert_eq!(a.counts().zeroed, 2, "the window");
+        assert_eq!(a.counts().clean, 6);
+        assert_eq!(a.take_new_clean(), vec![(2, 6)]);
+        assert_eq!(a.alloc(), Some(0));
+        assert!(!a.wants_withdraw(), "one ready: half the window of 2");
+        assert_eq!(a.alloc(), Some(1));
+        assert!(a.wants_withdraw(), "none ready");
+        let w = a.begin_withdraw();
+        assert_eq!(w, vec![(2, 2)], "refills the window, lowest first");
+        assert!(!a.wants_withdraw(), "one withdrawal at a time");
+        assert_eq!(a.alloc(), None, "withdrawn clusters wait for their record");
+        assert!(a.counts().clean > 0, "so the caller waits, not ENOSPC");
+        a.withdrawn(&w, true);
+        assert_eq!(a.alloc(), Some(2));
+        a.check().expect("consistent");
+        // A clean set fragmented to the limit keeps further clusters ready.
+        let mut z = ZeroRuns::default();
+        for i in 0..4u32 {
+            z.add(i * 2, 1);
+        }
+        assert!(z.starts_run(100, 1));
+        assert!(!z.starts_run(1, 1), "joins 0 and 2");
+        assert!(!z.starts_run(7, 1), "extends 6");
+        z.add(20, 1);
+        assert!(!z.starts_run(17, 3), "ends where 20 begins");
+        assert!(z.starts_run(16, 3), "16..19 stops short of 20");
     }
 
     #[test]
@@ -472,7 +912,8 @@ mod tests {
             AllocCounts {
                 zeroed: 0,
                 in_use: 1,
-                recycling: 3
+                recycling: 3,
+                clean: 0,
             }
         );
         let d = a.take_dirty_runs(10, 8);

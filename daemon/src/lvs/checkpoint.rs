@@ -10,7 +10,9 @@
 //!   loaded into the table directly (the source may be long deleted);
 //! - type 12, leaf contents: leaf id u32, first slot u16, then one u32 per consecutive slot
 //!   (physical cluster + 1, 0 = unmapped) — a leaf shared by several maps is stored once;
-//! - type 13, a map's leaves: map id u32, then (leaf index u32, leaf id u32) pairs.
+//! - type 13, a map's leaves: map id u32, then (leaf index u32, leaf id u32) pairs;
+//! - type 16, runs of clusters that are durably zero and not handed out, last and only as
+//!   many as fit the area (a run left out is zeroed again after an import: safe).
 //!
 //! The writer ([`encode`]) runs on the owner reactor at a point where the in-memory state
 //! equals every record up to a journal sequence `S` and none after; the pool writes the
@@ -25,10 +27,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::alloc::ZeroRuns;
 use super::format::{self, Record, Superblock, BLOCK_BYTES, NO_CHECKPOINT};
 use super::map::{ClusterMap, Mapping, LEAF_ENTRIES};
-use super::pool::{check_volume_size, volume_clusters, Maps, MetaSource, PoolError};
-use super::table::{take_u16, take_u32, VolumeMeta, VolumeRecord, VolumeTable};
+use super::pool::{check_runs, check_volume_size, volume_clusters, Maps, MetaSource, PoolError};
+use super::table::{take_u16, take_u32, VolumeMeta, VolumeRecord, VolumeTable, RUNS_PER_RECORD};
 
 /// Distinguishes checkpoint blocks from journal blocks of the same pool.
 pub const CKPT_TAG_XOR: u64 = 0x434B_5054_434B_5054;
@@ -42,8 +45,9 @@ const SLOTS_PER_RECORD: usize = (format::MAX_RECORD_BODY - 6) / 4;
 /// Leaf pairs per top record.
 const PAIRS_PER_RECORD: usize = (format::MAX_RECORD_BODY - 4) / 8;
 
-/// Encodes the table and maps as checkpoint blocks (FORMAT.md §4).
-pub fn encode(sb: &Superblock, table: &VolumeTable, maps: &Maps) -> Vec<u8> {
+/// Encodes the table, the maps and the clean set `zeroed` as checkpoint blocks (FORMAT.md
+/// §4); clean runs that would not fit the area are left out.
+pub fn encode(sb: &Superblock, table: &VolumeTable, maps: &Maps, zeroed: &ZeroRuns) -> Vec<u8> {
     let mut recs = vec![Record::Blob {
         kind: KIND_FLOOR,
         body: table.next_id().to_le_bytes().to_vec(),
@@ -105,6 +109,14 @@ pub fn encode(sb: &Superblock, table: &VolumeTable, maps: &Maps) -> Vec<u8> {
             });
         }
     }
+    // A full zeroed record fills one block; one block more for the last partial one.
+    let area_blocks = sb.ckpt_bytes / BLOCK_BYTES as u64;
+    let room = area_blocks.saturating_sub(format::journal_blocks_needed(&recs) + 1);
+    let runs: Vec<(u32, u32)> = zeroed.runs().collect();
+    let fit = usize::try_from(room)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(RUNS_PER_RECORD);
+    recs.extend(VolumeRecord::for_runs(&runs[..fit.min(runs.len())], true));
     format::encode_journal_blocks(sb.journal_tag ^ CKPT_TAG_XOR, 1, &recs)
 }
 
@@ -277,6 +289,15 @@ pub fn decode(sb: &Superblock, bytes: &[u8]) -> Result<(VolumeTable, Maps), Stri
                     }
                     _ => return Err(format!("block {seq}: unexpected record type {kind}")),
                 },
+                16 => {
+                    let v = VolumeRecord::decode(&r)?;
+                    if let Some(VolumeRecord::Zeroed { runs }) = &v {
+                        check_runs(runs, sb.clusters).map_err(|e| format!("block {seq}: {e}"))?;
+                    }
+                    if let Some(v) = v {
+                        table.apply(&v).map_err(|e| format!("block {seq}: {e}"))?;
+                    }
+                }
                 // Settings, and control records (after the objects they belong to).
                 8 | 15 => {
                     if let Some(v) = VolumeRecord::decode(&r)? {
@@ -371,10 +392,14 @@ mod tests {
                 .expect("control record");
         }
 
-        let bytes = encode(&sb, &table, &maps);
+        let mut zeroed = ZeroRuns::default();
+        zeroed.add(10_000, 500);
+        zeroed.add(12_000, 1);
+        let bytes = encode(&sb, &table, &maps, &zeroed);
         sb.ckpt_crc = crc32c::crc32c(&bytes);
         sb.ckpt_len = bytes.len() as u64;
         let (t2, m2) = decode(&sb, &bytes).expect("decode");
+        assert_eq!(t2.zeroed, zeroed);
         assert_eq!(t2.volumes, table.volumes);
         assert_eq!(t2.snapshots, table.snapshots);
         assert_eq!(t2.lineage, table.lineage);
@@ -391,5 +416,35 @@ mod tests {
         let mut bad = bytes.clone();
         bad[100] ^= 1;
         assert!(decode(&sb, &bad).expect_err("crc").contains("crc32c"));
+
+        // Zeroed runs that do not fit the area are left out, lowest first kept.
+        let base = encode(&sb, &table, &maps, &ZeroRuns::default()).len() as u64;
+        sb.ckpt_bytes = base + 3 * BLOCK_BYTES as u64;
+        let mut many = ZeroRuns::default();
+        for i in 0..3000 {
+            many.add(2 * i, 1);
+        }
+        let bytes = encode(&sb, &table, &maps, &many);
+        assert!(bytes.len() as u64 <= sb.ckpt_bytes, "{} bytes", bytes.len());
+        sb.ckpt_crc = crc32c::crc32c(&bytes);
+        sb.ckpt_len = bytes.len() as u64;
+        let (t3, _) = decode(&sb, &bytes).expect("decode");
+        let kept: Vec<(u32, u32)> = t3.zeroed.runs().collect();
+        assert!(
+            kept.len() >= RUNS_PER_RECORD && kept.len() < 3000,
+            "{} runs kept",
+            kept.len()
+        );
+        assert_eq!(kept, many.runs().take(kept.len()).collect::<Vec<_>>());
+
+        // A zeroed run past the pool is damage.
+        let mut past = ZeroRuns::default();
+        past.add(u32::try_from(sb.clusters).expect("small") - 1, 2);
+        sb.ckpt_bytes = 1 << 24;
+        let bytes = encode(&sb, &table, &maps, &past);
+        sb.ckpt_crc = crc32c::crc32c(&bytes);
+        sb.ckpt_len = bytes.len() as u64;
+        let e = decode(&sb, &bytes).expect_err("past the pool");
+        assert!(e.contains("outside the pool"), "{e}");
     }
 }

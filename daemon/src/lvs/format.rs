@@ -284,7 +284,7 @@ pub enum Record {
     },
     /// Opaque bytes (volume table changes, control-plane records); decoded by their owner.
     Blob {
-        /// Record type (3..=15).
+        /// Record type (3..=17).
         kind: u8,
         /// Body.
         body: Vec<u8>,
@@ -352,7 +352,7 @@ impl Record {
                     lc: get_u64(body, 4),
                 })
             }
-            3..=15 => Ok(Record::Blob {
+            3..=17 => Ok(Record::Blob {
                 kind,
                 body: body.to_vec(),
             }),

@@ -348,6 +348,9 @@ pub fn apply_record(
             {
                 check_volume_size(*size_bytes, sb.cluster_bytes)?;
             }
+            if let VolumeRecord::Zeroed { runs } | VolumeRecord::Withdrawn { runs } = &v {
+                check_runs(runs, sb.clusters)?;
+            }
             table.apply(&v)?;
             match &v {
                 VolumeRecord::Create(m) => {
@@ -384,6 +387,8 @@ pub fn apply_record(
                     dst.replace_with(src, &mut |_| {});
                 }
                 VolumeRecord::Written { .. }
+                | VolumeRecord::Zeroed { .. }
+                | VolumeRecord::Withdrawn { .. }
                 | VolumeRecord::Group { .. }
                 | VolumeRecord::Labels { .. }
                 | VolumeRecord::Control { .. }
@@ -402,6 +407,19 @@ pub fn check_volume_size(size_bytes: u64, cluster_bytes: u32) -> Result<(), Stri
         return Err(format!(
             "size {size_bytes} is more than a volume can address ({MAX_VOLUME_CLUSTERS} clusters)"
         ));
+    }
+    Ok(())
+}
+
+/// Refuses zeroed or withdrawn runs outside the pool's `clusters` (damage).
+pub fn check_runs(runs: &[(u32, u32)], clusters: u64) -> Result<(), String> {
+    for &(first, n) in runs {
+        let end = u64::from(first) + u64::from(n);
+        if n == 0 || end > clusters {
+            return Err(format!(
+                "zeroed clusters {first}..{end} outside the pool's {clusters}"
+            ));
+        }
     }
     Ok(())
 }

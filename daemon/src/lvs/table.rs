@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 
+use super::alloc::ZeroRuns;
 use super::format::{self, Record};
 use super::pool::{MAX_LABELS, MAX_LABEL_BYTES, MAX_NAME_BYTES};
 
@@ -116,6 +117,53 @@ pub enum VolumeRecord {
         /// Overcommit limit × 1000.
         overcommit_milli: u32,
     },
+    /// Clusters that are durably zero and not handed out (type 16, FORMAT.md §5): runs
+    /// `(first, count)`; an import need not zero them again.
+    Zeroed {
+        /// The runs.
+        runs: Vec<(u32, u32)>,
+    },
+    /// Clusters leaving the zeroed set: they may be handed out once this record is
+    /// durable (type 17).
+    Withdrawn {
+        /// The runs.
+        runs: Vec<(u32, u32)>,
+    },
+}
+
+/// Runs per zeroed or withdrawn record (8 bytes each: one fills a journal block).
+pub const RUNS_PER_RECORD: usize = format::MAX_RECORD_BODY / 8;
+
+impl VolumeRecord {
+    /// Zeroed (`zeroed`) or withdrawn records for `runs`, as many as they need.
+    pub fn for_runs(runs: &[(u32, u32)], zeroed: bool) -> Vec<Record> {
+        runs.chunks(RUNS_PER_RECORD)
+            .map(|c| {
+                let runs = c.to_vec();
+                if zeroed {
+                    VolumeRecord::Zeroed { runs }
+                } else {
+                    VolumeRecord::Withdrawn { runs }
+                }
+                .encode()
+            })
+            .collect()
+    }
+}
+
+fn put_runs(out: &mut Vec<u8>, runs: &[(u32, u32)]) {
+    for (first, n) in runs {
+        out.extend_from_slice(&first.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+}
+
+fn take_runs(b: &mut &[u8]) -> Result<Vec<(u32, u32)>, String> {
+    let mut runs = Vec::with_capacity(b.len() / 8);
+    while !b.is_empty() {
+        runs.push((take_u32(b)?, take_u32(b)?));
+    }
+    Ok(runs)
 }
 
 /// The largest control record a volume can carry (it always fits one journal record).
@@ -284,6 +332,14 @@ impl VolumeRecord {
                 body.extend_from_slice(&overcommit_milli.to_le_bytes());
                 15
             }
+            VolumeRecord::Zeroed { runs } => {
+                put_runs(&mut body, runs);
+                16
+            }
+            VolumeRecord::Withdrawn { runs } => {
+                put_runs(&mut body, runs);
+                17
+            }
         };
         debug_assert!(body.len() <= format::MAX_RECORD_BODY);
         Record::Blob { kind, body }
@@ -352,6 +408,12 @@ impl VolumeRecord {
             15 => VolumeRecord::Settings {
                 overcommit_milli: take_u32(&mut b)?,
             },
+            16 => VolumeRecord::Zeroed {
+                runs: take_runs(&mut b)?,
+            },
+            17 => VolumeRecord::Withdrawn {
+                runs: take_runs(&mut b)?,
+            },
             _ => return Ok(None),
         };
         if !b.is_empty() {
@@ -388,6 +450,9 @@ pub struct VolumeTable {
     pub overcommit_milli: u32,
     /// The control plane's record of each volume or snapshot that has one (exports).
     pub control: BTreeMap<u32, Vec<u8>>,
+    /// Clusters recorded durably zero and not handed out since (types 16 and 17), as an
+    /// import replays them; a running pool's allocator owns the live set.
+    pub zeroed: ZeroRuns,
 }
 
 impl VolumeTable {
@@ -526,6 +591,16 @@ impl VolumeTable {
                     .get_mut(id)
                     .ok_or_else(|| format!("rollback of unknown volume id {id}"))?;
                 v.written |= s_written;
+            }
+            VolumeRecord::Zeroed { runs } => {
+                for &(first, n) in runs {
+                    self.zeroed.add(first, n);
+                }
+            }
+            VolumeRecord::Withdrawn { runs } => {
+                for &(first, n) in runs {
+                    self.zeroed.remove(first, n);
+                }
             }
             VolumeRecord::Settings { overcommit_milli } => {
                 if *overcommit_milli < 1000 {

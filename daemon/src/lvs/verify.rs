@@ -174,6 +174,8 @@ pub struct Summary {
     pub mapped_clusters: u64,
     /// Distinct physical clusters in use.
     pub clusters_in_use: u64,
+    /// Free clusters recorded durably zero (an import does not zero them again).
+    pub zeroed_clusters: u64,
     /// The label's pool uuid, when a label is present.
     pub label_pool_uuid: Option<String>,
 }
@@ -862,6 +864,12 @@ fn checkpoint_record(
             }
             _ => return Err(dmg("control record did not decode".into())),
         },
+        16 => match VolumeRecord::decode(r).map_err(dmg)? {
+            Some(VolumeRecord::Zeroed { runs }) => {
+                super::pool::check_runs(&runs, sb.clusters).map_err(dmg)?;
+            }
+            _ => return Err(dmg("zeroed-clusters record did not decode".into())),
+        },
         other => {
             return Err(dmg(format!(
                 "record type {other} does not belong in a checkpoint"
@@ -1157,6 +1165,32 @@ impl Checker<'_> {
                 }
             }
         }
+        // A cluster recorded zero must be free: an import would hand it out as zero.
+        let mut zeroed_mapped = 0u64;
+        for (first, n) in table.zeroed.runs() {
+            for pc in first..first.saturating_add(n) {
+                if let Some((id, lc, _)) = holders.get(&pc) {
+                    zeroed_mapped += 1;
+                    if zeroed_mapped <= 16 {
+                        self.damaged(
+                            Part::Clusters,
+                            format!("physical cluster {pc}"),
+                            format!(
+                                "recorded free and zeroed, but {} logical cluster {lc} maps it",
+                                name(*id)
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if zeroed_mapped > 16 {
+            self.damaged(
+                Part::Clusters,
+                "zeroed clusters",
+                format!("{zeroed_mapped} clusters recorded free and zeroed are mapped (16 listed)"),
+            );
+        }
         for (pc, (_, _, leaves)) in &holders {
             if *leaves > u32::from(u16::MAX) {
                 self.damaged(
@@ -1185,6 +1219,7 @@ impl Checker<'_> {
         let s = &mut self.report.summary;
         s.mapped_clusters = mapped;
         s.clusters_in_use = holders.len() as u64;
+        s.zeroed_clusters = table.zeroed.clusters();
     }
 }
 

@@ -308,7 +308,17 @@ impl PoolRt {
                 }
             }
         }
-        let alloc = Allocator::from_in_use(clusters, in_use)?;
+        let (mut alloc, mapped_zeroed) =
+            Allocator::from_import(clusters, in_use, &imp.table.zeroed)?;
+        if mapped_zeroed > 0 {
+            tracing::warn!(
+                clusters = mapped_zeroed,
+                "clusters recorded zero are mapped: they count as in use (run coreblkd verify)"
+            );
+        }
+        alloc.set_window(ready_window(imp.sb.clusters, imp.sb.cluster_bytes));
+        let mut imp = imp;
+        imp.table.zeroed = Default::default();
         let lbs = dev
             .geometry()
             .logical_block_size
@@ -425,7 +435,7 @@ impl PoolRt {
         let t = self.table.borrow();
         PoolUsage {
             capacity_bytes: self.sb.clusters * cl,
-            free_bytes: (c.zeroed + c.recycling).saturating_sub(self.reserved.get()) * cl,
+            free_bytes: (c.zeroed + c.recycling + c.clean).saturating_sub(self.reserved.get()) * cl,
             allocated_bytes: c.in_use * cl,
             provisioned_bytes: t.volumes.values().map(|v| v.size_bytes).sum(),
             recycling_bytes: c.recycling * cl,
@@ -518,10 +528,10 @@ impl PoolRt {
         Ok(out)
     }
 
-    /// Clusters free for thin allocations (ready or recycling, minus the reserves).
+    /// Clusters free for thin allocations (ready, clean or recycling, minus the reserves).
     fn unreserved(&self) -> u64 {
         let c = self.alloc.borrow().counts();
-        (c.zeroed + c.recycling).saturating_sub(self.reserved.get())
+        (c.zeroed + c.recycling + c.clean).saturating_sub(self.reserved.get())
     }
 
     /// Sets `v`'s reserve (thick volumes), keeping the pool's sum.
@@ -1390,7 +1400,12 @@ impl PoolRt {
             .iter()
             .map(|(id, v)| (*id, Arc::clone(&v.map)))
             .collect();
-        let bytes = super::checkpoint::encode(&self.sb, &self.table.borrow(), &maps);
+        let bytes = super::checkpoint::encode(
+            &self.sb,
+            &self.table.borrow(),
+            &maps,
+            self.alloc.borrow().clean(),
+        );
         if bytes.len() as u64 > self.sb.ckpt_bytes {
             return self.finish_checkpoint(
                 rx,
@@ -1686,27 +1701,34 @@ impl PoolRt {
     /// A durably zero cluster; `Ok(None)`: none now, but the pipeline is recycling
     /// (park the caller with [`park_alloc`](Self::park_alloc)); ENOSPC: the pool is full.
     /// A thick volume draws on its reserve; others only on what no reserve holds.
-    fn try_alloc(&self, v: &VolRt) -> Result<Option<u32>, Errno> {
+    fn try_alloc(&self, rx: &Reactor, v: &VolRt) -> Result<Option<u32>, Errno> {
         let from_reserve = v.thick && v.reserve.get() > 0;
         if !from_reserve && self.unreserved() == 0 {
             return Err(Errno::ENOSPC);
         }
-        if let Some(pc) = self.alloc.borrow_mut().alloc() {
+        let got = self.alloc.borrow_mut().alloc();
+        if let Some(pc) = got {
             if from_reserve {
                 self.set_reserve(v, v.reserve.get() - 1);
                 self.from_reserve.borrow_mut().insert(pc);
             }
+            if self.alloc.borrow().wants_withdraw() {
+                // The ready window runs low: refill it from the clean set.
+                self.kick_recycle(rx);
+            }
             return Ok(Some(pc));
         }
-        let recycling = self.alloc.borrow().counts().recycling > 0;
-        if recycling && self.alloc_waiters.borrow().len() < MAX_ALLOC_WAITERS {
+        let c = self.alloc.borrow().counts();
+        let coming = c.recycling > 0 || c.clean > 0;
+        if coming && self.alloc_waiters.borrow().len() < MAX_ALLOC_WAITERS {
             return Ok(None);
         }
         Err(Errno::ENOSPC)
     }
 
-    fn park_alloc(&self, retry: Parked) {
+    fn park_alloc(&self, rx: &Reactor, retry: Parked) {
         self.alloc_waiters.borrow_mut().push(retry);
+        self.kick_recycle(rx);
     }
 
     /// A cluster allocated for `key` was never mapped: back through the pipeline (it may
@@ -1747,12 +1769,14 @@ impl PoolRt {
         let Some(m) = v.map.get(lc).filter(|&m| self.shared(v, lc, m)) else {
             return done(rx, Ok(()));
         };
-        let pc = match self.try_alloc(v) {
+        let pc = match self.try_alloc(rx, v) {
             Ok(Some(pc)) => pc,
             Ok(None) => {
                 let (rt, v2) = (self.rc(), Rc::clone(v));
-                return self
-                    .park_alloc(Box::new(move |rx: &Reactor| rt.copy_up(rx, &v2, lc, done)));
+                return self.park_alloc(
+                    rx,
+                    Box::new(move |rx: &Reactor| rt.copy_up(rx, &v2, lc, done)),
+                );
             }
             Err(e) => return done(rx, Err(e)),
         };
@@ -1883,7 +1907,7 @@ impl PoolRt {
     fn kick_recycle(&self, rx: &Reactor) {
         let work = {
             let a = self.alloc.borrow();
-            a.counts().recycling > 0 || a.wants_flush()
+            a.counts().recycling > 0 || a.wants_flush() || a.wants_withdraw()
         } || !self.settled();
         if !work || self.scheduled.replace(true) {
             return;
@@ -1903,6 +1927,7 @@ impl PoolRt {
     /// One round of the free-cluster pipeline: make freeing records durable, zero dirty
     /// clusters, flush zeroes, and wake writes waiting for space.
     fn recycle(&self, rx: &Reactor) {
+        self.withdraw(rx);
         if self.recycling.get() {
             return;
         }
@@ -1943,6 +1968,8 @@ impl PoolRt {
                             a.flush_done(token);
                             // Durable, and past a grace period for readers elsewhere.
                             a.durable(durable_upto.min(rt2.grace_upto.get()));
+                            drop(a);
+                            rt2.journal_zeroed(rx);
                         }
                         rt2.recycling.set(false);
                         let waiters = std::mem::take(&mut *rt2.alloc_waiters.borrow_mut());
@@ -1986,6 +2013,73 @@ impl PoolRt {
             );
         }
         step(rx);
+    }
+}
+
+/// Ready clusters a pool keeps (the rest of its durably zero free space is journaled as
+/// such, FORMAT.md §5): about 1 GiB, at most a quarter of the pool, at least 16. An import
+/// zeroes this window again, not the whole free space.
+fn ready_window(clusters: u64, cluster_bytes: u32) -> u64 {
+    ((1u64 << 30) / u64::from(cluster_bytes).max(1))
+        .min(clusters / 4)
+        .max(16)
+}
+
+impl PoolRt {
+    /// Journals the clusters that became clean (zeroed records; losing them only means
+    /// zeroing again after an import).
+    fn journal_zeroed(&self, rx: &Reactor) {
+        let runs = self.alloc.borrow_mut().take_new_clean();
+        if runs.is_empty() {
+            return;
+        }
+        self.journal.append(
+            rx,
+            VolumeRecord::for_runs(&runs, true),
+            Box::new(|_rx: &Reactor, _res: Result<u64, Errno>| {}),
+        );
+    }
+
+    /// Refills the ready window from the clean set: a withdrawn record naming the
+    /// clusters must be written and flushed before any is handed out, or a crash could
+    /// leave the journal calling a cluster zero that holds data (FORMAT.md §5).
+    fn withdraw(&self, rx: &Reactor) {
+        if !self.alloc.borrow().wants_withdraw() {
+            return;
+        }
+        // Zeroed records first: a cluster's zeroed record never follows its withdrawal.
+        let mut records = VolumeRecord::for_runs(&self.alloc.borrow_mut().take_new_clean(), true);
+        let runs = self.alloc.borrow_mut().begin_withdraw();
+        records.extend(VolumeRecord::for_runs(&runs, false));
+        let rt = self.rc();
+        self.journal.append(
+            rx,
+            records,
+            Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
+                if let Err(e) = res {
+                    return rt.withdrawn(rx, &runs, Err(e));
+                }
+                let rt2 = Rc::clone(&rt);
+                rt.journal.flush(
+                    rx,
+                    Box::new(move |rx: &Reactor, res: Result<u64, Errno>| {
+                        rt2.withdrawn(rx, &runs, res.map(|_| ()));
+                    }),
+                );
+            }),
+        );
+    }
+
+    fn withdrawn(&self, rx: &Reactor, runs: &[(u32, u32)], res: Result<(), Errno>) {
+        if let Err(e) = res {
+            tracing::error!(error = %e, "journaling a withdrawal of zeroed clusters failed");
+        }
+        self.alloc.borrow_mut().withdrawn(runs, res.is_ok());
+        let waiters = std::mem::take(&mut *self.alloc_waiters.borrow_mut());
+        for w in waiters {
+            w(rx);
+        }
+        self.kick_recycle(rx);
     }
 }
 
@@ -2872,13 +2966,14 @@ impl VolumeChannel {
         let SegOp::Data { fua } = op else {
             return self.part_done(rx, slot, Ok(()));
         };
-        let pc = match self.rt.try_alloc(&self.vol) {
+        let pc = match self.rt.try_alloc(rx, &self.vol) {
             Ok(Some(pc)) => pc,
             Ok(None) => {
                 let me = self.rc();
-                return self.rt.park_alloc(Box::new(move |rx: &Reactor| {
-                    me.write_seg(rx, slot, seg, op)
-                }));
+                return self.rt.park_alloc(
+                    rx,
+                    Box::new(move |rx: &Reactor| me.write_seg(rx, slot, seg, op)),
+                );
             }
             Err(e) => return self.part_done(rx, slot, Err(e)),
         };

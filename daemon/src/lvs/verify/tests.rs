@@ -468,7 +468,7 @@ fn rewrite_checkpoint(p: &Pool, tamper: impl FnOnce(&Superblock, &Maps)) {
     let mut sb = p.sb();
     let (table, maps) = checkpoint::load(&p.bd, &sb).expect("load");
     tamper(&sb, &maps);
-    let bytes = checkpoint::encode(&sb, &table, &maps);
+    let bytes = checkpoint::encode(&sb, &table, &maps, &table.zeroed);
     assert!(bytes.len() as u64 <= sb.ckpt_bytes);
     let area = sb.region_start + sb.ckpt_offsets[sb.active_ckpt as usize];
     p.write(area, &bytes);

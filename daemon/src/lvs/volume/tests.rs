@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::bdev::blocking::BlockingDevice;
 use crate::bdev::mem::MallocDevice;
+use crate::bdev::record::{RecordOp, RecordingDevice, WriteLog};
+use crate::lvs::alloc::AllocCounts;
 use crate::lvs::pool::{self, DEFAULT_CLUSTER_BYTES};
 use crate::reactor::{Errno, ReactorSet};
 use crate::testing::{reactors, seed_or, Rng};
@@ -288,7 +290,8 @@ fn random_io_matches_a_byte_model_and_survives_reimport() {
 #[test]
 fn a_full_pool_fails_allocating_writes_with_enospc_and_recovers_after_discard() {
     let h = Harness::new(56 << 20); // small pool: few data clusters
-    let total = h.counts().zeroed;
+    let c = h.counts();
+    let total = c.zeroed + c.clean;
     assert!(total >= 16, "{total} clusters");
     let size = (total + 8) * 65536;
     h.control(|rx, rt, reply| rt.set_overcommit(rx, 2000, reply))
@@ -307,7 +310,7 @@ fn a_full_pool_fails_allocating_writes_with_enospc_and_recovers_after_discard() 
     }
     assert!(full_at.is_some(), "the volume is larger than the pool");
     assert_eq!(
-        h.counts().zeroed,
+        h.counts().zeroed + h.counts().clean,
         0,
         "every cluster was usable: {:?}",
         h.counts()
@@ -324,10 +327,15 @@ fn a_full_pool_fails_allocating_writes_with_enospc_and_recovers_after_discard() 
     h.io(vol, IoReq::Discard(0, (total / 2) * 65536))
         .expect("discard");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while h.counts().zeroed < total / 2 && Instant::now() < deadline {
+    let usable = |c: AllocCounts| c.zeroed + c.clean;
+    while usable(h.counts()) < total / 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(h.counts().zeroed >= total / 2, "recycled: {:?}", h.counts());
+    assert!(
+        usable(h.counts()) >= total / 2,
+        "recycled: {:?}",
+        h.counts()
+    );
     h.io(vol, IoReq::Write(0, vec![1u8; 4096], false))
         .expect("space is back");
     let back = h.io(vol, IoReq::Read(0, 65536)).expect("read");
@@ -335,6 +343,77 @@ fn a_full_pool_fails_allocating_writes_with_enospc_and_recovers_after_discard() 
         back[..4096].iter().all(|&b| b == 1) && back[4096..].iter().all(|&b| b == 0),
         "a recycled cluster never shows old data"
     );
+}
+
+/// Durably zero free space is journaled (FORMAT.md §5): a restart zeroes the ready window
+/// and what was freed since, not the whole free space; and every cluster handed out after
+/// the restart, from the window or from the clean set, still reads zeroes where it was
+/// not written (clusters that held another volume's data included).
+#[test]
+fn a_restart_zeroes_the_ready_window_not_all_free_space() {
+    let malloc: Arc<dyn BlockDevice> = Arc::new(MallocDevice::new(512 << 20).expect("malloc"));
+    let (rec, log) = RecordingDevice::new(malloc);
+    let h = Harness::on(rec, DEFAULT_CLUSTER_BYTES);
+    let zeroed_clusters = |log: &WriteLog| {
+        log.records()
+            .iter()
+            .map(|r| match r.op {
+                RecordOp::WriteZeroes { len, .. } => len,
+                _ => 0,
+            })
+            .sum::<u64>()
+            / 65536
+    };
+    let c = h.counts();
+    let free = c.zeroed + c.clean;
+    assert!(
+        zeroed_clusters(&log) >= free,
+        "a new pool zeroes its free space"
+    );
+    assert!(
+        c.clean > 2 * c.zeroed,
+        "past the ready window, zeroed clusters are clean: {c:?}"
+    );
+    let window = c.zeroed;
+    // Use the window and part of the clean set for data, then free it all again.
+    let junk = h.create("junk", (window + 300) * 65536);
+    for lc in 0..window + 300 {
+        h.io(
+            junk,
+            IoReq::Write(lc * 65536 + 8192, vec![0xEE; 4096], false),
+        )
+        .expect("write");
+    }
+    h.delete(junk);
+    h.settle();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.counts().recycling > 0 {
+        assert!(Instant::now() < deadline, "recycled: {:?}", h.counts());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.stop();
+    log.clear();
+    h.start();
+    let again = zeroed_clusters(&log);
+    assert!(
+        again <= window + window / 2 && again < free / 3,
+        "a restart zeroed {again} clusters of {free} free (window {window})"
+    );
+    let c2 = h.counts();
+    assert_eq!(c2.zeroed + c2.clean, free, "no space lost: {c2:?}");
+    // Allocate past the window (into the clean set): unwritten parts read zeroes.
+    let v = h.create("new", (window + 600) * 65536);
+    for lc in 0..window + 600 {
+        h.io(v, IoReq::Write(lc * 65536, vec![0x11; 4096], false))
+            .expect("write");
+    }
+    for lc in 0..window + 600 {
+        let got = h.io(v, IoReq::Read(lc * 65536, 65536)).expect("read");
+        assert!(
+            got[..4096].iter().all(|&b| b == 0x11) && got[4096..].iter().all(|&b| b == 0),
+            "logical cluster {lc}: a cluster handed out after the restart shows old data"
+        );
+    }
 }
 
 #[test]
@@ -349,10 +428,12 @@ fn deleting_a_volume_returns_its_space_and_its_name() {
     assert_eq!(h.counts().in_use, 16);
     h.delete(v);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while h.counts() != before && Instant::now() < deadline {
+    // Ready or clean: both are durably zero free space.
+    let usable = |c: AllocCounts| (c.zeroed + c.clean, c.in_use, c.recycling);
+    while usable(h.counts()) != usable(before) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(h.counts(), before, "all clusters recycled");
+    assert_eq!(usable(h.counts()), usable(before), "all clusters recycled");
     let again = h.create("gone", 1 << 20);
     assert_eq!(
         h.io(again, IoReq::Read(0, 65536)).expect("read"),
@@ -378,7 +459,6 @@ fn deleting_a_volume_returns_its_space_and_its_name() {
 /// older value, zeroes where acknowledged data was, or another block's data.
 #[test]
 fn acknowledged_writes_survive_a_daemon_crash_at_any_point() {
-    use crate::bdev::record::{RecordOp, RecordingDevice};
     let seed = seed_or(0xdead_c0de);
     println!("seed {seed}");
     let mut rng = Rng::new(seed);

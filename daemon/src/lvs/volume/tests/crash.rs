@@ -392,7 +392,16 @@ fn crash_image(
 }
 
 /// Checks crash point `c` of `model`; panics with the reason on a violation.
-fn check_point(w: &Workload, image: &Image, dev_bytes: u64, c: u64, model: Model, what: &str) {
+/// Checks one crash point; returns how many clusters the recovered pool holds as clean
+/// (recorded durably zero), each checked to read zeroes and to be unmapped.
+fn check_point(
+    w: &Workload,
+    image: &Image,
+    dev_bytes: u64,
+    c: u64,
+    model: Model,
+    what: &str,
+) -> u64 {
     let src = ImageSource {
         image,
         bytes: dev_bytes,
@@ -415,6 +424,30 @@ fn check_point(w: &Workload, image: &Image, dev_bytes: u64, c: u64, model: Model
             .expect("step 0"),
     };
     let t = &imp.table;
+    // A clean cluster is handed out as zero after recovery: it must be zero and unmapped.
+    let mut mapped = HashSet::new();
+    for m in imp.maps.values() {
+        m.for_each(|_, x| {
+            mapped.insert(x.pc);
+        });
+    }
+    for (first, n) in t.zeroed.runs() {
+        for pc in first..first + n {
+            assert!(
+                !mapped.contains(&pc),
+                "{what}: cluster {pc} recorded zero but mapped"
+            );
+            let base = sb.region_start + sb.data_offset + u64::from(pc) * w.cluster;
+            for k in 0..w.cluster / BLK {
+                assert!(
+                    image
+                        .get(&(base + k * BLK))
+                        .is_none_or(|b| b.iter().all(|&x| x == 0)),
+                    "{what}: cluster {pc} recorded zero holds data at block {k}"
+                );
+            }
+        }
+    }
     let known: HashSet<u32> = w.objs.iter().map(|o| o.id).collect();
     for id in t.volumes.keys().chain(t.snapshots.keys()) {
         assert!(known.contains(id), "{what}: unknown id {id} after recovery");
@@ -466,6 +499,7 @@ fn check_point(w: &Workload, image: &Image, dev_bytes: u64, c: u64, model: Model
             );
         }
     }
+    t.zeroed.clusters()
 }
 
 #[test]
@@ -508,13 +542,13 @@ fn every_crash_point_of_a_mixed_workload_keeps_the_contract_in_both_models() {
         .max()
         .unwrap_or(0)
         + 1;
-    let (mut points, mut distinct) = (0usize, HashSet::new());
+    let (mut points, mut distinct, mut clean_checked) = (0usize, HashSet::new(), 0u64);
     for model in [Model::DaemonCrash, Model::PowerLoss] {
         for c in 0..=max_tick {
             for sample in 0..2 {
                 let (image, choices) = crash_image(&base, &records, c, model, &mut rng);
                 let what = format!("{model:?} crash at tick {c} sample {sample} (seed {seed})");
-                check_point(&w, &image, DEV, c, model, &what);
+                clean_checked += check_point(&w, &image, DEV, c, model, &what);
                 points += 1;
                 distinct.insert((model == Model::PowerLoss, c, choices));
             }
@@ -522,11 +556,15 @@ fn every_crash_point_of_a_mixed_workload_keeps_the_contract_in_both_models() {
     }
     let snaps = w.objs.iter().filter(|o| o.snapshot).count();
     println!(
-        "store crash points (seed {seed}): {points} run, {} distinct, over {max_tick} ticks of {} device requests; {} steps, {} objects ({snaps} snapshots)",
+        "store crash points (seed {seed}): {points} run, {} distinct, over {max_tick} ticks of {} device requests; {} steps, {} objects ({snaps} snapshots); {clean_checked} recorded-zero clusters checked",
         distinct.len(),
         records.len(),
         w.steps.len() - 1,
         w.objs.len()
     );
     assert!(points >= 1000, "{points} crash points");
+    assert!(
+        clean_checked > 0,
+        "no crash point recovered clusters recorded zero"
+    );
 }
