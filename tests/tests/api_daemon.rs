@@ -784,9 +784,14 @@ fn volumes_and_images_round_trip_and_survive_restart_and_kill() {
     let got = daemon.json(&["volume", "get", "img1"]);
     assert_eq!(volume_of(&got)["uuid"], imported["uuid"]);
     assert_eq!(volume_of(&got)["never_written"], false);
+    let v1_after = daemon.json(&["volume", "get", "v1"]);
+    assert_eq!(volume_of(&v1_after)["uuid"], v1["uuid"]);
+    // Its size and labels as last set survive too.
+    assert_eq!(volume_of(&v1_after)["size_bytes"], 20 << 20, "{v1_after}");
     assert_eq!(
-        volume_of(&daemon.json(&["volume", "get", "v1"]))["uuid"],
-        v1["uuid"]
+        volume_of(&v1_after)["labels"],
+        serde_json::json!({"app": "db"}),
+        "{v1_after}"
     );
     assert!(export_bytes(&daemon, dir.path(), "img1") == original);
 
