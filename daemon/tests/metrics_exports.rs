@@ -43,8 +43,20 @@ fn exported_volumes_show_their_io_counters_joined_by_the_export_record() {
         .build()
         .expect("runtime");
     rt.block_on(async {
+        // What waits for the start-up import (the exports' recovery) wakes once it is done,
+        // not before.
+        let waiter = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.wait_ready().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "woke before the import");
         Arc::clone(&store).import_all().await;
         assert!(store.is_ready());
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter wakes when the import finishes")
+            .expect("waiter");
         let make = |name: &str| VolumeSpec {
             pool: "default".into(),
             name: name.into(),

@@ -376,6 +376,22 @@ fn services_without_ublk_answer_with_proper_statuses() {
             .into_inner();
         assert_eq!(stats.reactors.len(), 1);
     });
+    // `coreblk status`: the node and its reactors at a glance.
+    let status = daemon.json(&["status"]);
+    assert_eq!(status["node"]["state"], "serving", "{status}");
+    assert_eq!(
+        status["stats"]["reactors"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    let table = daemon.coreblk(&["status"]);
+    assert!(table.status.success());
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.starts_with(&format!("coreblkd {}", env!("CARGO_PKG_VERSION")))
+            && table.contains("serving"),
+        "{table}"
+    );
     // The CLI prints the server's message and the code, and exits 1.
     daemon.json(&["volume", "create", "v1", "--size", "1M"]);
     // Thick volumes reserve their size; one that cannot be reserved is refused.
@@ -416,6 +432,26 @@ fn one_daemon_per_socket_and_a_stale_socket_is_replaced() {
     let log = second.log_text();
     assert!(log.contains("another coreblkd is serving on"), "{log}");
     assert!(log.contains("--socket"), "{log}");
+    // So is one on another socket that is given the first one's device.
+    let device = dir.path().join("var/default-pool.img");
+    let other = workdir();
+    let mut on_device = Daemon::spawn(
+        other.path(),
+        &other.path().join("other.sock"),
+        &["--device", path_str(&device)],
+    );
+    let mut status = None;
+    assert!(wait_for(START_DEADLINE, || {
+        status = on_device.child.try_wait().expect("wait");
+        status.is_some()
+    }));
+    assert_eq!(status.expect("exited").code(), Some(1));
+    let log = on_device.log_text();
+    assert!(
+        log.contains("is in use: another coreblkd holds its lock"),
+        "{log}"
+    );
+    assert!(!other.path().join("other.sock").exists(), "{log}");
     // ...and the first still answers.
     assert!(first.coreblk(&["node", "info"]).status.success());
 
@@ -613,9 +649,18 @@ fn volumes_and_images_round_trip_and_survive_restart_and_kill() {
     ]);
     failed_with(&other, "(ALREADY_EXISTS)");
     failed_with(&other, "size 16777216 bytes");
+    // A bad name is refused with the rule it broke.
+    let bad = daemon.coreblk(&["volume", "create", "bad!name", "--size", "1M"]);
+    failed_with(&bad, "(INVALID_ARGUMENT)");
+    failed_with(&bad, "1 to 128 characters from A-Z a-z 0-9 . _ -");
+    let long = "n".repeat(129);
     failed_with(
-        &daemon.coreblk(&["volume", "create", "bad!name", "--size", "1M"]),
-        "(INVALID_ARGUMENT)",
+        &daemon.coreblk(&["volume", "create", &long, "--size", "1M"]),
+        "this one is 129 bytes long",
+    );
+    failed_with(
+        &daemon.coreblk(&["volume", "create", "--size", "1M", "--", "-dash"]),
+        "starts with a letter or a digit",
     );
     failed_with(
         &daemon.coreblk(&["volume", "create", "v9", "--size", "1000"]),
@@ -739,9 +784,14 @@ fn volumes_and_images_round_trip_and_survive_restart_and_kill() {
     let got = daemon.json(&["volume", "get", "img1"]);
     assert_eq!(volume_of(&got)["uuid"], imported["uuid"]);
     assert_eq!(volume_of(&got)["never_written"], false);
+    let v1_after = daemon.json(&["volume", "get", "v1"]);
+    assert_eq!(volume_of(&v1_after)["uuid"], v1["uuid"]);
+    // Its size and labels as last set survive too.
+    assert_eq!(volume_of(&v1_after)["size_bytes"], 20 << 20, "{v1_after}");
     assert_eq!(
-        volume_of(&daemon.json(&["volume", "get", "v1"]))["uuid"],
-        v1["uuid"]
+        volume_of(&v1_after)["labels"],
+        serde_json::json!({"app": "db"}),
+        "{v1_after}"
     );
     assert!(export_bytes(&daemon, dir.path(), "img1") == original);
 
@@ -1287,6 +1337,15 @@ fn snapshots_clones_rollback_inflate_diff_and_incremental_export() {
     let c2 = volume_of(&daemon.json(&["volume", "create", "c2", "--from", "a"])).clone();
     assert_eq!(c2["source_volume_uuid"], vol_a["uuid"], "{c2}");
     assert!(export_bytes(&daemon, dir.path(), "c2") == content_b);
+    // The `coreblk clone` shorthand: of a snapshot, and (--from-volume) of a volume.
+    let c5 = volume_of(&daemon.json(&["clone", "s1", "c5"])).clone();
+    assert_eq!(c5["source_snapshot_uuid"], s1["uuid"], "{c5}");
+    assert!(export_bytes(&daemon, dir.path(), "c5") == content_a);
+    let c6 =
+        volume_of(&daemon.json(&["clone", "a", "c6", "--from-volume", "--size", "8M"])).clone();
+    assert_eq!(c6["source_volume_uuid"], vol_a["uuid"], "{c6}");
+    assert_eq!(c6["size_bytes"], 8 * MIB, "{c6}");
+    failed_with(&daemon.coreblk(&["clone", "nope", "c7"]), "(NOT_FOUND)");
 
     // A group snapshot of two volumes at one instant.
     daemon.json(&["volume", "create", "b", "--size", "1M"]);

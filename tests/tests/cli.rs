@@ -133,6 +133,8 @@ fn an_image_piped_in_comes_back_out_through_the_cli() {
     data[900_000..1 << 20].fill(0xa5);
     let mut import = coreblk()
         .args(["image", "import", "-", "--volume", "piped", "--size", "1M"])
+        // Progress is drawn on a terminal; COREBLK_PROGRESS=1 draws it on a pipe too.
+        .env("COREBLK_PROGRESS", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -155,16 +157,40 @@ fn an_image_piped_in_comes_back_out_through_the_cli() {
         table.contains("piped") && table.contains("ready"),
         "{table}"
     );
+    // Standard input has no size: bytes and rate, no total.
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("\rimport 1.0 MiB") && progress.ends_with('\n'),
+        "{progress:?}"
+    );
     let back = dir.path().join("back.raw");
     let out = coreblk()
         .args(["image", "export", "--volume", "piped"])
         .arg(&back)
+        .env("COREBLK_PROGRESS", "1")
         .output()
         .expect("export");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("\rexport 1.0 MiB / 1.0 MiB (100%)"),
+        "{progress:?}"
+    );
+    // Without a terminal (and without COREBLK_PROGRESS) scripts see no progress.
+    let quiet = coreblk()
+        .args(["image", "export", "--volume", "piped"])
+        .arg(&back)
+        .output()
+        .expect("export");
+    assert!(quiet.status.success());
+    assert!(
+        quiet.stderr.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&quiet.stderr)
     );
     assert!(
         std::fs::read(&back).expect("read") == data,
@@ -181,6 +207,31 @@ fn an_image_piped_in_comes_back_out_through_the_cli() {
         exited.is_some()
     }));
     assert!(exited.expect("exited").success(), "SIGTERM is a clean stop");
+}
+
+#[test]
+fn coreblkd_help_names_each_setting_with_its_default() {
+    let out = coreblkd().arg("--help").output().expect("run");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--config <PATH>",
+        "coreblkd.example.toml",
+        "flags win",
+        "--socket <PATH>",
+        "(created mode 0600) [default: /run/coreblk/coreblkd.sock]",
+        "--metrics-address <ADDR>",
+        "[default: 127.0.0.1:9544]",
+        "--var-dir <VAR_DIR>",
+        "[default: ./var]",
+        "--cores <CORES>",
+        "--device <DEVICE>",
+        "--node-id <NODE_ID>",
+        "SIGTERM",
+        "COREBLK_LOG",
+    ] {
+        assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
+    }
 }
 
 fn fails_with(args: &[&str], needle: &str) {

@@ -161,6 +161,19 @@ async fn run_import(
                 }
                 Err(status) => {
                     tracing::warn!(volume = %v.name, %status, durable_offset_bytes = prev_end, "import stream broke; the volume stays importing (resume or delete it)");
+                    // A client still there (it sent a frame that could not be decoded, or
+                    // cut one off) learns why instead of seeing the stream end OK; one
+                    // that is gone never reads this.
+                    let _ = tx
+                        .send(Err(Status::new(
+                            status.code(),
+                            format!(
+                                "the import stream broke ({}); volume {} stays importing,                                  written up to byte {prev_end}: resume or delete it",
+                                status.message(),
+                                v.name
+                            ),
+                        )))
+                        .await;
                     return Ok(None);
                 }
             };

@@ -443,9 +443,7 @@ async fn run(
     let recover = {
         let s = Arc::clone(&shared);
         tokio::spawn(async move {
-            while !s.store.is_ready() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            s.store.wait_ready().await;
             s.exports.recover_all().await;
         })
     };

@@ -1,7 +1,7 @@
 //! The API's unix socket: one daemon per socket path, created mode 0600, a stale socket
 //! from a dead daemon replaced, a live daemon never displaced.
 //!
-//! Owns: [`ApiSocket::bind`] and the socket's removal at stop. Ownership of a path is an
+//! Owns: [`ApiSocket::bind`] and the socket's removal at stop (or whenever it is dropped). Ownership of a path is an
 //! exclusive `flock` on `<socket>.lock`, held for the daemon's life: the kernel drops it
 //! when the daemon dies however it dies, so a socket file whose lock is free is stale.
 //! The socket is bound under a temporary name, chmod'ed to 0600 and renamed over the
@@ -231,8 +231,19 @@ impl ApiSocket {
         self.listener.try_clone()
     }
 
-    /// Removes the socket file if it is still the one we created, then lets the lock go.
+    /// Removes the socket file if it is still the one we created, then lets the lock go
+    /// (what dropping it does; this names the intent at a stop).
     pub fn remove(self) {
+        drop(self);
+    }
+}
+
+impl Drop for ApiSocket {
+    /// A daemon that gives up after binding (its device refused, say) or stops leaves no
+    /// socket file behind. The file goes before the lock (fields drop after this), so no
+    /// other daemon can have bound the path in between; the identity check keeps us off
+    /// a file that is not ours anyway.
+    fn drop(&mut self) {
         let ours =
             fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
         if ours {
@@ -287,6 +298,9 @@ mod tests {
         assert!(e.to_string().contains("--socket"), "{e}");
         first.remove();
         assert!(!path.exists());
+        // Dropped without a stop (a start-up that fails after binding): no file left.
+        drop(ApiSocket::bind(&path).expect("bind again"));
+        assert!(!path.exists(), "a dropped socket leaves its file behind");
 
         // A dead daemon's socket: the file is there, nobody listens, the lock is free.
         drop(UnixListener::bind(&path).expect("stale"));

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::claims::{ClaimInfo, Claims};
 use super::devices::blocking;
@@ -81,6 +81,12 @@ const STOP_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 const IMPORT_RECORD_PERIOD: Duration = Duration::from_secs(2);
 
 const STATE_VERSION: u32 = 1;
+
+/// Testing builds only: milliseconds the start-up import waits before it begins, so tests
+/// can call the API while it still answers UNAVAILABLE (the window is otherwise a few
+/// milliseconds long).
+#[cfg(feature = "testing")]
+pub const IMPORT_DELAY_ENV: &str = "COREBLK_TEST_IMPORT_DELAY_MS";
 
 thread_local! {
     /// The pools this reactor owns.
@@ -429,6 +435,8 @@ pub struct Store {
     last_import_record: Mutex<Option<Instant>>,
     /// Exported volumes and snapshots → their device path (set by the export layer).
     exported: Mutex<HashMap<Uuid, String>>,
+    /// Becomes `true` with `Inner::ready`, for [`Self::wait_ready`].
+    ready_tx: watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -562,12 +570,20 @@ impl Store {
             persisting: Mutex::new(()),
             last_import_record: Mutex::new(None),
             exported: Mutex::new(HashMap::new()),
+            ready_tx: watch::Sender::new(false),
         })
     }
 
     /// Whether the start-up import has finished.
     pub fn is_ready(&self) -> bool {
         lock(&self.inner).ready
+    }
+
+    /// Returns once the start-up import has finished.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready_tx.subscribe();
+        // The sender lives as long as `self`: `wait_for` ends only when ready.
+        let _ = rx.wait_for(|ready| *ready).await;
     }
 
     /// UNAVAILABLE until the start-up import has finished.
@@ -709,6 +725,15 @@ impl Store {
     /// start), then marks the store ready. Pools that fail are kept as FAILED with the
     /// reason; a claimed device without a pool is left alone.
     pub async fn import_all(self: Arc<Self>) {
+        #[cfg(feature = "testing")]
+        if let Some(ms) = std::env::var(IMPORT_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            lock(&self.inner).progress = format!("delayed {ms} ms by {IMPORT_DELAY_ENV}");
+            tracing::warn!(delay_ms = ms, "testing build: the pool import waits first");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let devices: Vec<ClaimInfo> = self
             .claims
             .snapshot()
@@ -728,6 +753,7 @@ impl Store {
         let mut inner = lock(&self.inner);
         inner.ready = true;
         inner.progress = "done".to_owned();
+        self.ready_tx.send_replace(true);
         let online = inner
             .pools
             .iter()

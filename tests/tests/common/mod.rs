@@ -65,6 +65,19 @@ impl Daemon {
     /// Starts `coreblkd` in `dir` (state under `dir/var`, a 256 MiB default pool) on
     /// `dir/api.sock` and waits until its pools are imported.
     pub fn start(dir: &Path) -> Self {
+        let d = Self::spawn(dir, &[]);
+        let ready = wait_for(START_DEADLINE, || {
+            let log = d.log_text();
+            std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
+                && log.contains("serving; stop with SIGTERM")
+                && log.contains("pool import finished")
+        });
+        assert!(ready, "coreblkd did not start:\n{}", d.log_text());
+        d
+    }
+
+    /// Spawns `coreblkd` as [`Self::start`] does, with `env` set, and returns at once.
+    pub fn spawn(dir: &Path, env: &[(&str, &str)]) -> Self {
         let socket = dir.join("api.sock");
         let log = dir.join(format!("coreblkd-{}.log", unique()));
         let log_file = std::fs::File::create(&log).expect("log");
@@ -76,21 +89,14 @@ impl Daemon {
             .arg("--socket")
             .arg(&socket)
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .expect("spawn coreblkd");
-        let d = Self { child, socket, log };
-        let ready = wait_for(START_DEADLINE, || {
-            let log = d.log_text();
-            std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
-                && log.contains("serving; stop with SIGTERM")
-                && log.contains("pool import finished")
-        });
-        assert!(ready, "coreblkd did not start:\n{}", d.log_text());
-        d
+        Self { child, socket, log }
     }
 
     /// Its log so far.
