@@ -168,7 +168,7 @@ async fn run_import(
                         .send(Err(Status::new(
                             status.code(),
                             format!(
-                                "the import stream broke ({}); volume {} stays importing,                                  written up to byte {prev_end}: resume or delete it",
+                                "the import stream broke ({}); volume {} stays importing, written up to byte {prev_end}: resume or delete it",
                                 status.message(),
                                 v.name
                             ),

@@ -1,7 +1,8 @@
 //! The API's unix socket: one daemon per socket path, created mode 0600, a stale socket
 //! from a dead daemon replaced, a live daemon never displaced.
 //!
-//! Owns: [`ApiSocket::bind`] and the socket's removal at stop (or whenever it is dropped). Ownership of a path is an
+//! Owns: [`ApiSocket::bind`] and the socket's removal at stop (or whenever it is dropped).
+//! Ownership of a path is an
 //! exclusive `flock` on `<socket>.lock`, held for the daemon's life: the kernel drops it
 //! when the daemon dies however it dies, so a socket file whose lock is free is stale.
 //! The socket is bound under a temporary name, chmod'ed to 0600 and renamed over the
