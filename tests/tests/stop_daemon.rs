@@ -1,6 +1,7 @@
 //! Stopping `coreblkd` with clients connected: an idle client connection (one that does
 //! not even poll it, so never answers the server's GOAWAY PING) does not hold the stop
-//! up, and a call in flight (an image import stream) keeps the daemon up until it ends.
+//! up, and a call in flight (an image import stream) keeps the daemon up until it ends,
+//! while new calls get UNAVAILABLE.
 
 mod common;
 
@@ -78,6 +79,49 @@ fn a_call_in_flight_keeps_the_daemon_up_until_it_ends() {
         "the daemon stopped with an import stream open:\n{}",
         daemon.log_text()
     );
+    // A new call that would change something, while the stop drains the one in flight:
+    // UNAVAILABLE at once, saying why (read-only calls such as node info still answer,
+    // with state STOPPING).
+    let create = |ch: tonic::transport::Channel| async move {
+        tokio::time::timeout(
+            PROMPT,
+            pb::volumes_client::VolumesClient::new(ch).create_volume(pb::CreateVolumeRequest {
+                pool: "default".into(),
+                name: "late".into(),
+                size_bytes: 1 << 20,
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("answered promptly")
+    };
+    let e = rt
+        .block_on(create(channel.clone()))
+        .expect_err("a create during a stop");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("stopping"), "{e}");
+    // A new client is refused at connect (the CLI then says no daemon listens) or, if it
+    // got through, answered UNAVAILABLE.
+    rt.block_on(async {
+        let connect = coreblk_daemon::control::client::connect(&daemon.socket);
+        match tokio::time::timeout(PROMPT, connect)
+            .await
+            .expect("connecting during a stop did not hang")
+        {
+            Ok(ch) => {
+                let e = create(ch).await.expect_err("a create on a new connection");
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+            }
+            Err(e) => assert!(
+                matches!(
+                    e,
+                    coreblk_daemon::control::client::ConnectError::NotListening { .. }
+                        | coreblk_daemon::control::client::ConnectError::NoSocket { .. }
+                ),
+                "{e}"
+            ),
+        }
+    });
     // The client ends its call: the stream closes, the daemon goes.
     drop(tx);
     rt.block_on(async { while let Ok(Some(_)) = responses.message().await {} });

@@ -3,13 +3,16 @@
 //! gracefully.
 //!
 //! Owns: [`ControlPlane`] (start, stop), [`Shared`] (what every service reads), the count
-//! of calls in flight ([`InFlight`]). A stop marks the daemon stopping (new calls answer
-//! UNAVAILABLE), stops accepting connections, lets in-flight calls finish (at most
-//! [`STOP_GRACE`]) and then closes the connections still open — idle ones are not waited
-//! for: tonic's graceful shutdown waits for every HTTP/2 connection to close, and an idle
-//! one closes only after its client answers the GOAWAY's PING, which a client that is not
-//! polling its connection never does (the stop then took the whole grace period). Then it
-//! stops `/metrics` and removes the socket; the caller stops the reactors afterwards.
+//! of calls in flight ([`InFlight`]). A stop marks the daemon stopping: new calls that
+//! would change anything answer UNAVAILABLE ("coreblkd is stopping; retry…") at once,
+//! read-only ones answer with state STOPPING; in-flight calls finish (at most
+//! [`STOP_GRACE`]); then the server and every connection still open are dropped, and the
+//! socket is removed. The server keeps answering while it drains, rather than sending
+//! GOAWAY and closing its listener (tonic's graceful shutdown): a client with an open
+//! connection then reconnected to a closed listener and a create waited out its deadline
+//! instead of hearing why, and an idle connection held the stop up until its client
+//! answered the GOAWAY's PING, which one that is not polling never does. Then it stops
+//! `/metrics`; the caller stops the reactors afterwards.
 //!
 //! Must never: run on a reactor thread; make a reactor wait on it.
 
@@ -433,7 +436,8 @@ async fn run(
         .add_service(pb::exports_server::ExportsServer::new(ExportsService::new(
             Arc::clone(&shared),
         )))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), shutdown);
+        .serve_with_incoming(UnixListenerStream::new(uds));
+    tokio::spawn(shutdown);
     tracing::info!(socket = %socket.path().display(), "API serving");
     let _ = ready.send(Ok(()));
     // Pools are imported while the API serves: until then pool, volume and image calls
