@@ -100,6 +100,9 @@ struct Args {
     /// of polling.
     #[arg(long, default_value_t = ReactorConfig::default().busy_poll_limit_us)]
     busy_poll_us: u64,
+    /// Hybrid polling: poll only while work lately came within this many µs (0: always).
+    #[arg(long, default_value_t = ReactorConfig::default().poll_max_gap_us)]
+    poll_max_gap_us: u64,
     /// nvme target: reads/writes/flushes through io_uring NVMe passthrough (/dev/ngXnY).
     #[arg(long)]
     passthrough: bool,
@@ -330,6 +333,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let cfg = ReactorConfig {
         idle_threshold_us: args.idle_threshold_us,
         busy_poll_limit_us: args.busy_poll_us,
+        poll_max_gap_us: args.poll_max_gap_us,
         buf_chunk_bytes: bs as usize,
         buf_count: args.qd as usize,
         // A volume IO can become several device IOs (one per cluster, plus journal writes);

@@ -54,6 +54,11 @@ pub struct RunArgs {
     /// before it sleeps anyway; 0: it sleeps whenever it finds no work [default: 2000].
     #[arg(long)]
     pub busy_poll_limit_us: Option<u64>,
+    /// Hybrid polling: poll for work only while it has lately come within this many
+    /// microseconds; longer waits sleep in the kernel at once; 0: always poll
+    /// [default: 30].
+    #[arg(long)]
+    pub poll_max_gap_us: Option<u64>,
     /// Do not pin reactor threads to their cores.
     #[arg(long)]
     pub no_pin: bool,
@@ -89,6 +94,8 @@ pub struct FileConfig {
     pub idle_threshold_us: Option<u64>,
     /// `--busy-poll-limit-us`.
     pub busy_poll_limit_us: Option<u64>,
+    /// `--poll-max-gap-us`.
+    pub poll_max_gap_us: Option<u64>,
     /// The opposite of `--no-pin`.
     pub pin: Option<bool>,
     /// `--socket`.
@@ -343,6 +350,10 @@ impl Config {
                     .busy_poll_limit_us
                     .or(file.busy_poll_limit_us)
                     .unwrap_or(defaults.busy_poll_limit_us),
+                poll_max_gap_us: args
+                    .poll_max_gap_us
+                    .or(file.poll_max_gap_us)
+                    .unwrap_or(defaults.poll_max_gap_us),
                 pin,
                 // One fixed-buffer slot per tag of every export a reactor may serve (zero
                 // copy); bounded by io_uring's table limit in the reactor.
@@ -567,6 +578,7 @@ mod tests {
             pin = false
             idle_threshold_us = 7
             busy_poll_limit_us = 5
+            poll_max_gap_us = 11
             node_id = "node-a"
             mount_namespace = false
             "#,
@@ -581,6 +593,7 @@ mod tests {
         assert_eq!(cfg.socket, Path::new("/tmp/flag.sock"));
         assert_eq!(cfg.reactor.idle_threshold_us, 9);
         assert_eq!(cfg.reactor.busy_poll_limit_us, 5);
+        assert_eq!(cfg.reactor.poll_max_gap_us, 11);
         assert_eq!(cfg.metrics_address, None);
         assert!(!cfg.reactor.pin);
         assert_eq!(cfg.node_id.as_deref(), Some("node-a"));

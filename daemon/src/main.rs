@@ -247,6 +247,7 @@ fn serve(args: coreblk_daemon::config::RunArgs) -> anyhow::Result<()> {
         cores = %coreblk_daemon::reactor::format_cores(&cfg.cores),
         idle_threshold_us = cfg.reactor.idle_threshold_us,
         busy_poll_limit_us = cfg.reactor.busy_poll_limit_us,
+        poll_max_gap_us = cfg.reactor.poll_max_gap_us,
         "reactors started"
     );
     // Every reactor opens its channel to the device now, so a broken device fails start-up.

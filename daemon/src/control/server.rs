@@ -257,6 +257,7 @@ impl Shared {
                     busy_ns: r.stats.busy_ns.load(Ordering::Relaxed),
                     sleep_ns: r.stats.sleep_ns.load(Ordering::Relaxed),
                     sleeps: r.stats.sleeps.load(Ordering::Relaxed),
+                    early_sleeps: r.stats.early_sleeps.load(Ordering::Relaxed),
                     completions: r.stats.completions.load(Ordering::Relaxed),
                 })
                 .collect(),

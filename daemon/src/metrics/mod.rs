@@ -42,6 +42,8 @@ pub struct ReactorSample {
     pub sleep_ns: u64,
     /// Times it went to sleep.
     pub sleeps: u64,
+    /// Of those, sleeps taken without polling first (hybrid polling).
+    pub early_sleeps: u64,
     /// Requests completed.
     pub completions: u64,
 }
@@ -354,7 +356,7 @@ pub fn render(s: &Snapshot) -> String {
         .as_secs_f64();
     e.sample("coreblk_start_time_seconds", &[], start);
 
-    let reactor_families: [ReactorFamily; 4] = [
+    let reactor_families: [ReactorFamily; 5] = [
         (
             "coreblk_reactor_busy_seconds_total",
             "Time each reactor spent in loop iterations that found work.",
@@ -369,6 +371,11 @@ pub fn render(s: &Snapshot) -> String {
             "coreblk_reactor_sleeps_total",
             "Times each reactor went to sleep in the kernel.",
             |r| count(r.sleeps),
+        ),
+        (
+            "coreblk_reactor_early_sleeps_total",
+            "Sleeps a reactor took without polling first, because work lately came later than poll_max_gap_us (hybrid polling); a part of coreblk_reactor_sleeps_total.",
+            |r| count(r.early_sleeps),
         ),
         (
             "coreblk_reactor_completions_total",
@@ -720,6 +727,7 @@ mod tests {
                     busy_ns: 1_500_000_000,
                     sleep_ns: 3_000_000_000,
                     sleeps: 7,
+                    early_sleeps: 3,
                     completions: 42,
                 },
                 ReactorSample {

@@ -7,7 +7,9 @@
 //! `idle_threshold_us` without work (and with no fast IO in flight) it sleeps in the kernel
 //! until a completion, the next timer or the doorbell (an eventfd read kept armed in the
 //! ring) wakes it. Ops that io_uring hands to its worker threads (fsync, fallocate) are
-//! "slow": they do not keep the reactor spinning.
+//! "slow": they do not keep the reactor spinning. Polling is hybrid ([`PollPolicy`]): when
+//! work has lately taken longer than `poll_max_gap_us` to come, the reactor sleeps at once
+//! instead of polling for it.
 //!
 //! Must never: block on a lock shared with another reactor, call into layers above it, or
 //! allocate per IO (requests live in a preallocated slot table).
@@ -110,6 +112,12 @@ pub struct ReactorConfig {
     /// With fast IO in flight but no completion for this long, sleep anyway (a stuck device
     /// must not burn a core forever).
     pub busy_poll_limit_us: u64,
+    /// Hybrid polling: poll only while work has lately come back within about this many
+    /// microseconds of running out of it; when the reactor has usually waited longer (a
+    /// slow device, a sparse stream of requests), it sleeps in the kernel at once and is
+    /// woken by the completion, since polling would only burn the core ([`PollPolicy`]).
+    /// 0: always poll up to the two limits above.
+    pub poll_max_gap_us: u64,
     /// Bounded message queue capacity per reactor.
     pub inbox_capacity: usize,
     /// Pooled IO buffer chunk size (the largest pooled IO) and count per reactor.
@@ -137,6 +145,7 @@ impl Default for ReactorConfig {
             max_inflight: 1024,
             idle_threshold_us: 200,
             busy_poll_limit_us: 2_000,
+            poll_max_gap_us: DEFAULT_POLL_MAX_GAP_US,
             inbox_capacity: 1024,
             buf_chunk_bytes: 128 * 1024,
             buf_count: 64,
@@ -160,6 +169,64 @@ pub struct ReactorStats {
     pub enters: AtomicU64,
     /// Requests completed (ring and software).
     pub completions: AtomicU64,
+    /// Sleeps taken without polling first, because work lately took longer than
+    /// `poll_max_gap_us` to come ([`PollPolicy`]); a part of `sleeps`.
+    pub early_sleeps: AtomicU64,
+}
+
+/// Default of [`ReactorConfig::poll_max_gap_us`].
+pub const DEFAULT_POLL_MAX_GAP_US: u64 = 30;
+
+/// When an idle reactor polls and when it sleeps at once (hybrid polling).
+///
+/// Polling pays when work comes back soon: a completion from a fast NVMe device, the next
+/// request of a busy queue; the reactor then answers without a wake-up. When the reactor
+/// has lately waited long for work (a device that answers in milliseconds, a request
+/// every few hundred microseconds, a core shared with the workload), polling only takes
+/// CPU from everything else on the core, and sleeping in the kernel costs one wake-up per
+/// wait, small against the wait. The policy learns the gap — the time from running out of
+/// work to finding some — as a moving average (weight 1/8) per kind of wait: nothing fast
+/// in flight (waiting for new requests or messages), or fast IO in flight (waiting for
+/// the device). A sample is capped at 4 × the limit, so one long idle period does not
+/// make the next burst of IO sleep for long.
+///
+/// Must never: keep the reactor polling past the configured limits, or take a lock.
+#[derive(Debug)]
+pub struct PollPolicy {
+    max_gap_ns: u64,
+    /// Moving average of the gap, ns: `[nothing fast in flight, fast IO in flight]`.
+    gap_ns: [u64; 2],
+}
+
+impl PollPolicy {
+    /// A policy that polls for gaps up to `max_gap_us` (0: always poll).
+    pub fn new(max_gap_us: u64) -> Self {
+        Self {
+            max_gap_ns: max_gap_us.saturating_mul(1000),
+            gap_ns: [0; 2],
+        }
+    }
+
+    /// Records that work came `gap` after the reactor ran out of it, in a wait of the
+    /// kind `fast` (fast IO was in flight when it ran out).
+    pub fn observe(&mut self, fast: bool, gap: Duration) {
+        if self.max_gap_ns == 0 {
+            return;
+        }
+        let sample = duration_ns(gap).min(self.max_gap_ns.saturating_mul(4));
+        let g = &mut self.gap_ns[usize::from(fast)];
+        *g = *g - *g / 8 + sample / 8;
+    }
+
+    /// Whether a wait of this kind is worth polling.
+    pub fn worth_polling(&self, fast: bool) -> bool {
+        self.max_gap_ns == 0 || self.gap_ns[usize::from(fast)] <= self.max_gap_ns
+    }
+
+    /// The learned gap of a kind of wait (for tests and logs).
+    pub fn gap(&self, fast: bool) -> Duration {
+        Duration::from_nanos(self.gap_ns[usize::from(fast)])
+    }
 }
 
 const DOORBELL_UD: u64 = u64::MAX;
@@ -863,7 +930,9 @@ impl Reactor {
         self.arm_doorbell();
         let idle_threshold = Duration::from_micros(self.cfg.idle_threshold_us);
         let busy_poll_limit = Duration::from_micros(self.cfg.busy_poll_limit_us);
-        let mut last_work = Instant::now();
+        let mut policy = PollPolicy::new(self.cfg.poll_max_gap_us);
+        // When the reactor last ran out of work, and whether fast IO was in flight then.
+        let mut idle_since: Option<(Instant, bool)> = None;
         loop {
             let now = Instant::now();
             self.cached_now.set(now);
@@ -876,21 +945,35 @@ impl Reactor {
             }
             work += self.submit_and_reap();
             if work > 0 {
+                if let Some((since, fast)) = idle_since.take() {
+                    policy.observe(fast, now.duration_since(since));
+                }
                 self.stats
                     .busy_ns
                     .fetch_add(duration_ns(now.elapsed()), Ordering::Relaxed);
-                last_work = now;
                 continue;
             }
             if self.stopping.get() && self.inflight() == 0 && self.soft_done.borrow().is_empty() {
                 break;
             }
-            let idle_for = now.duration_since(last_work);
-            let fast = self.slots.borrow().fast_inflight;
-            if (fast == 0 && idle_for >= idle_threshold) || idle_for >= busy_poll_limit {
+            let (since, kind) =
+                *idle_since.get_or_insert_with(|| (now, self.slots.borrow().fast_inflight > 0));
+            let idle_for = now.duration_since(since);
+            let limit = if !policy.worth_polling(kind) {
+                Duration::ZERO
+            } else if kind {
+                busy_poll_limit
+            } else {
+                idle_threshold.min(busy_poll_limit)
+            };
+            if idle_for >= limit {
+                if limit.is_zero() {
+                    self.stats.early_sleeps.fetch_add(1, Ordering::Relaxed);
+                }
                 let next = self.timers.borrow().next_deadline();
                 self.sleep(next);
-                last_work = Instant::now();
+                // A wake-up without work (a spurious one, or a timer that found nothing)
+                // sleeps again at once: the limit counts from when work ran out.
             }
         }
         self.inbox.closed.store(true, Ordering::Release);
