@@ -327,7 +327,9 @@ impl Controller {
         };
         let mut bytes = c.available_bytes.min(c.maximum_volume_size_bytes);
         if params.thick {
-            bytes = bytes.min(pool.free_bytes.saturating_sub(pool.reserved_bytes));
+            // The pool's free space is already net of thick volumes' reserves (the store
+            // counts a cluster free only when no reserve claims it).
+            bytes = bytes.min(pool.free_bytes);
         }
         let cluster = pool.cluster_size_bytes.max(4096);
         Ok(bytes / cluster * cluster)
