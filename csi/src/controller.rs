@@ -20,7 +20,7 @@ use crate::daemon::{daemon_error, Daemon};
 use crate::ids::{CsiId, Kind};
 use crate::params::{
     check_capabilities, node_topology, topology_allows, volume_size, SizeError, VolumeParams,
-    DEFAULT_POOL, K8S_PREFIX, KEPT_AS_LABELS, TOPOLOGY_KEY,
+    DEFAULT_POOL, K8S_PREFIX, KEPT_AS_LABELS, PARAM_THICK, TOPOLOGY_KEY,
 };
 
 /// Most entries a list page holds (the daemon's page limit).
@@ -87,6 +87,18 @@ fn elsewhere_message(what: &str, id: &CsiId, here: &str) -> String {
          one node: the call must reach the coreblk plugin on node {}",
         id.node_id, id.node_id
     )
+}
+
+/// Whether a volume of `size_bytes` meets a capacity range.
+fn size_fits(size_bytes: u64, range: Option<&csi::CapacityRange>) -> bool {
+    let Some(r) = range else { return true };
+    let at_least = u64::try_from(r.required_bytes).unwrap_or(u64::MAX);
+    let at_most = match u64::try_from(r.limit_bytes) {
+        Ok(0) => u64::MAX,
+        Ok(n) => n,
+        Err(_) => 0,
+    };
+    size_bytes >= at_least && size_bytes <= at_most
 }
 
 /// A page token this driver handed out: the daemon's (hex of the last name returned).
@@ -352,6 +364,12 @@ impl csi::controller_server::Controller for Controller {
             .map_err(|e| Status::invalid_argument(format!("{RPC}: {e}")))?;
         let params = VolumeParams::parse(&r.parameters)
             .map_err(|e| Status::invalid_argument(format!("{RPC}: {e}")))?;
+        if !r.mutable_parameters.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "{RPC}: mutable_parameters are not supported (no MODIFY_VOLUME capability); \
+                 remove the VolumeAttributesClass from the claim"
+            )));
+        }
         if let Some(fs) = &params.fs_type {
             if !cap_fs.is_empty() && cap_fs != *fs {
                 return Err(Status::invalid_argument(format!(
@@ -398,7 +416,7 @@ impl csi::controller_server::Controller for Controller {
                 )));
             }
         }
-        let size_bytes = volume_size(
+        let mut size_bytes = volume_size(
             r.capacity_range.as_ref(),
             source_bytes,
             pool.cluster_size_bytes,
@@ -407,6 +425,16 @@ impl csi::controller_server::Controller for Controller {
             SizeError::Negative(m) => Status::invalid_argument(format!("{RPC}: {m}")),
             SizeError::OutOfRange(m) => Status::out_of_range(format!("{RPC}: {m}")),
         })?;
+        // A volume of this name whose size the range accepts is the one asked for (the
+        // spec's idempotency is by compatibility, the daemon's by equal size): ask the
+        // daemon with its size, so it compares everything else (pool, thick, source).
+        if let Some(existing) = self.get_volume(RPC, &r.name).await? {
+            // (The daemon also finds volumes by UUID: only a name match counts.)
+            if existing.name == r.name && size_fits(existing.size_bytes, r.capacity_range.as_ref())
+            {
+                size_bytes = existing.size_bytes;
+            }
+        }
         let created = self
             .daemon
             .volumes()
@@ -510,15 +538,33 @@ impl csi::controller_server::Controller for Controller {
             }
             Located::Here(u) => u,
         };
-        if self.get_volume(RPC, &uuid).await?.is_none() {
+        let Some(volume) = self.get_volume(RPC, &uuid).await? else {
             return Err(Status::not_found(format!(
                 "{RPC}: volume {} does not exist",
                 r.volume_id
             )));
-        }
+        };
         let verdict = check_capabilities(&r.volume_capabilities)
             .map(|_| ())
-            .and_then(|()| VolumeParams::parse(&r.parameters).map(|_| ()));
+            .and_then(|()| VolumeParams::parse(&r.parameters))
+            .and_then(|p| match p {
+                VolumeParams {
+                    pool: Some(pool), ..
+                } if pool != volume.pool_name && pool != volume.pool_uuid => Err(format!(
+                    "the volume lives in pool {}, not in {pool}",
+                    volume.pool_name
+                )),
+                VolumeParams { thick, .. }
+                    if r.parameters.contains_key(PARAM_THICK) && thick != volume.thick =>
+                {
+                    Err(format!(
+                        "the volume is {}, the parameters ask for {}",
+                        if volume.thick { "thick" } else { "thin" },
+                        if thick { "thick" } else { "thin" }
+                    ))
+                }
+                _ => Ok(()),
+            });
         let response = match verdict {
             Ok(()) => csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {

@@ -80,13 +80,12 @@ impl Daemon {
 pub fn daemon_error(daemon: &Daemon, rpc: &str, s: &Status) -> Status {
     let socket = daemon.socket().display();
     match s.code() {
-        Code::Unavailable | Code::Unknown if s.message().contains("transport") => {
-            Status::unavailable(format!(
-                "{rpc}: cannot reach coreblkd at {socket} ({}); is the coreblkd pod on this \
-                 node running?",
-                s.message()
-            ))
-        }
+        // The daemon is down, starting (importing pools) or stopping: the sidecars retry.
+        Code::Unavailable => Status::unavailable(format!(
+            "{rpc}: coreblkd at {socket} is unavailable ({}); retry once the coreblkd pod on \
+             this node runs and has imported its pools",
+            s.message()
+        )),
         code => Status::new(code, format!("{rpc}: coreblkd: {}", s.message())),
     }
 }

@@ -451,8 +451,21 @@ fn volumes_create_delete_validate_get_list_with_their_error_codes() {
         let again = create(&mut ctl, req.clone()).await;
         assert_eq!(again.volume_id, v.volume_id);
         assert_eq!(again.capacity_bytes, v.capacity_bytes);
-        // The same name with another size: ALREADY_EXISTS.
+        // A retry whose range the volume meets gets it too (the spec's compatibility).
+        let mut smaller = req.clone();
+        smaller.capacity_range = Some(csi::CapacityRange {
+            required_bytes: MIB,
+            limit_bytes: 2 * MIB,
+        });
+        assert_eq!(create(&mut ctl, smaller).await.volume_id, v.volume_id);
+        // The same name with a size it does not meet, or another kind: ALREADY_EXISTS.
         let (code, msg) = failed(ctl.create_volume(create_req("pvc-1", 4 * MIB, 0)).await);
+        assert_eq!(code, Code::AlreadyExists, "{msg}");
+        let mut thick_retry = req.clone();
+        thick_retry
+            .parameters
+            .insert("thick".to_owned(), "true".to_owned());
+        let (code, msg) = failed(ctl.create_volume(thick_retry).await);
         assert_eq!(code, Code::AlreadyExists, "{msg}");
 
         // Thick: reserved.
@@ -473,6 +486,8 @@ fn volumes_create_delete_validate_get_list_with_their_error_codes() {
         bad_pool.parameters = HashMap::from([("pool".to_owned(), "nosuch".to_owned())]);
         let mut bad_fs = create_req("x5", MIB, 0);
         bad_fs.volume_capabilities = vec![cap(Mode::SingleNodeWriter, Some("btrfs"))];
+        let mut mutable = create_req("x10", MIB, 0);
+        mutable.mutable_parameters = HashMap::from([("iops".to_owned(), "100".to_owned())]);
         let mut elsewhere = create_req("x6", MIB, 0);
         elsewhere.accessibility_requirements = Some(csi::TopologyRequirement {
             requisite: vec![csi::Topology {
@@ -499,6 +514,7 @@ fn volumes_create_delete_validate_get_list_with_their_error_codes() {
             ),
             (create_req("x9", -1, 0), Code::InvalidArgument, "negative"),
             (elsewhere, Code::ResourceExhausted, "node-a"),
+            (mutable, Code::InvalidArgument, "mutable_parameters"),
         ] {
             let name = req.name.clone();
             let (code, msg) = failed(ctl.create_volume(req).await);
@@ -546,6 +562,33 @@ fn volumes_create_delete_validate_get_list_with_their_error_codes() {
                 .into_inner();
             assert!(r.confirmed.is_none(), "{mode:?} confirmed");
             assert!(!r.message.is_empty());
+        }
+        // Parameters are checked against the volume: its pool and kind confirm, others not.
+        for (params, confirmed) in [
+            (vec![("pool", "default"), ("thick", "false")], true),
+            (vec![("pool", "nosuch")], false),
+            (vec![("thick", "true")], false),
+            (vec![("pol", "default")], false),
+        ] {
+            let r = ctl
+                .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                    volume_id: v.volume_id.clone(),
+                    volume_capabilities: vec![cap(Mode::SingleNodeWriter, None)],
+                    parameters: params
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                    ..Default::default()
+                })
+                .await
+                .expect("validate")
+                .into_inner();
+            assert_eq!(
+                r.confirmed.is_some(),
+                confirmed,
+                "{params:?}: {}",
+                r.message
+            );
         }
         let (code, _) = failed(
             ctl.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
@@ -1068,5 +1111,83 @@ fn snapshots_clones_and_restores_keep_their_bytes() {
             .expect("ListSnapshots")
             .into_inner();
         assert!(gone.entries.is_empty());
+    });
+}
+
+#[test]
+fn probe_is_not_ready_until_the_daemon_is_up_and_has_imported_its_pools() {
+    // Long enough to probe while the daemon imports on a loaded machine.
+    const DELAY_MS: &str = "3000";
+    let dir = workdir();
+    let daemon_socket = dir.path().join("api.sock");
+    let plugin = Csi::start(
+        dir.path(),
+        "csi",
+        &[
+            "--mode",
+            "node",
+            "--node-id",
+            NODE,
+            "--daemon-socket",
+            daemon_socket.to_str().expect("utf-8 path"),
+        ],
+    );
+    let rt = rt();
+    let ready = |ch: Channel| async move {
+        csi::identity_client::IdentityClient::new(ch)
+            .probe(csi::ProbeRequest {})
+            .await
+            .expect("Probe answers")
+            .into_inner()
+            .ready
+    };
+    // No daemon yet: not ready, and calls are UNAVAILABLE (the sidecars retry).
+    rt.block_on(async {
+        let ch = plugin.channel().await;
+        assert_eq!(ready(ch.clone()).await, Some(false));
+        let (code, msg) = failed(
+            Ctl::new(ch)
+                .create_volume(create_req("early", MIB, 0))
+                .await,
+        );
+        assert_eq!(code, Code::Unavailable, "{msg}");
+        assert!(msg.contains("coreblkd"), "{msg}");
+    });
+    // The daemon serves but imports its pools: still not ready.
+    let daemon = Daemon::spawn(dir.path(), &[("COREBLK_TEST_IMPORT_DELAY_MS", DELAY_MS)]);
+    assert!(
+        wait_for(START_DEADLINE, || daemon
+            .log_text()
+            .contains("the pool import waits first")),
+        "coreblkd did not start importing (built without the `testing` feature?):\n{}",
+        daemon.log_text()
+    );
+    rt.block_on(async {
+        let ch = plugin.channel().await;
+        let mut saw_starting = false;
+        let end = std::time::Instant::now() + START_DEADLINE;
+        loop {
+            let importing = !daemon.log_text().contains("pool import finished");
+            let r = ready(ch.clone()).await;
+            if importing && daemon.log_text().contains("serving; stop with SIGTERM") {
+                // Still importing after the answer too: the answer was about the import.
+                if !daemon.log_text().contains("pool import finished") {
+                    assert_eq!(r, Some(false), "ready while the pools are imported");
+                    saw_starting = true;
+                }
+            }
+            if r == Some(true) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "never ready:\n{}",
+                daemon.log_text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(saw_starting, "never probed during the import");
+        assert!(daemon.log_text().contains("pool import finished"));
+        create(&mut Ctl::new(ch), create_req("late", MIB, 0)).await;
     });
 }
