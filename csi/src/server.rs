@@ -50,6 +50,12 @@ pub enum ServeError {
         /// What is wrong.
         reason: String,
     },
+    /// Another process serves on the socket.
+    #[error("{} is in use: another process (a second coreblk-csi?) serves on it; stop it or choose another --endpoint", path.display())]
+    InUse {
+        /// The socket path.
+        path: PathBuf,
+    },
     /// The socket could not be made.
     #[error("cannot listen on {}: {source} (does the directory exist, and is it writable?)", path.display())]
     Listen {
@@ -94,6 +100,11 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, ServeError> {
     Ok(PathBuf::from(path))
 }
 
+/// Whether a process accepts connections on the socket at `path`.
+fn socket_in_use(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
 /// Removes a socket left by an earlier instance (only a socket: never another file).
 fn remove_stale_socket(path: &Path) {
     use std::os::unix::fs::FileTypeExt;
@@ -126,6 +137,9 @@ async fn stop_signal() {
 /// [`ServeError`].
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     let path = config.endpoint.clone();
+    if socket_in_use(&path) {
+        return Err(ServeError::InUse { path });
+    }
     remove_stale_socket(&path);
     let listener = tokio::net::UnixListener::bind(&path).map_err(|source| ServeError::Listen {
         path: path.clone(),

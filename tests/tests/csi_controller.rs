@@ -375,6 +375,20 @@ fn identity_probe_node_info_and_the_central_controller() {
         assert_eq!(code, Code::Unimplemented);
     });
 
+    // A second instance on the same socket is refused; the first keeps serving.
+    let out = Command::new(coreblk_tests::bin("coreblk-csi"))
+        .args(["--mode", "controller", "--endpoint"])
+        .arg(&central.socket)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::os::unix::net::UnixStream::connect(&central.socket).is_ok());
+
     // The daemon goes away: Probe says not ready (and does not fail), calls say UNAVAILABLE.
     let status = daemon.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status:?}");
@@ -927,6 +941,13 @@ fn snapshots_clones_and_restores_keep_their_bytes() {
         let (code, _) = failed(ctl.create_volume(small).await);
         assert_eq!(code, Code::OutOfRange);
 
+        // A thick class cannot restore (clones are thin).
+        let mut thick = from_snapshot("restored-thick", &snap.snapshot_id);
+        thick.parameters = HashMap::from([("thick".to_owned(), "true".to_owned())]);
+        let (code, msg) = failed(ctl.create_volume(thick).await);
+        assert_eq!(code, Code::InvalidArgument, "{msg}");
+        assert!(msg.contains("thin"), "{msg}");
+
         // Errors: an unknown source, another node's source (names the node), the same
         // snapshot name for another volume.
         let (code, _) = failed(
@@ -1189,5 +1210,80 @@ fn probe_is_not_ready_until_the_daemon_is_up_and_has_imported_its_pools() {
         assert!(saw_starting, "never probed during the import");
         assert!(daemon.log_text().contains("pool import finished"));
         create(&mut Ctl::new(ch), create_req("late", MIB, 0)).await;
+    });
+}
+
+#[test]
+fn volume_condition_is_abnormal_while_an_import_fills_it() {
+    let dir = workdir();
+    let daemon = Daemon::start(dir.path());
+    let plugin = Csi::node(dir.path(), "csi", &daemon, NODE);
+    rt().block_on(async {
+        let dch = daemon.channel().await;
+        let mut ctl = Ctl::new(plugin.channel().await);
+        // An import that starts and never finishes leaves the volume IMPORTING.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::ImportImageRequest {
+            msg: Some(pb::import_image_request::Msg::Start(pb::ImportStart {
+                pool: "default".to_owned(),
+                volume_name: "filling".to_owned(),
+                size_bytes: 4 << 20,
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("send start");
+        let mut responses = pb::images_client::ImagesClient::new(dch.clone())
+            .import_image(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("import starts")
+            .into_inner();
+        let uuid = match responses
+            .message()
+            .await
+            .expect("answer")
+            .and_then(|m| m.msg)
+        {
+            Some(pb::import_image_response::Msg::Started(s)) => s.volume_uuid,
+            other => panic!("expected started, got {other:?}"),
+        };
+        let id = format!("vol:{NODE}:{uuid}");
+        let got = ctl
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await
+            .expect("ControllerGetVolume")
+            .into_inner();
+        let cond = got
+            .status
+            .and_then(|s| s.volume_condition)
+            .expect("condition");
+        assert!(cond.abnormal, "{cond:?}");
+        assert!(cond.message.contains("import"), "{cond:?}");
+        let listed = ctl
+            .list_volumes(csi::ListVolumesRequest::default())
+            .await
+            .expect("ListVolumes")
+            .into_inner();
+        assert_eq!(listed.entries.len(), 1);
+        let cond = listed.entries[0]
+            .status
+            .as_ref()
+            .and_then(|s| s.volume_condition.as_ref())
+            .expect("condition");
+        assert!(cond.abnormal, "{cond:?}");
+        // A volume that is not yet whole is not snapshotted (the daemon refuses).
+        let (code, msg) = failed(
+            ctl.create_snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: id.clone(),
+                name: "early".to_owned(),
+                ..Default::default()
+            })
+            .await,
+        );
+        assert_eq!(code, Code::FailedPrecondition, "{msg}");
+        drop(tx);
+        drop(responses);
     });
 }
