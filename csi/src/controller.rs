@@ -16,7 +16,8 @@ use coreblk_proto::v1 as pb;
 use csi::controller_service_capability::rpc::Type as Cap;
 use tonic::{Code, Request, Response, Status};
 
-use crate::daemon::{daemon_error, Daemon};
+use crate::daemon::Daemon;
+use crate::error::{elsewhere_message, Error};
 use crate::ids::{CsiId, Kind};
 use crate::params::{
     check_capabilities, node_topology, topology_allows, volume_size, SizeError, VolumeParams,
@@ -73,20 +74,12 @@ pub struct Controller {
     node_id: String,
 }
 
-fn required(field: &str, value: &str) -> Result<(), Status> {
+fn required(rpc: &'static str, field: &'static str, value: &str) -> Result<(), Error> {
     if value.is_empty() {
-        Err(Status::invalid_argument(format!("{field} is required")))
+        Err(Error::Missing { rpc, field })
     } else {
         Ok(())
     }
-}
-
-fn elsewhere_message(what: &str, id: &CsiId, here: &str) -> String {
-    format!(
-        "{what} {id} lives on node {} (this is node {here}); coreblk volumes are local to \
-         one node: the call must reach the coreblk plugin on node {}",
-        id.node_id, id.node_id
-    )
 }
 
 /// Whether a volume of `size_bytes` meets a capacity range.
@@ -106,11 +99,12 @@ fn token_ok(token: &str) -> bool {
     token.len().is_multiple_of(2) && token.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn page_size(max_entries: i32) -> Result<u32, Status> {
-    let n = u32::try_from(max_entries).map_err(|_| {
-        Status::invalid_argument(format!(
+fn page_size(rpc: &'static str, max_entries: i32) -> Result<u32, Error> {
+    let n = u32::try_from(max_entries).map_err(|_| Error::Invalid {
+        rpc,
+        reason: format!(
             "max_entries is negative ({max_entries}); give 0 (no limit) or a positive count"
-        ))
+        ),
     })?;
     Ok(n.min(MAX_PAGE_ENTRIES))
 }
@@ -143,8 +137,28 @@ impl Controller {
         }
     }
 
-    fn err(&self, rpc: &str, s: &Status) -> Status {
-        daemon_error(&self.daemon, rpc, s)
+    fn err(&self, rpc: &'static str, status: Status) -> Error {
+        Error::Daemon {
+            rpc,
+            socket: self.daemon.socket().to_path_buf(),
+            status,
+        }
+    }
+
+    fn owned_elsewhere(&self, rpc: &'static str, id: CsiId) -> Error {
+        Error::OwnedElsewhere {
+            rpc,
+            id,
+            here: self.node_id.clone(),
+        }
+    }
+
+    fn not_here(&self, rpc: &'static str, id: CsiId) -> Error {
+        Error::NotHere {
+            rpc,
+            id,
+            here: self.node_id.clone(),
+        }
     }
 
     fn locate(&self, kind: Kind, text: &str) -> Located {
@@ -201,7 +215,7 @@ impl Controller {
     }
 
     /// The daemon's volume `uuid`, `None` when it has none.
-    async fn get_volume(&self, rpc: &str, uuid: &str) -> Result<Option<pb::Volume>, Status> {
+    async fn get_volume(&self, rpc: &'static str, uuid: &str) -> Result<Option<pb::Volume>, Error> {
         match self
             .daemon
             .volumes()
@@ -212,16 +226,16 @@ impl Controller {
         {
             Ok(v) => Ok(Some(v.into_inner())),
             Err(s) if s.code() == Code::NotFound => Ok(None),
-            Err(s) => Err(self.err(rpc, &s)),
+            Err(s) => Err(self.err(rpc, s)),
         }
     }
 
     /// The daemon's snapshot `uuid`, `None` when it has none.
     async fn get_snapshot_by_uuid(
         &self,
-        rpc: &str,
+        rpc: &'static str,
         uuid: &str,
-    ) -> Result<Option<pb::Snapshot>, Status> {
+    ) -> Result<Option<pb::Snapshot>, Error> {
         match self
             .daemon
             .snapshots()
@@ -232,12 +246,12 @@ impl Controller {
         {
             Ok(s) => Ok(Some(s.into_inner())),
             Err(s) if s.code() == Code::NotFound => Ok(None),
-            Err(s) => Err(self.err(rpc, &s)),
+            Err(s) => Err(self.err(rpc, s)),
         }
     }
 
     /// A pool named by a request, or a clear INVALID_ARGUMENT.
-    async fn pool(&self, rpc: &str, pool: &str) -> Result<pb::Pool, Status> {
+    async fn pool(&self, rpc: &'static str, pool: &str) -> Result<pb::Pool, Error> {
         match self
             .daemon
             .pools()
@@ -247,12 +261,15 @@ impl Controller {
             .await
         {
             Ok(p) => Ok(p.into_inner()),
-            Err(s) if s.code() == Code::NotFound => Err(Status::invalid_argument(format!(
-                "{rpc}: parameter pool names {pool:?}, which node {} does not have: create the \
-                 pool there (coreblk pool create) or fix the StorageClass",
-                self.node_id
-            ))),
-            Err(s) => Err(self.err(rpc, &s)),
+            Err(s) if s.code() == Code::NotFound => Err(Error::Invalid {
+                rpc,
+                reason: format!(
+                    "parameter pool names {pool:?}, which node {} does not have: create the \
+                     pool there (coreblk pool create) or fix the StorageClass",
+                    self.node_id
+                ),
+            }),
+            Err(s) => Err(self.err(rpc, s)),
         }
     }
 
@@ -260,35 +277,37 @@ impl Controller {
     async fn clone_source(
         &self,
         source: &csi::VolumeContentSource,
-    ) -> Result<(pb::create_volume_request::Source, u64, String), Status> {
+    ) -> Result<(pb::create_volume_request::Source, u64, String), Error> {
         use csi::volume_content_source::Type;
         const RPC: &str = "CreateVolume";
         let (kind, text) = match &source.r#type {
             Some(Type::Snapshot(s)) => (Kind::Snapshot, s.snapshot_id.as_str()),
             Some(Type::Volume(v)) => (Kind::Volume, v.volume_id.as_str()),
             None => {
-                return Err(Status::invalid_argument(
-                    "volume_content_source has neither a snapshot nor a volume",
-                ))
+                return Err(Error::Invalid {
+                    rpc: RPC,
+                    reason: "volume_content_source has neither a snapshot nor a volume".to_owned(),
+                })
             }
         };
-        let missing = || {
-            Status::not_found(format!(
-                "{RPC}: source {} {text:?} does not exist",
-                kind.noun()
-            ))
+        let missing = || Error::NotFound {
+            rpc: RPC,
+            what: format!("source {} {text:?}", kind.noun()),
         };
         let uuid = match self.locate(kind, text) {
             Located::NoSuchId => return Err(missing()),
             // RESOURCE_EXHAUSTED: the volume cannot be made in this topology; the provisioner
             // then lets the scheduler pick another node, and the message says which one works.
             Located::Elsewhere(id) => {
-                return Err(Status::resource_exhausted(format!(
-                    "{RPC}: {}; schedule the pod to node {} (for example with a nodeSelector \
-                     kubernetes.io/hostname) to restore or clone it",
-                    elsewhere_message(&format!("source {}", kind.noun()), &id, &self.node_id),
-                    id.node_id
-                )))
+                return Err(Error::CannotPlace {
+                    rpc: RPC,
+                    reason: format!(
+                        "the source {}; schedule the pod to node {} (for example with a \
+                         nodeSelector kubernetes.io/hostname) to restore or clone it",
+                        elsewhere_message(&id, &self.node_id),
+                        id.node_id
+                    ),
+                })
             }
             Located::Here(u) => u,
         };
@@ -317,7 +336,7 @@ impl Controller {
 
     /// What CreateVolume would accept now for `params` in the pool: the overcommit
     /// headroom, for thick volumes also the unreserved free space, in whole clusters.
-    async fn capacity(&self, params: &VolumeParams) -> Result<u64, Status> {
+    async fn capacity(&self, params: &VolumeParams) -> Result<u64, Error> {
         const RPC: &str = "GetCapacity";
         let pool = self
             .pool(RPC, params.pool.as_deref().unwrap_or(DEFAULT_POOL))
@@ -332,7 +351,7 @@ impl Controller {
                 pool: pool.uuid.clone(),
             })
             .await
-            .map_err(|s| self.err(RPC, &s))?
+            .map_err(|s| self.err(RPC, s))?
             .into_inner();
         let Some(c) = figures.pools.into_iter().find(|c| c.pool_uuid == pool.uuid) else {
             return Ok(0);
@@ -356,43 +375,55 @@ impl csi::controller_server::Controller for Controller {
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         const RPC: &str = "CreateVolume";
         let r = request.into_inner();
-        required("name", &r.name)?;
+        let invalid = |reason: String| Error::Invalid { rpc: RPC, reason };
+        required(RPC, "name", &r.name)?;
         if r.volume_capabilities.is_empty() {
-            return Err(Status::invalid_argument("volume_capabilities is required"));
+            return Err(Error::Missing {
+                rpc: RPC,
+                field: "volume_capabilities",
+            }
+            .into());
         }
-        let cap_fs = check_capabilities(&r.volume_capabilities)
-            .map_err(|e| Status::invalid_argument(format!("{RPC}: {e}")))?;
-        let params = VolumeParams::parse(&r.parameters)
-            .map_err(|e| Status::invalid_argument(format!("{RPC}: {e}")))?;
+        let cap_fs = check_capabilities(&r.volume_capabilities).map_err(invalid)?;
+        let params = VolumeParams::parse(&r.parameters).map_err(invalid)?;
         if !r.mutable_parameters.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "{RPC}: mutable_parameters are not supported (no MODIFY_VOLUME capability); \
-                 remove the VolumeAttributesClass from the claim"
-            )));
+            return Err(invalid(
+                "mutable_parameters are not supported (no MODIFY_VOLUME capability); remove \
+                 the VolumeAttributesClass from the claim"
+                    .to_owned(),
+            )
+            .into());
         }
         if let Some(fs) = &params.fs_type {
             if !cap_fs.is_empty() && cap_fs != *fs {
-                return Err(Status::invalid_argument(format!(
-                    "{RPC}: the parameters name filesystem {fs} but the capability asks for \
-                     {cap_fs}; give one"
-                )));
+                return Err(invalid(format!(
+                    "the parameters name filesystem {fs} but the capability asks for {cap_fs}; \
+                     give one"
+                ))
+                .into());
             }
         }
         if !topology_allows(r.accessibility_requirements.as_ref(), &self.node_id) {
-            return Err(Status::resource_exhausted(format!(
-                "{RPC}: this plugin makes volumes on node {} only, and the request's requisite \
-                 topology does not include {TOPOLOGY_KEY}={} (the request reached the wrong \
-                 node's plugin)",
-                self.node_id, self.node_id
-            )));
+            return Err(Error::CannotPlace {
+                rpc: RPC,
+                reason: format!(
+                    "this plugin makes volumes on node {} only, and the request's requisite \
+                     topology does not include {TOPOLOGY_KEY}={} (the request reached the \
+                     wrong node's plugin)",
+                    self.node_id, self.node_id
+                ),
+            }
+            .into());
         }
         let (source, source_bytes, pool_ref) = match &r.volume_content_source {
             Some(s) => {
                 if params.thick {
-                    return Err(Status::invalid_argument(format!(
-                        "{RPC}: thick: a clone or restore shares its source's clusters and is \
-                         always thin; use a thin StorageClass (thick: \"false\") for it"
-                    )));
+                    return Err(invalid(
+                        "thick: a clone or restore shares its source's clusters and is always \
+                         thin; use a thin StorageClass (thick: \"false\") for it"
+                            .to_owned(),
+                    )
+                    .into());
                 }
                 let (src, bytes, src_pool) = self.clone_source(s).await?;
                 (Some(src), Some(bytes), src_pool)
@@ -409,11 +440,12 @@ impl csi::controller_server::Controller for Controller {
         let pool = self.pool(RPC, &pool_ref).await?;
         if let (Some(_), Some(named)) = (&source, &params.pool) {
             if *named != pool.name && *named != pool.uuid {
-                return Err(Status::invalid_argument(format!(
-                    "{RPC}: the source lives in pool {} and a clone lives in its source's pool, \
-                     but parameter pool names {named:?}: use a StorageClass for pool {}",
+                return Err(invalid(format!(
+                    "the source lives in pool {} and a clone lives in its source's pool, but \
+                     parameter pool names {named:?}: use a StorageClass for pool {}",
                     pool.name, pool.name
-                )));
+                ))
+                .into());
             }
         }
         let mut size_bytes = volume_size(
@@ -422,8 +454,8 @@ impl csi::controller_server::Controller for Controller {
             pool.cluster_size_bytes,
         )
         .map_err(|e| match e {
-            SizeError::Negative(m) => Status::invalid_argument(format!("{RPC}: {m}")),
-            SizeError::OutOfRange(m) => Status::out_of_range(format!("{RPC}: {m}")),
+            SizeError::Negative(m) => invalid(m),
+            SizeError::OutOfRange(reason) => Error::OutOfRange { rpc: RPC, reason },
         })?;
         // A volume of this name whose size the range accepts is the one asked for (the
         // spec's idempotency is by compatibility, the daemon's by equal size): ask the
@@ -447,7 +479,7 @@ impl csi::controller_server::Controller for Controller {
                 source,
             })
             .await
-            .map_err(|s| self.err(RPC, &s))?
+            .map_err(|s| self.err(RPC, s))?
             .into_inner();
         tracing::info!(volume = %created.uuid, name = %r.name, size_bytes, "volume created");
         let mut volume = self.csi_volume(&created);
@@ -466,16 +498,11 @@ impl csi::controller_server::Controller for Controller {
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
         const RPC: &str = "DeleteVolume";
         let r = request.into_inner();
-        required("volume_id", &r.volume_id)?;
+        required(RPC, "volume_id", &r.volume_id)?;
         let uuid = match self.locate(Kind::Volume, &r.volume_id) {
             // No such volume can exist: deleted, as the spec wants for an unknown ID.
             Located::NoSuchId => return Ok(Response::new(csi::DeleteVolumeResponse {})),
-            Located::Elsewhere(id) => {
-                return Err(Status::failed_precondition(format!(
-                    "{RPC}: {}",
-                    elsewhere_message("volume", &id, &self.node_id)
-                )))
-            }
+            Located::Elsewhere(id) => return Err(self.owned_elsewhere(RPC, id).into()),
             Located::Here(u) => u,
         };
         match self
@@ -491,7 +518,7 @@ impl csi::controller_server::Controller for Controller {
                 Ok(Response::new(csi::DeleteVolumeResponse {}))
             }
             Err(s) if s.code() == Code::NotFound => Ok(Response::new(csi::DeleteVolumeResponse {})),
-            Err(s) => Err(self.err(RPC, &s)),
+            Err(s) => Err(self.err(RPC, s).into()),
         }
     }
 
@@ -499,8 +526,9 @@ impl csi::controller_server::Controller for Controller {
         &self,
         _request: Request<csi::ControllerPublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerPublishVolume: coreblk volumes need no attach (CSIDriver attachRequired: false)",
+        Err(unimplemented(
+            "ControllerPublishVolume",
+            "coreblk volumes need no attach (CSIDriver attachRequired: false)",
         ))
     }
 
@@ -508,8 +536,9 @@ impl csi::controller_server::Controller for Controller {
         &self,
         _request: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerUnpublishVolume: coreblk volumes need no attach (CSIDriver attachRequired: false)",
+        Err(unimplemented(
+            "ControllerUnpublishVolume",
+            "coreblk volumes need no attach (CSIDriver attachRequired: false)",
         ))
     }
 
@@ -519,31 +548,24 @@ impl csi::controller_server::Controller for Controller {
     ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
         const RPC: &str = "ValidateVolumeCapabilities";
         let r = request.into_inner();
-        required("volume_id", &r.volume_id)?;
+        required(RPC, "volume_id", &r.volume_id)?;
         if r.volume_capabilities.is_empty() {
-            return Err(Status::invalid_argument("volume_capabilities is required"));
+            return Err(Error::Missing {
+                rpc: RPC,
+                field: "volume_capabilities",
+            }
+            .into());
         }
+        let not_found = || Error::NotFound {
+            rpc: RPC,
+            what: format!("volume {:?}", r.volume_id),
+        };
         let uuid = match self.locate(Kind::Volume, &r.volume_id) {
-            Located::NoSuchId => {
-                return Err(Status::not_found(format!(
-                    "{RPC}: volume {:?} does not exist",
-                    r.volume_id
-                )))
-            }
-            Located::Elsewhere(id) => {
-                return Err(Status::not_found(format!(
-                    "{RPC}: {}",
-                    elsewhere_message("volume", &id, &self.node_id)
-                )))
-            }
+            Located::NoSuchId => return Err(not_found().into()),
+            Located::Elsewhere(id) => return Err(self.not_here(RPC, id).into()),
             Located::Here(u) => u,
         };
-        let Some(volume) = self.get_volume(RPC, &uuid).await? else {
-            return Err(Status::not_found(format!(
-                "{RPC}: volume {} does not exist",
-                r.volume_id
-            )));
-        };
+        let volume = self.get_volume(RPC, &uuid).await?.ok_or_else(not_found)?;
         let verdict = check_capabilities(&r.volume_capabilities)
             .map(|_| ())
             .and_then(|()| VolumeParams::parse(&r.parameters))
@@ -589,16 +611,13 @@ impl csi::controller_server::Controller for Controller {
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         const RPC: &str = "ListVolumes";
         let r = request.into_inner();
-        let page_size = page_size(r.max_entries)?;
-        let aborted = || {
-            Status::aborted(format!(
-                "{RPC}: starting_token {:?} is not one this plugin handed out; list again from \
-                 the start",
-                r.starting_token
-            ))
+        let page_size = page_size(RPC, r.max_entries)?;
+        let aborted = || Error::BadToken {
+            rpc: RPC,
+            token: r.starting_token.clone(),
         };
         if !token_ok(&r.starting_token) {
-            return Err(aborted());
+            return Err(aborted().into());
         }
         let page = match self
             .daemon
@@ -613,9 +632,9 @@ impl csi::controller_server::Controller for Controller {
         {
             Ok(p) => p.into_inner(),
             Err(s) if s.code() == Code::InvalidArgument && !r.starting_token.is_empty() => {
-                return Err(aborted())
+                return Err(aborted().into())
             }
-            Err(s) => return Err(self.err(RPC, &s)),
+            Err(s) => return Err(self.err(RPC, s).into()),
         };
         let entries = page
             .volumes
@@ -641,7 +660,7 @@ impl csi::controller_server::Controller for Controller {
         const RPC: &str = "GetCapacity";
         let r = request.into_inner();
         let params = VolumeParams::parse(&r.parameters)
-            .map_err(|e| Status::invalid_argument(format!("{RPC}: {e}")))?;
+            .map_err(|reason| Error::Invalid { rpc: RPC, reason })?;
         let elsewhere = r.accessible_topology.as_ref().is_some_and(|t| {
             !t.segments.is_empty()
                 && t.segments.get(TOPOLOGY_KEY).map(String::as_str) != Some(self.node_id.as_str())
@@ -673,32 +692,32 @@ impl csi::controller_server::Controller for Controller {
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
         const RPC: &str = "CreateSnapshot";
         let r = request.into_inner();
-        required("source_volume_id", &r.source_volume_id)?;
-        required("name", &r.name)?;
+        required(RPC, "source_volume_id", &r.source_volume_id)?;
+        required(RPC, "name", &r.name)?;
         let mut labels = HashMap::new();
         for (k, v) in &r.parameters {
             if KEPT_AS_LABELS.contains(&k.as_str()) {
                 labels.insert(k.clone(), v.clone());
             } else if !k.starts_with(K8S_PREFIX) {
-                return Err(Status::invalid_argument(format!(
-                    "{RPC}: unknown parameter {k:?}: coreblk snapshot classes take no \
-                     parameters (fix the VolumeSnapshotClass)"
-                )));
+                return Err(Error::Invalid {
+                    rpc: RPC,
+                    reason: format!(
+                        "unknown parameter {k:?}: coreblk snapshot classes take no parameters \
+                         (fix the VolumeSnapshotClass)"
+                    ),
+                }
+                .into());
             }
         }
         let uuid = match self.locate(Kind::Volume, &r.source_volume_id) {
             Located::NoSuchId => {
-                return Err(Status::not_found(format!(
-                    "{RPC}: source volume {:?} does not exist",
-                    r.source_volume_id
-                )))
+                return Err(Error::NotFound {
+                    rpc: RPC,
+                    what: format!("source volume {:?}", r.source_volume_id),
+                }
+                .into())
             }
-            Located::Elsewhere(id) => {
-                return Err(Status::failed_precondition(format!(
-                    "{RPC}: {}",
-                    elsewhere_message("source volume", &id, &self.node_id)
-                )))
-            }
+            Located::Elsewhere(id) => return Err(self.owned_elsewhere(RPC, id).into()),
             Located::Here(u) => u,
         };
         let s = self
@@ -710,7 +729,7 @@ impl csi::controller_server::Controller for Controller {
                 labels,
             })
             .await
-            .map_err(|s| self.err(RPC, &s))?
+            .map_err(|s| self.err(RPC, s))?
             .into_inner();
         tracing::info!(snapshot = %s.uuid, volume = %s.volume_uuid, name = %r.name, "snapshot created");
         Ok(Response::new(csi::CreateSnapshotResponse {
@@ -724,15 +743,10 @@ impl csi::controller_server::Controller for Controller {
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
         const RPC: &str = "DeleteSnapshot";
         let r = request.into_inner();
-        required("snapshot_id", &r.snapshot_id)?;
+        required(RPC, "snapshot_id", &r.snapshot_id)?;
         let uuid = match self.locate(Kind::Snapshot, &r.snapshot_id) {
             Located::NoSuchId => return Ok(Response::new(csi::DeleteSnapshotResponse {})),
-            Located::Elsewhere(id) => {
-                return Err(Status::failed_precondition(format!(
-                    "{RPC}: {}",
-                    elsewhere_message("snapshot", &id, &self.node_id)
-                )))
-            }
+            Located::Elsewhere(id) => return Err(self.owned_elsewhere(RPC, id).into()),
             Located::Here(u) => u,
         };
         match self
@@ -750,7 +764,7 @@ impl csi::controller_server::Controller for Controller {
             Err(s) if s.code() == Code::NotFound => {
                 Ok(Response::new(csi::DeleteSnapshotResponse {}))
             }
-            Err(s) => Err(self.err(RPC, &s)),
+            Err(s) => Err(self.err(RPC, s).into()),
         }
     }
 
@@ -760,7 +774,7 @@ impl csi::controller_server::Controller for Controller {
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
         const RPC: &str = "ListSnapshots";
         let r = request.into_inner();
-        let page_size = page_size(r.max_entries)?;
+        let page_size = page_size(RPC, r.max_entries)?;
         let empty = || Ok(Response::new(csi::ListSnapshotsResponse::default()));
         if !r.snapshot_id.is_empty() {
             // One snapshot, or none: a list filtered by ID has no pages.
@@ -790,15 +804,12 @@ impl csi::controller_server::Controller for Controller {
                 Located::NoSuchId | Located::Elsewhere(_) => return empty(),
             }
         };
-        let aborted = || {
-            Status::aborted(format!(
-                "{RPC}: starting_token {:?} is not one this plugin handed out; list again from \
-                 the start",
-                r.starting_token
-            ))
+        let aborted = || Error::BadToken {
+            rpc: RPC,
+            token: r.starting_token.clone(),
         };
         if !token_ok(&r.starting_token) {
-            return Err(aborted());
+            return Err(aborted().into());
         }
         let page = match self
             .daemon
@@ -817,9 +828,9 @@ impl csi::controller_server::Controller for Controller {
                 return self.snapshots_of_deleted(&volume, &r, page_size).await
             }
             Err(s) if s.code() == Code::InvalidArgument && !r.starting_token.is_empty() => {
-                return Err(aborted())
+                return Err(aborted().into())
             }
-            Err(s) => return Err(self.err(RPC, &s)),
+            Err(s) => return Err(self.err(RPC, s).into()),
         };
         Ok(Response::new(csi::ListSnapshotsResponse {
             entries: page
@@ -839,21 +850,14 @@ impl csi::controller_server::Controller for Controller {
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
         const RPC: &str = "GetSnapshot";
         let r = request.into_inner();
-        required("snapshot_id", &r.snapshot_id)?;
-        let not_found = || {
-            Status::not_found(format!(
-                "{RPC}: snapshot {:?} does not exist",
-                r.snapshot_id
-            ))
+        required(RPC, "snapshot_id", &r.snapshot_id)?;
+        let not_found = || Error::NotFound {
+            rpc: RPC,
+            what: format!("snapshot {:?}", r.snapshot_id),
         };
         let uuid = match self.locate(Kind::Snapshot, &r.snapshot_id) {
-            Located::NoSuchId => return Err(not_found()),
-            Located::Elsewhere(id) => {
-                return Err(Status::not_found(format!(
-                    "{RPC}: {}",
-                    elsewhere_message("snapshot", &id, &self.node_id)
-                )))
-            }
+            Located::NoSuchId => return Err(not_found().into()),
+            Located::Elsewhere(id) => return Err(self.not_here(RPC, id).into()),
             Located::Here(u) => u,
         };
         let s = self
@@ -869,9 +873,10 @@ impl csi::controller_server::Controller for Controller {
         &self,
         _request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerExpandVolume: coreblk grows volumes in NodeExpandVolume on the owning node \
-             (the controller has no EXPAND_VOLUME capability)",
+        Err(unimplemented(
+            "ControllerExpandVolume",
+            "coreblk grows volumes in NodeExpandVolume on the owning node (the controller has \
+             no EXPAND_VOLUME capability)",
         ))
     }
 
@@ -881,17 +886,14 @@ impl csi::controller_server::Controller for Controller {
     ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
         const RPC: &str = "ControllerGetVolume";
         let r = request.into_inner();
-        required("volume_id", &r.volume_id)?;
-        let not_found =
-            || Status::not_found(format!("{RPC}: volume {:?} does not exist", r.volume_id));
+        required(RPC, "volume_id", &r.volume_id)?;
+        let not_found = || Error::NotFound {
+            rpc: RPC,
+            what: format!("volume {:?}", r.volume_id),
+        };
         let uuid = match self.locate(Kind::Volume, &r.volume_id) {
-            Located::NoSuchId => return Err(not_found()),
-            Located::Elsewhere(id) => {
-                return Err(Status::not_found(format!(
-                    "{RPC}: {}",
-                    elsewhere_message("volume", &id, &self.node_id)
-                )))
-            }
+            Located::NoSuchId => return Err(not_found().into()),
+            Located::Elsewhere(id) => return Err(self.not_here(RPC, id).into()),
             Located::Here(u) => u,
         };
         let v = self.get_volume(RPC, &uuid).await?.ok_or_else(not_found)?;
@@ -908,8 +910,9 @@ impl csi::controller_server::Controller for Controller {
         &self,
         _request: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerModifyVolume: not built yet; change QoS with the coreblk CLI",
+        Err(unimplemented(
+            "ControllerModifyVolume",
+            "not built yet; change QoS with the coreblk CLI",
         ))
     }
 }
@@ -937,7 +940,7 @@ impl Controller {
                     page_token: token,
                 })
                 .await
-                .map_err(|s| self.err(RPC, &s))?
+                .map_err(|s| self.err(RPC, s))?
                 .into_inner();
             entries.extend(
                 page.snapshots
@@ -953,11 +956,12 @@ impl Controller {
             token = page.next_page_token;
         }
         if !r.starting_token.is_empty() {
-            return Err(Status::aborted(format!(
-                "{RPC}: starting_token {:?} is not one this plugin handed out for a deleted \
-                 volume's snapshots; list again from the start",
-                r.starting_token
-            )));
+            // One page only: no token is handed out for a deleted volume's snapshots.
+            return Err(Error::BadToken {
+                rpc: RPC,
+                token: r.starting_token.clone(),
+            }
+            .into());
         }
         if page_size > 0 {
             entries.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
@@ -976,12 +980,21 @@ impl Controller {
 #[derive(Debug, Clone, Default)]
 pub struct CentralController;
 
-fn central_only(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc}: this is the central coreblk-csi controller (--mode controller), which only \
-         answers capabilities; volumes are served by the coreblk-csi node plugin on the node \
-         that holds them"
-    ))
+fn central_only(rpc: &'static str) -> Status {
+    unimplemented(
+        rpc,
+        "this is the central coreblk-csi controller (--mode controller), which only answers \
+         capabilities; volumes are served by the coreblk-csi node plugin on the node that \
+         holds them",
+    )
+}
+
+fn unimplemented(rpc: &'static str, reason: &str) -> Status {
+    Error::Unimplemented {
+        rpc,
+        reason: reason.to_owned(),
+    }
+    .into()
 }
 
 #[tonic::async_trait]

@@ -1,9 +1,10 @@
 //! The driver's one link to state: a gRPC channel to the local `coreblkd` over its unix
-//! socket, and how the daemon's errors reach CSI callers.
+//! socket.
 //!
 //! Owns: [`Daemon`] (a lazily connected channel: the driver starts, and Probe answers
-//! not-ready, while the daemon is down; calls reconnect by themselves once it is back) and
-//! [`daemon_error`]. Must never: cache anything the daemon says; every answer is asked for.
+//! not-ready, while the daemon is down; calls reconnect by themselves once it is back).
+//! How its errors reach CSI callers: `error.rs`. Must never: cache anything the daemon
+//! says; every answer is asked for.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,7 +12,6 @@ use std::time::Duration;
 use coreblk_proto::v1 as pb;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
-use tonic::{Code, Status};
 
 /// Longest wait for a connection to the daemon.
 const CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -69,23 +69,5 @@ impl Daemon {
     /// The Node service.
     pub fn node(&self) -> pb::node_client::NodeClient<Channel> {
         pb::node_client::NodeClient::new(self.channel.clone())
-    }
-}
-
-/// A daemon error as the CSI caller sees it: the daemon's code (its codes already mean what
-/// CSI's do: NOT_FOUND, ALREADY_EXISTS, RESOURCE_EXHAUSTED, INVALID_ARGUMENT,
-/// FAILED_PRECONDITION, UNAVAILABLE while it starts or stops) and its message, prefixed
-/// with the CSI call and where the daemon is. A connection failure becomes UNAVAILABLE,
-/// which the sidecars retry.
-pub fn daemon_error(daemon: &Daemon, rpc: &str, s: &Status) -> Status {
-    let socket = daemon.socket().display();
-    match s.code() {
-        // The daemon is down, starting (importing pools) or stopping: the sidecars retry.
-        Code::Unavailable => Status::unavailable(format!(
-            "{rpc}: coreblkd at {socket} is unavailable ({}); retry once the coreblkd pod on \
-             this node runs and has imported its pools",
-            s.message()
-        )),
-        code => Status::new(code, format!("{rpc}: coreblkd: {}", s.message())),
     }
 }

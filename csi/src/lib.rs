@@ -2,14 +2,16 @@
 //! gRPC API that holds no state of its own.
 //!
 //! Owns: the CSI Identity, Controller and Node services over `coreblkd`, served on one
-//! unix socket (`server.rs`), the ID scheme (`ids.rs`) and the request checks
-//! (`params.rs`). Must never: open a network port, or remember anything between calls —
-//! what routing needs is in the IDs, the rest is asked of the daemon.
+//! unix socket (`server.rs`), the ID scheme (`ids.rs`), the request checks (`params.rs`)
+//! and the one error → status mapping (`error.rs`). Must never: open a network port, or
+//! remember anything between calls — what routing needs is in the IDs, the rest is asked
+//! of the daemon.
 //!
 //! Start reading at `server.rs`: `serve`, then `controller.rs`.
 
 pub mod controller;
 pub mod daemon;
+pub mod error;
 pub mod identity;
 pub mod ids;
 pub mod node;

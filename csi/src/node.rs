@@ -11,7 +11,8 @@ use coreblk_proto::csi::v1 as csi;
 use coreblk_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::daemon::{daemon_error, Daemon};
+use crate::daemon::Daemon;
+use crate::error::Error;
 use crate::params::node_topology;
 
 /// The node plugin's Node service.
@@ -34,10 +35,13 @@ impl Node {
     }
 }
 
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc}: the coreblk node service (stage, publish, expand, stats) is not built yet"
-    ))
+fn not_yet(rpc: &'static str) -> Status {
+    Error::Unimplemented {
+        rpc,
+        reason: "the coreblk node service (stage, publish, expand, stats) is not built yet"
+            .to_owned(),
+    }
+    .into()
 }
 
 #[tonic::async_trait]
@@ -100,7 +104,11 @@ impl csi::node_server::Node for Node {
             .node()
             .get_node_info(pb::GetNodeInfoRequest {})
             .await
-            .map_err(|s| daemon_error(&self.daemon, "NodeGetInfo", &s))?
+            .map_err(|status| Error::Daemon {
+                rpc: "NodeGetInfo",
+                socket: self.daemon.socket().to_path_buf(),
+                status,
+            })?
             .into_inner();
         let max_exports = info.ublk.as_ref().map_or(0, |u| u.max_exports);
         Ok(Response::new(csi::NodeGetInfoResponse {
