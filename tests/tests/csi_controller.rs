@@ -408,6 +408,29 @@ fn identity_probe_node_info_and_the_central_controller() {
         assert!(msg.contains("coreblkd"), "{msg}");
     });
 
+    // A new daemon on the same socket (an upgrade): the plugin reconnects by itself.
+    let daemon = Daemon::start(dir.path());
+    rt().block_on(async {
+        let ch = plugin.channel().await;
+        let end = std::time::Instant::now() + START_DEADLINE;
+        loop {
+            let probe = csi::identity_client::IdentityClient::new(ch.clone())
+                .probe(csi::ProbeRequest {})
+                .await
+                .expect("Probe");
+            if probe.into_inner().ready == Some(true) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "not ready after a daemon restart"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        create(&mut Ctl::new(ch), create_req("after-restart", MIB, 0)).await;
+    });
+    drop(daemon);
+
     drop(central);
     let mut plugin = plugin;
     // SIGTERM stops it and removes its socket.
