@@ -10,16 +10,17 @@ use std::path::{Path, PathBuf};
 /// directory of the running test.
 pub const BIN_DIR_ENV: &str = "COREBLK_BIN_DIR";
 
-/// The path of the workspace binary `name` (`coreblkd`, `coreblk`) that the tests run.
+/// The path of the workspace binary `name` (`coreblkd`, `coreblk`, `coreblk-csi`) that the
+/// tests run.
 ///
 /// `$COREBLK_BIN_DIR/<name>` if that variable is set; otherwise `<name>` in the target
 /// profile directory of the running test executable: that is
 /// `target/<profile>/deps/<test>-<hash>`, the binaries are `target/<profile>/<name>`.
 /// (Cargo sets `CARGO_BIN_EXE_<name>` only for the tests of the package that owns the
 /// binary, and these are in another package.) A workspace-wide `cargo test` or
-/// `cargo nextest run` builds the binaries first — `coreblk-daemon` has integration tests
-/// of its own, and Cargo builds a package's binaries for those — but `-p coreblk-tests`
-/// alone does not.
+/// `cargo nextest run` builds the binaries first — `coreblk-daemon` and `coreblk-csi` have
+/// integration tests of their own, and Cargo builds a package's binaries for those — but
+/// `-p coreblk-tests` alone does not.
 ///
 /// # Panics
 ///
@@ -37,8 +38,8 @@ pub fn bin(name: &str) -> PathBuf {
     assert!(
         path.is_file(),
         "{name} not found at {} (taken from {from}): build the binaries first with \
-         `cargo build -p coreblk-daemon --bins` (`cargo test -p coreblk-tests` does not build \
-         them; a workspace-wide `cargo nextest run --workspace --features coreblk-daemon/testing` \
+         `cargo build -p coreblk-daemon -p coreblk-csi --bins` (`cargo test -p coreblk-tests` \
+         does not build them; a workspace-wide `cargo nextest run --workspace --features coreblk-daemon/testing` \
          does), or set {BIN_DIR_ENV} to the directory that holds them",
         path.display()
     );

@@ -1,5 +1,19 @@
-//! `coreblk-csi`: the CSI driver (issue 13, DESIGN §7).
+//! `coreblk-csi`: the CSI driver (issue 13, DESIGN §7), a client of the local daemon's
+//! gRPC API that holds no state of its own.
 //!
-//! Will own: the CSI Identity, Controller and Node services, each a thin mapping onto the
-//! local daemon's gRPC API (no state of its own), and the deploy manifests in
-//! `csi/deploy/`. No code lives here yet.
+//! Owns: the CSI Identity, Controller and Node services over `coreblkd`, served on one
+//! unix socket (`server.rs`), the ID scheme (`ids.rs`), the request checks (`params.rs`)
+//! and the one error → status mapping (`error.rs`). Must never: open a network port, or
+//! remember anything between calls — what routing needs is in the IDs, the rest is asked
+//! of the daemon.
+//!
+//! Start reading at `server.rs`: `serve`, then `controller.rs`.
+
+pub mod controller;
+pub mod daemon;
+pub mod error;
+pub mod identity;
+pub mod ids;
+pub mod node;
+pub mod params;
+pub mod server;
