@@ -290,41 +290,60 @@ fn a_reactor_sleeps_while_only_slow_ops_are_in_flight() {
 #[test]
 fn the_poll_policy_learns_the_gap_per_kind_of_wait() {
     let mut p = PollPolicy::new(30);
-    assert!(
-        p.worth_polling(true) && p.worth_polling(false),
-        "polls at first"
-    );
-    for _ in 0..40 {
+    assert_eq!(p.plan(true), IdlePlan::Poll, "polls at first");
+    for _ in 0..60 {
         p.observe(true, Duration::from_millis(2));
     }
-    assert!(!p.worth_polling(true), "a 2 ms device: {:?}", p.gap(true));
-    assert!(p.worth_polling(false), "the other kind is untouched");
-    // Samples are capped at 4 × the limit: a few quick answers bring polling back.
+    assert_eq!(
+        p.plan(true),
+        IdlePlan::Sleep,
+        "a 2 ms device: {:?}",
+        p.gap(true)
+    );
+    assert_eq!(p.plan(false), IdlePlan::Poll, "the other kind is untouched");
+    // A 200 µs device: nap for half of it, then poll until twice it.
+    for _ in 0..60 {
+        p.observe(true, Duration::from_micros(200));
+    }
+    match p.plan(true) {
+        IdlePlan::Nap(nap, until) => {
+            assert!(nap >= Duration::from_micros(95) && nap <= Duration::from_micros(110));
+            assert!(until >= nap * 4 && until <= nap * 4 + Duration::from_nanos(4));
+        }
+        other => panic!("a 200 µs device: {other:?} ({:?})", p.gap(true)),
+    }
+    // A few quick answers bring polling back; one does not undo a long history.
     let mut n = 0;
-    while !p.worth_polling(true) {
+    while p.plan(true) != IdlePlan::Poll {
         p.observe(true, Duration::from_micros(5));
         n += 1;
         assert!(
-            n < 20,
-            "still sleeping after {n} quick answers: {:?}",
+            n < 30,
+            "still not polling after {n} quick answers: {:?}",
             p.gap(true)
         );
     }
-    assert!(n >= 2, "one quick answer must not undo a long history");
-    // One long idle period does not stop polling for a busy queue for long.
-    for _ in 0..40 {
+    assert!(n >= 2, "{n}");
+    // One long idle period makes a busy queue nap, not sleep, and only for a few requests.
+    for _ in 0..60 {
         p.observe(false, Duration::from_micros(3));
     }
     p.observe(false, Duration::from_secs(10));
     assert!(
-        p.gap(false) <= Duration::from_micros(20),
+        matches!(p.plan(false), IdlePlan::Nap(..)),
         "{:?}",
         p.gap(false)
     );
+    let mut n = 0;
+    while p.plan(false) != IdlePlan::Poll {
+        p.observe(false, Duration::from_micros(3));
+        n += 1;
+        assert!(n < 30, "{n}: {:?}", p.gap(false));
+    }
     // 0 turns the policy off: always poll.
     let mut off = PollPolicy::new(0);
     off.observe(true, Duration::from_secs(1));
-    assert!(off.worth_polling(true));
+    assert_eq!(off.plan(true), IdlePlan::Poll);
 }
 
 /// Reads of a pipe another thread writes every 2 ms, submitted as fast IO: a device that
