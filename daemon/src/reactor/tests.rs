@@ -225,13 +225,14 @@ fn thread_cpu_ticks(tid: i32) -> u64 {
     f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
 }
 
-#[test]
-fn a_reactor_sleeps_while_only_slow_ops_are_in_flight() {
-    // A fast op in flight would keep this reactor polling for 10 s; a slow one must not.
+/// One reactor that would poll fast IO for 10 s, its thread id, and a pipe (read end,
+/// write end) whose reads stand in for a device.
+fn reactor_and_pipe(poll_max_gap_us: u64) -> (ReactorSet, i32, [i32; 2]) {
     let set = ReactorSet::start(
         &[0],
         &ReactorConfig {
             busy_poll_limit_us: 10_000_000,
+            poll_max_gap_us,
             ..cfg()
         },
     )
@@ -243,6 +244,13 @@ fn a_reactor_sleeps_while_only_slow_ops_are_in_flight() {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two descriptors into the live local array.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    (set, tid, fds)
+}
+
+#[test]
+fn a_reactor_sleeps_while_only_slow_ops_are_in_flight() {
+    // A fast op in flight would keep this reactor polling for 10 s; a slow one must not.
+    let (set, tid, fds) = reactor_and_pipe(ReactorConfig::default().poll_max_gap_us);
     let (tx, rx_done) = crossbeam::channel::bounded(1);
     let read_fd = fds[0];
     set.remotes()[0]
@@ -387,22 +395,7 @@ impl Completion for SlowDevice {
 /// CPU ticks (1/100 s) reactor 0 used while serving 150 reads of a 2 ms device, after 30
 /// reads of warm-up.
 fn cpu_serving_a_slow_device(poll_max_gap_us: u64) -> u64 {
-    let set = ReactorSet::start(
-        &[0],
-        &ReactorConfig {
-            busy_poll_limit_us: 10_000_000,
-            poll_max_gap_us,
-            ..cfg()
-        },
-    )
-    .expect("start");
-    // SAFETY: gettid has no arguments and cannot fail.
-    let tid = set.remotes()[0]
-        .call(|_rx: &Reactor| unsafe { libc::gettid() })
-        .expect("tid");
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors into the live local array.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (set, tid, fds) = reactor_and_pipe(poll_max_gap_us);
     let (tx, done) = crossbeam::channel::bounded(1);
     let read_fd = fds[0];
     set.remotes()[0]
