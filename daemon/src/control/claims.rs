@@ -20,6 +20,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -214,6 +215,7 @@ impl Claims {
             .filter(|p| p.is_file())
             .collect();
         let candidates = discover::discover(&self.root, &explicit);
+        let deadline = std::time::Instant::now() + TAKE_BACK_WAIT;
         let mut entries = Vec::new();
         for (last_path, pool_uuid, device_uuid) in records {
             let found = candidates.iter().find(|c: &&Candidate| {
@@ -228,7 +230,7 @@ impl Claims {
                     );
                     None
                 }
-                Some(c) => match claim::claim(&self.root, &c.path, pool_uuid, false) {
+                Some(c) => match take_back(&self.root, &c.path, pool_uuid, deadline) {
                     Ok(d) => {
                         tracing::info!(device = %c.path.display(), device_uuid = %device_uuid, pool = %pool_uuid, "took back a claimed device");
                         Some(d)
@@ -466,6 +468,46 @@ impl Claims {
     }
 }
 
+/// How long a start keeps trying to take back its own devices while they are held
+/// exclusively (all devices together).
+///
+/// After a `kill -9` the previous daemon's process is gone before its io_uring is: the
+/// ring's teardown runs in the kernel afterwards and holds the ring's files (the pool
+/// device, opened `O_EXCL`) until every request it had — a hundred exports' ublk commands
+/// among them — is cancelled or completed. A take-back that gave up after the claim's
+/// short retry left the pool unimported and its exports hanging (seen in the 100-export
+/// restart benchmark on 7.3: 45 devices never answered again).
+pub const TAKE_BACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Claims a recorded device again, retrying while it is held exclusively until
+/// `deadline` (see [`TAKE_BACK_WAIT`]); other refusals are final at once.
+fn take_back(
+    root: &SysRoot,
+    path: &Path,
+    pool_uuid: Uuid,
+    deadline: std::time::Instant,
+) -> Result<ClaimedDevice, claim::ClaimError> {
+    let mut logged = false;
+    loop {
+        match claim::claim(root, path, pool_uuid, false) {
+            Err(e) if is_held(&e) && std::time::Instant::now() < deadline => {
+                if !logged {
+                    tracing::info!(device = %path.display(), "a recorded device is still held (a previous daemon's io_uring going away?); waiting for it");
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Whether a claim was refused only because someone holds the device exclusively.
+fn is_held(e: &claim::ClaimError) -> bool {
+    matches!(e, claim::ClaimError::Refused { reasons, .. }
+        if !reasons.is_empty() && reasons.iter().all(|r| matches!(r, RefuseReason::InUse { .. })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,6 +564,42 @@ mod tests {
             .release(&moved.display().to_string(), false)
             .expect_err("not held");
         assert!(matches!(e, Error::DeviceNotClaimed { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_restart_waits_for_a_device_still_held_by_the_previous_daemon() {
+        // The previous daemon's io_uring can hold the pool device for a while after its
+        // process died: here another open file description holds the lock and lets go
+        // after 700 ms, longer than a claim's own busy retry.
+        let dir = tempfile::tempdir().expect("tmp");
+        let var = dir.path().join("var");
+        let img = image(dir.path(), "a.img");
+        let claims = Claims::open(&var, SysRoot::host()).expect("open");
+        let first = claims.claim(&img, false).expect("claim");
+        drop(claims);
+        let holder = claim::claim(&SysRoot::host(), &img, first.pool_uuid, false).expect("hold");
+        let t0 = std::time::Instant::now();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            drop(holder);
+        });
+        let claims = Claims::open(&var, SysRoot::host()).expect("reopen");
+        release.join().expect("join");
+        let snap = claims.snapshot();
+        assert!(snap[0].present, "not taken back after {:?}", t0.elapsed());
+        assert!(t0.elapsed() >= Duration::from_millis(700));
+        drop(claims);
+        // A holder that stays is given up on at the deadline, with the reason.
+        let holder = claim::claim(&SysRoot::host(), &img, first.pool_uuid, false).expect("hold");
+        let e = take_back(
+            &SysRoot::host(),
+            &img,
+            first.pool_uuid,
+            std::time::Instant::now(),
+        )
+        .expect_err("held");
+        assert!(is_held(&e), "{e}");
+        drop(holder);
     }
 
     #[test]
