@@ -120,9 +120,9 @@ const SHARE_PREFETCH_AHEAD: usize = 8;
 /// freed memory, and changes nothing).
 #[inline]
 fn prefetch(p: *const Leaf) {
+    // PREFETCHT0 does not access memory architecturally, whatever address it is given.
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHT0 does not access memory architecturally: it cannot fault and
-    // has no effect on program state, whatever address it is given.
+    // SAFETY: so it cannot fault and has no effect on program state.
     unsafe {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>());
     }

@@ -213,12 +213,12 @@ impl IoBuf {
         let Addr::Mem(ptr) = self.addr else {
             return None;
         };
-        // SAFETY:
         // - `ptr` points to `len` bytes we own exclusively (a pool chunk taken off the free
         //   list, our own heap allocation, or a piece's disjoint range of one) that stay
         //   allocated while `self` lives;
         // - nobody else (kernel included) accesses it while we hold `&self`: requests take
         //   the buffer by value and give it back only after the completion is reaped.
+        // SAFETY: both points above make the slice valid for reads while `&self` lives.
         Some(unsafe { std::slice::from_raw_parts(ptr.as_ptr(), self.len) })
     }
 
@@ -250,9 +250,9 @@ impl IoBuf {
             .expect("IO buffer length below isize::MAX");
         let (ptr, fresh) = match HEAP_CACHE.with(|c| c.borrow_mut().take(layout)) {
             Some(p) => (Some(p), false),
-            // SAFETY: `layout` has a non-zero size (len.max(1)) and a power-of-two
-            // alignment. Zeroed, so that every byte is initialised.
+            // Zeroed, so that every byte is initialised.
             None => (
+                // SAFETY: `layout` has a non-zero size (len.max(1)), power-of-two alignment.
                 NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }),
                 true,
             ),
@@ -375,8 +375,9 @@ impl Drop for IoBuf {
                     .try_with(|c| c.borrow_mut().put(ptr, layout))
                     .unwrap_or(Some(ptr));
                 if let Some(ptr) = kept {
-                    // SAFETY: `ptr` came from `alloc_zeroed(layout)` in `IoBuf::heap` and
-                    // is freed exactly once: this buffer owned it and the cache refused it.
+                    // `ptr` came from `alloc_zeroed(layout)` in `IoBuf::heap`; this buffer
+                    // owned it and the cache refused it.
+                    // SAFETY: so it is live, of `layout`, and freed exactly once, here.
                     unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) }
                 }
             }
@@ -432,8 +433,8 @@ impl Drop for HeapCache {
     fn drop(&mut self) {
         for (layout, list) in self.free.drain(..) {
             for p in list {
-                // SAFETY: the cache owns `p`, allocated with `layout` (see `put`); it is
-                // freed once, here.
+                // The cache owns `p`, allocated with `layout` (see `put`).
+                // SAFETY: so it is live, of `layout`, and freed once, here.
                 unsafe { std::alloc::dealloc(p.as_ptr(), layout) }
             }
         }

@@ -33,8 +33,8 @@ fn get() -> std::io::Result<[CapData; 2]> {
         pid: 0,
     };
     let mut data = [CapData::default(); 2];
-    // SAFETY: capget reads the header and writes two CapData (the layout of version 3)
-    // into the live local array; pid 0 is the calling thread.
+    // capget reads the header and writes two CapData (the layout of version 3).
+    // SAFETY: both point to live locals of those layouts; pid 0 is the calling thread.
     let rc = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
@@ -65,8 +65,7 @@ pub fn drop_sys_admin_effective() -> std::io::Result<()> {
         version: CAP_VERSION_3,
         pid: 0,
     };
-    // SAFETY: capset reads the header and two CapData from live locals; pid 0 changes
-    // only the calling thread.
+    // SAFETY: capset reads the header and two CapData from live locals; pid 0: this thread.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());

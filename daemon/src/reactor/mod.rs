@@ -454,9 +454,10 @@ impl Reactor {
         let kslots = kslots::KernelSlots::new(cfg.kernel_buf_slots);
         ring.submitter()
             .register_buffers_sparse(kslots.table_len())?;
-        // SAFETY: the iovec describes the pool's mmap, which lives as long as `bufs`, which
-        // the reactor owns and drops only after the ring (field order below is irrelevant:
-        // the ring is explicitly dropped first in `drop_reactor`).
+        // The iovec describes the pool's mmap, which lives as long as `bufs`, which the
+        // reactor owns and drops only after the ring (field order below is irrelevant: the
+        // ring is explicitly dropped first in `drop_reactor`).
+        // SAFETY: so the registered memory outlives the ring's use of it.
         unsafe { ring.submitter().register_buffers_update(0, &[iov], None) }.map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOMEM) {
                 std::io::Error::new(
