@@ -254,8 +254,11 @@ fn the_api_answers_unavailable_until_the_pools_are_imported() {
         "coreblkd did not start serving:\n{}",
         daemon.log_text()
     );
+    // The import runs as its own task: its first line may follow "serving" by a moment.
     assert!(
-        daemon.log_text().contains("the pool import waits first"),
+        wait_for(Duration::from_secs(3), || daemon
+            .log_text()
+            .contains("the pool import waits first")),
         "coreblkd was not built with the `testing` feature (build the workspace with \
          --features coreblk-daemon/testing):\n{}",
         daemon.log_text()
