@@ -2679,6 +2679,15 @@ enum SegOp {
     Zeroes,
 }
 
+/// The consecutive segments `segs` of one request as one piece (one device IO).
+fn joined(segs: &[Seg]) -> Seg {
+    let first = segs[0];
+    Seg {
+        len: segs.iter().map(|s| s.len).sum(),
+        ..first
+    }
+}
+
 /// The pieces of the request `[offset, offset + len)`, one per cluster it touches, in
 /// order; computed as they are taken (no allocation per IO).
 fn segments(offset: u64, len: u64, cluster: u64) -> Segments {
@@ -2824,16 +2833,64 @@ impl VolumeChannel {
             });
             return crate::bdev::zero_fill(rx, b, cb, 0);
         };
+        self.read_run(rx, slot, &[seg], m.pc);
+    }
+
+    /// Reads a request of several clusters: segments mapped to consecutive physical
+    /// clusters share one device read (a sequential volume reads as the raw device does);
+    /// unmapped ones read zeroes.
+    fn read_segs(&self, rx: &Reactor, slot: usize, segs: Segments) {
+        let mut run: Vec<Seg> = Vec::new();
+        let mut run_pc = 0u32;
+        for seg in segs {
+            let m = self.vol.map.get(seg.lc);
+            if let Some(m) = m {
+                let next = u32::try_from(run.len())
+                    .ok()
+                    .and_then(|n| run_pc.checked_add(n));
+                if !run.is_empty() && next == Some(m.pc) {
+                    run.push(seg);
+                    continue;
+                }
+            }
+            if !run.is_empty() {
+                self.read_run(rx, slot, &run, run_pc);
+                run.clear();
+            }
+            match m {
+                Some(m) => {
+                    run_pc = m.pc;
+                    run.push(seg);
+                }
+                None => self.read_seg(rx, slot, seg),
+            }
+        }
+        if !run.is_empty() {
+            self.read_run(rx, slot, &run, run_pc);
+        }
+    }
+
+    /// One device read for `segs` (consecutive pieces of request `slot`), mapped to the
+    /// physical clusters `pc0`, `pc0 + 1`, ...; each segment ends as a part of the request.
+    fn read_run(&self, rx: &Reactor, slot: usize, segs: &[Seg], pc0: u32) {
         let me = self.rc();
-        self.rt.io_start(m.pc);
+        let n = u32::try_from(segs.len()).expect("segments of one IO fit u32");
+        for pc in pc0..pc0 + n {
+            self.rt.io_start(pc);
+        }
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf: Option<IoBuf>| {
-            me.rt.io_end(rx, m.pc);
+            for pc in pc0..pc0 + n {
+                me.rt.io_end(rx, pc);
+            }
             me.seg_done(slot, buf);
-            me.part_done(rx, slot, res.map(drop));
+            let res = res.map(drop);
+            for _ in 0..n {
+                me.part_done(rx, slot, res);
+            }
         });
         let io = Io::Read {
-            offset: self.rt.phys(m.pc, seg.in_cluster),
-            buf: self.seg_buf(slot, seg),
+            offset: self.rt.phys(pc0, segs[0].in_cluster),
+            buf: self.seg_buf(slot, joined(segs)),
         };
         self.rt.data.submit(rx, io, cb, 0);
     }
@@ -2923,28 +2980,46 @@ impl VolumeChannel {
     }
 
     fn write_in_place(&self, rx: &Reactor, slot: usize, seg: Seg, op: SegOp, m: Mapping) {
+        self.write_in_place_run(rx, slot, &[seg], op, m.pc);
+    }
+
+    /// One device write for `segs` (consecutive pieces of request `slot`) in place, in
+    /// the physical clusters `pc0`, `pc0 + 1`, ... they are mapped to (none shared).
+    fn write_in_place_run(&self, rx: &Reactor, slot: usize, segs: &[Seg], op: SegOp, pc0: u32) {
         let me = self.rc();
-        self.rt.io_start(m.pc);
+        let n = u32::try_from(segs.len()).expect("segments of one IO fit u32");
+        for pc in pc0..pc0 + n {
+            self.rt.io_start(pc);
+        }
         // A FUA write is durable only with the record that maps its cluster: if that
         // record may not be flushed yet (it completed after the last flush began), the
         // write is followed by a journal flush before it is acknowledged.
         let flush_after = matches!(op, SegOp::Data { fua: true })
             && self.rt.journal.flushed_seq() < self.rt.journal.completed_seq();
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
-            me.rt.io_end(rx, m.pc);
+            for pc in pc0..pc0 + n {
+                me.rt.io_end(rx, pc);
+            }
             me.seg_done(slot, buf);
             if flush_after && res.is_ok() {
                 let me2 = Rc::clone(&me);
                 return me.rt.journal.flush(
                     rx,
                     Box::new(move |rx: &Reactor, r: Result<u64, Errno>| {
-                        me2.part_done(rx, slot, r.map(drop))
+                        let r = r.map(drop);
+                        for _ in 0..n {
+                            me2.part_done(rx, slot, r);
+                        }
                     }),
                 );
             }
-            me.part_done(rx, slot, res.map(drop))
+            let res = res.map(drop);
+            for _ in 0..n {
+                me.part_done(rx, slot, res);
+            }
         });
-        let offset = self.rt.phys(m.pc, seg.in_cluster);
+        let seg = joined(segs);
+        let offset = self.rt.phys(pc0, seg.in_cluster);
         let io = match op {
             SegOp::Data { fua } => Io::Write {
                 offset,
@@ -2957,6 +3032,86 @@ impl VolumeChannel {
             },
         };
         self.rt.data.submit(rx, io, cb, 0);
+    }
+
+    /// Writes a request of several clusters. Runs of segments that go in place into
+    /// consecutive physical clusters share one device write; so do runs of whole-cluster
+    /// first writes whose new clusters come out of the allocator consecutively (a
+    /// sequential writer's common case), each segment still journaling its own mapping
+    /// (one group commit). Everything else goes segment by segment (`write_seg`).
+    fn write_segs(&self, rx: &Reactor, slot: usize, segs: Segments, fua: bool) {
+        let op = SegOp::Data { fua };
+        let mut run: Vec<Seg> = Vec::new();
+        // In place: the first segment's physical cluster; new: `None`.
+        let mut run_pc: Option<u32> = None;
+        let flush = |me: &Self, run: &mut Vec<Seg>, run_pc: Option<u32>| {
+            if run.is_empty() {
+                return;
+            }
+            match run_pc {
+                Some(pc0) => me.write_in_place_run(rx, slot, run, op, pc0),
+                None => me.write_new_segs(rx, slot, run, fua),
+            }
+            run.clear();
+        };
+        for seg in segs {
+            let key = (self.vol.id, seg.lc);
+            let busy = self.rt.allocating.borrow().contains_key(&key);
+            let whole = seg.len as u64 == self.rt.cluster_bytes();
+            let kind = match self.vol.map.get(seg.lc) {
+                _ if busy => None,
+                None if whole => Some(None),
+                Some(m) if !self.rt.shared(&self.vol, seg.lc, m) => Some(Some(m.pc)),
+                _ => None,
+            };
+            let extends = match (kind, run_pc) {
+                (Some(None), None) => !run.is_empty(),
+                (Some(Some(pc)), Some(pc0)) => {
+                    u32::try_from(run.len())
+                        .ok()
+                        .and_then(|n| pc0.checked_add(n))
+                        == Some(pc)
+                }
+                _ => false,
+            };
+            if extends {
+                run.push(seg);
+                continue;
+            }
+            flush(self, &mut run, run_pc);
+            match kind {
+                Some(pc) => {
+                    run_pc = pc;
+                    run.push(seg);
+                }
+                None => self.write_seg(rx, slot, seg, op),
+            }
+        }
+        flush(self, &mut run, run_pc);
+    }
+
+    /// First writes of whole clusters `segs` (consecutive, unmapped, not being
+    /// allocated): allocates a cluster for each and writes each run of consecutive new
+    /// clusters with one device write. A segment the allocator cannot serve at once goes
+    /// through `write_seg` (which waits for the pipeline or fails with ENOSPC).
+    fn write_new_segs(&self, rx: &Reactor, slot: usize, segs: &[Seg], fua: bool) {
+        let mut pcs: Vec<u32> = Vec::with_capacity(segs.len());
+        for _ in segs {
+            match self.rt.try_alloc(rx, &self.vol) {
+                Ok(Some(pc)) => pcs.push(pc),
+                _ => break,
+            }
+        }
+        let mut start = 0;
+        for i in 1..=pcs.len() {
+            if i == pcs.len() || pcs[i - 1].checked_add(1) != Some(pcs[i]) {
+                self.write_new_run(rx, slot, &segs[start..i], pcs[start], fua, false);
+                start = i;
+            }
+        }
+        for &seg in &segs[pcs.len()..] {
+            self.write_seg(rx, slot, seg, SegOp::Data { fua });
+        }
     }
 
     /// Writes `seg` (data) into a newly allocated cluster: a first write, or a whole-cluster
@@ -2977,40 +3132,64 @@ impl VolumeChannel {
             }
             Err(e) => return self.part_done(rx, slot, Err(e)),
         };
-        let key = (self.vol.id, seg.lc);
-        self.rt.allocating.borrow_mut().insert(key, Vec::new());
-        self.rt.bump(|s| s.allocations += 1);
+        self.write_new_run(rx, slot, &[seg], pc, fua, replacing);
+    }
+
+    /// Writes `segs` (consecutive pieces of request `slot`) into the newly allocated
+    /// clusters `pc0`, `pc0 + 1`, ... with one device write; then each segment journals
+    /// its mapping (they share the group commit) and ends as a part of the request.
+    fn write_new_run(
+        &self,
+        rx: &Reactor,
+        slot: usize,
+        segs: &[Seg],
+        pc0: u32,
+        fua: bool,
+        replacing: bool,
+    ) {
+        let lcs: Vec<u64> = segs.iter().map(|s| s.lc).collect();
+        for &lc in &lcs {
+            self.rt
+                .allocating
+                .borrow_mut()
+                .insert((self.vol.id, lc), Vec::new());
+            self.rt.bump(|s| s.allocations += 1);
+        }
         let me = self.rc();
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
             me.seg_done(slot, buf);
-            if let Err(e) = res {
-                me.rt.abandon(rx, pc, key);
-                return me.part_done(rx, slot, Err(e));
+            for (pc, &lc) in (pc0..).zip(&lcs) {
+                if let Err(e) = res {
+                    me.rt.abandon(rx, pc, (me.vol.id, lc));
+                    me.part_done(rx, slot, Err(e));
+                    continue;
+                }
+                let me2 = Rc::clone(&me);
+                me.rt.journal_mapping(
+                    rx,
+                    &me.vol,
+                    lc,
+                    pc,
+                    true,
+                    Box::new(move |rx: &Reactor, r: Result<(), Errno>| match r {
+                        Ok(()) if fua => {
+                            // The record must survive power loss too: one (shared) flush.
+                            let me3 = Rc::clone(&me2);
+                            me2.rt.journal.flush(
+                                rx,
+                                Box::new(move |rx: &Reactor, r: Result<u64, Errno>| {
+                                    me3.part_done(rx, slot, r.map(drop))
+                                }),
+                            );
+                        }
+                        r => me2.part_done(rx, slot, r),
+                    }),
+                );
             }
-            let me2 = Rc::clone(&me);
-            me.rt.journal_mapping(
-                rx,
-                &me.vol,
-                seg.lc,
-                pc,
-                true,
-                Box::new(move |rx: &Reactor, r: Result<(), Errno>| match r {
-                    Ok(()) if fua => {
-                        // The record must survive power loss too: one (shared) flush.
-                        let me3 = Rc::clone(&me2);
-                        me2.rt.journal.flush(
-                            rx,
-                            Box::new(move |rx: &Reactor, r: Result<u64, Errno>| {
-                                me3.part_done(rx, slot, r.map(drop))
-                            }),
-                        );
-                    }
-                    r => me2.part_done(rx, slot, r),
-                }),
-            );
         });
+        let seg = joined(segs);
         let io = Io::Write {
-            offset: self.rt.phys(pc, seg.in_cluster),
+            offset: self.rt.phys(pc0, seg.in_cluster),
             buf: self.seg_buf(slot, seg),
             fua: fua || replacing,
         };
@@ -3146,18 +3325,28 @@ impl VolumeChannel {
         match io {
             Io::Read { offset, buf } => {
                 let segs = segments(offset, buf.len() as u64, cluster);
+                let n = segs.len();
                 let bytes = u32::try_from(buf.len()).expect("validated length");
-                let slot = self.new_req(cb, tag, Some(buf), segs.len(), bytes, false);
-                for s in segs {
-                    self.read_seg(rx, slot, s);
+                let slot = self.new_req(cb, tag, Some(buf), n, bytes, false);
+                if n == 1 {
+                    for s in segs {
+                        self.read_seg(rx, slot, s);
+                    }
+                } else {
+                    self.read_segs(rx, slot, segs);
                 }
             }
             Io::Write { offset, buf, fua } => {
                 let segs = segments(offset, buf.len() as u64, cluster);
+                let n = segs.len();
                 let bytes = u32::try_from(buf.len()).expect("validated length");
-                let slot = self.new_req(cb, tag, Some(buf), segs.len(), bytes, true);
-                for s in segs {
-                    self.write_seg(rx, slot, s, SegOp::Data { fua });
+                let slot = self.new_req(cb, tag, Some(buf), n, bytes, true);
+                if n == 1 {
+                    for s in segs {
+                        self.write_seg(rx, slot, s, SegOp::Data { fua });
+                    }
+                } else {
+                    self.write_segs(rx, slot, segs, fua);
                 }
             }
             Io::Flush => {

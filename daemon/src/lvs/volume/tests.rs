@@ -416,6 +416,77 @@ fn a_restart_zeroes_the_ready_window_not_all_free_space() {
     }
 }
 
+/// A request of several clusters moves as one device IO where its clusters sit in a row
+/// on the device: first writes into consecutive new clusters, overwrites in place, and
+/// reads; a write over snapshot-shared clusters still goes cluster by cluster. The data
+/// reads back each time.
+#[test]
+fn multi_cluster_requests_are_one_device_io_where_the_clusters_are_consecutive() {
+    let malloc: Arc<dyn BlockDevice> = Arc::new(MallocDevice::new(128 << 20).expect("malloc"));
+    let (rec, log) = RecordingDevice::new(malloc);
+    let h = Harness::on(rec, DEFAULT_CLUSTER_BYTES);
+    let v = h.create("seq", 16 << 20);
+    // Data writes are at least a cluster here; journal and superblock writes are 4 KiB.
+    let data_writes = |log: &WriteLog| -> Vec<usize> {
+        log.records()
+            .iter()
+            .filter_map(|r| match &r.op {
+                RecordOp::Write { data, .. } if data.len() >= 32768 => Some(data.len()),
+                _ => None,
+            })
+            .collect()
+    };
+    let pattern = |seed: u8, len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|i| seed.wrapping_add(u8::try_from(i / 4096 % 256).expect("below 256")))
+            .collect()
+    };
+    // First writes: four new clusters, handed out in a row by a fresh pool.
+    log.clear();
+    let a = pattern(1, 4 * 65536);
+    h.io(v, IoReq::Write(0, a.clone(), false)).expect("write");
+    assert_eq!(
+        data_writes(&log),
+        vec![4 * 65536],
+        "first writes of 4 clusters"
+    );
+    assert_eq!(h.counts().in_use, 4);
+    assert_eq!(h.io(v, IoReq::Read(0, 4 * 65536)).expect("read"), a);
+    // Overwrite in place, starting and ending inside a cluster.
+    log.clear();
+    let b = pattern(50, 3 * 65536);
+    h.io(v, IoReq::Write(32768, b.clone(), false))
+        .expect("overwrite");
+    assert_eq!(
+        data_writes(&log),
+        vec![3 * 65536],
+        "overwrite across 4 clusters"
+    );
+    let mut want = a.clone();
+    want[32768..32768 + b.len()].copy_from_slice(&b);
+    assert_eq!(h.io(v, IoReq::Read(0, 4 * 65536)).expect("read"), want);
+    // A request over mapped and unmapped clusters: the unmapped part reads zeroes.
+    let got = h.io(v, IoReq::Read(3 * 65536, 2 * 65536)).expect("read");
+    assert_eq!(&got[..65536], &want[3 * 65536..]);
+    assert!(got[65536..].iter().all(|&x| x == 0));
+    // Over a snapshot, every cluster is shared: each whole cluster gets a new one.
+    let sm = VolumeMeta {
+        name: "seq-snap".into(),
+        uuid: [4; 16],
+        ..VolumeMeta::default()
+    };
+    h.control(move |rx, rt, reply| rt.snapshot(rx, vec![(v, sm)], reply))
+        .expect("snapshot");
+    log.clear();
+    let c = pattern(100, 2 * 65536);
+    h.io(v, IoReq::Write(65536, c.clone(), true))
+        .expect("write");
+    let writes = data_writes(&log);
+    assert_eq!(writes.iter().sum::<usize>(), 2 * 65536, "{writes:?}");
+    want[65536..3 * 65536].copy_from_slice(&c);
+    assert_eq!(h.io(v, IoReq::Read(0, 4 * 65536)).expect("read"), want);
+}
+
 #[test]
 fn deleting_a_volume_returns_its_space_and_its_name() {
     let h = Harness::new(96 << 20);
