@@ -9,6 +9,7 @@
 //!
 //! Start reading at `server.rs`: `serve`, then `controller.rs`.
 
+pub mod central;
 pub mod controller;
 pub mod daemon;
 pub mod error;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use coreblk_proto::csi::v1 as csi;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::central::CentralNode;
 use crate::controller::{CentralController, Controller};
 use crate::daemon::Daemon;
 use crate::identity::Identity;
@@ -168,7 +169,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             )))
             .add_service(csi::controller_server::ControllerServer::new(
                 CentralController,
-            )),
+            ))
+            .add_service(csi::node_server::NodeServer::new(CentralNode)),
     };
     tracing::info!(
         endpoint = %path.display(),

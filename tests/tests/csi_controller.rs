@@ -363,7 +363,7 @@ fn identity_probe_node_info_and_the_central_controller() {
             .await
             .expect("central Probe");
         assert_eq!(probe.into_inner().ready, Some(true));
-        let mut cctl = csi::controller_client::ControllerClient::new(cch);
+        let mut cctl = csi::controller_client::ControllerClient::new(cch.clone());
         let ccaps = ctl_caps(
             cctl.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
                 .await
@@ -373,6 +373,32 @@ fn identity_probe_node_info_and_the_central_controller() {
         assert!(ccaps.is_empty(), "{ccaps:?}");
         let (code, _) = failed(cctl.create_volume(create_req("x", MIB, 0)).await);
         assert_eq!(code, Code::Unimplemented);
+        // ... and EXPAND_VOLUME in its Node capabilities: csi-resizer then records the
+        // new size and leaves the growing to NodeExpandVolume on the owning node (without
+        // this answer it exits at start). Every other node call says where to go.
+        let mut cnode = csi::node_client::NodeClient::new(cch);
+        let ncaps = cnode
+            .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+            .await
+            .expect("central node caps")
+            .into_inner();
+        use csi::node_service_capability::rpc::Type as N;
+        let ntypes: Vec<i32> = ncaps
+            .capabilities
+            .iter()
+            .filter_map(|c| match &c.r#type {
+                Some(csi::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ntypes, vec![N::ExpandVolume as i32], "{ncaps:?}");
+        let (code, msg) = failed(
+            cnode
+                .node_expand_volume(csi::NodeExpandVolumeRequest::default())
+                .await,
+        );
+        assert_eq!(code, Code::Unimplemented);
+        assert!(msg.contains("node plugin"), "{msg}");
     });
 
     // A second instance on the same socket is refused; the first keeps serving.
