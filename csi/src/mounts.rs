@@ -91,9 +91,15 @@ pub fn mount_table() -> std::io::Result<Vec<MountInfo>> {
     )?))
 }
 
-/// The topmost mount at `path` (the last one mounted there), if any.
+/// The topmost mount at `path` (the last one mounted there), if any. The table holds
+/// resolved paths, so `path` also matches once its symlinks are resolved (a kubelet
+/// directory that is a link).
 pub fn mounted_at<'a>(table: &'a [MountInfo], path: &Path) -> Option<&'a MountInfo> {
-    table.iter().rev().find(|m| m.mount_point == path)
+    let real = path.canonicalize().ok();
+    table
+        .iter()
+        .rev()
+        .find(|m| m.mount_point == path || real.as_deref() == Some(m.mount_point.as_path()))
 }
 
 /// `major:minor` of block device `name` (`ublkb3`) from sysfs.

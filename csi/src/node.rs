@@ -265,6 +265,38 @@ impl Node {
             .map_err(|s| self.err(rpc, s))
     }
 
+    /// The device path of volume `uuid`'s export on this node (the daemon's ListExports;
+    /// its Volume message does not carry it), `None` when it is not exported.
+    async fn exported(&self, rpc: &'static str, uuid: &str) -> Result<Option<String>, Error> {
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .daemon
+                .exports()
+                .list_exports(pb::ListExportsRequest {
+                    page_size: 0,
+                    page_token,
+                })
+                .await
+                .map_err(|s| self.err(rpc, s))?
+                .into_inner();
+            if let Some(e) = page.exports.into_iter().find(|e| e.volume_uuid == uuid) {
+                return Ok(Some(e.device_path));
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(None);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// The daemon's volume `uuid` with `device_path` set from its export (empty: none).
+    async fn volume_and_export(&self, rpc: &'static str, uuid: &str) -> Result<pb::Volume, Error> {
+        let mut v = self.volume(rpc, uuid).await?;
+        v.device_path = self.exported(rpc, uuid).await?.unwrap_or_default();
+        Ok(v)
+    }
+
     /// Exports `uuid` (idempotent in the daemon) and waits for its device node.
     async fn export(&self, rpc: &'static str, uuid: &str) -> Result<String, Error> {
         let e = self
@@ -306,7 +338,7 @@ impl Node {
         let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
         let access = access(rpc, r.volume_capability.as_ref())?;
         let _op = self.begin(rpc, &r.volume_id)?;
-        let v = self.volume(rpc, &uuid).await?;
+        let v = self.volume_and_export(rpc, &uuid).await?;
         if v.state() == pb::VolumeState::Importing {
             return Err(Error::Precondition {
                 rpc,
@@ -414,19 +446,24 @@ impl Node {
         let uuid = self.volume_here(rpc, &r.volume_id)?;
         let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
         let _op = self.begin(rpc, &r.volume_id)?;
-        unmount_all(rpc, &staging).await?;
-        let v = match self.volume(rpc, &uuid).await {
+        let v = match self.volume_and_export(rpc, &uuid).await {
             Ok(v) => v,
             // Deleted meanwhile: nothing left to unexport.
-            Err(Error::Daemon { status, .. }) if status.code() == Code::NotFound => return Ok(()),
+            Err(Error::Daemon { status, .. }) if status.code() == Code::NotFound => {
+                return unmount_all(rpc, &staging).await;
+            }
             Err(e) => return Err(e),
         };
-        if v.device_path.is_empty() {
-            return Ok(());
-        }
+        // Publishes first (kubelet's order): while one remains, nothing is unmounted or
+        // unexported, so a retry after the unpublish finds the volume as it was.
         let name = device_name(&v.device_path);
-        if let Ok(numbers) = mounts::device_numbers(name) {
-            let users = mounts::users_of(&table(rpc)?, name, &numbers);
+        if let (false, Ok(numbers)) = (v.device_path.is_empty(), mounts::device_numbers(name)) {
+            let real = staging.canonicalize().unwrap_or_else(|_| staging.clone());
+            let users: Vec<String> = mounts::users_of(&table(rpc)?, name, &numbers)
+                .into_iter()
+                .filter(|p| *p != staging && *p != real)
+                .map(|p| p.display().to_string())
+                .collect();
             if !users.is_empty() {
                 return Err(Error::Precondition {
                     rpc,
@@ -434,14 +471,14 @@ impl Node {
                         "{} of volume {} is still mounted at {}; unpublish it there first",
                         v.device_path,
                         r.volume_id,
-                        users
-                            .iter()
-                            .map(|p| p.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        users.join(", ")
                     ),
                 });
             }
+        }
+        unmount_all(rpc, &staging).await?;
+        if v.device_path.is_empty() {
+            return Ok(());
         }
         match self
             .daemon
@@ -467,7 +504,7 @@ impl Node {
         let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
         let access = access(rpc, r.volume_capability.as_ref())?;
         let _op = self.begin(rpc, &r.volume_id)?;
-        let v = self.volume(rpc, &uuid).await?;
+        let v = self.volume_and_export(rpc, &uuid).await?;
         let not_staged = |why: String| Error::Precondition {
             rpc,
             reason: format!(
@@ -581,17 +618,29 @@ impl Node {
     ) -> Result<csi::NodeExpandVolumeResponse, Error> {
         let rpc = "NodeExpandVolume";
         let uuid = self.volume_here(rpc, &r.volume_id)?;
-        let path = self.path(rpc, "volume_path", &r.volume_path)?;
-        if !r.staging_target_path.is_empty() {
-            self.path(rpc, "staging_target_path", &r.staging_target_path)?;
+        if r.volume_path.is_empty() {
+            return Err(Error::Missing {
+                rpc,
+                field: "volume_path",
+            });
         }
         let block = match r.volume_capability.as_ref() {
             Some(_) => access(rpc, r.volume_capability.as_ref())? == Access::Block,
             None => {
                 use std::os::unix::fs::FileTypeExt;
-                std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_block_device())
+                std::fs::metadata(&r.volume_path).is_ok_and(|m| m.file_type().is_block_device())
             }
         };
+        // Block mode touches no path (the device follows the volume); a filesystem is
+        // grown through its mount, which must be the kubelet's.
+        let path = if block {
+            PathBuf::from(&r.volume_path)
+        } else {
+            self.path(rpc, "volume_path", &r.volume_path)?
+        };
+        if !r.staging_target_path.is_empty() {
+            self.path(rpc, "staging_target_path", &r.staging_target_path)?;
+        }
         let (required, limit) = r
             .capacity_range
             .as_ref()
@@ -603,7 +652,7 @@ impl Node {
         let required = u64::try_from(required).map_err(|_| bad("required_bytes", required))?;
         let limit = u64::try_from(limit).map_err(|_| bad("limit_bytes", limit))?;
         let _op = self.begin(rpc, &r.volume_id)?;
-        let mut v = self.volume(rpc, &uuid).await?;
+        let mut v = self.volume_and_export(rpc, &uuid).await?;
         if required > v.size_bytes {
             // The central resizer has no way to reach this node's daemon: the volume
             // grows here (csi/README.md, Routing). Whole clusters, as CreateVolume makes.
@@ -631,6 +680,7 @@ impl Node {
                 .await
                 .map_err(|s| self.err(rpc, s))?
                 .into_inner();
+            v.device_path = self.exported(rpc, &uuid).await?.unwrap_or_default();
             tracing::info!(volume = %r.volume_id, size_bytes = v.size_bytes, "volume grown");
         }
         if v.device_path.is_empty() {
@@ -721,7 +771,7 @@ impl Node {
             rpc,
             what: format!("volume path {}", path.display()),
         })?;
-        let v = self.volume(rpc, &uuid).await?;
+        let v = self.volume_and_export(rpc, &uuid).await?;
         let mut abnormal = Vec::new();
         match v.state() {
             pb::VolumeState::Ready => {}

@@ -171,12 +171,28 @@ impl Env {
             .into_inner()
     }
 
+    /// The device of the volume's export, empty when it is not exported.
+    async fn exported(&self, id: &str) -> String {
+        let uuid = id.rsplit(':').next().expect("uuid");
+        pb::exports_client::ExportsClient::new(self.daemon.clone())
+            .list_exports(pb::ListExportsRequest::default())
+            .await
+            .expect("ListExports")
+            .into_inner()
+            .exports
+            .into_iter()
+            .find(|e| e.volume_uuid == uuid)
+            .map(|e| e.device_path)
+            .unwrap_or_default()
+    }
+
     async fn stage(
         &mut self,
         id: &str,
         staging: &str,
         c: csi::VolumeCapability,
     ) -> Result<(), tonic::Status> {
+        eprintln!("... node_stage_volume {id} {staging}");
         self.node
             .node_stage_volume(csi::NodeStageVolumeRequest {
                 volume_id: id.to_owned(),
@@ -196,6 +212,7 @@ impl Env {
         c: csi::VolumeCapability,
         readonly: bool,
     ) -> Result<(), tonic::Status> {
+        eprintln!("... node_publish_volume {id} {target}");
         self.node
             .node_publish_volume(csi::NodePublishVolumeRequest {
                 volume_id: id.to_owned(),
@@ -210,6 +227,7 @@ impl Env {
     }
 
     async fn unpublish(&mut self, id: &str, target: &str) {
+        eprintln!("... node_unpublish_volume {id} {target}");
         self.node
             .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
                 volume_id: id.to_owned(),
@@ -220,6 +238,7 @@ impl Env {
     }
 
     async fn unstage(&mut self, id: &str, staging: &str) {
+        eprintln!("... node_unstage_volume {id} {staging}");
         self.node
             .node_unstage_volume(csi::NodeUnstageVolumeRequest {
                 volume_id: id.to_owned(),
@@ -230,6 +249,7 @@ impl Env {
     }
 
     async fn stats(&mut self, id: &str, path: &str) -> csi::NodeGetVolumeStatsResponse {
+        eprintln!("... node_get_volume_stats {id} {path}");
         self.node
             .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
                 volume_id: id.to_owned(),
@@ -242,6 +262,7 @@ impl Env {
     }
 
     async fn expand(&mut self, id: &str, path: &str, bytes: i64) -> Result<i64, tonic::Status> {
+        eprintln!("... node_expand_volume {id} {path}");
         self.node
             .node_expand_volume(csi::NodeExpandVolumeRequest {
                 volume_id: id.to_owned(),
@@ -262,6 +283,20 @@ fn code_of(r: Result<(), tonic::Status>) -> (Code, String) {
     match r {
         Ok(()) => (Code::Ok, String::new()),
         Err(s) => (s.code(), s.message().to_owned()),
+    }
+}
+
+/// Unmounts every mount under `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in points {
+        let _ = Command::new("umount").arg(&p).status();
     }
 }
 
@@ -309,7 +344,12 @@ fn stage_publish_expand_and_stats_on_ublk() {
         return;
     }
     // The guest's /tmp (tmpfs), not the 9p share: the kubelet directory holds mounts.
-    let dir = tempfile::tempdir().expect("tempdir");
+    // COREBLK_CSI_VM_WORK names it, so the guest script can show the logs after a hang.
+    let dir = match std::env::var_os("COREBLK_CSI_VM_WORK") {
+        Some(base) => tempfile::tempdir_in(base),
+        None => tempfile::tempdir(),
+    }
+    .expect("tempdir");
     let kubelet = dir.path().join("kubelet");
     std::fs::create_dir_all(&kubelet).expect("mkdir");
     let daemon = start_daemon(dir.path(), &device);
@@ -332,6 +372,9 @@ fn stage_publish_expand_and_stats_on_ublk() {
     }));
     eprintln!("{} checks passed", checks.0);
     if let Err(e) = result {
+        // Unmount what the test left while the daemon still serves it: killed with its
+        // devices mounted, their IO (and the guest's shutdown) would wait forever.
+        unmount_under(&kubelet);
         eprintln!(
             "--- coreblk-csi log:\n{}\n--- coreblkd log (end):\n{}",
             plugin.log_text(),
@@ -346,6 +389,9 @@ fn stage_publish_expand_and_stats_on_ublk() {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+        // Leave the directory: removing it would walk into mounts whose daemon is gone
+        // (killed on drop) and hang in IO wait.
+        let _ = dir.keep();
         std::panic::resume_unwind(e);
     }
 }
@@ -412,6 +458,7 @@ async fn ext4(env: &mut Env, c: &mut Checks) {
     c.ok("read-only publish reads the data and refuses writes (EROFS)");
 
     // Stats against df.
+    assert!(Command::new("sync").status().expect("sync").success());
     let st = env.stats(&id, &t1).await;
     let (bytes, inodes) = df(Path::new(&t1));
     let by = |u: i32| {
@@ -462,7 +509,7 @@ async fn ext4(env: &mut Env, c: &mut Checks) {
         env.unstage(&id, &staging).await;
     }
     assert!(mount_at(Path::new(&staging)).is_none());
-    assert!(env.daemon_volume(&id).await.device_path.is_empty());
+    assert!(env.exported(&id).await.is_empty());
     c.ok("unpublish and unstage (twice each): unmounted, targets removed, unexported");
 
     env.stage(&id, &staging, fs_cap("ext4"))
@@ -487,7 +534,7 @@ async fn ext4(env: &mut Env, c: &mut Checks) {
         ));
     }
     let (code, msg) = code_of({
-        let staged = env.daemon_volume(&id).await.device_path;
+        let staged = env.exported(&id).await;
         // Unstage while a publish remains: refused, nothing unexported.
         let r = env
             .node
@@ -497,11 +544,15 @@ async fn ext4(env: &mut Env, c: &mut Checks) {
             })
             .await
             .map(|_| ());
-        assert_eq!(env.daemon_volume(&id).await.device_path, staged);
+        assert_eq!(env.exported(&id).await, staged);
         r
     });
     assert_eq!(code, Code::FailedPrecondition, "{msg}");
-    c.ok("unstage while published elsewhere: FAILED_PRECONDITION, still exported");
+    assert!(
+        mount_at(Path::new(&staging)).is_some(),
+        "staging unmounted by a refused unstage"
+    );
+    c.ok("unstage while still published: FAILED_PRECONDITION, still staged and exported");
     env.unpublish(&id, &t1).await;
     env.unstage(&id, &staging).await;
 }
@@ -538,7 +589,7 @@ async fn block(env: &mut Env, c: &mut Checks) {
         env.unpublish(&id, &target).await;
         env.unstage(&id, &staging).await;
     }
-    assert!(env.daemon_volume(&id).await.device_path.is_empty());
+    assert!(env.exported(&id).await.is_empty());
     env.stage(&id, &staging, block_cap()).await.expect("stage");
     env.publish(&id, &staging, &target, block_cap(), false)
         .await
