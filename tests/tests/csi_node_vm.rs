@@ -10,7 +10,8 @@
 //! unpublish → unstage → stage again with the data there; each of stage, publish,
 //! unpublish and unstage twice; a different volume at a staged path (ALREADY_EXISTS);
 //! read-only publish refusing writes; an xfs clone staged beside its mounted origin
-//! (`nouuid`); stats against `df`; expansion of a mounted ext4 (online on a kernel with
+//! (`nouuid`); a second plugin process (as after a restart) that re-stages and
+//! re-publishes nothing twice; stats against `df`; expansion of a mounted ext4 (online on a kernel with
 //! ublk UPDATE_SIZE, else the offline error and the size after unstage + restage); paths
 //! outside the kubelet directory refused.
 
@@ -82,6 +83,16 @@ fn mount_at(path: &Path) -> Option<(String, String)> {
     })
 }
 
+/// How many mounts sit at `path`.
+fn mounts_at(path: &Path) -> usize {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let p = path.to_str().expect("utf-8");
+    table
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(p))
+        .count()
+}
+
 /// `df -B1` figures of `path`: (size, used, avail) and `df -i`: (inodes, iused, ifree).
 fn df(path: &Path) -> ([i64; 3], [i64; 3]) {
     let run = |args: &[&str]| -> [i64; 3] {
@@ -115,6 +126,9 @@ fn kernel_has_update_size() -> bool {
 
 struct Env {
     node: NodeClient,
+    /// A second plugin instance on the same daemon and kubelet directory: what a
+    /// restarted plugin sees (it shares no memory with the first).
+    restarted: NodeClient,
     ctl: Ctl,
     daemon: Channel,
     kubelet: PathBuf,
@@ -355,12 +369,14 @@ fn stage_publish_expand_and_stats_on_ublk() {
     let daemon = start_daemon(dir.path(), &device);
     let k = kubelet.to_str().expect("utf-8").to_owned();
     let plugin = Csi::node_with(dir.path(), "csi", &daemon, NODE, &["--kubelet-dir", &k]);
+    let plugin2 = Csi::node_with(dir.path(), "csi2", &daemon, NODE, &["--kubelet-dir", &k]);
     let mut checks = Checks(0);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         rt().block_on(async {
             let ch = plugin.channel().await;
             let mut env = Env {
                 node: csi::node_client::NodeClient::new(ch.clone()),
+                restarted: csi::node_client::NodeClient::new(plugin2.channel().await),
                 ctl: csi::controller_client::ControllerClient::new(ch),
                 daemon: daemon.channel().await,
                 kubelet: kubelet.clone(),
@@ -376,8 +392,9 @@ fn stage_publish_expand_and_stats_on_ublk() {
         // devices mounted, their IO (and the guest's shutdown) would wait forever.
         unmount_under(&kubelet);
         eprintln!(
-            "--- coreblk-csi log:\n{}\n--- coreblkd log (end):\n{}",
+            "--- coreblk-csi logs:\n{}\n{}\n--- coreblkd log (end):\n{}",
             plugin.log_text(),
+            plugin2.log_text(),
             daemon
                 .log_text()
                 .lines()
@@ -520,6 +537,22 @@ async fn ext4(env: &mut Env, c: &mut Checks) {
         .expect("publish again");
     assert_eq!(std::fs::read(format!("{t1}/data")).expect("read"), data);
     c.ok("stage again: no mkfs, the data is there");
+
+    // Another plugin process (as after a restart) finds the volume staged and published
+    // from the mount table and the daemon: the same calls answer OK and mount nothing twice.
+    std::mem::swap(&mut env.node, &mut env.restarted);
+    env.stage(&id, &staging, fs_cap("ext4"))
+        .await
+        .expect("stage through a restarted plugin");
+    env.publish(&id, &staging, &t1, fs_cap("ext4"), false)
+        .await
+        .expect("publish through a restarted plugin");
+    std::mem::swap(&mut env.node, &mut env.restarted);
+    assert_eq!(mounts_at(Path::new(&staging)), 1, "staging mounted twice");
+    assert_eq!(mounts_at(Path::new(&t1)), 1, "target mounted twice");
+    c.ok(
+        "a restarted plugin re-stages and re-publishes nothing twice (state from the mount table)",
+    );
 
     if !kernel_has_update_size() {
         let cap = env
