@@ -276,6 +276,16 @@ impl Env {
     }
 
     async fn expand(&mut self, id: &str, path: &str, bytes: i64) -> Result<i64, tonic::Status> {
+        self.expand_as(id, path, bytes, fs_cap("ext4")).await
+    }
+
+    async fn expand_as(
+        &mut self,
+        id: &str,
+        path: &str,
+        bytes: i64,
+        c: csi::VolumeCapability,
+    ) -> Result<i64, tonic::Status> {
         eprintln!("... node_expand_volume {id} {path}");
         self.node
             .node_expand_volume(csi::NodeExpandVolumeRequest {
@@ -285,7 +295,7 @@ impl Env {
                     required_bytes: bytes,
                     limit_bytes: 0,
                 }),
-                volume_capability: Some(fs_cap("ext4")),
+                volume_capability: Some(c),
                 ..Default::default()
             })
             .await
@@ -618,6 +628,18 @@ async fn block(env: &mut Env, c: &mut Checks) {
     let st = env.stats(&id, &target).await;
     assert_eq!(st.usage.first().map(|u| u.total), Some(64 * MIB), "{st:?}");
     c.ok("block: stage + publish (twice), write through the target, stats total = size");
+    // Block expansion: the device follows online (UPDATE_SIZE) or at the next stage.
+    let r = env.expand_as(&id, &target, 96 * MIB, block_cap()).await;
+    if kernel_has_update_size() {
+        assert_eq!(r.ok(), Some(96 * MIB));
+        let st = env.stats(&id, &target).await;
+        assert_eq!(st.usage.first().map(|u| u.total), Some(96 * MIB), "{st:?}");
+        c.ok("block: online expansion, the device and stats show the new size");
+    } else {
+        let e = r.expect_err("no online resize on this kernel");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        c.ok("block: expansion without UPDATE_SIZE: FAILED_PRECONDITION");
+    }
     for _ in 0..2 {
         env.unpublish(&id, &target).await;
         env.unstage(&id, &staging).await;
@@ -634,7 +656,9 @@ async fn block(env: &mut Env, c: &mut Checks) {
         f.read_exact(&mut back).expect("read");
     }
     assert!(back == data, "block data after unstage + stage");
-    c.ok("block: unpublish + unstage (twice), stage again: the bytes are there");
+    let st = env.stats(&id, &target).await;
+    assert_eq!(st.usage.first().map(|u| u.total), Some(96 * MIB), "{st:?}");
+    c.ok("block: unpublish + unstage (twice), stage again: the bytes are there, the new size too");
     env.unpublish(&id, &target).await;
     env.unstage(&id, &staging).await;
 }
