@@ -66,6 +66,11 @@ impl Daemon {
         pb::pools_client::PoolsClient::new(self.channel.clone())
     }
 
+    /// The Exports service.
+    pub fn exports(&self) -> pb::exports_client::ExportsClient<Channel> {
+        pb::exports_client::ExportsClient::new(self.channel.clone())
+    }
+
     /// The Node service.
     pub fn node(&self) -> pb::node_client::NodeClient<Channel> {
         pb::node_client::NodeClient::new(self.channel.clone())

@@ -74,6 +74,36 @@ pub enum Error {
         /// The token as given.
         token: String,
     },
+    /// The request cannot be served in the node's present state (not staged, not
+    /// exported, the device has not followed a resize yet): FAILED_PRECONDITION.
+    Precondition {
+        /// The CSI call.
+        rpc: &'static str,
+        /// What is missing and what to do.
+        reason: String,
+    },
+    /// Something else is already mounted at a path the request names, or the volume is
+    /// there with other settings: ALREADY_EXISTS, as the spec asks of stage and publish.
+    Conflict {
+        /// The CSI call.
+        rpc: &'static str,
+        /// What is there.
+        reason: String,
+    },
+    /// Another call for the same volume is in progress: ABORTED, as the spec asks.
+    Pending {
+        /// The CSI call.
+        rpc: &'static str,
+        /// The volume ID.
+        volume_id: String,
+    },
+    /// A mount, mkfs or resize tool failed on this node: INTERNAL.
+    Node {
+        /// The CSI call.
+        rpc: &'static str,
+        /// What failed, with the tool's output.
+        reason: String,
+    },
     /// Not offered by this plugin or mode: UNIMPLEMENTED.
     Unimplemented {
         /// The CSI call.
@@ -127,6 +157,15 @@ impl From<Error> for Status {
                 "{rpc}: starting_token {token:?} is not one this plugin handed out; list again \
                  from the start"
             )),
+            Error::Precondition { rpc, reason } => {
+                Status::failed_precondition(format!("{rpc}: {reason}"))
+            }
+            Error::Conflict { rpc, reason } => Status::already_exists(format!("{rpc}: {reason}")),
+            Error::Pending { rpc, volume_id } => Status::aborted(format!(
+                "{rpc}: another call for volume {volume_id} is in progress on this node; retry \
+                 once it has finished"
+            )),
+            Error::Node { rpc, reason } => Status::internal(format!("{rpc}: {reason}")),
             Error::Unimplemented { rpc, reason } => {
                 Status::unimplemented(format!("{rpc}: {reason}"))
             }
@@ -226,6 +265,34 @@ mod tests {
                     reason: "x".into(),
                 },
                 Code::Unimplemented,
+            ),
+            (
+                Error::Precondition {
+                    rpc,
+                    reason: "x".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::Conflict {
+                    rpc,
+                    reason: "x".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                Error::Pending {
+                    rpc,
+                    volume_id: "v".into(),
+                },
+                Code::Aborted,
+            ),
+            (
+                Error::Node {
+                    rpc,
+                    reason: "x".into(),
+                },
+                Code::Internal,
             ),
             (
                 Error::Daemon {

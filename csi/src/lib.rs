@@ -15,6 +15,8 @@ pub mod daemon;
 pub mod error;
 pub mod identity;
 pub mod ids;
+pub mod mounts;
 pub mod node;
 pub mod params;
+pub mod paths;
 pub mod server;

@@ -1,19 +1,51 @@
-//! The CSI Node service. Built so far: NodeGetInfo (node id, topology, and
-//! `max_volumes_per_node` from the daemon's export limit) and NodeGetCapabilities.
-//! Staging, publishing, expansion and stats need ublk exports and mounts and come next
-//! (issue 13, tested in the VM); until then they answer UNIMPLEMENTED.
+//! The CSI Node service: NodeGetInfo and NodeGetCapabilities; NodeStageVolume (export the
+//! volume through the daemon as `/dev/ublkbN`, make a filesystem only on a volume the
+//! store reports never written and not a clone, mount it at the staging path; block mode
+//! mounts nothing), NodePublishVolume (a bind mount of the staging path, or of the device
+//! node onto a file in block mode; read-only when asked), NodeUnpublish / NodeUnstage
+//! (unmount; unstage also unexports once nothing uses the device), NodeExpandVolume (grow
+//! the volume through the daemon, then the filesystem online) and NodeGetVolumeStats.
 //!
-//! Owns: [`Node`]. Must never: mount or unmount anything outside the kubelet directory.
+//! State: none of its own. What is staged or published is the mount table
+//! (`/proc/self/mountinfo`, read at each call) and the daemon's exports; so a restart of
+//! the plugin, or of `coreblkd` (whose exports outlive it), re-stages nothing twice and
+//! loses no mount.
+//!
+//! Owns: [`Node`]. Must never: mount, unmount or create anything outside the kubelet
+//! directory (`paths.rs` checks every path first); make a filesystem on a volume the
+//! store does not report never written; read a tenant's bytes to decide anything.
+//!
+//! Start reading at `node_stage_volume`.
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use coreblk_proto::csi::v1 as csi;
 use coreblk_proto::v1 as pb;
-use tonic::{Request, Response, Status};
+use csi::node_service_capability::rpc::Type as Cap;
+use tonic::{Code, Request, Response, Status};
 
 use crate::daemon::Daemon;
 use crate::error::Error;
-use crate::params::node_topology;
+use crate::ids::{CsiId, Kind};
+use crate::mounts::{self, MountInfo};
+use crate::params::{check_capabilities, node_topology};
+use crate::paths::check_under;
+
+/// Deadline of a mount or umount.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline of mkfs (a large volume under a slow CPU).
+const MKFS_TIMEOUT: Duration = Duration::from_secs(300);
+/// Deadline of resize2fs / xfs_growfs.
+const GROW_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for the device node of a new export to appear.
+const DEVICE_WAIT: Duration = Duration::from_secs(10);
+/// The filesystem of a mount capability that names none.
+const DEFAULT_FS: &str = "ext4";
+/// Most mounts stacked on one path that an unmount takes off.
+const MAX_STACKED_MOUNTS: usize = 8;
 
 /// The node plugin's Node service.
 #[derive(Debug, Clone)]
@@ -22,6 +54,131 @@ pub struct Node {
     node_id: String,
     /// The kubelet's directory: every staging and target path must lie under it.
     kubelet_dir: PathBuf,
+    /// Volume IDs with a call in progress (a second call for one answers ABORTED).
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Removes its volume from [`Node::busy`] when the call ends.
+#[derive(Debug)]
+struct InProgress {
+    busy: Arc<Mutex<HashSet<String>>>,
+    volume_id: String,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.busy.lock() {
+            b.remove(&self.volume_id);
+        }
+    }
+}
+
+/// How a capability wants the volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Access {
+    /// The raw device.
+    Block,
+    /// A filesystem, with its mount flags.
+    Mount { fs: String, flags: Vec<String> },
+}
+
+/// The access type of `cap`, checked as the controller checks it (block, or mount with
+/// ext4/xfs; a single-node mode).
+fn access(rpc: &'static str, cap: Option<&csi::VolumeCapability>) -> Result<Access, Error> {
+    let cap = cap.ok_or(Error::Missing {
+        rpc,
+        field: "volume_capability",
+    })?;
+    let fs = check_capabilities(std::slice::from_ref(cap))
+        .map_err(|reason| Error::Invalid { rpc, reason })?;
+    Ok(match &cap.access_type {
+        Some(csi::volume_capability::AccessType::Mount(m)) => {
+            for f in &m.mount_flags {
+                if f.is_empty() || f.contains(',') || f.chars().any(char::is_whitespace) {
+                    return Err(Error::Invalid {
+                        rpc,
+                        reason: format!(
+                            "mount flag {f:?}: give one option per entry, without commas or spaces"
+                        ),
+                    });
+                }
+            }
+            Access::Mount {
+                fs: if fs.is_empty() {
+                    DEFAULT_FS.to_owned()
+                } else {
+                    fs
+                },
+                flags: m.mount_flags.clone(),
+            }
+        }
+        _ => Access::Block,
+    })
+}
+
+/// `ublkb3` of `/dev/ublkb3`.
+fn device_name(device_path: &str) -> &str {
+    device_path.rsplit('/').next().unwrap_or(device_path)
+}
+
+fn node_err(rpc: &'static str, what: String) -> impl FnOnce(mounts::RunError) -> Error {
+    move |e| Error::Node {
+        rpc,
+        reason: format!("{what}: {e}"),
+    }
+}
+
+fn io_err(rpc: &'static str, what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Node {
+        rpc,
+        reason: format!("{what}: {e}"),
+    }
+}
+
+fn table(rpc: &'static str) -> Result<Vec<MountInfo>, Error> {
+    mounts::mount_table().map_err(io_err(rpc, "reading /proc/self/mountinfo".to_owned()))
+}
+
+/// Unmounts everything mounted at `path` (nothing mounted: nothing to do).
+async fn unmount_all(rpc: &'static str, path: &Path) -> Result<(), Error> {
+    for _ in 0..MAX_STACKED_MOUNTS {
+        if mounts::mounted_at(&table(rpc)?, path).is_none() {
+            return Ok(());
+        }
+        let p = path.to_string_lossy();
+        if let Err(e) = mounts::run("umount", &[&p], MOUNT_TIMEOUT).await {
+            // Gone meanwhile (another unmount): fine; otherwise the tool's reason.
+            if mounts::mounted_at(&table(rpc)?, path).is_some() {
+                return Err(node_err(rpc, format!("unmounting {p}"))(e));
+            }
+        }
+    }
+    Err(Error::Node {
+        rpc,
+        reason: format!(
+            "{} still has mounts after {MAX_STACKED_MOUNTS} unmounts; unmount it by hand",
+            path.display()
+        ),
+    })
+}
+
+/// A bind mount of `from` at `to`, read-only when asked (a bind ignores `ro` at first, so
+/// a remount follows; if that fails, the bind is taken back rather than left writable).
+async fn bind(rpc: &'static str, from: &Path, to: &Path, read_only: bool) -> Result<(), Error> {
+    let (f, t) = (from.to_string_lossy(), to.to_string_lossy());
+    mounts::run("mount", &["--bind", &f, &t], MOUNT_TIMEOUT)
+        .await
+        .map_err(node_err(rpc, format!("bind-mounting {f} at {t}")))?;
+    if read_only {
+        if let Err(e) = mounts::run("mount", &["-o", "remount,bind,ro", &t], MOUNT_TIMEOUT).await {
+            let _ = mounts::run("umount", &[&t], MOUNT_TIMEOUT).await;
+            return Err(node_err(
+                rpc,
+                format!("making the bind mount at {t} read-only"),
+            )(e));
+        }
+    }
+    Ok(())
 }
 
 impl Node {
@@ -31,67 +188,740 @@ impl Node {
             daemon,
             node_id: node_id.to_owned(),
             kubelet_dir,
+            busy: Arc::default(),
         }
     }
-}
 
-fn not_yet(rpc: &'static str) -> Status {
-    Error::Unimplemented {
-        rpc,
-        reason: "the coreblk node service (stage, publish, expand, stats) is not built yet"
-            .to_owned(),
+    fn err(&self, rpc: &'static str, status: Status) -> Error {
+        Error::Daemon {
+            rpc,
+            socket: self.daemon.socket().to_path_buf(),
+            status,
+        }
     }
-    .into()
+
+    /// The daemon UUID of `volume_id`, which must name a volume of this node.
+    fn volume_here(&self, rpc: &'static str, volume_id: &str) -> Result<String, Error> {
+        if volume_id.is_empty() {
+            return Err(Error::Missing {
+                rpc,
+                field: "volume_id",
+            });
+        }
+        match CsiId::parse(Kind::Volume, volume_id) {
+            None => Err(Error::NotFound {
+                rpc,
+                what: format!("volume {volume_id:?} (not an ID of this driver)"),
+            }),
+            Some(id) if id.node_id == self.node_id => Ok(id.uuid),
+            Some(id) => Err(Error::NotHere {
+                rpc,
+                id,
+                here: self.node_id.clone(),
+            }),
+        }
+    }
+
+    /// A path field of a request, checked against the kubelet directory.
+    fn path(&self, rpc: &'static str, field: &'static str, value: &str) -> Result<PathBuf, Error> {
+        if value.is_empty() {
+            return Err(Error::Missing { rpc, field });
+        }
+        check_under(field, value, &self.kubelet_dir).map_err(|e| Error::Invalid {
+            rpc,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Marks `volume_id` busy for the call; ABORTED while another call holds it.
+    fn begin(&self, rpc: &'static str, volume_id: &str) -> Result<InProgress, Error> {
+        let mut b = self.busy.lock().map_err(|_| Error::Node {
+            rpc,
+            reason: "the plugin's in-progress table is poisoned (a call panicked); restart \
+                     the plugin"
+                .to_owned(),
+        })?;
+        if !b.insert(volume_id.to_owned()) {
+            return Err(Error::Pending {
+                rpc,
+                volume_id: volume_id.to_owned(),
+            });
+        }
+        Ok(InProgress {
+            busy: Arc::clone(&self.busy),
+            volume_id: volume_id.to_owned(),
+        })
+    }
+
+    /// The daemon's volume `uuid` (NOT_FOUND from the daemon keeps its code).
+    async fn volume(&self, rpc: &'static str, uuid: &str) -> Result<pb::Volume, Error> {
+        self.daemon
+            .volumes()
+            .get_volume(pb::GetVolumeRequest {
+                volume: uuid.to_owned(),
+            })
+            .await
+            .map(Response::into_inner)
+            .map_err(|s| self.err(rpc, s))
+    }
+
+    /// The device path of volume `uuid`'s export on this node (the daemon's ListExports;
+    /// its Volume message does not carry it), `None` when it is not exported.
+    async fn exported(&self, rpc: &'static str, uuid: &str) -> Result<Option<String>, Error> {
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .daemon
+                .exports()
+                .list_exports(pb::ListExportsRequest {
+                    page_size: 0,
+                    page_token,
+                })
+                .await
+                .map_err(|s| self.err(rpc, s))?
+                .into_inner();
+            if let Some(e) = page.exports.into_iter().find(|e| e.volume_uuid == uuid) {
+                return Ok(Some(e.device_path));
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(None);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// The daemon's volume `uuid` with `device_path` set from its export (empty: none).
+    async fn volume_and_export(&self, rpc: &'static str, uuid: &str) -> Result<pb::Volume, Error> {
+        let mut v = self.volume(rpc, uuid).await?;
+        v.device_path = self.exported(rpc, uuid).await?.unwrap_or_default();
+        Ok(v)
+    }
+
+    /// Exports `uuid` (idempotent in the daemon) and waits for its device node.
+    async fn export(&self, rpc: &'static str, uuid: &str) -> Result<String, Error> {
+        let e = self
+            .daemon
+            .exports()
+            .export_volume(pb::ExportVolumeRequest {
+                volume: uuid.to_owned(),
+                persistent: false,
+                read_only: false,
+            })
+            .await
+            .map_err(|s| self.err(rpc, s))?
+            .into_inner();
+        let end = Instant::now() + DEVICE_WAIT;
+        loop {
+            if mounts::device_numbers(device_name(&e.device_path)).is_ok()
+                && Path::new(&e.device_path).exists()
+            {
+                return Ok(e.device_path);
+            }
+            if Instant::now() >= end {
+                return Err(Error::Node {
+                    rpc,
+                    reason: format!(
+                        "coreblkd exported the volume as {} but the device node did not appear \
+                         within {} s (is /dev shared with the host, and is udev running?)",
+                        e.device_path,
+                        DEVICE_WAIT.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stage(&self, r: csi::NodeStageVolumeRequest) -> Result<(), Error> {
+        let rpc = "NodeStageVolume";
+        let uuid = self.volume_here(rpc, &r.volume_id)?;
+        let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
+        let access = access(rpc, r.volume_capability.as_ref())?;
+        let _op = self.begin(rpc, &r.volume_id)?;
+        let v = self.volume_and_export(rpc, &uuid).await?;
+        if v.state() == pb::VolumeState::Importing {
+            return Err(Error::Precondition {
+                rpc,
+                reason: format!(
+                    "volume {} is being filled by an image import; resume the import or \
+                     delete the volume",
+                    r.volume_id
+                ),
+            });
+        }
+        let Access::Mount { fs, flags } = access else {
+            // Block mode: the export is the whole of staging; publish binds the device.
+            self.export(rpc, &uuid).await?;
+            return Ok(());
+        };
+        // A mount already there must be this volume's, as asked: checked before the
+        // export so a conflict changes nothing.
+        if let Some(m) = mounts::mounted_at(&table(rpc)?, &staging) {
+            let mine = !v.device_path.is_empty()
+                && mounts::device_numbers(device_name(&v.device_path)).is_ok_and(|n| n == m.dev);
+            if !mine {
+                return Err(Error::Conflict {
+                    rpc,
+                    reason: format!(
+                        "{} is already mounted there ({} {}), not volume {}; unstage that \
+                         first",
+                        staging.display(),
+                        m.fs_type,
+                        m.source,
+                        r.volume_id
+                    ),
+                });
+            }
+            if m.fs_type != fs {
+                return Err(Error::Conflict {
+                    rpc,
+                    reason: format!(
+                        "volume {} is staged at {} as {}, not {fs}",
+                        r.volume_id,
+                        staging.display(),
+                        m.fs_type
+                    ),
+                });
+            }
+            return Ok(());
+        }
+        let device = self.export(rpc, &uuid).await?;
+        std::fs::create_dir_all(&staging)
+            .map_err(io_err(rpc, format!("creating {}", staging.display())))?;
+        // Blank by the store's word, never by probing the bytes: never written since it
+        // was made and not a clone (a clone shares its source's filesystem).
+        let blank =
+            v.never_written && v.source_snapshot_uuid.is_empty() && v.source_volume_uuid.is_empty();
+        if blank {
+            let (tool, args): (&str, &[&str]) = match fs.as_str() {
+                // No discard: a never-written thin volume has nothing to discard.
+                "xfs" => ("mkfs.xfs", &["-q", "-f", "-K"]),
+                _ => ("mkfs.ext4", &["-q", "-F", "-E", "nodiscard"]),
+            };
+            let mut a: Vec<&str> = args.to_vec();
+            a.push(&device);
+            mounts::run(tool, &a, MKFS_TIMEOUT).await.map_err(node_err(
+                rpc,
+                format!("making {fs} on the never-written volume {}", r.volume_id),
+            ))?;
+            tracing::info!(volume = %r.volume_id, %device, %fs, "filesystem made");
+        }
+        let mut opts = flags;
+        // An xfs filesystem that this call did not make may be a copy of another one on
+        // this node (a clone, or a clone since inflated) with the same UUID, which xfs
+        // refuses to mount twice.
+        if fs == "xfs" && !blank && !opts.iter().any(|o| o == "nouuid") {
+            opts.push("nouuid".to_owned());
+        }
+        let target = staging.to_string_lossy();
+        let mut args = vec!["-t", fs.as_str()];
+        let joined = opts.join(",");
+        if !joined.is_empty() {
+            args.extend(["-o", joined.as_str()]);
+        }
+        args.extend([device.as_str(), &target]);
+        mounts::run("mount", &args, MOUNT_TIMEOUT)
+            .await
+            .map_err(|e| {
+                let hint = if blank {
+                    String::new()
+                } else {
+                    format!(
+                        " (the volume was written before, so no filesystem was made: if it holds \
+                     no {fs} filesystem, it was used as a raw block device or with another \
+                     filesystem)"
+                    )
+                };
+                Error::Node {
+                    rpc,
+                    reason: format!("mounting {device} ({fs}) at {target}: {e}{hint}"),
+                }
+            })?;
+        tracing::info!(volume = %r.volume_id, %device, staging = %target, "staged");
+        Ok(())
+    }
+
+    async fn unstage(&self, r: csi::NodeUnstageVolumeRequest) -> Result<(), Error> {
+        let rpc = "NodeUnstageVolume";
+        let uuid = self.volume_here(rpc, &r.volume_id)?;
+        let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
+        let _op = self.begin(rpc, &r.volume_id)?;
+        let v = match self.volume_and_export(rpc, &uuid).await {
+            Ok(v) => v,
+            // Deleted meanwhile: nothing left to unexport.
+            Err(Error::Daemon { status, .. }) if status.code() == Code::NotFound => {
+                return unmount_all(rpc, &staging).await;
+            }
+            Err(e) => return Err(e),
+        };
+        // Publishes first (kubelet's order): while one remains, nothing is unmounted or
+        // unexported, so a retry after the unpublish finds the volume as it was.
+        let name = device_name(&v.device_path);
+        if let (false, Ok(numbers)) = (v.device_path.is_empty(), mounts::device_numbers(name)) {
+            let real = staging.canonicalize().unwrap_or_else(|_| staging.clone());
+            let users: Vec<String> = mounts::users_of(&table(rpc)?, name, &numbers)
+                .into_iter()
+                .filter(|p| *p != staging && *p != real)
+                .map(|p| p.display().to_string())
+                .collect();
+            if !users.is_empty() {
+                return Err(Error::Precondition {
+                    rpc,
+                    reason: format!(
+                        "{} of volume {} is still mounted at {}; unpublish it there first",
+                        v.device_path,
+                        r.volume_id,
+                        users.join(", ")
+                    ),
+                });
+            }
+        }
+        unmount_all(rpc, &staging).await?;
+        if v.device_path.is_empty() {
+            return Ok(());
+        }
+        match self
+            .daemon
+            .exports()
+            .unexport_volume(pb::UnexportVolumeRequest {
+                volume: uuid,
+                force: false,
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(self.err(rpc, s)),
+        }
+        tracing::info!(volume = %r.volume_id, device = %v.device_path, "unstaged");
+        Ok(())
+    }
+
+    async fn publish(&self, r: csi::NodePublishVolumeRequest) -> Result<(), Error> {
+        let rpc = "NodePublishVolume";
+        let uuid = self.volume_here(rpc, &r.volume_id)?;
+        let target = self.path(rpc, "target_path", &r.target_path)?;
+        let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
+        let access = access(rpc, r.volume_capability.as_ref())?;
+        let _op = self.begin(rpc, &r.volume_id)?;
+        let v = self.volume_and_export(rpc, &uuid).await?;
+        let not_staged = |why: String| Error::Precondition {
+            rpc,
+            reason: format!(
+                "volume {} is not staged on this node ({why}); call NodeStageVolume first",
+                r.volume_id
+            ),
+        };
+        if v.device_path.is_empty() {
+            return Err(not_staged("coreblkd has not exported it".to_owned()));
+        }
+        let name = device_name(&v.device_path);
+        let numbers = mounts::device_numbers(name)
+            .map_err(|_| not_staged(format!("{} does not exist", v.device_path)))?;
+        let t = table(rpc)?;
+        let same_mode = |m: &MountInfo| m.read_only() == r.readonly;
+        match access {
+            Access::Block => {
+                if let Some(m) = mounts::mounted_at(&t, &target) {
+                    if mounts::is_device_node(&target, &numbers) && same_mode(m) {
+                        return Ok(());
+                    }
+                    return Err(Error::Conflict {
+                        rpc,
+                        reason: format!(
+                            "{} is already a mount point ({} {}{}), not volume {} as asked",
+                            target.display(),
+                            m.fs_type,
+                            m.root.display(),
+                            if m.read_only() { ", read-only" } else { "" },
+                            r.volume_id
+                        ),
+                    });
+                }
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(io_err(rpc, format!("creating {}", parent.display())))?;
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&target)
+                    .map_err(io_err(
+                        rpc,
+                        format!("creating the file {}", target.display()),
+                    ))?;
+                bind(rpc, Path::new(&v.device_path), &target, r.readonly).await?;
+            }
+            Access::Mount { .. } => {
+                let staged = mounts::mounted_at(&t, &staging)
+                    .filter(|m| m.dev == numbers)
+                    .ok_or_else(|| {
+                        not_staged(format!(
+                            "{} is not mounted at {}",
+                            v.device_path,
+                            staging.display()
+                        ))
+                    })?;
+                if let Some(m) = mounts::mounted_at(&t, &target) {
+                    if m.dev == staged.dev && same_mode(m) {
+                        return Ok(());
+                    }
+                    return Err(Error::Conflict {
+                        rpc,
+                        reason: format!(
+                            "{} is already a mount point ({} {}{}), not volume {} as asked",
+                            target.display(),
+                            m.fs_type,
+                            m.source,
+                            if m.read_only() { ", read-only" } else { "" },
+                            r.volume_id
+                        ),
+                    });
+                }
+                std::fs::create_dir_all(&target)
+                    .map_err(io_err(rpc, format!("creating {}", target.display())))?;
+                bind(rpc, &staging, &target, r.readonly).await?;
+            }
+        }
+        tracing::info!(volume = %r.volume_id, target = %target.display(), read_only = r.readonly, "published");
+        Ok(())
+    }
+
+    async fn unpublish(&self, r: csi::NodeUnpublishVolumeRequest) -> Result<(), Error> {
+        let rpc = "NodeUnpublishVolume";
+        self.volume_here(rpc, &r.volume_id)?;
+        let target = self.path(rpc, "target_path", &r.target_path)?;
+        let _op = self.begin(rpc, &r.volume_id)?;
+        unmount_all(rpc, &target).await?;
+        // The spec asks the plugin to remove what it made at the target path.
+        match std::fs::symlink_metadata(&target) {
+            Err(_) => {}
+            Ok(m) if m.is_dir() => {
+                if let Err(e) = std::fs::remove_dir(&target) {
+                    tracing::warn!(target = %target.display(), error = %e, "target directory left in place");
+                }
+            }
+            Ok(_) => {
+                if let Err(e) = std::fs::remove_file(&target) {
+                    tracing::warn!(target = %target.display(), error = %e, "target file left in place");
+                }
+            }
+        }
+        tracing::info!(volume = %r.volume_id, target = %target.display(), "unpublished");
+        Ok(())
+    }
+
+    async fn expand(
+        &self,
+        r: csi::NodeExpandVolumeRequest,
+    ) -> Result<csi::NodeExpandVolumeResponse, Error> {
+        let rpc = "NodeExpandVolume";
+        let uuid = self.volume_here(rpc, &r.volume_id)?;
+        if r.volume_path.is_empty() {
+            return Err(Error::Missing {
+                rpc,
+                field: "volume_path",
+            });
+        }
+        let block = match r.volume_capability.as_ref() {
+            Some(_) => access(rpc, r.volume_capability.as_ref())? == Access::Block,
+            None => {
+                use std::os::unix::fs::FileTypeExt;
+                std::fs::metadata(&r.volume_path).is_ok_and(|m| m.file_type().is_block_device())
+            }
+        };
+        // Block mode touches no path (the device follows the volume); a filesystem is
+        // grown through its mount, which must be the kubelet's.
+        let path = if block {
+            PathBuf::from(&r.volume_path)
+        } else {
+            self.path(rpc, "volume_path", &r.volume_path)?
+        };
+        if !r.staging_target_path.is_empty() {
+            self.path(rpc, "staging_target_path", &r.staging_target_path)?;
+        }
+        let (required, limit) = r
+            .capacity_range
+            .as_ref()
+            .map_or((0, 0), |c| (c.required_bytes, c.limit_bytes));
+        let bad = |what: &str, n: i64| Error::Invalid {
+            rpc,
+            reason: format!("capacity_range.{what} is negative ({n})"),
+        };
+        let required = u64::try_from(required).map_err(|_| bad("required_bytes", required))?;
+        let limit = u64::try_from(limit).map_err(|_| bad("limit_bytes", limit))?;
+        let _op = self.begin(rpc, &r.volume_id)?;
+        let mut v = self.volume_and_export(rpc, &uuid).await?;
+        if required > v.size_bytes {
+            // The central resizer has no way to reach this node's daemon: the volume
+            // grows here (csi/README.md, Routing). Whole clusters, as CreateVolume makes.
+            let pool = self
+                .daemon
+                .pools()
+                .get_pool(pb::GetPoolRequest {
+                    pool: v.pool_uuid.clone(),
+                })
+                .await
+                .map_err(|s| self.err(rpc, s))?
+                .into_inner();
+            let cluster = pool.cluster_size_bytes.max(4096);
+            let mut size = required.div_ceil(cluster).saturating_mul(cluster);
+            if limit > 0 && size > limit {
+                size = required.div_ceil(4096) * 4096;
+            }
+            v = self
+                .daemon
+                .volumes()
+                .resize_volume(pb::ResizeVolumeRequest {
+                    volume: uuid.clone(),
+                    size_bytes: size,
+                })
+                .await
+                .map_err(|s| self.err(rpc, s))?
+                .into_inner();
+            v.device_path = self.exported(rpc, &uuid).await?.unwrap_or_default();
+            tracing::info!(volume = %r.volume_id, size_bytes = v.size_bytes, "volume grown");
+        }
+        if v.device_path.is_empty() {
+            return Err(Error::Precondition {
+                rpc,
+                reason: format!(
+                    "volume {} is not staged on this node (coreblkd has not exported it); it \
+                     has {} bytes and its filesystem grows when it is staged and expanded",
+                    r.volume_id, v.size_bytes
+                ),
+            });
+        }
+        let name = device_name(&v.device_path);
+        let device_bytes = mounts::device_bytes(name).map_err(io_err(
+            rpc,
+            format!("reading the size of {}", v.device_path),
+        ))?;
+        if device_bytes < v.size_bytes {
+            return Err(Error::Precondition {
+                rpc,
+                reason: format!(
+                    "volume {} has grown to {} bytes but its device {} is still {device_bytes} \
+                     bytes: this kernel cannot resize a ublk device online (UPDATE_SIZE, Linux \
+                     >= 6.16). The expansion takes effect after the volume is unstaged and \
+                     staged again (stop the pods that use it; Kubernetes then finishes the \
+                     resize at the next stage)",
+                    r.volume_id, v.size_bytes, v.device_path
+                ),
+            });
+        }
+        let capacity_bytes = i64::try_from(device_bytes).unwrap_or(i64::MAX);
+        if block {
+            return Ok(csi::NodeExpandVolumeResponse { capacity_bytes });
+        }
+        let t = table(rpc)?;
+        let numbers = mounts::device_numbers(name).map_err(io_err(
+            rpc,
+            format!("reading the numbers of {}", v.device_path),
+        ))?;
+        let m = mounts::mounted_at(&t, &path)
+            .filter(|m| m.dev == numbers)
+            .ok_or_else(|| Error::Precondition {
+                rpc,
+                reason: format!(
+                    "{} is not a mount of volume {} ({}); expand a staged or published volume",
+                    path.display(),
+                    r.volume_id,
+                    v.device_path
+                ),
+            })?;
+        let mount_point = m.mount_point.to_string_lossy().into_owned();
+        let (tool, arg) = match m.fs_type.as_str() {
+            "ext4" => ("resize2fs", v.device_path.as_str()),
+            "xfs" => ("xfs_growfs", mount_point.as_str()),
+            other => {
+                return Err(Error::Invalid {
+                    rpc,
+                    reason: format!(
+                        "{} holds {other}; coreblk grows ext4 and xfs",
+                        path.display()
+                    ),
+                })
+            }
+        };
+        mounts::run(tool, &[arg], GROW_TIMEOUT)
+            .await
+            .map_err(node_err(
+                rpc,
+                format!("growing the filesystem of volume {}", r.volume_id),
+            ))?;
+        tracing::info!(volume = %r.volume_id, capacity_bytes, "filesystem grown");
+        Ok(csi::NodeExpandVolumeResponse { capacity_bytes })
+    }
+
+    async fn stats(
+        &self,
+        r: csi::NodeGetVolumeStatsRequest,
+    ) -> Result<csi::NodeGetVolumeStatsResponse, Error> {
+        use csi::volume_usage::Unit;
+        use std::os::unix::fs::FileTypeExt;
+        let rpc = "NodeGetVolumeStats";
+        let uuid = self.volume_here(rpc, &r.volume_id)?;
+        let path = self.path(rpc, "volume_path", &r.volume_path)?;
+        if !r.staging_target_path.is_empty() {
+            self.path(rpc, "staging_target_path", &r.staging_target_path)?;
+        }
+        let meta = std::fs::metadata(&path).map_err(|_| Error::NotFound {
+            rpc,
+            what: format!("volume path {}", path.display()),
+        })?;
+        let v = self.volume_and_export(rpc, &uuid).await?;
+        let mut abnormal = Vec::new();
+        match v.state() {
+            pb::VolumeState::Ready => {}
+            pb::VolumeState::Importing => {
+                abnormal.push("the volume is being filled by an image import".to_owned());
+            }
+            pb::VolumeState::Unspecified => {
+                abnormal.push("coreblkd reports no state for the volume".to_owned());
+            }
+        }
+        let numbers = if v.device_path.is_empty() {
+            abnormal.push("coreblkd does not export the volume on this node".to_owned());
+            None
+        } else {
+            mounts::device_numbers(device_name(&v.device_path)).ok()
+        };
+        let t = table(rpc)?;
+        let mounted = mounts::mounted_at(&t, &path);
+        let mut usage = Vec::new();
+        if meta.file_type().is_block_device() {
+            let ok = numbers
+                .as_deref()
+                .is_some_and(|n| mounts::is_device_node(&path, n));
+            if !ok {
+                abnormal.push(format!(
+                    "{} is not the device node of {}",
+                    path.display(),
+                    v.device_path
+                ));
+            }
+            if let Ok(total) = mounts::device_bytes(device_name(&v.device_path)) {
+                usage.push(csi::VolumeUsage {
+                    total: i64::try_from(total).unwrap_or(i64::MAX),
+                    unit: Unit::Bytes.into(),
+                    ..Default::default()
+                });
+            }
+        } else {
+            match mounted {
+                None => abnormal.push(format!("{} is not mounted", path.display())),
+                Some(m) if numbers.as_deref() != Some(m.dev.as_str()) => abnormal.push(format!(
+                    "{} is mounted from {}, not from the volume's device {}",
+                    path.display(),
+                    m.source,
+                    v.device_path
+                )),
+                Some(_) => {
+                    let s = rustix::fs::statvfs(&path).map_err(|e| {
+                        io_err(rpc, format!("statvfs {}", path.display()))(e.into())
+                    })?;
+                    let n = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
+                    let frsize = s.f_frsize;
+                    usage.push(csi::VolumeUsage {
+                        available: n(s.f_bavail.saturating_mul(frsize)),
+                        total: n(s.f_blocks.saturating_mul(frsize)),
+                        used: n(s.f_blocks.saturating_sub(s.f_bfree).saturating_mul(frsize)),
+                        unit: Unit::Bytes.into(),
+                    });
+                    usage.push(csi::VolumeUsage {
+                        available: n(s.f_favail),
+                        total: n(s.f_files),
+                        used: n(s.f_files.saturating_sub(s.f_ffree)),
+                        unit: Unit::Inodes.into(),
+                    });
+                }
+            }
+        }
+        let volume_condition = Some(if abnormal.is_empty() {
+            csi::VolumeCondition {
+                abnormal: false,
+                message: "volume is exported and mounted".to_owned(),
+            }
+        } else {
+            csi::VolumeCondition {
+                abnormal: true,
+                message: abnormal.join("; "),
+            }
+        });
+        Ok(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition,
+        })
+    }
 }
 
 #[tonic::async_trait]
 impl csi::node_server::Node for Node {
     async fn node_stage_volume(
         &self,
-        _r: Request<csi::NodeStageVolumeRequest>,
+        r: Request<csi::NodeStageVolumeRequest>,
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
-        Err(not_yet("NodeStageVolume"))
+        self.stage(r.into_inner()).await?;
+        Ok(Response::new(csi::NodeStageVolumeResponse {}))
     }
+
     async fn node_unstage_volume(
         &self,
-        _r: Request<csi::NodeUnstageVolumeRequest>,
+        r: Request<csi::NodeUnstageVolumeRequest>,
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
-        Err(not_yet("NodeUnstageVolume"))
+        self.unstage(r.into_inner()).await?;
+        Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
     }
+
     async fn node_publish_volume(
         &self,
-        _r: Request<csi::NodePublishVolumeRequest>,
+        r: Request<csi::NodePublishVolumeRequest>,
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        Err(not_yet("NodePublishVolume"))
+        self.publish(r.into_inner()).await?;
+        Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
+
     async fn node_unpublish_volume(
         &self,
-        _r: Request<csi::NodeUnpublishVolumeRequest>,
+        r: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
-        Err(not_yet("NodeUnpublishVolume"))
+        self.unpublish(r.into_inner()).await?;
+        Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
+
     async fn node_get_volume_stats(
         &self,
-        _r: Request<csi::NodeGetVolumeStatsRequest>,
+        r: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
-        Err(not_yet("NodeGetVolumeStats"))
+        Ok(Response::new(self.stats(r.into_inner()).await?))
     }
+
     async fn node_expand_volume(
         &self,
-        _r: Request<csi::NodeExpandVolumeRequest>,
+        r: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(not_yet("NodeExpandVolume"))
+        Ok(Response::new(self.expand(r.into_inner()).await?))
     }
 
     async fn node_get_capabilities(
         &self,
         _r: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        // None yet: STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME and
-        // VOLUME_CONDITION come with the node service.
-        tracing::debug!(kubelet_dir = %self.kubelet_dir.display(), "node capabilities");
+        let cap = |t: Cap| csi::NodeServiceCapability {
+            r#type: Some(csi::node_service_capability::Type::Rpc(
+                csi::node_service_capability::Rpc { r#type: t.into() },
+            )),
+        };
         Ok(Response::new(csi::NodeGetCapabilitiesResponse {
-            capabilities: Vec::new(),
+            capabilities: vec![
+                cap(Cap::StageUnstageVolume),
+                cap(Cap::GetVolumeStats),
+                cap(Cap::ExpandVolume),
+                cap(Cap::VolumeCondition),
+                cap(Cap::SingleNodeMultiWriter),
+            ],
         }))
     }
 
@@ -116,5 +946,80 @@ impl csi::node_server::Node for Node {
             max_volumes_per_node: i64::from(max_exports),
             accessible_topology: Some(node_topology(&self.node_id)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csi::volume_capability::access_mode::Mode;
+    use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+
+    fn cap(mode: Mode, access: AccessType) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_type: Some(access),
+            access_mode: Some(AccessMode { mode: mode.into() }),
+        }
+    }
+
+    fn mount(fs: &str, flags: &[&str]) -> AccessType {
+        AccessType::Mount(MountVolume {
+            fs_type: fs.to_owned(),
+            mount_flags: flags.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn capabilities_become_an_access() {
+        let rpc = "NodeStageVolume";
+        assert_eq!(
+            access(rpc, Some(&cap(Mode::SingleNodeWriter, mount("", &[])))).ok(),
+            Some(Access::Mount {
+                fs: "ext4".to_owned(),
+                flags: vec![]
+            })
+        );
+        assert_eq!(
+            access(
+                rpc,
+                Some(&cap(
+                    Mode::SingleNodeSingleWriter,
+                    mount("XFS", &["noatime"])
+                ))
+            )
+            .ok(),
+            Some(Access::Mount {
+                fs: "xfs".to_owned(),
+                flags: vec!["noatime".to_owned()]
+            })
+        );
+        assert_eq!(
+            access(
+                rpc,
+                Some(&cap(
+                    Mode::SingleNodeReaderOnly,
+                    AccessType::Block(BlockVolume {})
+                ))
+            )
+            .ok(),
+            Some(Access::Block)
+        );
+        for bad in [
+            None,
+            Some(cap(Mode::MultiNodeMultiWriter, mount("ext4", &[]))),
+            Some(cap(Mode::SingleNodeWriter, mount("btrfs", &[]))),
+            Some(cap(Mode::SingleNodeWriter, mount("ext4", &["a,b"]))),
+            Some(cap(Mode::SingleNodeWriter, mount("ext4", &["a b"]))),
+        ] {
+            let e = access(rpc, bad.as_ref()).expect_err("refused");
+            assert_eq!(Status::from(e).code(), Code::InvalidArgument, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn device_names() {
+        assert_eq!(device_name("/dev/ublkb3"), "ublkb3");
+        assert_eq!(device_name("ublkb3"), "ublkb3");
     }
 }

@@ -9,11 +9,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use common::{rt, seeded, wait_for, workdir, Daemon, START_DEADLINE, STOP_DEADLINE};
-use coreblk_daemon::control::client::connect;
+use common::{rt, seeded, wait_for, workdir, Csi, Daemon, START_DEADLINE, STOP_DEADLINE};
 use coreblk_proto::csi::v1 as csi;
 use coreblk_proto::v1 as pb;
 use csi::volume_capability::access_mode::Mode;
@@ -23,72 +21,6 @@ use tonic::Code;
 const NODE: &str = "node-a";
 const TOPOLOGY_KEY: &str = "topology.coreblk.io/node";
 const MIB: i64 = 1 << 20;
-
-/// A running `coreblk-csi`, killed on drop.
-struct Csi {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Csi {
-    /// Starts `coreblk-csi ARGS` serving on `dir/<name>.sock`; waits until it answers.
-    fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
-        let socket = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(coreblk_tests::bin("coreblk-csi"))
-            .arg("--endpoint")
-            .arg(format!("unix://{}", socket.display()))
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env_remove("NODE_NAME")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn coreblk-csi");
-        let csi = Self { child, socket, log };
-        let up = wait_for(START_DEADLINE, || {
-            std::os::unix::net::UnixStream::connect(&csi.socket).is_ok()
-        });
-        assert!(up, "coreblk-csi did not start:\n{}", csi.log_text());
-        csi
-    }
-
-    /// The node plugin of `node` over `daemon`.
-    fn node(dir: &Path, name: &str, daemon: &Daemon, node: &str) -> Self {
-        let socket = daemon.socket.to_str().expect("utf-8 path").to_owned();
-        Self::start(
-            dir,
-            name,
-            &[
-                "--mode",
-                "node",
-                "--node-id",
-                node,
-                "--daemon-socket",
-                &socket,
-            ],
-        )
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn channel(&self) -> Channel {
-        connect(&self.socket).await.expect("connect to coreblk-csi")
-    }
-}
-
-impl Drop for Csi {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 type Ctl = csi::controller_client::ControllerClient<Channel>;
 
@@ -312,11 +244,12 @@ fn identity_probe_node_info_and_the_central_controller() {
             topo.segments.get(TOPOLOGY_KEY).map(String::as_str),
             Some(NODE)
         );
+        // The Node service's own calls: tests/tests/csi_node.rs and the VM test.
         let (code, _) = failed(
             node.node_stage_volume(csi::NodeStageVolumeRequest::default())
                 .await,
         );
-        assert_eq!(code, Code::Unimplemented);
+        assert_eq!(code, Code::InvalidArgument);
 
         // The node plugin's controller offers no EXPAND_VOLUME and no publish.
         use csi::controller_service_capability::rpc::Type as C;

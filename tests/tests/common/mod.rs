@@ -1,7 +1,7 @@
 //! Shared harness of the end-to-end tests in this directory that drive a real `coreblkd`
 //! through its gRPC API: start it (the binary found by [`coreblk_tests::bin`]) on a temp
 //! socket with a file-backed default pool, stop or `kill -9` it, talk to it with a tonic
-//! client, and read `/metrics`.
+//! client, and read `/metrics`; start a `coreblk-csi` beside it ([`Csi`]).
 
 // Each test crate uses a different part of the harness.
 #![allow(dead_code)]
@@ -171,4 +171,80 @@ pub fn seeded(len: usize, seed: u64) -> Vec<u8> {
             x.to_le_bytes()[0]
         })
         .collect()
+}
+
+/// A running `coreblk-csi`, killed on drop.
+pub struct Csi {
+    /// The process.
+    pub child: Child,
+    /// Its CSI socket.
+    pub socket: PathBuf,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+impl Csi {
+    /// Starts `coreblk-csi ARGS` serving on `dir/<name>.sock`; waits until it answers.
+    pub fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let socket = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(coreblk_tests::bin("coreblk-csi"))
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env_remove("NODE_NAME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn coreblk-csi");
+        let csi = Self { child, socket, log };
+        let up = wait_for(START_DEADLINE, || {
+            std::os::unix::net::UnixStream::connect(&csi.socket).is_ok()
+        });
+        assert!(up, "coreblk-csi did not start:\n{}", csi.log_text());
+        csi
+    }
+
+    /// The node plugin of `node` over `daemon`.
+    pub fn node(dir: &Path, name: &str, daemon: &Daemon, node: &str) -> Self {
+        Self::node_with(dir, name, daemon, node, &[])
+    }
+
+    /// The node plugin of `node` over `daemon`, with more flags.
+    pub fn node_with(dir: &Path, name: &str, daemon: &Daemon, node: &str, more: &[&str]) -> Self {
+        let socket = daemon.socket.to_str().expect("utf-8 path").to_owned();
+        let mut args = vec![
+            "--mode",
+            "node",
+            "--node-id",
+            node,
+            "--daemon-socket",
+            &socket,
+        ];
+        args.extend_from_slice(more);
+        Self::start(dir, name, &args)
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A gRPC channel to it.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        coreblk_daemon::control::client::connect(&self.socket)
+            .await
+            .expect("connect to coreblk-csi")
+    }
+}
+
+impl Drop for Csi {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
