@@ -2639,6 +2639,19 @@ struct Req {
     bytes: u32,
     /// A write-type request (counted in the volume's `writes`).
     write: bool,
+    /// The request's last device IO, when the channel itself is its completion (see
+    /// [`VolumeChannel::run_completion`]).
+    run: Option<Run>,
+}
+
+/// The device IO that ends a request, completed by the channel itself (no closure):
+/// segments `n` in physical clusters `pc0..pc0 + n`.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    pc0: u32,
+    n: u32,
+    /// A FUA write whose mapping may not be durable yet: a journal flush follows.
+    flush_after: bool,
 }
 
 /// A volume's (or snapshot's) IO path on the owner reactor.
@@ -2873,26 +2886,21 @@ impl VolumeChannel {
     /// One device read for `segs` (consecutive pieces of request `slot`), mapped to the
     /// physical clusters `pc0`, `pc0 + 1`, ...; each segment ends as a part of the request.
     fn read_run(&self, rx: &Reactor, slot: usize, segs: &[Seg], pc0: u32) {
-        let me = self.rc();
         let n = u32::try_from(segs.len()).expect("segments of one IO fit u32");
         for pc in pc0..pc0 + n {
             self.rt.io_start(pc);
         }
-        let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf: Option<IoBuf>| {
-            for pc in pc0..pc0 + n {
-                me.rt.io_end(rx, pc);
-            }
-            me.seg_done(slot, buf);
-            let res = res.map(drop);
-            for _ in 0..n {
-                me.part_done(rx, slot, res);
-            }
-        });
+        let run = Run {
+            pc0,
+            n,
+            flush_after: false,
+        };
         let io = Io::Read {
             offset: self.rt.phys(pc0, segs[0].in_cluster),
             buf: self.seg_buf(slot, joined(segs)),
         };
-        self.rt.data.submit(rx, io, cb, 0);
+        let (cb, tag) = self.run_completion(slot, run);
+        self.rt.data.submit(rx, io, cb, tag);
     }
 
     /// The buffer for `seg`'s device IO: the request's own buffer when the segment is the
@@ -2986,7 +2994,6 @@ impl VolumeChannel {
     /// One device write for `segs` (consecutive pieces of request `slot`) in place, in
     /// the physical clusters `pc0`, `pc0 + 1`, ... they are mapped to (none shared).
     fn write_in_place_run(&self, rx: &Reactor, slot: usize, segs: &[Seg], op: SegOp, pc0: u32) {
-        let me = self.rc();
         let n = u32::try_from(segs.len()).expect("segments of one IO fit u32");
         for pc in pc0..pc0 + n {
             self.rt.io_start(pc);
@@ -2996,28 +3003,6 @@ impl VolumeChannel {
         // write is followed by a journal flush before it is acknowledged.
         let flush_after = matches!(op, SegOp::Data { fua: true })
             && self.rt.journal.flushed_seq() < self.rt.journal.completed_seq();
-        let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
-            for pc in pc0..pc0 + n {
-                me.rt.io_end(rx, pc);
-            }
-            me.seg_done(slot, buf);
-            if flush_after && res.is_ok() {
-                let me2 = Rc::clone(&me);
-                return me.rt.journal.flush(
-                    rx,
-                    Box::new(move |rx: &Reactor, r: Result<u64, Errno>| {
-                        let r = r.map(drop);
-                        for _ in 0..n {
-                            me2.part_done(rx, slot, r);
-                        }
-                    }),
-                );
-            }
-            let res = res.map(drop);
-            for _ in 0..n {
-                me.part_done(rx, slot, res);
-            }
-        });
         let seg = joined(segs);
         let offset = self.rt.phys(pc0, seg.in_cluster);
         let io = match op {
@@ -3031,7 +3016,15 @@ impl VolumeChannel {
                 len: seg.len as u64,
             },
         };
-        self.rt.data.submit(rx, io, cb, 0);
+        let (cb, tag) = self.run_completion(
+            slot,
+            Run {
+                pc0,
+                n,
+                flush_after,
+            },
+        );
+        self.rt.data.submit(rx, io, cb, tag);
     }
 
     /// Writes a request of several clusters. Runs of segments that go in place into
@@ -3264,7 +3257,80 @@ impl VolumeChannel {
             err: None,
             bytes,
             write,
+            run: None,
         })
+    }
+
+    /// The completion of a run's device IO: the channel itself when the run ends its
+    /// request (the common single-cluster IO: no allocation per IO), else a closure.
+    /// `slot` has `parts` outstanding = the run's segments plus those not yet issued, so
+    /// `parts == n` means nothing else of the request is in flight or still to come.
+    fn run_completion(&self, slot: usize, run: Run) -> (Rc<dyn Completion>, u64) {
+        let fast = {
+            let mut reqs = self.reqs.borrow_mut();
+            match reqs.get_mut(slot) {
+                Some(r) if r.parts == run.n && r.run.is_none() => {
+                    r.run = Some(run);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if fast {
+            return (self.rc(), slot as u64);
+        }
+        let me = self.rc();
+        let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf: Option<IoBuf>| {
+            me.run_done(rx, slot, run, res, buf);
+        });
+        (cb, 0)
+    }
+
+    /// A run's device IO is done: its clusters' IO counts drop, its segments end as parts
+    /// of request `slot` (after a journal flush for a FUA write that needs one).
+    fn run_done(&self, rx: &Reactor, slot: usize, run: Run, res: IoResult, buf: Option<IoBuf>) {
+        let Run {
+            pc0,
+            n,
+            flush_after,
+        } = run;
+        for pc in pc0..pc0 + n {
+            self.rt.io_end(rx, pc);
+        }
+        self.seg_done(slot, buf);
+        if flush_after && res.is_ok() {
+            let me = self.rc();
+            return self.rt.journal.flush(
+                rx,
+                Box::new(move |rx: &Reactor, r: Result<u64, Errno>| {
+                    let r = r.map(drop);
+                    for _ in 0..n {
+                        me.part_done(rx, slot, r);
+                    }
+                }),
+            );
+        }
+        let res = res.map(drop);
+        for _ in 0..n {
+            self.part_done(rx, slot, res);
+        }
+    }
+}
+
+impl Completion for VolumeChannel {
+    /// The device IO of a request's last run (`run_completion`); `tag` is its slot.
+    fn complete(&self, rx: &Reactor, tag: u64, res: IoResult, buf: Option<IoBuf>) {
+        let Ok(slot) = usize::try_from(tag) else {
+            return;
+        };
+        let run = self
+            .reqs
+            .borrow_mut()
+            .get_mut(slot)
+            .and_then(|r| r.run.take());
+        if let Some(run) = run {
+            self.run_done(rx, slot, run, res, buf);
+        }
     }
 }
 
