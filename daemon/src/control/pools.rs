@@ -42,7 +42,10 @@ pub fn label_map(labels: HashMap<String, String>) -> BTreeMap<String, String> {
 pub fn pool_message(p: &PoolInfo, f: PoolFigures) -> pb::Pool {
     let (state, state_message) = match &p.state {
         PoolState::Importing => (pb::PoolState::Importing, String::new()),
-        PoolState::Online => (pb::PoolState::Online, String::new()),
+        PoolState::Online => match f.degraded {
+            Some(d) => (pb::PoolState::Degraded, d.message().to_owned()),
+            None => (pb::PoolState::Online, String::new()),
+        },
         PoolState::Failed(why) => (pb::PoolState::Failed, why.clone()),
     };
     pb::Pool {

@@ -75,6 +75,8 @@ struct ObjectRow {
 
 struct PoolRead {
     figures: PoolFiguresSample,
+    /// Served but degraded (`PoolRt::health`).
+    degraded: bool,
     stamp: Stamp,
     rows: Vec<ObjectRow>,
 }
@@ -120,7 +122,10 @@ impl Scraper {
             if p.state == PoolState::Online {
                 let cache = caches.entry(p.uuid).or_default();
                 match scrape_pool(store, p, cache, scrape, &self.scans, &io).await {
-                    Ok((figures, objects)) => {
+                    Ok((figures, objects, degraded)) => {
+                        if degraded {
+                            sample.state = PoolStateSample::Degraded;
+                        }
                         sample.figures = Some(figures);
                         out_objects.extend(objects);
                     }
@@ -175,6 +180,7 @@ async fn read_pool(store: &Store, p: &PoolInfo) -> super::Result<PoolRead> {
             }
         }));
         PoolRead {
+            degraded: rt.health().is_some(),
             figures: PoolFiguresSample {
                 free_bytes: u.free_bytes,
                 allocated_bytes: u.allocated_bytes,
@@ -238,7 +244,7 @@ async fn scrape_pool(
     scrape: u64,
     scans: &AtomicU64,
     io: &HashMap<u32, IoCounts>,
-) -> super::Result<(PoolFiguresSample, Vec<ObjectSample>)> {
+) -> super::Result<(PoolFiguresSample, Vec<ObjectSample>, bool)> {
     let read = read_pool(store, p).await?;
     cache
         .objects
@@ -297,7 +303,7 @@ async fn scrape_pool(
             export: r.export.as_deref().and_then(|rec| export_sample(rec, io)),
         });
     }
-    Ok((figures, objects))
+    Ok((figures, objects, read.degraded))
 }
 
 /// An object's export as `/metrics` shows it: its record (device id, path, flags) and the

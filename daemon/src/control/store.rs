@@ -44,7 +44,7 @@ use crate::bdev::uring::UringDevice;
 use crate::bdev::{BlockDevice, Channel, Io};
 use crate::lvs::pool::{self, PoolError, VolumeMeta};
 use crate::lvs::table::{VolumeTable, MAX_CONTROL_BYTES};
-use crate::lvs::volume::{ObjectUsage, PoolRt, Reply};
+use crate::lvs::volume::{Degraded, ObjectUsage, PoolRt, Reply};
 use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, Remote};
 
 /// Name of the state file inside the state directory.
@@ -157,6 +157,8 @@ pub struct PoolFigures {
     pub volume_count: u32,
     /// Snapshots.
     pub snapshot_count: u32,
+    /// Served but degraded: metadata changes fail (why: [`Degraded::message`]).
+    pub degraded: Option<Degraded>,
 }
 
 /// Where a clone came from.
@@ -714,6 +716,7 @@ impl Store {
                 reserved_bytes: u.reserved_bytes,
                 volume_count: u32::try_from(u.volumes).unwrap_or(u32::MAX),
                 snapshot_count: u32::try_from(u.snapshots).unwrap_or(u32::MAX),
+                degraded: rt.health(),
             }
         })
         .await

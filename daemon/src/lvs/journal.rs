@@ -227,6 +227,11 @@ impl Journal {
         self.clean.get().then(|| self.completed.get())
     }
 
+    /// A journal write failed: the pool takes no metadata change until it is imported again.
+    pub fn has_failed(&self) -> bool {
+        self.failed.get()
+    }
+
     /// Every journal block up to this sequence is durable.
     pub fn flushed_seq(&self) -> u64 {
         self.flushed.get()

@@ -116,6 +116,36 @@ pub struct PoolUsage {
     pub snapshots: u64,
 }
 
+/// Why a served pool is degraded ([`PoolRt::health`]): reads and overwrites of mapped
+/// clusters still work, metadata changes do not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Degraded {
+    /// A journal write failed: every metadata change (allocating writes, creates,
+    /// snapshots, deletes) fails with EIO until the pool is imported again.
+    JournalFailed,
+    /// The last checkpoint failed: once the journal ring is full, metadata changes fail
+    /// with ENOSPC; the next checkpoint that succeeds clears it.
+    CheckpointFailed,
+}
+
+impl Degraded {
+    /// What happened and what to do, for the API and the log.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::JournalFailed => {
+                "a journal write failed: the pool takes no metadata change (allocating \
+                 writes, creates, snapshots, deletes fail with EIO); check the device \
+                 (kernel log, SMART) and restart coreblkd to import the pool again"
+            }
+            Self::CheckpointFailed => {
+                "the last metadata checkpoint failed: metadata changes fail with ENOSPC once \
+                 the journal is full; check the device (kernel log, SMART); the next \
+                 checkpoint that succeeds clears this"
+            }
+        }
+    }
+}
+
 /// Space of one volume or snapshot, in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ObjectUsage {
@@ -220,6 +250,8 @@ pub struct PoolRt {
     scheduled: Cell<bool>,
     ckpt_scheduled: Cell<bool>,
     ckpt_running: Cell<bool>,
+    /// The last checkpoint failed (cleared by the next one that succeeds).
+    ckpt_failed: Cell<bool>,
     ckpt_waiters: RefCell<Vec<Reply<()>>>,
     stats: Cell<StoreStats>,
     /// The volumes' logical block size.
@@ -357,6 +389,7 @@ impl PoolRt {
             scheduled: Cell::new(false),
             ckpt_scheduled: Cell::new(false),
             ckpt_running: Cell::new(false),
+            ckpt_failed: Cell::new(false),
             ckpt_waiters: RefCell::new(Vec::new()),
             stats: Cell::new(StoreStats::default()),
             lbs,
@@ -426,6 +459,17 @@ impl PoolRt {
     /// The pool's superblock as last written.
     pub fn superblock(&self) -> Superblock {
         self.live.borrow().clone()
+    }
+
+    /// Why the pool is degraded, if it is: served, but metadata changes fail.
+    pub fn health(&self) -> Option<Degraded> {
+        if self.journal.has_failed() {
+            Some(Degraded::JournalFailed)
+        } else if self.ckpt_failed.get() {
+            Some(Degraded::CheckpointFailed)
+        } else {
+            None
+        }
     }
 
     /// Space of the pool.
@@ -1364,8 +1408,9 @@ impl PoolRt {
 
     fn finish_checkpoint(&self, rx: &Reactor, r: Result<(), String>) {
         self.ckpt_running.set(false);
+        self.ckpt_failed.set(r.is_err());
         if let Err(e) = &r {
-            tracing::error!(error = %e, "checkpoint failed");
+            tracing::error!(error = %e, "checkpoint failed; the pool is degraded until one succeeds");
             self.journal.fail_waiting(rx, Errno::ENOSPC);
         }
         let waiters = std::mem::take(&mut *self.ckpt_waiters.borrow_mut());

@@ -72,16 +72,19 @@ pub enum PoolStateSample {
     Online,
     /// Not served.
     Failed,
+    /// Served, but metadata changes fail (a journal write or the last checkpoint failed).
+    Degraded,
 }
 
 impl PoolStateSample {
-    const ALL: [Self; 3] = [Self::Importing, Self::Online, Self::Failed];
+    const ALL: [Self; 4] = [Self::Importing, Self::Online, Self::Failed, Self::Degraded];
 
     fn as_str(self) -> &'static str {
         match self {
             Self::Importing => "importing",
             Self::Online => "online",
             Self::Failed => "failed",
+            Self::Degraded => "degraded",
         }
     }
 }
@@ -442,7 +445,7 @@ fn render_pools(e: &mut Exposition, pools: &[PoolSample]) {
     e.family(
         "coreblk_pool_state",
         Kind::Gauge,
-        "1 for each pool's current state (importing, online, failed), 0 for the others.",
+        "1 for each pool's current state (importing, online, failed, degraded: served but metadata changes fail), 0 for the others.",
     );
     for p in pools {
         for st in PoolStateSample::ALL {
@@ -495,7 +498,10 @@ fn render_pools(e: &mut Exposition, pools: &[PoolSample]) {
         Kind::Gauge,
         "1 when an online pool's figures were read for this page, 0 when its reactor did not answer in time; absent for pools not online.",
     );
-    for p in pools.iter().filter(|p| p.state == PoolStateSample::Online) {
+    for p in pools
+        .iter()
+        .filter(|p| matches!(p.state, PoolStateSample::Online | PoolStateSample::Degraded))
+    {
         let ok = if p.figures.is_some() { 1.0 } else { 0.0 };
         e.sample("coreblk_pool_scrape_success", &[("pool", &p.name)], ok);
     }

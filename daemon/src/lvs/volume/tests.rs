@@ -739,6 +739,66 @@ fn a_cluster_is_not_recycled_while_an_io_to_it_is_in_flight() {
     );
 }
 
+/// A failed checkpoint, then a failed journal write, leave the pool served but degraded
+/// (`health`, which the API reports as DEGRADED): reads of written data still work; a
+/// checkpoint that succeeds again clears the checkpoint case.
+#[test]
+fn failed_metadata_writes_mark_the_pool_degraded() {
+    use crate::bdev::fault::{FaultAction, FaultDevice, FaultRule, OpMatch};
+    let set = reactors(1, 8);
+    let malloc: Arc<dyn BlockDevice> = Arc::new(MallocDevice::new(96 << 20).expect("malloc"));
+    let (fdev, rules) = FaultDevice::new(malloc);
+    let dev: Arc<dyn BlockDevice> = fdev;
+    let client = BlockingDevice::new(Arc::clone(&dev), set.remotes()[0].clone()).expect("client");
+    pool::create(&client, DEFAULT_CLUSTER_BYTES, [7; 16]).expect("create");
+    let h = Harness { set, dev };
+    h.start();
+    let health = |h: &Harness| {
+        h.set.remotes()[0]
+            .call(|_rx: &Reactor| RT.with(|r| r.borrow().as_ref().expect("pool").health()))
+            .expect("call")
+    };
+    let data_start = h.set.remotes()[0]
+        .call(|_rx: &Reactor| {
+            let sb = RT.with(|r| r.borrow().as_ref().expect("pool").superblock());
+            sb.region_start + sb.data_offset
+        })
+        .expect("call");
+    let vol = h.create("d", 1 << 20);
+    h.io(vol, IoReq::Write(0, vec![5u8; 4096], false))
+        .expect("write");
+    assert_eq!(health(&h), None, "a healthy pool");
+    // Every metadata write fails while the rule lasts: the checkpoint fails.
+    rules.push(
+        FaultRule::new(OpMatch::Write, FaultAction::Fail(Errno(libc::EIO)))
+            .in_range(0, data_start)
+            .times(1000),
+    );
+    h.control(|rx, rt, reply| rt.checkpoint(rx, reply))
+        .expect_err("checkpoint onto a failing device");
+    assert_eq!(health(&h), Some(Degraded::CheckpointFailed));
+    assert!(Degraded::CheckpointFailed.message().contains("checkpoint"));
+    rules.clear();
+    h.control(|rx, rt, reply| rt.checkpoint(rx, reply))
+        .expect("checkpoint once the device works");
+    assert_eq!(health(&h), None, "a checkpoint that succeeds clears it");
+    // A journal write fails: an allocating write fails and the pool stays degraded.
+    rules.push(
+        FaultRule::new(OpMatch::Write, FaultAction::Fail(Errno(libc::EIO)))
+            .in_range(0, data_start)
+            .times(1000),
+    );
+    assert!(h
+        .io(vol, IoReq::Write(2 * 65536, vec![6u8; 4096], false))
+        .is_err());
+    rules.clear();
+    assert_eq!(health(&h), Some(Degraded::JournalFailed));
+    assert_eq!(
+        h.io(vol, IoReq::Read(0, 4096)).expect("reads still work"),
+        vec![5u8; 4096]
+    );
+}
+
 mod crash;
 mod remote;
 
