@@ -53,8 +53,8 @@ pub fn test_hold() -> Duration {
     if ms > 0 {
         tracing::warn!(
             hold_ms = ms,
-            "{TEST_HOLD_ENV} is set: every snapshot of a mounted volume keeps its filesystem \
-             frozen that much longer (a test hook; unset it in production)"
+            "{TEST_HOLD_ENV} is set: every snapshot of a mounted volume holds the freeze of \
+             its filesystem that much longer (a test hook; unset it in production)"
         );
     }
     Duration::from_millis(ms)
