@@ -573,7 +573,7 @@ mod tests {
             volume: "vol:n:1",
             point: Path::new("/k/globalmount"),
             max: Duration::from_millis(max_ms),
-            late_wait: Duration::from_millis(200),
+            late_wait: Duration::from_millis(1000),
             hold: Duration::ZERO,
         }
     }
