@@ -460,7 +460,8 @@ fn write_synced(path: &str, data: &[u8]) {
     f.sync_all().expect("fsync");
 }
 
-/// A shell command in the background, killed and reaped on drop; the filesystem at
+/// A shell command in the background, its process group killed and the shell reaped on
+/// drop; the filesystem at
 /// `thaw` is thawed first (a process writing to a frozen filesystem cannot be reaped, and
 /// a failed check may leave it frozen).
 struct Bg {
@@ -471,10 +472,13 @@ struct Bg {
 
 impl Bg {
     fn spawn(script: &str, dir: &str, thaw: &str) -> Self {
+        use std::os::unix::process::CommandExt;
+        // A process group of its own: the drop kills the shell and the dd it runs.
         let child = Command::new("sh")
             .args(["-c", script])
             .current_dir(dir)
             .stdin(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("spawn sh");
         Self {
@@ -498,7 +502,10 @@ impl Drop for Bg {
                 .arg(&self.thaw)
                 .stderr(Stdio::null())
                 .status();
-            let _ = self.child.kill();
+            let pgid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+            // SAFETY: kill takes plain integers; the group is the one our own unreaped
+            // child leads (spawned with process_group(0)), so it names no other process.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
             let _ = self.child.wait();
         }
     }
@@ -964,9 +971,15 @@ async fn snapshots(env: &mut Env, c: &mut Checks, dir: &Path, daemon: &Daemon) {
     let pre = seeded(1 << 20, 17);
     write_synced(&format!("{target}/pre"), &pre);
     // The write load: files rewritten with fsync, all through the snapshots below.
+    // It stops at the end when `stop` appears (outside the volume), so no dd of it is
+    // left holding the mount when it is unpublished.
+    let stop = dir.join("stop-load");
     let mut load = Bg::spawn(
-        "i=0; while :; do dd if=/dev/urandom of=load.$((i % 8)) bs=64k count=4 conv=fsync \
-         status=none || exit 1; i=$((i + 1)); done",
+        &format!(
+            "i=0; while [ ! -e {} ]; do dd if=/dev/urandom of=load.$((i % 8)) bs=64k count=4 \
+             conv=fsync status=none || exit 1; i=$((i + 1)); done",
+            stop.display()
+        ),
         &target,
         &staging,
     );
@@ -1181,6 +1194,15 @@ async fn snapshots(env: &mut Env, c: &mut Checks, dir: &Path, daemon: &Daemon) {
     c.ok("the next plugin start thaws it (logged), the waiting write completes, the retried snapshot succeeds");
 
     assert!(load.exited().is_none(), "the writer stopped");
+    std::fs::write(&stop, b"").expect("create the stop file");
+    assert!(
+        wait_for(START_DEADLINE, || load.exited().is_some()),
+        "the writer did not stop"
+    );
+    assert!(
+        load.exited().is_some_and(|s| s.success()),
+        "the writer failed"
+    );
     drop(load);
     env.unpublish(&id, &target).await;
     env.unstage(&id, &staging).await;
