@@ -1,6 +1,8 @@
 //! The CSI Controller service on the node plugin: volumes and snapshots of this node's
 //! daemon, by CSI name and ID (`ids.rs`), idempotent as the spec asks, each call mapped
-//! onto one or a few daemon calls.
+//! onto one or a few daemon calls. CreateSnapshot of a volume whose filesystem is mounted
+//! on this node freezes that filesystem for the instant of the daemon's snapshot
+//! (`freeze.rs`), so the snapshot is filesystem-consistent.
 //!
 //! Owns: [`Controller`] (the node plugin's) and [`CentralController`] (the stateless
 //! central instance csi-resizer talks to: capabilities only, no EXPAND_VOLUME, so
@@ -16,9 +18,12 @@ use coreblk_proto::v1 as pb;
 use csi::controller_service_capability::rpc::Type as Cap;
 use tonic::{Code, Request, Response, Status};
 
+use crate::busy::Busy;
 use crate::daemon::Daemon;
 use crate::error::{elsewhere_message, Error};
+use crate::freeze::{self, FreezeError, Frozen, Fsfreeze, Window};
 use crate::ids::{CsiId, Kind};
+use crate::mounts;
 use crate::params::{
     check_capabilities, node_topology, topology_allows, volume_size, SizeError, VolumeParams,
     DEFAULT_POOL, K8S_PREFIX, KEPT_AS_LABELS, PARAM_THICK, TOPOLOGY_KEY,
@@ -72,6 +77,11 @@ enum Located {
 pub struct Controller {
     daemon: Daemon,
     node_id: String,
+    /// Volumes with a call in progress, shared with the Node service: a snapshot holds
+    /// its volume while it may freeze the filesystem.
+    busy: Busy,
+    /// TEST ONLY: the wait inside each frozen window (`freeze::TEST_HOLD_ENV`).
+    freeze_hold: std::time::Duration,
 }
 
 fn required(rpc: &'static str, field: &'static str, value: &str) -> Result<(), Error> {
@@ -129,11 +139,14 @@ fn volume_condition(v: &pb::Volume) -> csi::VolumeCondition {
 }
 
 impl Controller {
-    /// The controller of node `node_id`, whose daemon is `daemon`.
-    pub fn new(daemon: Daemon, node_id: &str) -> Self {
+    /// The controller of node `node_id`, whose daemon is `daemon`; `busy` is shared with
+    /// the Node service.
+    pub fn new(daemon: Daemon, node_id: &str, busy: Busy) -> Self {
         Self {
             daemon,
             node_id: node_id.to_owned(),
+            busy,
+            freeze_hold: freeze::test_hold(),
         }
     }
 
@@ -720,17 +733,35 @@ impl csi::controller_server::Controller for Controller {
             Located::Elsewhere(id) => return Err(self.owned_elsewhere(RPC, id).into()),
             Located::Here(u) => u,
         };
-        let s = self
-            .daemon
-            .snapshots()
-            .create_snapshot(pb::CreateSnapshotRequest {
-                volume: uuid,
-                name: r.name.clone(),
-                labels,
-            })
-            .await
-            .map_err(|s| self.err(RPC, s))?
-            .into_inner();
+        let request = pb::CreateSnapshotRequest {
+            volume: uuid.clone(),
+            name: r.name.clone(),
+            labels,
+        };
+        // Held until the filesystem is thawed (moved into the frozen task): no stage,
+        // unstage or second snapshot of the volume meanwhile.
+        let op = self.busy.begin(RPC, &r.source_volume_id)?;
+        // A retry of a snapshot that exists: the daemon answers it (or ALREADY_EXISTS for
+        // another volume) without a second freeze.
+        // (The daemon's GetSnapshot takes a name as well as a UUID.)
+        let exists = self.get_snapshot_by_uuid(RPC, &r.name).await?.is_some();
+        let point = if exists {
+            None
+        } else {
+            self.freeze_point(&uuid).await?
+        };
+        let s = match point {
+            None => {
+                drop(op);
+                self.daemon
+                    .snapshots()
+                    .create_snapshot(request)
+                    .await
+                    .map_err(|s| self.err(RPC, s))?
+                    .into_inner()
+            }
+            Some(point) => self.create_frozen(op, &r, point, request).await?,
+        };
         tracing::info!(snapshot = %s.uuid, volume = %s.volume_uuid, name = %r.name, "snapshot created");
         Ok(Response::new(csi::CreateSnapshotResponse {
             snapshot: Some(self.csi_snapshot(&s)),
@@ -918,6 +949,149 @@ impl csi::controller_server::Controller for Controller {
 }
 
 impl Controller {
+    /// A mount point through which to freeze volume `uuid`'s filesystem: `None` when the
+    /// volume is not exported on this node or its device holds no mounted filesystem
+    /// (block mode, not staged) — then the snapshot is taken without a freeze.
+    async fn freeze_point(&self, uuid: &str) -> Result<Option<std::path::PathBuf>, Error> {
+        const RPC: &str = "CreateSnapshot";
+        let Some(device) = self
+            .daemon
+            .export_device(uuid)
+            .await
+            .map_err(|s| self.err(RPC, s))?
+        else {
+            return Ok(None);
+        };
+        let name = device.rsplit('/').next().unwrap_or(&device);
+        let Ok(numbers) = mounts::device_numbers(name) else {
+            return Ok(None);
+        };
+        let table = mounts::mount_table().map_err(|e| Error::Node {
+            rpc: RPC,
+            reason: format!("reading /proc/self/mountinfo: {e}"),
+        })?;
+        let candidates = freeze::freeze_candidates(&table, &numbers);
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        freeze::reachable_point(&candidates, &numbers)
+            .map(Some)
+            .ok_or_else(|| Error::Node {
+                rpc: RPC,
+                reason: format!(
+                    "the filesystem on {device} is mounted at {} but no mount point resolves \
+                     to it (each is hidden under another mount), so it cannot be frozen for \
+                     a consistent snapshot; unmount what hides it",
+                    candidates
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+    }
+
+    /// The daemon's CreateSnapshot with the filesystem at `point` frozen around it. The
+    /// window runs in its own task, which owns `op` (the volume's busy mark): if this
+    /// call is dropped (the caller went away) the window still closes and thaws.
+    async fn create_frozen(
+        &self,
+        op: crate::busy::InProgress,
+        r: &csi::CreateSnapshotRequest,
+        point: std::path::PathBuf,
+        request: pb::CreateSnapshotRequest,
+    ) -> Result<pb::Snapshot, Error> {
+        const RPC: &str = "CreateSnapshot";
+        let volume_id = r.source_volume_id.clone();
+        let mut client = self.daemon.snapshots();
+        let hold = self.freeze_hold;
+        let task_point = point.clone();
+        let task = tokio::spawn(async move {
+            let _op = op;
+            freeze::presync(&task_point).await;
+            let window = Window {
+                volume: &volume_id,
+                point: &task_point,
+                max: freeze::FROZEN_WINDOW_MAX,
+                late_wait: freeze::LATE_RESULT_WAIT,
+                hold,
+            };
+            freeze::with_frozen(&Fsfreeze, &window, async move {
+                client.create_snapshot(request).await
+            })
+            .await
+        });
+        let outcome = task.await.map_err(|e| Error::Node {
+            rpc: RPC,
+            reason: format!(
+                "the snapshot's frozen window ended abnormally ({e}); the filesystem at {} \
+                 was thawed from its guard",
+                point.display()
+            ),
+        })?;
+        let window_s = freeze::FROZEN_WINDOW_MAX.as_secs();
+        match outcome {
+            Ok(Frozen::InTime(Ok(s))) => Ok(s.into_inner()),
+            Ok(Frozen::InTime(Err(status))) => Err(self.err(RPC, status)),
+            Ok(Frozen::TooLate(late)) => {
+                // Taken after the thaw, or not: not consistent, so not handed out. The
+                // name stays free for the snapshotter's retry.
+                let fate = match late {
+                    Some(Ok(s)) => {
+                        let s = s.into_inner();
+                        match self
+                            .daemon
+                            .snapshots()
+                            .delete_snapshot(pb::DeleteSnapshotRequest {
+                                snapshot: s.uuid.clone(),
+                            })
+                            .await
+                        {
+                            Ok(_) => format!(
+                                "it completed later, after the thaw, and was deleted again \
+                                 (snapshot {})",
+                                s.uuid
+                            ),
+                            Err(e) => format!(
+                                "it completed later, after the thaw, and deleting it failed \
+                                 ({}): delete snapshot {} (coreblk snapshot delete) before \
+                                 the retry, which would return it",
+                                e.message(),
+                                s.uuid
+                            ),
+                        }
+                    }
+                    Some(Err(e)) => format!("it then failed: {}", e.message()),
+                    None => format!(
+                        "coreblkd had not answered {} s later either; if a snapshot named {} \
+                         appears, delete it (it may not be consistent)",
+                        freeze::LATE_RESULT_WAIT.as_secs(),
+                        r.name
+                    ),
+                };
+                Err(Error::FrozenTooLong {
+                    rpc: RPC,
+                    reason: format!(
+                        "snapshot {} of volume {} did not complete within {window_s} s of \
+                         freezing its filesystem at {}; the filesystem was thawed and {fate}; \
+                         retry (is coreblkd overloaded?)",
+                        r.name,
+                        r.source_volume_id,
+                        point.display()
+                    ),
+                })
+            }
+            Err(e @ FreezeError::AlreadyFrozen { .. }) => Err(Error::AlreadyFrozen {
+                rpc: RPC,
+                reason: format!("snapshot {} of volume {}: {e}", r.name, r.source_volume_id),
+            }),
+            Err(e) => Err(Error::Node {
+                rpc: RPC,
+                reason: format!("snapshot {} of volume {}: {e}", r.name, r.source_volume_id),
+            }),
+        }
+    }
+
     /// ListSnapshots of a source volume the daemon no longer has: its snapshots stay, and
     /// still name it. Lists every snapshot and keeps that volume's (one page: no token).
     async fn snapshots_of_deleted(

@@ -75,4 +75,31 @@ impl Daemon {
     pub fn node(&self) -> pb::node_client::NodeClient<Channel> {
         pb::node_client::NodeClient::new(self.channel.clone())
     }
+
+    /// The device path (`/dev/ublkbN`) of volume `uuid`'s export on this node (the
+    /// daemon's ListExports; its Volume message does not carry it), `None` when it is not
+    /// exported.
+    ///
+    /// # Errors
+    /// The daemon's answer to ListExports.
+    pub async fn export_device(&self, uuid: &str) -> Result<Option<String>, tonic::Status> {
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .exports()
+                .list_exports(pb::ListExportsRequest {
+                    page_size: 0,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            if let Some(e) = page.exports.into_iter().find(|e| e.volume_uuid == uuid) {
+                return Ok(Some(e.device_path));
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(None);
+            }
+            page_token = page.next_page_token;
+        }
+    }
 }

@@ -104,6 +104,21 @@ pub enum Error {
         /// What failed, with the tool's output.
         reason: String,
     },
+    /// A snapshot did not complete inside its filesystem's frozen window (the filesystem
+    /// was thawed): DEADLINE_EXCEEDED, which the snapshotter retries.
+    FrozenTooLong {
+        /// The CSI call.
+        rpc: &'static str,
+        /// What happened, and what became of the snapshot.
+        reason: String,
+    },
+    /// The filesystem to snapshot is frozen by another process: ABORTED, retried.
+    AlreadyFrozen {
+        /// The CSI call.
+        rpc: &'static str,
+        /// Which filesystem, and what to do.
+        reason: String,
+    },
     /// Not offered by this plugin or mode: UNIMPLEMENTED.
     Unimplemented {
         /// The CSI call.
@@ -166,6 +181,10 @@ impl From<Error> for Status {
                  once it has finished"
             )),
             Error::Node { rpc, reason } => Status::internal(format!("{rpc}: {reason}")),
+            Error::FrozenTooLong { rpc, reason } => {
+                Status::deadline_exceeded(format!("{rpc}: {reason}"))
+            }
+            Error::AlreadyFrozen { rpc, reason } => Status::aborted(format!("{rpc}: {reason}")),
             Error::Unimplemented { rpc, reason } => {
                 Status::unimplemented(format!("{rpc}: {reason}"))
             }
@@ -293,6 +312,20 @@ mod tests {
                     reason: "x".into(),
                 },
                 Code::Internal,
+            ),
+            (
+                Error::FrozenTooLong {
+                    rpc,
+                    reason: "x".into(),
+                },
+                Code::DeadlineExceeded,
+            ),
+            (
+                Error::AlreadyFrozen {
+                    rpc,
+                    reason: "x".into(),
+                },
+                Code::Aborted,
             ),
             (
                 Error::Daemon {

@@ -17,9 +17,7 @@
 //!
 //! Start reading at `node_stage_volume`.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coreblk_proto::csi::v1 as csi;
@@ -27,6 +25,7 @@ use coreblk_proto::v1 as pb;
 use csi::node_service_capability::rpc::Type as Cap;
 use tonic::{Code, Request, Response, Status};
 
+use crate::busy::Busy;
 use crate::daemon::Daemon;
 use crate::error::Error;
 use crate::ids::{CsiId, Kind};
@@ -54,23 +53,9 @@ pub struct Node {
     node_id: String,
     /// The kubelet's directory: every staging and target path must lie under it.
     kubelet_dir: PathBuf,
-    /// Volume IDs with a call in progress (a second call for one answers ABORTED).
-    busy: Arc<Mutex<HashSet<String>>>,
-}
-
-/// Removes its volume from [`Node::busy`] when the call ends.
-#[derive(Debug)]
-struct InProgress {
-    busy: Arc<Mutex<HashSet<String>>>,
-    volume_id: String,
-}
-
-impl Drop for InProgress {
-    fn drop(&mut self) {
-        if let Ok(mut b) = self.busy.lock() {
-            b.remove(&self.volume_id);
-        }
-    }
+    /// Volume IDs with a call in progress (a second call for one answers ABORTED),
+    /// shared with the Controller's CreateSnapshot.
+    busy: Busy,
 }
 
 /// How a capability wants the volume.
@@ -182,13 +167,14 @@ async fn bind(rpc: &'static str, from: &Path, to: &Path, read_only: bool) -> Res
 }
 
 impl Node {
-    /// The Node service of node `node_id`.
-    pub fn new(daemon: Daemon, node_id: &str, kubelet_dir: PathBuf) -> Self {
+    /// The Node service of node `node_id`; `busy` is shared with the Controller (a
+    /// snapshot that freezes a volume's filesystem holds the volume).
+    pub fn new(daemon: Daemon, node_id: &str, kubelet_dir: PathBuf, busy: Busy) -> Self {
         Self {
             daemon,
             node_id: node_id.to_owned(),
             kubelet_dir,
-            busy: Arc::default(),
+            busy,
         }
     }
 
@@ -233,26 +219,6 @@ impl Node {
         })
     }
 
-    /// Marks `volume_id` busy for the call; ABORTED while another call holds it.
-    fn begin(&self, rpc: &'static str, volume_id: &str) -> Result<InProgress, Error> {
-        let mut b = self.busy.lock().map_err(|_| Error::Node {
-            rpc,
-            reason: "the plugin's in-progress table is poisoned (a call panicked); restart \
-                     the plugin"
-                .to_owned(),
-        })?;
-        if !b.insert(volume_id.to_owned()) {
-            return Err(Error::Pending {
-                rpc,
-                volume_id: volume_id.to_owned(),
-            });
-        }
-        Ok(InProgress {
-            busy: Arc::clone(&self.busy),
-            volume_id: volume_id.to_owned(),
-        })
-    }
-
     /// The daemon's volume `uuid` (NOT_FOUND from the daemon keeps its code).
     async fn volume(&self, rpc: &'static str, uuid: &str) -> Result<pb::Volume, Error> {
         self.daemon
@@ -265,29 +231,13 @@ impl Node {
             .map_err(|s| self.err(rpc, s))
     }
 
-    /// The device path of volume `uuid`'s export on this node (the daemon's ListExports;
-    /// its Volume message does not carry it), `None` when it is not exported.
+    /// The device path of volume `uuid`'s export on this node, `None` when it is not
+    /// exported.
     async fn exported(&self, rpc: &'static str, uuid: &str) -> Result<Option<String>, Error> {
-        let mut page_token = String::new();
-        loop {
-            let page = self
-                .daemon
-                .exports()
-                .list_exports(pb::ListExportsRequest {
-                    page_size: 0,
-                    page_token,
-                })
-                .await
-                .map_err(|s| self.err(rpc, s))?
-                .into_inner();
-            if let Some(e) = page.exports.into_iter().find(|e| e.volume_uuid == uuid) {
-                return Ok(Some(e.device_path));
-            }
-            if page.next_page_token.is_empty() {
-                return Ok(None);
-            }
-            page_token = page.next_page_token;
-        }
+        self.daemon
+            .export_device(uuid)
+            .await
+            .map_err(|s| self.err(rpc, s))
     }
 
     /// The daemon's volume `uuid` with `device_path` set from its export (empty: none).
@@ -337,7 +287,7 @@ impl Node {
         let uuid = self.volume_here(rpc, &r.volume_id)?;
         let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
         let access = access(rpc, r.volume_capability.as_ref())?;
-        let _op = self.begin(rpc, &r.volume_id)?;
+        let _op = self.busy.begin(rpc, &r.volume_id)?;
         let v = self.volume_and_export(rpc, &uuid).await?;
         if v.state() == pb::VolumeState::Importing {
             return Err(Error::Precondition {
@@ -445,7 +395,7 @@ impl Node {
         let rpc = "NodeUnstageVolume";
         let uuid = self.volume_here(rpc, &r.volume_id)?;
         let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
-        let _op = self.begin(rpc, &r.volume_id)?;
+        let _op = self.busy.begin(rpc, &r.volume_id)?;
         let v = match self.volume_and_export(rpc, &uuid).await {
             Ok(v) => v,
             // Deleted meanwhile: nothing left to unexport.
@@ -503,7 +453,7 @@ impl Node {
         let target = self.path(rpc, "target_path", &r.target_path)?;
         let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
         let access = access(rpc, r.volume_capability.as_ref())?;
-        let _op = self.begin(rpc, &r.volume_id)?;
+        let _op = self.busy.begin(rpc, &r.volume_id)?;
         let v = self.volume_and_export(rpc, &uuid).await?;
         let not_staged = |why: String| Error::Precondition {
             rpc,
@@ -592,7 +542,7 @@ impl Node {
         let rpc = "NodeUnpublishVolume";
         self.volume_here(rpc, &r.volume_id)?;
         let target = self.path(rpc, "target_path", &r.target_path)?;
-        let _op = self.begin(rpc, &r.volume_id)?;
+        let _op = self.busy.begin(rpc, &r.volume_id)?;
         unmount_all(rpc, &target).await?;
         // The spec asks the plugin to remove what it made at the target path.
         match std::fs::symlink_metadata(&target) {
@@ -651,7 +601,7 @@ impl Node {
         };
         let required = u64::try_from(required).map_err(|_| bad("required_bytes", required))?;
         let limit = u64::try_from(limit).map_err(|_| bad("limit_bytes", limit))?;
-        let _op = self.begin(rpc, &r.volume_id)?;
+        let _op = self.busy.begin(rpc, &r.volume_id)?;
         let mut v = self.volume_and_export(rpc, &uuid).await?;
         if required > v.size_bytes {
             // The central resizer has no way to reach this node's daemon: the volume

@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use coreblk_proto::csi::v1 as csi;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::busy::Busy;
 use crate::central::CentralNode;
 use crate::controller::{CentralController, Controller};
 use crate::daemon::Daemon;
+use crate::freeze::{self, Fsfreeze};
 use crate::identity::Identity;
+use crate::mounts;
 use crate::node::Node;
 
 /// Which services this instance serves.
@@ -131,8 +134,25 @@ async fn stop_signal() {
     }
 }
 
+/// Thaws every ublk filesystem that a plugin which died inside a snapshot's frozen window
+/// left frozen (`freeze.rs`); failures are logged, start-up goes on.
+async fn thaw_left_frozen() {
+    match mounts::mount_table() {
+        Ok(table) => {
+            let thawed = freeze::thaw_left_frozen(&Fsfreeze, &table, freeze::reachable_point).await;
+            tracing::info!(
+                thawed = thawed.len(),
+                "start-up thaw of ublk filesystems done"
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading /proc/self/mountinfo for the start-up thaw failed: filesystems a crashed plugin left frozen stay frozen")
+        }
+    }
+}
+
 /// Serves the CSI services of `config.mode` on `config.endpoint` until SIGTERM/SIGINT,
-/// then removes the socket.
+/// then removes the socket. In node mode it first thaws what a crashed plugin left frozen.
 ///
 /// # Errors
 /// [`ServeError`].
@@ -140,6 +160,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let path = config.endpoint.clone();
     if socket_in_use(&path) {
         return Err(ServeError::InUse { path });
+    }
+    if config.mode == Mode::Node {
+        // Before serving (no freeze of this process can be under way) and after the
+        // in-use check (a second instance must not thaw the live one's window).
+        thaw_left_frozen().await;
     }
     remove_stale_socket(&path);
     let listener = tokio::net::UnixListener::bind(&path).map_err(|source| ServeError::Listen {
@@ -150,17 +175,19 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let router = match config.mode {
         Mode::Node => {
             let daemon = Daemon::lazy(&config.daemon_socket);
+            let busy = Busy::default();
             router
                 .add_service(csi::identity_server::IdentityServer::new(Identity::new(
                     Some(daemon.clone()),
                 )))
                 .add_service(csi::controller_server::ControllerServer::new(
-                    Controller::new(daemon.clone(), &config.node_id),
+                    Controller::new(daemon.clone(), &config.node_id, busy.clone()),
                 ))
                 .add_service(csi::node_server::NodeServer::new(Node::new(
                     daemon,
                     &config.node_id,
                     config.kubelet_dir.clone(),
+                    busy,
                 )))
         }
         Mode::Controller => router

@@ -13,13 +13,19 @@
 //! (`nouuid`); a second plugin process (as after a restart) that re-stages and
 //! re-publishes nothing twice; stats against `df`; expansion of a mounted ext4 (online on a kernel with
 //! ublk UPDATE_SIZE, else the offline error and the size after unstage + restage); paths
-//! outside the kubelet directory refused.
+//! outside the kubelet directory refused; snapshots of a mounted ext4 under a writer
+//! frozen around the daemon's snapshot (a write issued inside the frozen window waits for
+//! the thaw; the clone needs no journal recovery, where a snapshot taken without a freeze
+//! does; a retry freezes nothing), a plugin killed inside the frozen window leaving the
+//! filesystem frozen and the next plugin start thawing it; a block-mode snapshot taken
+//! without a freeze.
 
 mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{rt, seeded, wait_for, Csi, Daemon, START_DEADLINE};
 use coreblk_proto::csi::v1 as csi;
@@ -33,6 +39,11 @@ const NODE: &str = "vm-node";
 const MIB: i64 = 1 << 20;
 /// The pool's device.
 const DEVICE_ENV: &str = "COREBLK_CSI_VM_DEVICE";
+/// The plugin's test-only hold inside each frozen window (csi/src/freeze.rs).
+const HOLD_ENV: &str = "COREBLK_CSI_TEST_FREEZE_HOLD_MS";
+/// The hold the freeze checks use: long enough to issue a write, or to kill the plugin,
+/// inside the window; shorter than the plugin's 10 s frozen-window deadline.
+const HOLD_MS: u64 = 3000;
 
 type NodeClient = csi::node_client::NodeClient<Channel>;
 type Ctl = csi::controller_client::ControllerClient<Channel>;
@@ -132,6 +143,8 @@ struct Env {
     ctl: Ctl,
     daemon: Channel,
     kubelet: PathBuf,
+    /// The first plugin's log (freezes are counted in it).
+    plugin_log: PathBuf,
 }
 
 impl Env {
@@ -183,6 +196,73 @@ impl Env {
             .await
             .expect("GetVolume")
             .into_inner()
+    }
+
+    /// A volume restored from snapshot `snapshot_id` through CSI.
+    async fn restore(&mut self, name: &str, bytes: i64, snapshot_id: &str) -> String {
+        eprintln!("... create_volume {name} from {snapshot_id}");
+        self.ctl
+            .create_volume(csi::CreateVolumeRequest {
+                name: name.to_owned(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![fs_cap("ext4")],
+                volume_content_source: Some(csi::VolumeContentSource {
+                    r#type: Some(csi::volume_content_source::Type::Snapshot(
+                        csi::volume_content_source::SnapshotSource {
+                            snapshot_id: snapshot_id.to_owned(),
+                        },
+                    )),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateVolume {name} from {snapshot_id}: {e}"))
+            .into_inner()
+            .volume
+            .expect("volume")
+            .volume_id
+    }
+
+    /// CSI CreateSnapshot `name` of volume `id` through the first plugin.
+    async fn snapshot(&mut self, name: &str, id: &str) -> Result<csi::Snapshot, tonic::Status> {
+        eprintln!("... create_snapshot {name} of {id}");
+        self.ctl
+            .create_snapshot(snapshot_request(name, id))
+            .await
+            .map(|r| r.into_inner().snapshot.expect("snapshot"))
+    }
+
+    /// Exports volume `id` straight through the daemon (not staged) and waits for its
+    /// device node: a device to inspect before anything mounts it.
+    async fn daemon_export(&self, id: &str) -> String {
+        let e = pb::exports_client::ExportsClient::new(self.daemon.clone())
+            .export_volume(pb::ExportVolumeRequest {
+                volume: id.rsplit(':').next().expect("uuid").to_owned(),
+                persistent: false,
+                read_only: false,
+            })
+            .await
+            .expect("ExportVolume")
+            .into_inner();
+        assert!(
+            wait_for(START_DEADLINE, || Path::new(&e.device_path).exists()),
+            "{} did not appear",
+            e.device_path
+        );
+        e.device_path
+    }
+
+    async fn daemon_unexport(&self, id: &str) {
+        pb::exports_client::ExportsClient::new(self.daemon.clone())
+            .unexport_volume(pb::UnexportVolumeRequest {
+                volume: id.rsplit(':').next().expect("uuid").to_owned(),
+                force: false,
+            })
+            .await
+            .expect("UnexportVolume");
     }
 
     /// The device of the volume's export, empty when it is not exported.
@@ -303,6 +383,150 @@ impl Env {
     }
 }
 
+fn snapshot_request(name: &str, id: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        source_volume_id: id.to_owned(),
+        name: name.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// CreateSnapshot through the plugin at `socket`, on a thread of its own (the test keeps
+/// acting while the plugin holds the freeze).
+fn snapshot_in_thread(
+    socket: PathBuf,
+    name: &str,
+    id: &str,
+) -> std::thread::JoinHandle<Result<csi::Snapshot, tonic::Status>> {
+    let request = snapshot_request(name, id);
+    std::thread::spawn(move || {
+        rt().block_on(async move {
+            let ch = coreblk_daemon::control::client::connect(&socket)
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            csi::controller_client::ControllerClient::new(ch)
+                .create_snapshot(request)
+                .await
+                .map(|r| r.into_inner().snapshot.expect("snapshot"))
+        })
+    })
+}
+
+/// Lines of the log at `path` that contain every one of `words`.
+fn log_lines(path: &Path, words: &[&str]) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .count()
+}
+
+/// Whether the ext4 superblock on `device` says the journal needs recovery (dumpe2fs -h).
+fn needs_recovery(device: &str) -> bool {
+    let out = Command::new("dumpe2fs")
+        .args(["-h", device])
+        .stderr(Stdio::null())
+        .output()
+        .expect("dumpe2fs runs");
+    assert!(out.status.success(), "dumpe2fs -h {device}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let features = text
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .unwrap_or_else(|| panic!("no features line from dumpe2fs -h {device}:\n{text}"));
+    features.split_whitespace().any(|f| f == "needs_recovery")
+}
+
+/// `e2fsck -fn device`: (clean, its output).
+fn fsck(device: &str) -> (bool, String) {
+    let out = Command::new("e2fsck")
+        .args(["-fn", device])
+        .output()
+        .expect("e2fsck runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Writes `data` to `path` and fsyncs it.
+fn write_synced(path: &str, data: &[u8]) {
+    let mut f = std::fs::File::create(path).expect("create");
+    f.write_all(data).expect("write");
+    f.sync_all().expect("fsync");
+}
+
+/// A shell command in the background, its process group killed and the shell reaped on
+/// drop; the filesystem at
+/// `thaw` is thawed first (a process writing to a frozen filesystem cannot be reaped, and
+/// a failed check may leave it frozen).
+struct Bg {
+    child: Child,
+    thaw: PathBuf,
+    started: Instant,
+}
+
+impl Bg {
+    fn spawn(script: &str, dir: &str, thaw: &str) -> Self {
+        use std::os::unix::process::CommandExt;
+        // A process group of its own: the drop kills the shell and the dd it runs.
+        let child = Command::new("sh")
+            .args(["-c", script])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("spawn sh");
+        Self {
+            child,
+            thaw: PathBuf::from(thaw),
+            started: Instant::now(),
+        }
+    }
+
+    /// Its exit status once it has exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = Command::new("fsfreeze")
+                .arg("-u")
+                .arg(&self.thaw)
+                .stderr(Stdio::null())
+                .status();
+            let pgid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+            // SAFETY: kill takes plain integers; the group is the one our own unreaped
+            // child leads (spawned with process_group(0)), so it names no other process.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Thaws every filesystem mounted under `dir` (after a failure: nothing stays frozen).
+fn thaw_under(dir: &Path) {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for p in table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+        .filter(|p| p.starts_with(dir))
+    {
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&p)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 fn code_of(r: Result<(), tonic::Status>) -> (Code, String) {
     match r {
         Ok(()) => (Code::Ok, String::new()),
@@ -390,8 +614,10 @@ fn stage_publish_expand_and_stats_on_ublk() {
                 ctl: csi::controller_client::ControllerClient::new(ch),
                 daemon: daemon.channel().await,
                 kubelet: kubelet.clone(),
+                plugin_log: plugin.log.clone(),
             };
             ext4(&mut env, &mut checks).await;
+            snapshots(&mut env, &mut checks, dir.path(), &daemon).await;
             block(&mut env, &mut checks).await;
             xfs(&mut env, &mut checks).await;
         });
@@ -399,7 +625,9 @@ fn stage_publish_expand_and_stats_on_ublk() {
     eprintln!("{} checks passed", checks.0);
     if let Err(e) = result {
         // Unmount what the test left while the daemon still serves it: killed with its
-        // devices mounted, their IO (and the guest's shutdown) would wait forever.
+        // devices mounted, their IO (and the guest's shutdown) would wait forever. Thawed
+        // first: a filesystem a failed check left frozen cannot be unmounted.
+        thaw_under(&kubelet);
         unmount_under(&kubelet);
         eprintln!(
             "--- coreblk-csi logs:\n{}\n{}\n--- coreblkd log (end):\n{}",
@@ -628,6 +856,16 @@ async fn block(env: &mut Env, c: &mut Checks) {
     let st = env.stats(&id, &target).await;
     assert_eq!(st.usage.first().map(|u| u.total), Some(64 * MIB), "{st:?}");
     c.ok("block: stage + publish (twice), write through the target, stats total = size");
+    let frozen = log_lines(&env.plugin_log, &["filesystem frozen"]);
+    env.snapshot("snap-block", &id)
+        .await
+        .expect("snapshot of a block-mode volume");
+    assert_eq!(
+        log_lines(&env.plugin_log, &["filesystem frozen"]),
+        frozen,
+        "a block-mode volume has no filesystem to freeze"
+    );
+    c.ok("block: CreateSnapshot of a published block volume, taken without a freeze");
     // Block expansion: the device follows online (UPDATE_SIZE) or at the next stage.
     let r = env.expand_as(&id, &target, 96 * MIB, block_cap()).await;
     if kernel_has_update_size() {
@@ -713,6 +951,259 @@ async fn xfs(env: &mut Env, c: &mut Checks) {
         .expect("publish xfs again");
     assert_eq!(std::fs::read(format!("{target}/data")).expect("read"), data);
     c.ok("xfs: unpublish + unstage, stage again: the data is there");
+    env.unpublish(&id, &target).await;
+    env.unstage(&id, &staging).await;
+}
+
+/// Snapshots of a mounted ext4 under a writer: frozen around the daemon's snapshot,
+/// consistent clones, a write inside the window waiting for the thaw, and a plugin killed
+/// inside the window whose freeze the next plugin start thaws.
+async fn snapshots(env: &mut Env, c: &mut Checks, dir: &Path, daemon: &Daemon) {
+    let id = env.create("pvc-snap", 128 * MIB, None).await;
+    let staging = env.staging("pv-snap");
+    let target = env.target("pod6", "pv-snap");
+    env.stage(&id, &staging, fs_cap("ext4"))
+        .await
+        .expect("stage");
+    env.publish(&id, &staging, &target, fs_cap("ext4"), false)
+        .await
+        .expect("publish");
+    let pre = seeded(1 << 20, 17);
+    write_synced(&format!("{target}/pre"), &pre);
+    // The write load: files rewritten with fsync, all through the snapshots below.
+    // It stops at the end when `stop` appears (outside the volume), so no dd of it is
+    // left holding the mount when it is unpublished.
+    let stop = dir.join("stop-load");
+    let mut load = Bg::spawn(
+        &format!(
+            "i=0; while [ ! -e {} ]; do dd if=/dev/urandom of=load.$((i % 8)) bs=64k count=4 \
+             conv=fsync status=none || exit 1; i=$((i + 1)); done",
+            stop.display()
+        ),
+        &target,
+        &staging,
+    );
+    assert!(
+        wait_for(START_DEADLINE, || Path::new(&format!("{target}/load.1"))
+            .exists()),
+        "the writer did not start"
+    );
+
+    // Control: a snapshot taken straight through the daemon, without a freeze, of the
+    // mounted ext4 needs journal recovery — the check below can tell the difference.
+    let unfrozen = pb::snapshots_client::SnapshotsClient::new(env.daemon.clone())
+        .create_snapshot(pb::CreateSnapshotRequest {
+            volume: id.rsplit(':').next().expect("uuid").to_owned(),
+            name: "snap-unfrozen".to_owned(),
+            labels: Default::default(),
+        })
+        .await
+        .expect("daemon CreateSnapshot")
+        .into_inner();
+    let clone = env
+        .restore(
+            "pvc-unfrozen",
+            128 * MIB,
+            &format!("snap:{NODE}:{}", unfrozen.uuid),
+        )
+        .await;
+    let dev = env.daemon_export(&clone).await;
+    assert!(
+        needs_recovery(&dev),
+        "control: an unfrozen snapshot of a mounted ext4 should carry needs_recovery"
+    );
+    env.daemon_unexport(&clone).await;
+    c.ok("control: a snapshot of the mounted ext4 taken without a freeze needs journal recovery (dumpe2fs)");
+
+    // Through CSI, under the writer: frozen once around the daemon's snapshot; a retry
+    // by name returns the same snapshot without freezing again.
+    let frozen = log_lines(&env.plugin_log, &["filesystem frozen", &staging]);
+    let thawed = log_lines(
+        &env.plugin_log,
+        &["filesystem thawed", &staging, "frozen_ms"],
+    );
+    let snap = env
+        .snapshot("snap-frozen", &id)
+        .await
+        .expect("CreateSnapshot");
+    assert_eq!(
+        log_lines(&env.plugin_log, &["filesystem frozen", &staging]),
+        frozen + 1
+    );
+    assert_eq!(
+        log_lines(
+            &env.plugin_log,
+            &["filesystem thawed", &staging, "frozen_ms"]
+        ),
+        thawed + 1
+    );
+    let again = env
+        .snapshot("snap-frozen", &id)
+        .await
+        .expect("CreateSnapshot again");
+    assert_eq!(again.snapshot_id, snap.snapshot_id);
+    assert_eq!(
+        log_lines(&env.plugin_log, &["filesystem frozen", &staging]),
+        frozen + 1,
+        "the retry froze again"
+    );
+    c.ok("CreateSnapshot of a mounted ext4 under a writer: frozen and thawed once, logged with the mount point and time frozen; the retry by name returns it without a freeze");
+
+    let clone = env
+        .restore("pvc-frozen-clone", 128 * MIB, &snap.snapshot_id)
+        .await;
+    let dev = env.daemon_export(&clone).await;
+    assert!(
+        !needs_recovery(&dev),
+        "the frozen snapshot's filesystem needs journal recovery"
+    );
+    let (clean, out) = fsck(&dev);
+    assert!(clean, "e2fsck -fn {dev}:\n{out}");
+    env.daemon_unexport(&clone).await;
+    let (cstaging, ctarget) = (
+        env.staging("pv-frozen-clone"),
+        env.target("pod7", "pv-frozen-clone"),
+    );
+    env.stage(&clone, &cstaging, fs_cap("ext4"))
+        .await
+        .expect("stage the clone");
+    env.publish(&clone, &cstaging, &ctarget, fs_cap("ext4"), false)
+        .await
+        .expect("publish the clone");
+    assert!(std::fs::read(format!("{ctarget}/pre")).expect("read pre") == pre);
+    env.unpublish(&clone, &ctarget).await;
+    env.unstage(&clone, &cstaging).await;
+    c.ok("its clone: no needs_recovery before the mount, e2fsck -fn clean, mounts with the data");
+
+    // (a) A plugin that holds each freeze for HOLD_MS (test hook): a write issued inside
+    // the window waits until the thaw, and is not in the snapshot.
+    let k = env.kubelet.to_str().expect("utf-8").to_owned();
+    let hold = HOLD_MS.to_string();
+    let mut held = Csi::node_env(
+        dir,
+        "csi-hold",
+        daemon,
+        NODE,
+        &["--kubelet-dir", &k],
+        &[(HOLD_ENV, &hold)],
+    );
+    let call = snapshot_in_thread(held.socket.clone(), "snap-held", &id);
+    assert!(
+        wait_for(START_DEADLINE, || log_lines(
+            &held.log,
+            &["filesystem frozen"]
+        ) == 1),
+        "no freeze:\n{}",
+        held.log_text()
+    );
+    let mut write = Bg::spawn(
+        "dd if=/dev/zero of=during bs=4k count=1 conv=fsync status=none",
+        &target,
+        &staging,
+    );
+    assert!(
+        !wait_for(Duration::from_millis(700), || write.exited().is_some()),
+        "a write issued inside the frozen window completed at once: nothing was frozen"
+    );
+    let snap_held = call
+        .join()
+        .expect("thread")
+        .expect("CreateSnapshot with a held freeze");
+    assert!(
+        wait_for(START_DEADLINE, || write.exited().is_some()),
+        "the write did not complete after the thaw"
+    );
+    let waited_ms = write.started.elapsed().as_millis();
+    assert!(write.exited().is_some_and(|s| s.success()));
+    assert!(log_lines(&held.log, &["filesystem thawed", &staging]) == 1);
+    c.ok(&format!(
+        "a write issued inside the frozen window waited for the thaw ({waited_ms} ms), then completed"
+    ));
+    let clone = env
+        .restore("pvc-held-clone", 128 * MIB, &snap_held.snapshot_id)
+        .await;
+    let dev = env.daemon_export(&clone).await;
+    assert!(!needs_recovery(&dev), "the held snapshot needs recovery");
+    env.daemon_unexport(&clone).await;
+    let (cstaging, ctarget) = (
+        env.staging("pv-held-clone"),
+        env.target("pod8", "pv-held-clone"),
+    );
+    env.stage(&clone, &cstaging, fs_cap("ext4"))
+        .await
+        .expect("stage the clone");
+    env.publish(&clone, &cstaging, &ctarget, fs_cap("ext4"), false)
+        .await
+        .expect("publish the clone");
+    assert!(std::fs::read(format!("{ctarget}/pre")).expect("read pre") == pre);
+    assert!(
+        !Path::new(&format!("{ctarget}/during")).exists(),
+        "the write that waited for the thaw is in the snapshot"
+    );
+    env.unpublish(&clone, &ctarget).await;
+    env.unstage(&clone, &cstaging).await;
+    c.ok("that snapshot's clone: no recovery needed, the data synced before the freeze, not the write that waited");
+
+    // (c) The plugin killed (SIGKILL) inside the frozen window: the filesystem stays
+    // frozen; the next plugin start thaws it and the waiting write completes.
+    let call = snapshot_in_thread(held.socket.clone(), "snap-killed", &id);
+    assert!(
+        wait_for(START_DEADLINE, || log_lines(
+            &held.log,
+            &["filesystem frozen"]
+        ) == 2),
+        "no second freeze:\n{}",
+        held.log_text()
+    );
+    held.child.kill().expect("SIGKILL the plugin");
+    held.child.wait().expect("reap");
+    assert!(call.join().expect("thread").is_err());
+    let mut write = Bg::spawn(
+        "dd if=/dev/zero of=after-kill bs=4k count=1 conv=fsync status=none",
+        &target,
+        &staging,
+    );
+    assert!(
+        !wait_for(Duration::from_millis(700), || write.exited().is_some()),
+        "a write completed after the plugin was killed inside the window: not frozen"
+    );
+    c.ok("a plugin killed (SIGKILL) inside the frozen window leaves the filesystem frozen: a write waits");
+    let restarted = Csi::node_with(dir, "csi-restarted", daemon, NODE, &["--kubelet-dir", &k]);
+    assert_eq!(
+        log_lines(
+            &restarted.log,
+            &["thawed a filesystem left frozen", &staging]
+        ),
+        1,
+        "{}",
+        restarted.log_text()
+    );
+    assert!(
+        wait_for(START_DEADLINE, || write.exited().is_some()),
+        "the write did not complete after the restart's thaw"
+    );
+    assert!(write.exited().is_some_and(|s| s.success()));
+    let mut ctl = csi::controller_client::ControllerClient::new(restarted.channel().await);
+    ctl.create_snapshot(snapshot_request("snap-killed", &id))
+        .await
+        .expect("the snapshot retried through the restarted plugin");
+    assert_eq!(
+        log_lines(&restarted.log, &["filesystem thawed", &staging]),
+        1
+    );
+    c.ok("the next plugin start thaws it (logged), the waiting write completes, the retried snapshot succeeds");
+
+    assert!(load.exited().is_none(), "the writer stopped");
+    std::fs::write(&stop, b"").expect("create the stop file");
+    assert!(
+        wait_for(START_DEADLINE, || load.exited().is_some()),
+        "the writer did not stop"
+    );
+    assert!(
+        load.exited().is_some_and(|s| s.success()),
+        "the writer failed"
+    );
+    drop(load);
     env.unpublish(&id, &target).await;
     env.unstage(&id, &staging).await;
 }

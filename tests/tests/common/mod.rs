@@ -186,6 +186,11 @@ pub struct Csi {
 impl Csi {
     /// Starts `coreblk-csi ARGS` serving on `dir/<name>.sock`; waits until it answers.
     pub fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
+        Self::start_env(dir, name, args, &[])
+    }
+
+    /// [`Self::start`] with `env` set for the plugin.
+    pub fn start_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(coreblk_tests::bin("coreblk-csi"))
@@ -194,6 +199,7 @@ impl Csi {
             .args(args)
             .env("NO_COLOR", "1")
             .env_remove("NODE_NAME")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))
@@ -214,6 +220,18 @@ impl Csi {
 
     /// The node plugin of `node` over `daemon`, with more flags.
     pub fn node_with(dir: &Path, name: &str, daemon: &Daemon, node: &str, more: &[&str]) -> Self {
+        Self::node_env(dir, name, daemon, node, more, &[])
+    }
+
+    /// [`Self::node_with`] with `env` set for the plugin.
+    pub fn node_env(
+        dir: &Path,
+        name: &str,
+        daemon: &Daemon,
+        node: &str,
+        more: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let socket = daemon.socket.to_str().expect("utf-8 path").to_owned();
         let mut args = vec![
             "--mode",
@@ -224,7 +242,7 @@ impl Csi {
             &socket,
         ];
         args.extend_from_slice(more);
-        Self::start(dir, name, &args)
+        Self::start_env(dir, name, &args, env)
     }
 
     /// Its log so far.
