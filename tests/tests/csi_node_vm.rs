@@ -18,7 +18,9 @@
 //! the thaw; the clone needs no journal recovery, where a snapshot taken without a freeze
 //! does; a retry freezes nothing), a plugin killed inside the frozen window leaving the
 //! filesystem frozen and the next plugin start thawing it; a block-mode snapshot taken
-//! without a freeze.
+//! without a freeze; last, a daemon restart (SIGTERM, then a new daemon) under a staged,
+//! published and written ext4: the mounts stay, the data reads back, writes and stats
+//! work, and the plugin unpublishes and unstages afterwards.
 
 mod common;
 
@@ -600,8 +602,10 @@ fn stage_publish_expand_and_stats_on_ublk() {
     .expect("tempdir");
     let kubelet = dir.path().join("kubelet");
     std::fs::create_dir_all(&kubelet).expect("mkdir");
-    let daemon = start_daemon(dir.path(), &device);
+    // In a slot: the restart check replaces it with the next daemon.
+    let mut slot = Some(start_daemon(dir.path(), &device));
     let k = kubelet.to_str().expect("utf-8").to_owned();
+    let daemon = slot.as_ref().expect("daemon");
     let plugin = Csi::node_with(dir.path(), "csi", &daemon, NODE, &["--kubelet-dir", &k]);
     let plugin2 = Csi::node_with(dir.path(), "csi2", &daemon, NODE, &["--kubelet-dir", &k]);
     let mut checks = Checks(0);
@@ -617,11 +621,26 @@ fn stage_publish_expand_and_stats_on_ublk() {
                 plugin_log: plugin.log.clone(),
             };
             ext4(&mut env, &mut checks).await;
-            snapshots(&mut env, &mut checks, dir.path(), &daemon).await;
+            snapshots(&mut env, &mut checks, dir.path(), daemon).await;
             block(&mut env, &mut checks).await;
             xfs(&mut env, &mut checks).await;
         });
     }));
+    // Last (it replaces the daemon the plugins were started with): a daemon restart
+    // under a mounted, published volume.
+    let result = result.and_then(|()| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt().block_on(restart(
+                &plugin,
+                &mut checks,
+                &kubelet,
+                dir.path(),
+                &device,
+                &mut slot,
+            ));
+        }))
+    });
+    let daemon = slot.as_ref().expect("a daemon after the checks");
     eprintln!("{} checks passed", checks.0);
     if let Err(e) = result {
         // Unmount what the test left while the daemon still serves it: killed with its
@@ -649,6 +668,71 @@ fn stage_publish_expand_and_stats_on_ublk() {
         let _ = dir.keep();
         std::panic::resume_unwind(e);
     }
+}
+
+/// A daemon restart with a volume staged, published and written: SIGTERM (the daemon
+/// quiesces the export and leaves it for the next one), a new daemon on the same device
+/// and state; the mounts stay, what was written reads back, new writes work, and the
+/// plugin (which reconnects to the daemon by itself) answers stats and unstages.
+async fn restart(
+    plugin: &Csi,
+    c: &mut Checks,
+    kubelet: &Path,
+    dir: &Path,
+    device: &str,
+    slot: &mut Option<Daemon>,
+) {
+    let ch = plugin.channel().await;
+    let mut env = Env {
+        node: csi::node_client::NodeClient::new(ch.clone()),
+        restarted: csi::node_client::NodeClient::new(ch.clone()),
+        ctl: csi::controller_client::ControllerClient::new(ch),
+        daemon: slot.as_ref().expect("daemon").channel().await,
+        kubelet: kubelet.to_path_buf(),
+        plugin_log: plugin.log.clone(),
+    };
+    let id = env.create("pvc-restart", 64 * MIB, None).await;
+    let staging = env.staging("pv-restart");
+    let target = env.target("pod-r", "pv-restart");
+    env.stage(&id, &staging, fs_cap("ext4"))
+        .await
+        .expect("stage");
+    env.publish(&id, &staging, &target, fs_cap("ext4"), false)
+        .await
+        .expect("publish");
+    write_synced(&format!("{target}/before"), b"written before the restart");
+    let old = slot.take().expect("daemon");
+    assert!(
+        old.stop_with(libc::SIGTERM).success(),
+        "coreblkd stops on SIGTERM"
+    );
+    *slot = Some(start_daemon(dir, device));
+    env.daemon = slot.as_ref().expect("daemon").channel().await;
+    assert!(
+        mount_at(Path::new(&target)).is_some() && mount_at(Path::new(&staging)).is_some(),
+        "the mounts stay over a daemon restart"
+    );
+    assert_eq!(
+        std::fs::read(format!("{target}/before")).expect("read after the restart"),
+        b"written before the restart"
+    );
+    write_synced(&format!("{target}/after"), b"written after the restart");
+    let stats = env.stats(&id, &target).await;
+    assert!(
+        stats.volume_condition.as_ref().is_some_and(|v| !v.abnormal),
+        "the volume is healthy after the restart: {stats:?}"
+    );
+    assert!(
+        !env.exported(&id).await.is_empty(),
+        "the new daemon re-attached the export"
+    );
+    c.ok(
+        "daemon restart (SIGTERM, new daemon): mounts stay, data reads back, writes and stats work",
+    );
+    env.unpublish(&id, &target).await;
+    env.unstage(&id, &staging).await;
+    assert_eq!(mounts_at(Path::new(&staging)), 0);
+    c.ok("after the restart the plugin unpublishes and unstages");
 }
 
 async fn ext4(env: &mut Env, c: &mut Checks) {
