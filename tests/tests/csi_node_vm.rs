@@ -606,8 +606,8 @@ fn stage_publish_expand_and_stats_on_ublk() {
     let mut slot = Some(start_daemon(dir.path(), &device));
     let k = kubelet.to_str().expect("utf-8").to_owned();
     let daemon = slot.as_ref().expect("daemon");
-    let plugin = Csi::node_with(dir.path(), "csi", &daemon, NODE, &["--kubelet-dir", &k]);
-    let plugin2 = Csi::node_with(dir.path(), "csi2", &daemon, NODE, &["--kubelet-dir", &k]);
+    let plugin = Csi::node_with(dir.path(), "csi", daemon, NODE, &["--kubelet-dir", &k]);
+    let plugin2 = Csi::node_with(dir.path(), "csi2", daemon, NODE, &["--kubelet-dir", &k]);
     let mut checks = Checks(0);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         rt().block_on(async {
