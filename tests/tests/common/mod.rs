@@ -31,7 +31,13 @@ pub fn wait_for(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// A fresh directory under the target's temp dir.
 pub fn workdir() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir")
+    // COREBLK_TEST_TMPDIR: elsewhere, e.g. the VM guest's own /tmp (unix sockets do not
+    // work on the 9p share that holds the checkout there).
+    match std::env::var_os("COREBLK_TEST_TMPDIR") {
+        Some(dir) => tempfile::tempdir_in(dir),
+        None => tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")),
+    }
+    .expect("tempdir")
 }
 
 /// A current-thread tokio runtime.
