@@ -701,6 +701,25 @@ async fn restart(
         .await
         .expect("publish");
     write_synced(&format!("{target}/before"), b"written before the restart");
+    // Every volume the suite made so far (and their sizes) must be there afterwards.
+    let volumes = |ch: tonic::transport::Channel| async move {
+        let mut v: Vec<(String, u64)> = pb::volumes_client::VolumesClient::new(ch)
+            .list_volumes(pb::ListVolumesRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("ListVolumes")
+            .into_inner()
+            .volumes
+            .into_iter()
+            .map(|v| (v.name, v.size_bytes))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = volumes(env.daemon.clone()).await;
+    assert!(before.len() > 1, "the suite's volumes: {before:?}");
     let old = slot.take().expect("daemon");
     assert!(
         old.stop_with(libc::SIGTERM).success(),
@@ -708,6 +727,11 @@ async fn restart(
     );
     *slot = Some(start_daemon(dir, device));
     env.daemon = slot.as_ref().expect("daemon").channel().await;
+    assert_eq!(
+        volumes(env.daemon.clone()).await,
+        before,
+        "the same volumes after the restart"
+    );
     assert!(
         mount_at(Path::new(&target)).is_some() && mount_at(Path::new(&staging)).is_some(),
         "the mounts stay over a daemon restart"
@@ -727,7 +751,7 @@ async fn restart(
         "the new daemon re-attached the export"
     );
     c.ok(
-        "daemon restart (SIGTERM, new daemon): mounts stay, data reads back, writes and stats work",
+        "daemon restart (SIGTERM, new daemon): every volume still there, mounts stay, data reads back, writes and stats work",
     );
     env.unpublish(&id, &target).await;
     env.unstage(&id, &staging).await;
