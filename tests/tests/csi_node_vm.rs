@@ -746,9 +746,12 @@ async fn restart(
         stats.volume_condition.as_ref().is_some_and(|v| !v.abnormal),
         "the volume is healthy after the restart: {stats:?}"
     );
-    assert!(
-        !env.exported(&id).await.is_empty(),
-        "the new daemon re-attached the export"
+    let device = env.exported(&id).await;
+    assert!(!device.is_empty(), "the new daemon re-attached the export");
+    assert_eq!(
+        env.daemon_volume(&id).await.device_path,
+        device,
+        "GetVolume names the export's device"
     );
     c.ok(
         "daemon restart (SIGTERM, new daemon): every volume still there, mounts stay, data reads back, writes and stats work",

@@ -227,6 +227,8 @@ pub struct VolumeInfo {
     pub created_unix: Option<u64>,
     /// The clone's source; `None` for a plain volume or an inflated clone.
     pub source: Option<CloneSource>,
+    /// The ublk device it is exported as, while it is.
+    pub device_path: Option<String>,
 }
 
 impl VolumeInfo {
@@ -1222,6 +1224,8 @@ impl Store {
 
     fn volume_info(&self, p: &PoolInfo, m: &VolumeMeta, table: &VolumeTable) -> VolumeInfo {
         let uuid = Uuid(m.uuid);
+        // Before `inner`: the two locks are never held together.
+        let device_path = lock(&self.exported).get(&uuid).cloned();
         let inner = lock(&self.inner);
         let lineage = table.lineage.get(&m.id);
         let source = match inner.origins.get(&uuid) {
@@ -1254,6 +1258,7 @@ impl Store {
             unique_bytes: 0,
             created_unix: lineage.map(|l| l.created_unix),
             source,
+            device_path,
         }
     }
 

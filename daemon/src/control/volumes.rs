@@ -48,7 +48,7 @@ pub fn volume_message(v: &VolumeInfo) -> pb::Volume {
         never_written: !v.written,
         source_snapshot_uuid,
         source_volume_uuid,
-        device_path: String::new(),
+        device_path: v.device_path.clone().unwrap_or_default(),
         // The store records creation times of clones (and snapshots) only.
         create_time: v.created_unix.map(timestamp),
         labels: v.labels.clone().into_iter().collect(),
