@@ -36,9 +36,6 @@ pub const PRESYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long, after the window closed without a result, the operation's late result is
 /// still awaited (so a snapshot taken after the thaw can be deleted, not handed out).
 pub const LATE_RESULT_WAIT: Duration = Duration::from_secs(30);
-/// Longest wait for a killed `fsfreeze` to exit (FIFREEZE flushes data and may not be
-/// interruptible): until it has, a thaw could come before its freeze.
-const KILL_WAIT: Duration = Duration::from_secs(30);
 /// TEST ONLY: milliseconds the plugin waits inside each frozen window, before the
 /// snapshot call, so a test can act while a filesystem is frozen (write to it, kill the
 /// plugin). The wait counts against [`FROZEN_WINDOW_MAX`]. Never set it in production.
@@ -115,75 +112,10 @@ fn classify(e: RunError) -> ToolError {
     }
 }
 
-/// Runs `program args` (C locale, stdin closed) with a deadline; a tool past its deadline
-/// is killed and waited for (up to [`KILL_WAIT`]) before this returns.
-async fn run_tool(program: &str, args: &[&str], timeout: Duration) -> Result<String, RunError> {
-    let cmd = std::iter::once(program)
-        .chain(args.iter().copied())
-        .collect::<Vec<_>>()
-        .join(" ");
-    tracing::debug!(%cmd, "running");
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| RunError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-    let waited = tokio::time::timeout(timeout, async {
-        let (out, err) = tokio::join!(read_all(stdout), read_all(stderr));
-        (child.wait().await, out, err)
-    })
-    .await;
-    let (status, out, err) = match waited {
-        Ok((Ok(status), out, err)) => (status, out, err),
-        Ok((Err(source), _, _)) => return Err(RunError::Spawn { cmd, source }),
-        Err(_) => {
-            let _ = child.start_kill();
-            if tokio::time::timeout(KILL_WAIT, child.wait()).await.is_err() {
-                tracing::error!(%cmd, wait_s = KILL_WAIT.as_secs(), "a killed tool has not exited");
-            }
-            return Err(RunError::Timeout {
-                cmd,
-                timeout_s: timeout.as_secs(),
-            });
-        }
-    };
-    if status.success() {
-        return Ok(out);
-    }
-    let output = [err, out]
-        .into_iter()
-        .filter(|s| !s.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
-    Err(RunError::Failed {
-        cmd,
-        status: status.to_string(),
-        output,
-    })
-}
-
-/// All of a child's pipe, as trimmed text.
-async fn read_all(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    if let Some(mut p) = pipe {
-        let _ = p.read_to_end(&mut buf).await;
-    }
-    String::from_utf8_lossy(&buf).trim().to_owned()
-}
-
 impl Freezer for Fsfreeze {
     async fn freeze(&self, point: &Path, timeout: Duration) -> Result<(), ToolError> {
         let p = point.to_string_lossy();
-        run_tool("fsfreeze", &["-f", &p], timeout)
+        mounts::run("fsfreeze", &["-f", &p], timeout)
             .await
             .map(drop)
             .map_err(classify)
@@ -191,7 +123,7 @@ impl Freezer for Fsfreeze {
 
     async fn thaw(&self, point: &Path, timeout: Duration) -> Result<(), ToolError> {
         let p = point.to_string_lossy();
-        run_tool("fsfreeze", &["-u", &p], timeout)
+        mounts::run("fsfreeze", &["-u", &p], timeout)
             .await
             .map(drop)
             .map_err(classify)
@@ -238,7 +170,7 @@ impl Freezer for Fsfreeze {
 /// frozen window is short. Best effort: a failure is logged and the freeze goes on.
 pub async fn presync(point: &Path) {
     let p = point.to_string_lossy();
-    if let Err(e) = run_tool("sync", &["-f", &p], PRESYNC_TIMEOUT).await {
+    if let Err(e) = mounts::run("sync", &["-f", &p], PRESYNC_TIMEOUT).await {
         tracing::warn!(mount_point = %p, error = %e, "sync before the freeze failed; freezing anyway");
     }
 }
@@ -796,12 +728,12 @@ mod tests {
     #[tokio::test]
     async fn the_real_tool_reports_deadlines_after_the_child_exited() {
         let start = Instant::now();
-        let e = run_tool("sleep", &["5"], Duration::from_millis(100))
+        let e = mounts::run("sleep", &["5"], Duration::from_millis(100))
             .await
             .expect_err("times out");
         assert!(matches!(e, RunError::Timeout { .. }), "{e}");
         assert!(start.elapsed() < Duration::from_secs(4));
-        let e = run_tool(
+        let e = mounts::run(
             "sh",
             &["-c", "echo 'x: Invalid argument' >&2; exit 1"],
             Duration::from_secs(10),
@@ -810,7 +742,7 @@ mod tests {
         .expect_err("fails");
         assert!(matches!(classify(e), ToolError::NotFrozen(_)));
         assert_eq!(
-            run_tool("sh", &["-c", "echo ok"], Duration::from_secs(10))
+            mounts::run("sh", &["-c", "echo ok"], Duration::from_secs(10))
                 .await
                 .ok()
                 .as_deref(),

@@ -185,7 +185,14 @@ pub enum RunError {
     },
 }
 
-/// Runs `program args` with stdin closed and a deadline; its output on success.
+/// Longest wait for a killed tool to exit (FIFREEZE flushes data, mkfs writes, and
+/// neither may be interruptible): until it has, what it does could land after the answer
+/// (a freeze after its thaw, a filesystem after the error).
+const KILL_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs `program args` with stdin closed, the C locale (error text can be told apart) and a
+/// deadline; a tool past its deadline is killed and waited for (up to [`KILL_WAIT`])
+/// before this returns. Its stdout, trimmed, on success.
 ///
 /// # Errors
 /// [`RunError`]: not started, timed out (killed), or a non-zero exit with its output.
@@ -195,8 +202,9 @@ pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<Stri
         .collect::<Vec<_>>()
         .join(" ");
     tracing::debug!(%cmd, "running");
-    let child = tokio::process::Command::new(program)
+    let mut child = tokio::process::Command::new(program)
         .args(args)
+        .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -206,31 +214,49 @@ pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<Stri
             cmd: cmd.clone(),
             source,
         })?;
-    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(source)) => return Err(RunError::Spawn { cmd, source }),
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let waited = tokio::time::timeout(timeout, async {
+        let (out, err) = tokio::join!(read_all(stdout), read_all(stderr));
+        (child.wait().await, out, err)
+    })
+    .await;
+    let (status, out, err) = match waited {
+        Ok((Ok(status), out, err)) => (status, out, err),
+        Ok((Err(source), _, _)) => return Err(RunError::Spawn { cmd, source }),
         Err(_) => {
+            let _ = child.start_kill();
+            if tokio::time::timeout(KILL_WAIT, child.wait()).await.is_err() {
+                tracing::error!(%cmd, wait_s = KILL_WAIT.as_secs(), "a killed tool has not exited");
+            }
             return Err(RunError::Timeout {
                 cmd,
                 timeout_s: timeout.as_secs(),
-            })
+            });
         }
     };
-    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if out.status.success() {
-        return Ok(stdout);
+    if status.success() {
+        return Ok(out);
     }
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    let output = [stderr, stdout]
+    let output = [err, out]
         .into_iter()
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
     Err(RunError::Failed {
         cmd,
-        status: out.status.to_string(),
+        status: status.to_string(),
         output,
     })
+}
+
+/// All of a child's pipe, as trimmed text.
+async fn read_all(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    if let Some(mut p) = pipe {
+        let _ = p.read_to_end(&mut buf).await;
+    }
+    String::from_utf8_lossy(&buf).trim().to_owned()
 }
 
 #[cfg(test)]

@@ -113,6 +113,25 @@ fn node_err(rpc: &'static str, what: String) -> impl FnOnce(mounts::RunError) ->
     }
 }
 
+/// ALREADY_EXISTS: `target` is a mount point (`m`, from `what`), not `volume_id` as asked.
+fn occupied(
+    rpc: &'static str,
+    target: &Path,
+    m: &MountInfo,
+    what: &dyn std::fmt::Display,
+    volume_id: &str,
+) -> Error {
+    Error::Conflict {
+        rpc,
+        reason: format!(
+            "{} is already a mount point ({} {what}{}), not volume {volume_id} as asked",
+            target.display(),
+            m.fs_type,
+            if m.read_only() { ", read-only" } else { "" },
+        ),
+    }
+}
+
 fn io_err(rpc: &'static str, what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Node {
         rpc,
@@ -476,17 +495,7 @@ impl Node {
                     if mounts::is_device_node(&target, &numbers) && same_mode(m) {
                         return Ok(());
                     }
-                    return Err(Error::Conflict {
-                        rpc,
-                        reason: format!(
-                            "{} is already a mount point ({} {}{}), not volume {} as asked",
-                            target.display(),
-                            m.fs_type,
-                            m.root.display(),
-                            if m.read_only() { ", read-only" } else { "" },
-                            r.volume_id
-                        ),
-                    });
+                    return Err(occupied(rpc, &target, m, &m.root.display(), &r.volume_id));
                 }
                 if let Some(parent) = target.parent() {
                     std::fs::create_dir_all(parent)
@@ -517,17 +526,7 @@ impl Node {
                     if m.dev == staged.dev && same_mode(m) {
                         return Ok(());
                     }
-                    return Err(Error::Conflict {
-                        rpc,
-                        reason: format!(
-                            "{} is already a mount point ({} {}{}), not volume {} as asked",
-                            target.display(),
-                            m.fs_type,
-                            m.source,
-                            if m.read_only() { ", read-only" } else { "" },
-                            r.volume_id
-                        ),
-                    });
+                    return Err(occupied(rpc, &target, m, &m.source, &r.volume_id));
                 }
                 std::fs::create_dir_all(&target)
                     .map_err(io_err(rpc, format!("creating {}", target.display())))?;

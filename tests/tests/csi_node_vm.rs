@@ -165,6 +165,21 @@ impl Env {
     }
 
     async fn create(&mut self, name: &str, bytes: i64, source: Option<&str>) -> String {
+        let source = source.map(|id| {
+            csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+                volume_id: id.to_owned(),
+            })
+        });
+        self.create_from(name, bytes, source).await
+    }
+
+    /// CSI CreateVolume `name` (ext4, `bytes`), from `source` where given.
+    async fn create_from(
+        &mut self,
+        name: &str,
+        bytes: i64,
+        source: Option<csi::volume_content_source::Type>,
+    ) -> String {
         self.ctl
             .create_volume(csi::CreateVolumeRequest {
                 name: name.to_owned(),
@@ -173,13 +188,7 @@ impl Env {
                     limit_bytes: 0,
                 }),
                 volume_capabilities: vec![fs_cap("ext4")],
-                volume_content_source: source.map(|id| csi::VolumeContentSource {
-                    r#type: Some(csi::volume_content_source::Type::Volume(
-                        csi::volume_content_source::VolumeSource {
-                            volume_id: id.to_owned(),
-                        },
-                    )),
-                }),
+                volume_content_source: source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
                 ..Default::default()
             })
             .await
@@ -203,29 +212,12 @@ impl Env {
     /// A volume restored from snapshot `snapshot_id` through CSI.
     async fn restore(&mut self, name: &str, bytes: i64, snapshot_id: &str) -> String {
         eprintln!("... create_volume {name} from {snapshot_id}");
-        self.ctl
-            .create_volume(csi::CreateVolumeRequest {
-                name: name.to_owned(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: bytes,
-                    limit_bytes: 0,
-                }),
-                volume_capabilities: vec![fs_cap("ext4")],
-                volume_content_source: Some(csi::VolumeContentSource {
-                    r#type: Some(csi::volume_content_source::Type::Snapshot(
-                        csi::volume_content_source::SnapshotSource {
-                            snapshot_id: snapshot_id.to_owned(),
-                        },
-                    )),
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateVolume {name} from {snapshot_id}: {e}"))
-            .into_inner()
-            .volume
-            .expect("volume")
-            .volume_id
+        let source = csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot_id.to_owned(),
+            },
+        );
+        self.create_from(name, bytes, Some(source)).await
     }
 
     /// CSI CreateSnapshot `name` of volume `id` through the first plugin.

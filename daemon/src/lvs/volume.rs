@@ -3185,8 +3185,9 @@ impl VolumeChannel {
         fua: bool,
         replacing: bool,
     ) {
-        let lcs: Vec<u64> = segs.iter().map(|s| s.lc).collect();
-        for &lc in &lcs {
+        // The segments of one request are consecutive logical clusters.
+        let lcs = segs[0].lc..segs[0].lc + segs.len() as u64;
+        for lc in lcs.clone() {
             self.rt
                 .allocating
                 .borrow_mut()
@@ -3196,7 +3197,7 @@ impl VolumeChannel {
         let me = self.rc();
         let cb = FnCompletion::boxed(move |rx: &Reactor, res: IoResult, buf| {
             me.seg_done(slot, buf);
-            for (pc, &lc) in (pc0..).zip(&lcs) {
+            for (pc, lc) in (pc0..).zip(lcs.clone()) {
                 if let Err(e) = res {
                     me.rt.abandon(rx, pc, (me.vol.id, lc));
                     me.part_done(rx, slot, Err(e));

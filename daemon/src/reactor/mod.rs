@@ -846,9 +846,10 @@ impl Reactor {
         )
         .build()
         .user_data(DOORBELL_UD);
-        // SAFETY: the read lands in `doorbell_buf`, a Box owned by the reactor that outlives
-        // the ring (the ring is torn down first in `drop_reactor`); the eventfd is owned by
-        // the inbox, which the reactor holds an Arc to.
+        // The read lands in `doorbell_buf`, a Box owned by the reactor that outlives the
+        // ring (the ring is torn down first in `drop_reactor`); the eventfd is owned by the
+        // inbox, which the reactor holds an Arc to.
+        // SAFETY: the buffer and the eventfd outlive the read (above).
         unsafe { self.push_sqe(|ring| ring.push(&sqe)) };
     }
 
@@ -1139,14 +1140,14 @@ pub fn parse_core_list(list: &str) -> Result<Vec<usize>, StartError> {
 pub fn allowed_cores() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
     // SAFETY: passes a live, correctly sized cpu_set_t for the kernel to fill.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let rc = unsafe { libc::sched_getaffinity(0, size, &mut set) };
     if rc != 0 {
         return (0..std::thread::available_parallelism().map_or(1, usize::from)).collect();
     }
-    // SAFETY: CPU_ISSET only reads the set; `c` is below CPU_SETSIZE.
     (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET only reads the set; `c` is below CPU_SETSIZE.
         .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
         .collect()
 }

@@ -34,8 +34,8 @@ pub(crate) struct Inbox {
 
 impl Inbox {
     pub(crate) fn new(capacity: usize) -> std::io::Result<Self> {
-        // SAFETY: eventfd takes no pointers; the returned descriptor is checked below and
-        // then owned by exactly one OwnedFd.
+        // The returned descriptor is checked below and then owned by exactly one OwnedFd.
+        // SAFETY: eventfd takes no pointers.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
@@ -60,8 +60,9 @@ impl Inbox {
 
     pub(crate) fn ring(&self) {
         let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local u64 to our own eventfd. EAGAIN (counter
-        // saturated) still leaves the eventfd readable, which is all a doorbell needs.
+        // EAGAIN (counter saturated) still leaves the eventfd readable, which is all a
+        // doorbell needs.
+        // SAFETY: writes 8 bytes from a live local u64 to our own eventfd.
         let _ = unsafe {
             libc::write(
                 self.doorbell.as_raw_fd(),

@@ -237,8 +237,8 @@ fn reactor_and_pipe(poll_max_gap_us: u64) -> (ReactorSet, i32, [i32; 2]) {
         },
     )
     .expect("start");
-    // SAFETY: gettid has no arguments and cannot fail.
     let tid = set.remotes()[0]
+        // SAFETY: gettid has no arguments and cannot fail.
         .call(|_rx: &Reactor| unsafe { libc::gettid() })
         .expect("tid");
     let mut fds = [0i32; 2];
@@ -261,8 +261,9 @@ fn a_reactor_sleeps_while_only_slow_ops_are_in_flight() {
             let sqe = opcode::Read::new(types::Fd(read_fd), ptr, 8)
                 .build()
                 .flags(squeue::Flags::ASYNC);
-            // SAFETY: the read targets `buf`, which moves into the request slot until the
-            // completion is reaped; the pipe stays open until the test has the result.
+            // `buf` moves into the request slot until the completion is reaped; the pipe
+            // stays open until the test has the result.
+            // SAFETY: the read's buffer and descriptor outlive it (above).
             let r = unsafe { rx.submit(sqe, OpKind::Slow, Rc::new(Done(tx)), 7, Some(buf)) };
             assert!(r.is_ok());
         })
@@ -367,8 +368,9 @@ impl SlowDevice {
         let mut buf = IoBuf::alloc(8);
         let ptr = buf.mem_ptr().expect("heap memory");
         let sqe = opcode::Read::new(types::Fd(self.fd), ptr, 8).build();
-        // SAFETY: the read targets `buf`, which moves into the request slot until the
-        // completion is reaped; the pipe stays open until the test has its result.
+        // `buf` moves into the request slot until the completion is reaped; the pipe stays
+        // open until the test has its result.
+        // SAFETY: the read's buffer and descriptor outlive it (above).
         let r = unsafe { rx.submit(sqe, OpKind::Fast, Rc::clone(self) as _, 0, Some(buf)) };
         assert!(r.is_ok());
     }
