@@ -111,6 +111,7 @@ fn exported_volumes_show_their_io_counters_joined_by_the_export_record() {
             let (pools, objects) = scraper.scrape(&store).await;
             metrics::render(&metrics::Snapshot {
                 version: "test",
+                node_id: "test".into(),
                 start_time: std::time::SystemTime::UNIX_EPOCH,
                 reactors: Vec::new(),
                 devices: Vec::new(),

@@ -69,6 +69,8 @@ struct ObjectRow {
     volume_uuid: Option<Uuid>,
     pvc_namespace: String,
     pvc_name: String,
+    size_bytes: u64,
+    labels: std::collections::BTreeMap<String, String>,
     /// Its export record, if it has one.
     export: Option<Vec<u8>>,
 }
@@ -160,6 +162,8 @@ async fn read_pool(store: &Store, p: &PoolInfo) -> super::Result<PoolRead> {
                 volume_uuid: None,
                 pvc_namespace: label(m, PVC_NAMESPACE_LABEL),
                 pvc_name: label(m, PVC_NAME_LABEL),
+                size_bytes: m.size_bytes,
+                labels: m.labels.clone(),
                 export: table.control.get(&m.id).cloned(),
             })
             .collect();
@@ -176,6 +180,8 @@ async fn read_pool(store: &Store, p: &PoolInfo) -> super::Result<PoolRead> {
                     .map(|s| Uuid(s.uuid)),
                 pvc_namespace: String::new(),
                 pvc_name: String::new(),
+                size_bytes: m.size_bytes,
+                labels: m.labels.clone(),
                 export: table.control.get(&m.id).cloned(),
             }
         }));
@@ -298,6 +304,8 @@ async fn scrape_pool(
             volume_uuid: r.volume_uuid.map(|u| u.to_string()).unwrap_or_default(),
             pvc_namespace: r.pvc_namespace,
             pvc_name: r.pvc_name,
+            size_bytes: r.size_bytes,
+            labels: r.labels,
             allocated_bytes: cached.map(|c| c.usage.allocated_bytes),
             unique_bytes: cached.map(|c| c.usage.unique_bytes),
             export: r.export.as_deref().and_then(|rec| export_sample(rec, io)),

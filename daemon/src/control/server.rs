@@ -247,6 +247,7 @@ impl Shared {
         let (pools, objects) = self.scraper.scrape(&self.store).await;
         metrics::Snapshot {
             version: self.facts.version,
+            node_id: self.facts.node_id.clone(),
             start_time: self.facts.start_time,
             reactors: self
                 .reactors
@@ -395,9 +396,15 @@ async fn run(
     };
     let metrics_task = tcp.map(|listener| {
         let s = Arc::clone(&shared);
-        let render: http::Render = Arc::new(move || {
+        let render: http::Render = Arc::new(move |page| {
             let s = Arc::clone(&s);
-            Box::pin(async move { metrics::render(&s.metrics_snapshot().await) })
+            Box::pin(async move {
+                let snapshot = s.metrics_snapshot().await;
+                match page {
+                    http::Page::Metrics => metrics::render(&snapshot),
+                    http::Page::Status => metrics::status::render(&snapshot),
+                }
+            })
         });
         tokio::spawn(http::serve(listener, render, stop_rx.clone()))
     });

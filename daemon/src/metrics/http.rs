@@ -21,10 +21,19 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// Longest a client may take to send its request or read the answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Renders the page at scrape time (it may ask the reactors, by message).
-pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+/// The pages served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// `/metrics`: Prometheus text.
+    Metrics,
+    /// `/`: the HTML status page (`super::status`).
+    Status,
+}
 
-/// Serves `GET /metrics` (and a short index at `/`) on `listener` until `stop` turns
+/// Renders a page at request time (it may ask the reactors, by message).
+pub type Render = Arc<dyn Fn(Page) -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// Serves `GET /metrics` and the status page at `/` on `listener` until `stop` turns
 /// true.
 pub async fn serve(listener: TcpListener, render: Render, mut stop: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -123,17 +132,17 @@ async fn route(head: &[u8], render: &Render) -> (&'static str, &'static str, Str
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            render().await,
+            render(Page::Metrics).await,
         ),
-        "/" => (
+        "/" | "/index.html" => (
             "200 OK",
-            "text/plain; charset=utf-8",
-            "coreblkd: metrics at /metrics\n".to_owned(),
+            "text/html; charset=utf-8",
+            render(Page::Status).await,
         ),
         _ => (
             "404 Not Found",
             "text/plain; charset=utf-8",
-            "not found; metrics are at /metrics\n".to_owned(),
+            "not found; the status page is at /, metrics at /metrics\n".to_owned(),
         ),
     }
 }
@@ -160,12 +169,22 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
             let (stop_tx, stop) = watch::channel(false);
-            let render: Render = Arc::new(|| Box::pin(async { "x 1\n".to_owned() }));
+            let render: Render = Arc::new(|page| {
+                Box::pin(async move {
+                    match page {
+                        Page::Metrics => "x 1\n".to_owned(),
+                        Page::Status => "<p>status</p>".to_owned(),
+                    }
+                })
+            });
             let server = tokio::spawn(serve(listener, render, stop));
             let ok = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
             assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
             assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
             assert!(ok.ends_with("\r\n\r\nx 1\n"), "{ok}");
+            let index = get(addr, "GET / HTTP/1.1\r\n\r\n").await;
+            assert!(index.contains("text/html; charset=utf-8"), "{index}");
+            assert!(index.ends_with("\r\n\r\n<p>status</p>"), "{index}");
             let missing = get(addr, "GET /nope HTTP/1.1\r\n\r\n").await;
             assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
             let post = get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;

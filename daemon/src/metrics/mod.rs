@@ -20,8 +20,10 @@
 //! Start reading at [`render`].
 
 pub mod http;
+pub mod status;
 pub mod text;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use text::{Exposition, Kind};
@@ -181,6 +183,10 @@ pub struct ObjectSample {
     pub pvc_namespace: String,
     /// The `csi.storage.k8s.io/pvc/name` label (empty when unset).
     pub pvc_name: String,
+    /// Logical size, bytes.
+    pub size_bytes: u64,
+    /// Its user labels: for the status page only, never metric labels (cardinality).
+    pub labels: BTreeMap<String, String>,
     /// Clusters it maps, shared or not (`None`: never scanned yet).
     pub allocated_bytes: Option<u64>,
     /// Clusters only it references.
@@ -209,6 +215,8 @@ pub struct ExportSample {
 pub struct Snapshot {
     /// The daemon's version.
     pub version: &'static str,
+    /// The node id this daemon reports (the status page's title).
+    pub node_id: String,
     /// When the daemon started.
     pub start_time: SystemTime,
     /// Per-reactor counters.
@@ -570,7 +578,12 @@ fn render_objects(e: &mut Exposition, objects: &[ObjectSample]) {
         );
     }
     type ObjectFamily = (&'static str, &'static str, fn(&ObjectSample) -> Option<u64>);
-    let families: [ObjectFamily; 2] = [
+    let families: [ObjectFamily; 3] = [
+        (
+            "coreblk_object_size_bytes",
+            "Logical size of each volume or snapshot (what its user sees; kind says which).",
+            |o| Some(o.size_bytes),
+        ),
         (
             "coreblk_object_allocated_bytes",
             "Space each volume or snapshot maps, shared or not (kind says which).",
@@ -725,6 +738,7 @@ mod tests {
     fn sample() -> Snapshot {
         Snapshot {
             version: "0.1.0",
+            node_id: "node-a".into(),
             start_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             reactors: vec![
                 ReactorSample {
@@ -799,6 +813,8 @@ mod tests {
                     volume_uuid: String::new(),
                     pvc_namespace: "ns".into(),
                     pvc_name: "data".into(),
+                    size_bytes: 1 << 20,
+                    labels: BTreeMap::from([("team".into(), "<b>db</b>".into())]),
                     allocated_bytes: Some(65536),
                     unique_bytes: Some(0),
                     export: Some(ExportSample {
@@ -817,6 +833,8 @@ mod tests {
                     volume_uuid: "v1".into(),
                     pvc_namespace: String::new(),
                     pvc_name: String::new(),
+                    size_bytes: 1 << 20,
+                    labels: BTreeMap::new(),
                     allocated_bytes: None,
                     unique_bytes: None,
                     export: None,
@@ -964,6 +982,16 @@ mod tests {
             .iter()
             .any(|s| s.name == "coreblk_object_allocated_bytes"
                 && s.labels.get("uuid").map(String::as_str) == Some("s1")));
+        // The size is known without a scan.
+        assert_eq!(
+            value(
+                "coreblk_object_size_bytes",
+                &[("uuid", "s1"), ("kind", "snapshot"), ("pool", "default")]
+            ),
+            1048576.0
+        );
+        // User labels never become metric labels, nor values.
+        assert!(!page.contains("team") && !page.contains("<b>"), "{page}");
         assert_eq!(value("coreblk_metrics_object_scans_total", &[]), 5.0);
         assert_eq!(
             value(
