@@ -125,7 +125,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
-    /// The daemon's state and reactor counters at a glance.
+    /// This node at a glance: a capacity bar per pool, the volumes by size with their
+    /// snapshots, and the reactors (the terminal twin of the status page at `/` of the
+    /// metrics address).
     Status,
     /// Print a shell completion script (e.g. `coreblk completions bash > /etc/bash_completion.d/coreblk`).
     Completions {
@@ -1362,16 +1364,35 @@ fn write_chunk(f: &std::fs::File, ch: &pb::ImageChunk) -> std::io::Result<()> {
 }
 
 async fn status(channel: Channel, out: Output) -> CmdResult {
-    let mut node = pb::node_client::NodeClient::new(channel);
+    let mut node = pb::node_client::NodeClient::new(channel.clone());
     let info = node
         .get_node_info(pb::GetNodeInfoRequest {})
         .await?
         .into_inner();
     let stats = node.get_stats(pb::GetStatsRequest {}).await?.into_inner();
+    let (pools, volumes, snapshots) = all_objects(channel).await?;
     match out {
         Output::Json => print_json(&json!({
             "node": node_info_json(&info),
             "stats": stats_json(&stats),
+            "pools": pools.iter().map(|p| json!({
+                "name": p.name, "uuid": p.uuid,
+                "state": enum_name(p.state().as_str_name(), "POOL_STATE_"),
+                "capacity_bytes": p.capacity_bytes, "allocated_bytes": p.allocated_bytes,
+                "reserved_bytes": p.reserved_bytes, "free_bytes": p.free_bytes,
+                "provisioned_bytes": p.provisioned_bytes,
+                "held_by_deleted_bytes": p.held_by_deleted_bytes,
+                "overcommit_ratio": ratio(p.provisioned_bytes, p.capacity_bytes),
+                "overcommit_limit": p.overcommit_limit,
+            })).collect::<Vec<_>>(),
+            "volumes": volumes.iter().map(|v| json!({
+                "name": v.name, "uuid": v.uuid, "pool_name": v.pool_name,
+                "size_bytes": v.size_bytes, "allocated_bytes": v.allocated_bytes,
+                "unique_bytes": v.unique_bytes, "device_path": v.device_path,
+                "pvc": pvc_of(&v.labels),
+                "snapshots": snapshots.iter().filter(|s| s.volume_uuid == v.uuid)
+                    .map(|s| s.name.clone()).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         })),
         Output::Table => {
             println!(
@@ -1383,10 +1404,211 @@ async fn status(channel: Channel, out: Output) -> CmdResult {
                 stats.uptime_seconds,
                 info.devices.len()
             );
+            println!();
+            if pools.is_empty() {
+                println!("no pool yet (coreblk pool create)");
+            }
+            for p in &pools {
+                print!("{}", pool_summary(p, BAR_WIDTH));
+            }
+            println!();
+            print!("{}", volume_tree(&pools, &volumes, &snapshots).render());
+            println!();
             print!("{}", stats_table(&stats).render());
         }
     }
     Ok(())
+}
+
+/// Characters of a pool's capacity bar in `coreblk status`.
+const BAR_WIDTH: usize = 50;
+
+/// Every pool, volume (largest first) and snapshot, all pages.
+async fn all_objects(
+    channel: Channel,
+) -> Result<(Vec<pb::Pool>, Vec<pb::Volume>, Vec<pb::Snapshot>), Failure> {
+    let mut pc = pb::pools_client::PoolsClient::new(channel.clone());
+    let mut vc = pb::volumes_client::VolumesClient::new(channel.clone());
+    let mut sc = pb::snapshots_client::SnapshotsClient::new(channel);
+    let (mut pools, mut volumes, mut snapshots) = (Vec::new(), Vec::new(), Vec::new());
+    let mut token = String::new();
+    loop {
+        let r = pc
+            .list_pools(pb::ListPoolsRequest {
+                page_size: 0,
+                page_token: token,
+            })
+            .await?
+            .into_inner();
+        pools.extend(r.pools);
+        token = r.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    loop {
+        let r = vc
+            .list_volumes(pb::ListVolumesRequest {
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        volumes.extend(r.volumes);
+        token = r.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    loop {
+        let r = sc
+            .list_snapshots(pb::ListSnapshotsRequest {
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        snapshots.extend(r.snapshots);
+        token = r.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    volumes.sort_by(|a, b| {
+        b.size_bytes
+            .cmp(&a.size_bytes)
+            .then_with(|| a.pool_name.cmp(&b.pool_name))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    snapshots.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((pools, volumes, snapshots))
+}
+
+/// `part / whole` (0 for an empty whole).
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        return 0.0;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let r = part as f64 / whole as f64;
+    r
+}
+
+/// `namespace/name` of the PVC a volume was provisioned for, or empty.
+fn pvc_of(labels: &HashMap<String, String>) -> String {
+    match (
+        labels.get("csi.storage.k8s.io/pvc/namespace"),
+        labels.get("csi.storage.k8s.io/pvc/name"),
+    ) {
+        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+        (None, Some(name)) => name.clone(),
+        _ => String::new(),
+    }
+}
+
+/// A text bar of `width` characters: `#` allocated, `=` reserved, `.` free, each
+/// rounded to whole characters (allocated rounds up, so any use shows).
+fn capacity_bar(allocated: u64, reserved: u64, capacity: u64, width: usize) -> String {
+    let cells = |bytes: u64, up: bool| -> usize {
+        if capacity == 0 {
+            return 0;
+        }
+        let w = width as u128;
+        let (b, c) = (u128::from(bytes.min(capacity)), u128::from(capacity));
+        let n = if up { (b * w).div_ceil(c) } else { b * w / c };
+        usize::try_from(n).unwrap_or(width)
+    };
+    let a = cells(allocated, true).min(width);
+    let r = cells(reserved, false).min(width - a);
+    format!(
+        "[{}{}{}]",
+        "#".repeat(a),
+        "=".repeat(r),
+        ".".repeat(width - a - r)
+    )
+}
+
+/// One pool in `coreblk status`: name, state, bar, then its figures.
+fn pool_summary(p: &pb::Pool, width: usize) -> String {
+    let state = enum_name(p.state().as_str_name(), "POOL_STATE_");
+    let mut s = format!(
+        "pool {}  {state}  {} {:.1}% allocated\n",
+        p.name,
+        capacity_bar(p.allocated_bytes, p.reserved_bytes, p.capacity_bytes, width),
+        ratio(p.allocated_bytes, p.capacity_bytes) * 100.0,
+    );
+    let _ = writeln!(
+        s,
+        "  capacity {} · allocated {} · reserved {} · free {} · held by deleted objects {}",
+        human_size(p.capacity_bytes),
+        human_size(p.allocated_bytes),
+        human_size(p.reserved_bytes),
+        human_size(p.free_bytes),
+        human_size(p.held_by_deleted_bytes),
+    );
+    let _ = writeln!(
+        s,
+        "  provisioned {} · overcommit {:.2}x (limit {:.2}x) · {} volume(s), {} snapshot(s)",
+        human_size(p.provisioned_bytes),
+        ratio(p.provisioned_bytes, p.capacity_bytes),
+        p.overcommit_limit,
+        p.volume_count,
+        p.snapshot_count,
+    );
+    if !p.state_message.is_empty() {
+        let _ = writeln!(s, "  {}", p.state_message);
+    }
+    s
+}
+
+/// Volumes (in the given order), each followed by its snapshots indented; snapshots
+/// whose volume is gone at the end.
+fn volume_tree(pools: &[pb::Pool], volumes: &[pb::Volume], snapshots: &[pb::Snapshot]) -> Table {
+    let mut t = Table::new(&[
+        "VOLUME",
+        "PVC",
+        "POOL",
+        "SIZE",
+        "ALLOCATED",
+        "UNIQUE",
+        "DEVICE",
+    ]);
+    let pool_of: HashMap<&str, &str> = pools
+        .iter()
+        .map(|p| (p.uuid.as_str(), p.name.as_str()))
+        .collect();
+    let snap_row = |t: &mut Table, s: &pb::Snapshot, note: &str| {
+        t.row(vec![
+            format!("  @{}{note}", s.name),
+            "-".to_owned(),
+            or_dash(pool_of.get(s.pool_uuid.as_str()).copied().unwrap_or("")),
+            human_size(s.size_bytes),
+            human_size(s.allocated_bytes),
+            human_size(s.unique_bytes),
+            "-".to_owned(),
+        ]);
+    };
+    for v in volumes {
+        t.row(vec![
+            v.name.clone(),
+            or_dash(&pvc_of(&v.labels)),
+            or_dash(&v.pool_name),
+            human_size(v.size_bytes),
+            human_size(v.allocated_bytes),
+            human_size(v.unique_bytes),
+            or_dash(&v.device_path),
+        ]);
+        for s in snapshots.iter().filter(|s| s.volume_uuid == v.uuid) {
+            snap_row(&mut t, s, "");
+        }
+    }
+    for s in snapshots
+        .iter()
+        .filter(|s| !volumes.iter().any(|v| v.uuid == s.volume_uuid))
+    {
+        snap_row(&mut t, s, " (volume deleted)");
+    }
+    t
 }
 
 // ---- output -------------------------------------------------------------------------
@@ -1437,25 +1659,7 @@ fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
     let Some(ts) = ts else {
         return String::new();
     };
-    let secs = ts.seconds;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    coreblk_daemon::metrics::status::utc_text(ts.seconds)
 }
 
 fn reason_json(r: &pb::RefuseReason) -> Value {
@@ -1911,6 +2115,79 @@ mod tests {
     #[test]
     fn the_command_tree_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn capacity_bars_show_allocated_reserved_and_free() {
+        assert_eq!(capacity_bar(0, 0, 100, 10), "[..........]");
+        assert_eq!(capacity_bar(50, 20, 100, 10), "[#####==...]");
+        // Any allocation shows; a full pool is all #.
+        assert_eq!(capacity_bar(1, 0, 1 << 40, 10), "[#.........]");
+        assert_eq!(capacity_bar(100, 0, 100, 10), "[##########]");
+        // Never wider than asked, whatever the figures say.
+        assert_eq!(capacity_bar(90, 90, 100, 10), "[#########=]");
+        assert_eq!(capacity_bar(5, 5, 0, 4), "[....]");
+    }
+
+    #[test]
+    fn the_status_summary_has_a_bar_and_the_figures_per_pool() {
+        let p = pb::Pool {
+            name: "default".into(),
+            uuid: "p1".into(),
+            capacity_bytes: 100 << 30,
+            allocated_bytes: 25 << 30,
+            free_bytes: 75 << 30,
+            provisioned_bytes: 150 << 30,
+            overcommit_limit: 2.0,
+            volume_count: 3,
+            state: pb::PoolState::Online as i32,
+            ..Default::default()
+        };
+        let text = pool_summary(&p, 20);
+        assert!(
+            text.starts_with("pool default  online  [#####...............] 25.0% allocated\n"),
+            "{text}"
+        );
+        assert!(text.contains("capacity 100.0 GiB"), "{text}");
+        assert!(text.contains("overcommit 1.50x (limit 2.00x)"), "{text}");
+        let v = |name: &str, uuid: &str, size: u64| pb::Volume {
+            name: name.into(),
+            uuid: uuid.into(),
+            pool_uuid: "p1".into(),
+            pool_name: "default".into(),
+            size_bytes: size,
+            labels: HashMap::from([
+                (
+                    "csi.storage.k8s.io/pvc/namespace".to_owned(),
+                    "ns".to_owned(),
+                ),
+                ("csi.storage.k8s.io/pvc/name".to_owned(), name.to_owned()),
+            ]),
+            ..Default::default()
+        };
+        let s = |name: &str, volume: &str| pb::Snapshot {
+            name: name.into(),
+            volume_uuid: volume.into(),
+            pool_uuid: "p1".into(),
+            ..Default::default()
+        };
+        let table = volume_tree(
+            &[p],
+            &[v("big", "u1", 2 << 30), v("small", "u2", 1 << 30)],
+            &[s("a", "u1"), s("b", "u9")],
+        )
+        .render();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[1].starts_with("big ") && lines[1].contains("ns/big"),
+            "{table}"
+        );
+        assert!(lines[2].starts_with("  @a "), "{table}");
+        assert!(lines[3].starts_with("small "), "{table}");
+        assert!(
+            lines[4].starts_with("  @b (volume deleted)") && lines[4].contains("default"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
+use crate::bdev::claim::human_size;
+
 use super::{ObjectKind, ObjectSample, PoolSample, PoolStateSample, Snapshot};
 
 /// How often the page refreshes itself.
@@ -40,26 +42,27 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-/// `n` bytes in binary units, e.g. `1.5 GiB`, `512 B`.
+/// Seconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 #[must_use]
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    // Precision loss past 2^52 bytes is far below the one decimal shown.
-    #[allow(clippy::cast_precision_loss)]
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if v >= 100.0 || (v - v.round()).abs() < 0.05 {
-        format!("{v:.0} {}", UNITS[unit])
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+pub fn utc_text(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// `part / whole` in percent (0 for an empty whole), for widths and labels.
@@ -91,7 +94,7 @@ main{padding:12px 20px}h2{font-size:15px;margin:18px 0 8px}\
 .ok{background:#d8f3df;color:#1b6b34}.warn{background:#fff1c9;color:#7a5a00}.bad{background:#fbd9d9;color:#9b1c1c}\
 .bar{display:flex;height:18px;border-radius:4px;overflow:hidden;background:#e4e7ec;position:relative}\
 .bar span{display:block;height:100%}\
-.alloc{background:#3b6fd8}.resv{background:#8c5bd6}.held{background:#e0a23b}\
+.alloc{background:#3b6fd8}.resv{background:#8c5bd6}\
 .legend{font-size:12px;margin-top:6px;color:#4a5261}.legend b{color:#1d2330}\
 .sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 3px 0 10px;vertical-align:-1px}\
 .sw.free{background:#e4e7ec;border:1px solid #c9ced6}\
@@ -129,12 +132,13 @@ pub fn render(s: &Snapshot) -> String {
          <title>coreblk · {node}</title>\
          <noscript><meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\"></noscript>\
          <style>{STYLE}</style></head><body>\
-         <header><h1>coreblk on {node}</h1><p>coreblkd {version} · started at \
-         <span class=\"ts\" data-unix=\"{since}\">{since}</span> (Unix time) · \
+         <header><h1>coreblk on {node}</h1><p>coreblkd {version} · started \
+         <span class=\"ts\" data-unix=\"{since}\">{started}</span> · \
          refreshes every {REFRESH_SECONDS} s · updated <span id=\"updated\">now</span> · \
          <a href=\"/metrics\" style=\"color:#c5cad3\">/metrics</a></p></header>\n<main>",
         node = esc(&s.node_id),
         version = esc(s.version),
+        started = utc_text(i64::try_from(since).unwrap_or(i64::MAX)),
     );
     h.push_str("<h2>Pools</h2>\n");
     if s.pools.is_empty() {
@@ -194,7 +198,7 @@ fn pool(h: &mut String, p: &PoolSample) {
          <div class=\"legend\"><span class=\"sw alloc\"></span>allocated <b>{ah}</b> ({ap:.1}%)\
          <span class=\"sw resv\"></span>reserved <b>{rh}</b>\
          <span class=\"sw free\"></span>free <b>{fh}</b> of <b>{ch}</b>\
-         <span class=\"sw held\"></span>held by deleted objects <b>{hh}</b><br>\
+         · held by deleted objects <b>{hh}</b> (part of free, being recycled)<br>\
          provisioned <b>{ph}</b> · overcommit <b>{overcommit:.2}×</b> (limit {limit:.2}×) · \
          {nv} volume(s), {ns} snapshot(s)</div></div>",
         a = f.allocated_bytes,
@@ -208,19 +212,19 @@ fn pool(h: &mut String, p: &PoolSample) {
         ap = percent(f.allocated_bytes, cap),
         rp = percent(f.reserved_bytes, cap),
         fp = percent(f.free_bytes, cap),
-        ah = human_bytes(f.allocated_bytes),
-        rh = human_bytes(f.reserved_bytes),
-        fh = human_bytes(f.free_bytes),
-        ch = human_bytes(cap),
-        hh = human_bytes(f.held_by_deleted_bytes),
-        ph = human_bytes(f.provisioned_bytes),
+        ah = human_size(f.allocated_bytes),
+        rh = human_size(f.reserved_bytes),
+        fh = human_size(f.free_bytes),
+        ch = human_size(cap),
+        hh = human_size(f.held_by_deleted_bytes),
+        ph = human_size(f.provisioned_bytes),
         limit = p.overcommit_limit,
     );
 }
 
 fn opt_bytes(v: Option<u64>) -> (String, String) {
     match v {
-        Some(b) => (b.to_string(), human_bytes(b)),
+        Some(b) => (b.to_string(), human_size(b)),
         None => (String::new(), "…".to_owned()),
     }
 }
@@ -265,7 +269,7 @@ fn row(h: &mut String, o: &ObjectSample, extra_class: &str, note: &str) {
         name = esc(&o.name),
         pool = esc(&o.pool),
         size = o.size_bytes,
-        sh = human_bytes(o.size_bytes),
+        sh = human_size(o.size_bytes),
         labels = labels_cell(&o.labels),
     );
 }
@@ -403,22 +407,20 @@ mod tests {
     }
 
     #[test]
+    fn utc_dates() {
+        assert_eq!(utc_text(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_text(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(utc_text(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_text(-1), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
     fn escaping_covers_every_special_character() {
         assert_eq!(
             esc("<a href=\"x\">'&'</a>"),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
         );
         assert_eq!(esc("plain"), "plain");
-    }
-
-    #[test]
-    fn binary_units() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1024), "1 KiB");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(10 << 30), "10 GiB");
-        assert_eq!(human_bytes(u64::MAX), "16 EiB");
     }
 
     #[test]
