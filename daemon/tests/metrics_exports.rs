@@ -112,6 +112,7 @@ fn exported_volumes_show_their_io_counters_joined_by_the_export_record() {
             metrics::render(&metrics::Snapshot {
                 version: "test",
                 start_time: std::time::SystemTime::UNIX_EPOCH,
+                state: metrics::DaemonStateSample::Serving,
                 reactors: Vec::new(),
                 devices: Vec::new(),
                 pools,
