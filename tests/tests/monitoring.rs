@@ -427,11 +427,13 @@ fn dashboard_queries(dash: &Value) -> Vec<(String, String)> {
                 t["datasource"]
             );
             let expr = t["expr"].as_str().filter(|e| !e.trim().is_empty());
-            out.push((
-                title.clone(),
-                expr.unwrap_or_else(|| panic!("panel {title}: a target without expr"))
-                    .to_owned(),
-            ));
+            let expr = expr.unwrap_or_else(|| panic!("panel {title}: a target without expr"));
+            // The node picker applies to every panel.
+            assert!(
+                expr.contains("instance=~\"$node\""),
+                "panel {title}: {expr} does not filter by $node"
+            );
+            out.push((title.clone(), expr.to_owned()));
         }
     }
     let vars = dash["templating"]["list"]
