@@ -113,6 +113,7 @@ fn exported_volumes_show_their_io_counters_joined_by_the_export_record() {
                 version: "test",
                 node_id: "test".into(),
                 start_time: std::time::SystemTime::UNIX_EPOCH,
+                state: metrics::DaemonStateSample::Serving,
                 reactors: Vec::new(),
                 devices: Vec::new(),
                 pools,

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::devices::claimed_message;
 use super::server::Shared;
+use crate::metrics::DaemonStateSample;
 
 /// What the daemon knows about itself from start-up on.
 #[derive(Debug, Clone)]
@@ -107,12 +108,10 @@ impl pb::node_server::Node for NodeService {
         _request: Request<pb::GetNodeInfoRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
         let f = &self.shared.facts;
-        let state = if self.shared.is_stopping() {
-            pb::DaemonState::Stopping
-        } else if !self.shared.store.is_ready() {
-            pb::DaemonState::Starting
-        } else {
-            pb::DaemonState::Serving
+        let state = match self.shared.daemon_state() {
+            DaemonStateSample::Starting => pb::DaemonState::Starting,
+            DaemonStateSample::Serving => pb::DaemonState::Serving,
+            DaemonStateSample::Stopping => pb::DaemonState::Stopping,
         };
         Ok(Response::new(pb::NodeInfo {
             node_id: f.node_id.clone(),

@@ -42,7 +42,7 @@ use super::snapshots::SnapshotsService;
 use super::socket::ApiSocket;
 use super::store::Store;
 use super::volumes::VolumesService;
-use crate::metrics::{self, http, DeviceSample, ReactorSample};
+use crate::metrics::{self, http, DaemonStateSample, DeviceSample, ReactorSample};
 use crate::reactor::ReactorStats;
 
 /// Longest a stop waits for in-flight calls (a stuck import stream must not keep the
@@ -230,6 +230,18 @@ impl Shared {
         self.stopping.load(Ordering::Acquire)
     }
 
+    /// Starting (pools being imported), serving or stopping: what `GetNodeInfo` and
+    /// `coreblk_daemon_state` report.
+    pub fn daemon_state(&self) -> DaemonStateSample {
+        if self.is_stopping() {
+            DaemonStateSample::Stopping
+        } else if !self.store.is_ready() {
+            DaemonStateSample::Starting
+        } else {
+            DaemonStateSample::Serving
+        }
+    }
+
     /// UNAVAILABLE once a stop has begun.
     ///
     /// # Errors
@@ -249,6 +261,7 @@ impl Shared {
             version: self.facts.version,
             node_id: self.facts.node_id.clone(),
             start_time: self.facts.start_time,
+            state: self.daemon_state(),
             reactors: self
                 .reactors
                 .iter()

@@ -16,7 +16,9 @@
 //! atomic buckets). Each volume (or snapshot) this daemon exports has
 //! `coreblk_export_info` and `coreblk_volume_io_*` by `uuid` and `op`: requests, bytes,
 //! errors and a latency histogram, recorded by its ublk queues on their reactors
-//! (`export::stats`) and summed over the queues at scrape time.
+//! (`export::stats`) and summed over the queues at scrape time. `coreblk_daemon_state`
+//! says whether the daemon serves calls yet (the alert rules in
+//! `csi/deploy/monitoring/` watch it after a restart).
 //! Start reading at [`render`].
 
 pub mod http;
@@ -63,6 +65,29 @@ pub struct DeviceSample {
     pub size_bytes: u64,
     /// Held open now.
     pub present: bool,
+}
+
+/// The daemon's state as `coreblk_daemon_state` shows it (the node API's `DaemonState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonStateSample {
+    /// Importing pools: pool, volume and snapshot calls answer UNAVAILABLE.
+    Starting,
+    /// Serving calls.
+    Serving,
+    /// Stopping: finishing in-flight calls, refusing new ones.
+    Stopping,
+}
+
+impl DaemonStateSample {
+    const ALL: [Self; 3] = [Self::Starting, Self::Serving, Self::Stopping];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Serving => "serving",
+            Self::Stopping => "stopping",
+        }
+    }
 }
 
 /// A pool's state as `coreblk_pool_state` shows it.
@@ -219,6 +244,8 @@ pub struct Snapshot {
     pub node_id: String,
     /// When the daemon started.
     pub start_time: SystemTime,
+    /// Starting, serving or stopping.
+    pub state: DaemonStateSample,
     /// Per-reactor counters.
     pub reactors: Vec<ReactorSample>,
     /// Claimed devices (present or recorded).
@@ -366,6 +393,15 @@ pub fn render(s: &Snapshot) -> String {
         .unwrap_or_default()
         .as_secs_f64();
     e.sample("coreblk_start_time_seconds", &[], start);
+    e.family(
+        "coreblk_daemon_state",
+        Kind::Gauge,
+        "1 for the daemon's current state (starting: importing pools, calls answer UNAVAILABLE; serving; stopping), 0 for the others.",
+    );
+    for st in DaemonStateSample::ALL {
+        let on = if st == s.state { 1.0 } else { 0.0 };
+        e.sample("coreblk_daemon_state", &[("state", st.as_str())], on);
+    }
 
     let reactor_families: [ReactorFamily; 5] = [
         (
@@ -740,6 +776,7 @@ mod tests {
             version: "0.1.0",
             node_id: "node-a".into(),
             start_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            state: DaemonStateSample::Starting,
             reactors: vec![
                 ReactorSample {
                     id: 0,
@@ -874,6 +911,9 @@ mod tests {
         );
         assert_eq!(value("coreblk_build_info", &[("version", "0.1.0")]), 1.0);
         assert_eq!(value("coreblk_start_time_seconds", &[]), 1_700_000_000.0);
+        assert_eq!(value("coreblk_daemon_state", &[("state", "starting")]), 1.0);
+        assert_eq!(value("coreblk_daemon_state", &[("state", "serving")]), 0.0);
+        assert_eq!(value("coreblk_daemon_state", &[("state", "stopping")]), 0.0);
         assert_eq!(
             value(
                 "coreblk_reactor_busy_seconds_total",
