@@ -870,6 +870,30 @@ fn pools_on_claimed_devices_and_their_errors() {
     let capacity = p2["capacity_bytes"].as_u64().expect("capacity");
     let big = format!("{}", (capacity * 2) / 4096 * 4096);
     daemon.json(&["volume", "create", "big", "--pool", "p2", "--size", &big]);
+    // ...and running out of space is RESOURCE_EXHAUSTED: an import of more data than the
+    // pool holds fails when the pool is full, saying so; the half-written volume stays
+    // marked importing and is removable; the pool still serves.
+    let fill = dir.path().join("fill.raw");
+    let fill_len = usize::try_from(capacity + (4 << 20)).expect("fits");
+    std::fs::write(&fill, seeded(fill_len, 11)).expect("fill image");
+    let full = daemon.coreblk(&[
+        "image",
+        "import",
+        path_str(&fill),
+        "--pool",
+        "p2",
+        "--name",
+        "fill",
+    ]);
+    failed_with(&full, "(RESOURCE_EXHAUSTED)");
+    failed_with(&full, "No space left on device");
+    let half = daemon.json(&["volume", "get", "fill"]);
+    assert_eq!(volume_of(&half)["state"], "importing", "{half}");
+    let pool_full = daemon.json(&["pool", "get", "p2"]);
+    assert_eq!(pool_full["pools"][0]["state"], "online", "{pool_full}");
+    assert_eq!(pool_full["pools"][0]["free_bytes"], 0, "{pool_full}");
+    daemon.json(&["volume", "delete", "fill"]);
+    failed_with(&daemon.coreblk(&["volume", "get", "fill"]), "(NOT_FOUND)");
     // The device under a pool is not released, the pool with a volume not destroyed.
     failed_with(
         &daemon.coreblk(&["device", "release", img_s]),
