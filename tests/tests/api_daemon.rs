@@ -887,6 +887,7 @@ fn pools_on_claimed_devices_and_their_errors() {
     ]);
     failed_with(&full, "(RESOURCE_EXHAUSTED)");
     failed_with(&full, "No space left on device");
+    failed_with(&full, "pool is full");
     let half = daemon.json(&["volume", "get", "fill"]);
     assert_eq!(volume_of(&half)["state"], "importing", "{half}");
     let pool_full = daemon.json(&["pool", "get", "p2"]);

@@ -136,7 +136,7 @@ pub enum Error {
         reason: String,
     },
     /// A volume IO failed.
-    #[error("{op} of volume {volume} at byte {offset_bytes} failed: {errno}")]
+    #[error("{op} of volume {volume} at byte {offset_bytes} failed: {errno}{}", io_hint(*errno))]
     VolumeIo {
         /// `read`, `write`, `flush`.
         op: &'static str,
@@ -208,6 +208,16 @@ pub enum Error {
     /// A bug or an unexpected failure inside the daemon.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What a person can do about a failed volume IO, for the errnos that have an answer.
+fn io_hint(errno: Errno) -> &'static str {
+    if errno.0 == libc::ENOSPC {
+        "; the volume's pool is full (`coreblk pool get` shows its space): delete \
+         snapshots or volumes in it, then retry"
+    } else {
+        ""
+    }
 }
 
 impl Error {
@@ -351,6 +361,23 @@ mod tests {
             errno: Errno(libc::ENOSPC),
         });
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("pool is full") && status.message().contains("delete"),
+            "{}",
+            status.message()
+        );
+        let status = tonic::Status::from(Error::VolumeIo {
+            op: "read",
+            volume: "v".into(),
+            offset_bytes: 0,
+            errno: Errno(libc::EIO),
+        });
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(
+            !status.message().contains("pool is full"),
+            "{}",
+            status.message()
+        );
         assert_eq!(
             tonic::Status::from(Error::Importing { detail: "x".into() }).code(),
             tonic::Code::Unavailable
