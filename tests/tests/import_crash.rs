@@ -1,16 +1,18 @@
-//! The daemon-crash rule end to end: a chunked image import (8 MiB in 32 KiB chunks) is
-//! interrupted by `kill -9` at random moments (exactly [`KILLS`] times, each while the
-//! import runs: after a random number of this round's chunks, bounded so that the import
-//! cannot finish first, plus a random delay of up to 2 ms, so the kill lands between
-//! chunks or while one is written or acknowledged; seed printed, `COREBLK_CRASH_SEED`
-//! replays one), the daemon restarted each time. After every restart every object is
-//! there (a bystander volume with labels and data, and its snapshot, made before the
-//! first kill), and the import's volume is marked importing; the import resumes from the last acknowledged
-//! offset (or past it, when the kill cut off the ack of a chunk already recorded; never
-//! past what was sent); and the finished volume is byte-identical to the image. The API
-//! refuses to export or snapshot a volume while it is importing, so the acknowledged
-//! chunks are read back at the end: each is sent once (no resume starts below the last
-//! ack), so the final byte-for-byte comparison reads every acknowledged
+//! The daemon-crash rule end to end: a chunked image import (8 MiB in 16 KiB chunks) is
+//! interrupted by `kill -9` at random moments, exactly [`KILLS`] times, each while the
+//! import runs: after a random number of the round's chunks (bounded so that the import
+//! cannot finish first) plus a random delay of up to 0.5 ms, so the kill lands between
+//! chunks or while they are written, recorded or acknowledged. Each round sends 1 to
+//! [`MAX_WINDOW`] chunks ahead of their acks (lockstep, or batches the daemon records
+//! and acknowledges together). Seed printed; `COREBLK_CRASH_SEED` replays one. The daemon
+//! is restarted after each kill, and then every object is there (a bystander volume with
+//! labels and data, and its snapshot, made before the first kill, read back byte for
+//! byte), the import's volume is marked importing, and the import resumes from the last
+//! acknowledged offset (or past it, when the kill cut off acks of chunks already
+//! recorded; never past what was sent). The finished volume is byte-identical to the
+//! image. The API refuses to export or snapshot a volume while it is importing, so the
+//! acknowledged chunks are read back at the end: none is sent again (no resume starts
+//! below the last ack), so the final byte-for-byte comparison reads every acknowledged
 //! chunk as written before the kills that followed it.
 
 mod common;
@@ -22,7 +24,9 @@ use coreblk_proto::v1 as pb;
 use tonic::transport::Channel;
 
 const IMAGE_BYTES: usize = 8 << 20;
-const CHUNK_BYTES: usize = 32 << 10;
+const CHUNK_BYTES: usize = 16 << 10;
+/// Most chunks a round sends ahead of their acks (each round picks 1 to this).
+const MAX_WINDOW: usize = 8;
 /// Interrupted imports per run.
 const KILLS: usize = 10;
 const NAME: &str = "crash-import";
@@ -96,10 +100,17 @@ struct Round {
     killer: Option<std::thread::JoinHandle<()>>,
 }
 
-/// One import stream from where the daemon says to resume: (the resume offset, the last
-/// acknowledged offset, whether `finish` was answered). The stream ends when the daemon
-/// dies (or, with `finish`, when the import is done).
-async fn import_round(ch: Channel, image: &[u8], resume: bool, kill: Option<Kill>) -> Round {
+/// One import stream from where the daemon says to resume, with up to `window` chunks sent
+/// ahead of their acks (1: lockstep; more: the daemon writes the chunks that have arrived
+/// before it records and acknowledges them together). The stream ends when the daemon dies
+/// (or, with `finish`, when the import is done).
+async fn import_round(
+    ch: Channel,
+    image: &[u8],
+    resume: bool,
+    window: usize,
+    kill: Option<Kill>,
+) -> Round {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     tx.send(start_msg(resume)).await.expect("send start");
     let mut resp = match pb::images_client::ImagesClient::new(ch)
@@ -116,82 +127,81 @@ async fn import_round(ch: Channel, image: &[u8], resume: bool, kill: Option<Kill
         panic!("expected ImportStarted")
     };
     let resume_at = s.resume_offset_bytes;
-    let mut killer = None;
+    let mut round = Round {
+        resume_at,
+        acked: resume_at,
+        sent: resume_at,
+        finished: false,
+        killer: None,
+    };
     let mut chunks_sent = 0usize;
-    let mut acked = resume_at;
-    let mut sent = resume_at;
+    // Ends of the chunks sent and not yet acknowledged, oldest first.
+    let mut in_flight = std::collections::VecDeque::new();
     let mut offset = usize::try_from(resume_at).expect("fits");
+    let mut finish_sent = false;
     loop {
-        if offset >= image.len() {
-            let _ = tx
-                .send(pb::ImportImageRequest {
-                    msg: Some(pb::import_image_request::Msg::Finish(pb::ImportFinish {
-                        expected_size_bytes: u64::try_from(image.len()).expect("fits"),
-                    })),
+        let next = (!finish_sent && in_flight.len() < window).then(|| {
+            if offset < image.len() {
+                pb::import_image_request::Msg::Chunk(pb::ImageChunk {
+                    offset_bytes: u64::try_from(offset).expect("fits"),
+                    data: image[offset..offset + CHUNK_BYTES].to_vec(),
+                    zero: false,
+                    length_bytes: 0,
                 })
-                .await;
-            let finished = matches!(
-                resp.message().await,
-                Ok(Some(pb::ImportImageResponse {
-                    msg: Some(pb::import_image_response::Msg::Finished(_))
-                }))
-            );
-            return Round {
-                resume_at,
-                acked,
-                sent,
-                finished,
-                killer,
-            };
-        }
-        let chunk = pb::ImportImageRequest {
-            msg: Some(pb::import_image_request::Msg::Chunk(pb::ImageChunk {
-                offset_bytes: u64::try_from(offset).expect("fits"),
-                data: image[offset..offset + CHUNK_BYTES].to_vec(),
-                zero: false,
-                length_bytes: 0,
-            })),
-        };
-        sent = u64::try_from(offset + CHUNK_BYTES).expect("fits");
-        let sent_ok = tx.send(chunk).await.is_ok();
-        chunks_sent += 1;
-        // The kill comes at a random moment after this round's `after_chunks`-th chunk
-        // went out: between chunks, or while one is being written or acknowledged.
-        if let Some(k) = kill.filter(|k| killer.is_none() && chunks_sent == k.after_chunks) {
-            killer = Some(std::thread::spawn(move || {
-                std::thread::sleep(k.delay);
-                // SAFETY: kill takes plain integers; the pid is the test's child, which it
-                // reaps only after joining this thread, so it names no other process.
-                unsafe { libc::kill(k.pid, libc::SIGKILL) };
-            }));
-        }
-        if !sent_ok {
-            return Round {
-                resume_at,
-                acked,
-                sent,
-                finished: false,
-                killer,
-            };
-        }
-        match resp.message().await {
-            Ok(Some(pb::ImportImageResponse {
-                msg: Some(pb::import_image_response::Msg::Ack(a)),
-            })) => {
-                let end = u64::try_from(offset + CHUNK_BYTES).expect("fits");
-                assert_eq!(a.durable_offset_bytes, end, "an ack names its chunk's end");
-                acked = end;
-                offset += CHUNK_BYTES;
+            } else {
+                pb::import_image_request::Msg::Finish(pb::ImportFinish {
+                    expected_size_bytes: u64::try_from(image.len()).expect("fits"),
+                })
             }
-            Ok(other) => panic!("expected an ack: {other:?}"),
-            // The daemon died under the stream.
-            Err(_) => {
-                return Round {
-                    resume_at,
-                    acked,
-                    sent,
-                    finished: false,
-                    killer,
+        });
+        let sending = next.is_some();
+        tokio::select! {
+            biased;
+            answer = resp.message() => match answer {
+                Ok(Some(pb::ImportImageResponse {
+                    msg: Some(pb::import_image_response::Msg::Ack(a)),
+                })) => {
+                    let end = in_flight.pop_front().expect("an ack for a chunk sent");
+                    assert_eq!(a.durable_offset_bytes, end, "an ack names its chunk's end");
+                    round.acked = end;
+                }
+                Ok(Some(pb::ImportImageResponse {
+                    msg: Some(pb::import_image_response::Msg::Finished(_)),
+                })) => {
+                    assert!(finish_sent && in_flight.is_empty(), "finished early");
+                    round.finished = true;
+                    return round;
+                }
+                Ok(other) => panic!("expected an ack: {other:?}"),
+                // The daemon died under the stream.
+                Err(_) => return round,
+            },
+            ok = tx.send(pb::ImportImageRequest { msg: next }), if sending => {
+                if ok.is_err() {
+                    return round;
+                }
+                if offset >= image.len() {
+                    finish_sent = true;
+                    continue;
+                }
+                offset += CHUNK_BYTES;
+                let end = u64::try_from(offset).expect("fits");
+                in_flight.push_back(end);
+                round.sent = end;
+                chunks_sent += 1;
+                // The kill comes at a random moment after this round's `after_chunks`-th
+                // chunk went out: between chunks, or while they are written, recorded or
+                // acknowledged.
+                if let Some(k) =
+                    kill.filter(|k| round.killer.is_none() && chunks_sent == k.after_chunks)
+                {
+                    round.killer = Some(std::thread::spawn(move || {
+                        std::thread::sleep(k.delay);
+                        // SAFETY: kill takes plain integers; the pid is the test's child,
+                        // which it reaps only after joining this thread, so it names no
+                        // other process.
+                        unsafe { libc::kill(k.pid, libc::SIGKILL) };
+                    }));
                 }
             }
         }
@@ -329,13 +339,16 @@ fn kill_9_during_a_chunked_import_loses_no_acknowledged_chunk_and_resumes() {
         // yet acknowledged, so none comes after the import finished.
         let kill = (kills < KILLS).then(|| {
             let left = (IMAGE_BYTES - usize::try_from(acked).expect("fits")) / CHUNK_BYTES;
-            let share = (left / (KILLS - kills + 1)).max(1);
+            // Half an equal share of what is left, so that what the window and the delay
+            // let through after the chosen chunk cannot finish the import first.
+            let share = (left / (2 * (KILLS - kills + 1))).max(1);
             Kill {
                 pid,
                 after_chunks: 1 + usize::try_from(next()).unwrap_or(0) % share,
-                delay: Duration::from_micros(next() % 2000),
+                delay: Duration::from_micros(next() % 500),
             }
         });
+        let window = 1 + usize::try_from(next()).unwrap_or(0) % MAX_WINDOW;
         let round = rt().block_on(async {
             let ch = daemon.channel().await;
             match &bystander_uuids {
@@ -355,7 +368,7 @@ fn kill_9_during_a_chunked_import_loses_no_acknowledged_chunk_and_resumes() {
                     .into_inner();
                 assert_eq!(v.state(), pb::VolumeState::Importing);
             }
-            import_round(ch, &image, kills > 0 || acked > 0, kill).await
+            import_round(ch, &image, kills > 0 || acked > 0, window, kill).await
         });
         // Never below the last ack (nothing acknowledged is lost), never past what was
         // sent; above the ack when the kill cut off the ack of a recorded chunk.
@@ -368,7 +381,7 @@ fn kill_9_during_a_chunked_import_loses_no_acknowledged_chunk_and_resumes() {
         acked = round.acked;
         sent = round.sent;
         eprintln!(
-            "import crash: round {kills}: resumed at {}, acknowledged up to {acked}",
+            "import crash: round {kills} (window {window}): resumed at {}, acknowledged up to {acked}, sent up to {sent}",
             round.resume_at
         );
         if let Some(k) = round.killer {
