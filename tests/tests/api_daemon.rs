@@ -806,6 +806,36 @@ fn volumes_and_images_round_trip_and_survive_restart_and_kill() {
     let daemon = Daemon::start(dir.path(), &socket);
     assert!(export_bytes(&daemon, dir.path(), "img2") == original2);
     assert!(export_bytes(&daemon, dir.path(), "img1") == original);
+
+    // Import, snapshot, write: the snapshot still exports the imported bytes, the volume
+    // the written ones.
+    daemon.json(&["image", "import", path_str(&img), "--volume", "img3"]);
+    daemon.json(&["snapshot", "create", "img3", "img3-s1"]);
+    let patch = dir.path().join("patch.raw");
+    std::fs::write(&patch, vec![0x5a_u8; 1 << 20]).expect("patch");
+    daemon.json(&[
+        "image",
+        "import",
+        path_str(&patch),
+        "--volume",
+        "img3",
+        "--overwrite",
+    ]);
+    let snap_out = dir.path().join("img3-s1.out");
+    daemon.json(&[
+        "image",
+        "export",
+        path_str(&snap_out),
+        "--snapshot",
+        "img3-s1",
+    ]);
+    assert!(
+        std::fs::read(&snap_out).expect("read") == original,
+        "the snapshot's export differs from the imported image"
+    );
+    let mut patched = original.clone();
+    patched[..1 << 20].fill(0x5a);
+    assert!(export_bytes(&daemon, dir.path(), "img3") == patched);
     assert!(daemon.stop_with(libc::SIGTERM).success());
 }
 
