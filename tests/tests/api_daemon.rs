@@ -842,7 +842,8 @@ fn volumes_and_images_round_trip_and_survive_restart_and_kill() {
 #[test]
 fn pools_on_claimed_devices_and_their_errors() {
     let dir = workdir();
-    let daemon = Daemon::start(dir.path(), &dir.path().join("api.sock"));
+    let socket = dir.path().join("api.sock");
+    let daemon = Daemon::start(dir.path(), &socket);
     let img = image(dir.path(), "pool-p.img");
     let img_s = path_str(&img);
     failed_with(
@@ -925,6 +926,34 @@ fn pools_on_claimed_devices_and_their_errors() {
     assert_eq!(pool_full["pools"][0]["free_bytes"], 0, "{pool_full}");
     daemon.json(&["volume", "delete", "fill"]);
     failed_with(&daemon.coreblk(&["volume", "get", "fill"]), "(NOT_FOUND)");
+    // The pool on the claimed device, its settings, labels and volume come back after a
+    // clean stop and after kill -9: found by the device's label, imported.
+    daemon.json(&["volume", "label", "big", "tier=cold"]);
+    let before = daemon.json(&["volume", "get", "big"]);
+    let mut daemon = daemon;
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        let status = daemon.stop_with(sig);
+        assert_eq!(status.success(), sig == libc::SIGTERM, "{status:?}");
+        daemon = Daemon::start(dir.path(), &socket);
+        let p = daemon.json(&["pool", "get", "p2"]);
+        let p = &p["pools"][0];
+        assert_eq!(p["uuid"], p2["uuid"], "{p}");
+        assert_eq!(p["state"], "online", "{p}");
+        assert_eq!(p["cluster_size_bytes"], 128 << 10, "{p}");
+        assert_eq!(p["overcommit_limit"], 4.0, "{p}");
+        assert_eq!(p["capacity_bytes"], p2["capacity_bytes"], "{p}");
+        let after = daemon.json(&["volume", "get", "big"]);
+        assert_eq!(volume_of(&after)["uuid"], volume_of(&before)["uuid"]);
+        assert_eq!(
+            volume_of(&after)["size_bytes"],
+            volume_of(&before)["size_bytes"]
+        );
+        assert_eq!(
+            volume_of(&after)["labels"],
+            serde_json::json!({"tier": "cold"}),
+            "{after}"
+        );
+    }
     // The device under a pool is not released, the pool with a volume not destroyed.
     failed_with(
         &daemon.coreblk(&["device", "release", img_s]),
