@@ -395,6 +395,36 @@ fn snapshots_and_clones_through_the_cli_tables() {
     assert!(std::fs::read(path("s2.raw")).expect("read") == new);
     let got = run(&["snapshot", "get", "s2"]);
     assert!(got.contains("v1"), "the deleted volume's name stays: {got}");
+    // `get` shows every figure, one per line, in binary units.
+    let field = |table: &str, name: &str| -> String {
+        table
+            .lines()
+            .find_map(|l| l.strip_prefix(name).filter(|rest| rest.starts_with("  ")))
+            .unwrap_or_else(|| panic!("no {name:?} line in:\n{table}"))
+            .trim()
+            .to_owned()
+    };
+    // s2: 1 MiB less the first 64 KiB zeroed (unmapped); v1 is deleted, so s2 alone holds
+    // its clusters.
+    assert_eq!(field(&got, "allocated"), "960.0 KiB", "{got}");
+    assert_eq!(field(&got, "unique"), "960.0 KiB", "{got}");
+    let pool = run(&["pool", "get", "default"]);
+    for name in [
+        "capacity",
+        "free",
+        "allocated",
+        "reserved (thick)",
+        "held by deleted",
+        "provisioned",
+    ] {
+        assert!(field(&pool, name).ends_with('B'), "{name}: {pool}");
+    }
+    assert_eq!(field(&pool, "cluster size"), "64.0 KiB", "{pool}");
+    assert_eq!(field(&pool, "overcommit limit"), "1.00", "{pool}");
+    assert_eq!(field(&pool, "snapshots"), "1", "{pool}");
+    let c1 = run(&["volume", "get", "c1"]);
+    assert_eq!(field(&c1, "size"), "1.0 MiB", "{c1}");
+    assert_eq!(field(&c1, "provisioning"), "thin", "{c1}");
     drop(child);
 }
 
