@@ -919,6 +919,7 @@ fn pools_on_claimed_devices_and_their_errors() {
     failed_with(&full, "(RESOURCE_EXHAUSTED)");
     failed_with(&full, "No space left on device");
     failed_with(&full, "pool is full");
+    failed_with(&full, "volume \"fill\" stays importing");
     let half = daemon.json(&["volume", "get", "fill"]);
     assert_eq!(volume_of(&half)["state"], "importing", "{half}");
     let pool_full = daemon.json(&["pool", "get", "p2"]);

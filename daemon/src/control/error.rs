@@ -193,6 +193,14 @@ pub enum Error {
         /// `export.max_exports`.
         limit: u32,
     },
+    /// An image import failed part way; its new volume stays importing.
+    #[error("{source}; volume {volume:?} stays importing: resume the import (`coreblk image import --resume`) or delete the volume")]
+    ImportInterrupted {
+        /// The importing volume.
+        volume: String,
+        /// Why the import failed (it picks the code).
+        source: Box<Error>,
+    },
     /// The daemon is stopping.
     #[error("coreblkd is stopping; retry once it (or its successor) is serving again")]
     ShuttingDown,
@@ -264,6 +272,7 @@ impl Error {
             Self::Ublk { .. } => tonic::Code::Internal,
             Self::ExportLimit { .. } => tonic::Code::ResourceExhausted,
             Self::ShuttingDown => tonic::Code::Unavailable,
+            Self::ImportInterrupted { source, .. } => source.code(),
         }
     }
 }
@@ -375,6 +384,24 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Internal);
         assert!(
             !status.message().contains("pool is full"),
+            "{}",
+            status.message()
+        );
+        // An interrupted import keeps its cause's code and says what to do with the volume.
+        let status = tonic::Status::from(Error::ImportInterrupted {
+            volume: "img".into(),
+            source: Box::new(Error::VolumeIo {
+                op: "write",
+                volume: "img".into(),
+                offset_bytes: 4096,
+                errno: Errno(libc::ENOSPC),
+            }),
+        });
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("pool is full")
+                && status.message().contains("stays importing")
+                && status.message().contains("--resume"),
             "{}",
             status.message()
         );

@@ -308,8 +308,16 @@ async fn run_import(
     let last = match result {
         Ok(Some(vol)) => respond(pb::import_image_response::Msg::Finished(vol)),
         Ok(None) => return,
-        Err(e) => {
+        Err(e) if v.importing => {
             tracing::warn!(volume = %v.name, error = %e, "import failed; the volume stays importing");
+            Err(Error::ImportInterrupted {
+                volume: v.name.clone(),
+                source: Box::new(e),
+            }
+            .into())
+        }
+        Err(e) => {
+            tracing::warn!(volume = %v.name, error = %e, "overwrite failed");
             Err(e.into())
         }
     };

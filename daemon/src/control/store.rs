@@ -2137,7 +2137,13 @@ impl Store {
                 let (v, _) = self.create_volume_locked(spec).await?;
                 lock(&self.inner).imports.insert(v.uuid, 0);
                 self.persist().await?;
-                (v, 0)
+                (
+                    VolumeInfo {
+                        importing: true,
+                        ..v
+                    },
+                    0,
+                )
             }
             Some(v) => {
                 let p = self.pool(&spec.pool)?;
