@@ -806,13 +806,44 @@ fn volumes_and_images_round_trip_and_survive_restart_and_kill() {
     let daemon = Daemon::start(dir.path(), &socket);
     assert!(export_bytes(&daemon, dir.path(), "img2") == original2);
     assert!(export_bytes(&daemon, dir.path(), "img1") == original);
+
+    // Import, snapshot, write: the snapshot still exports the imported bytes, the volume
+    // the written ones.
+    daemon.json(&["image", "import", path_str(&img), "--volume", "img3"]);
+    daemon.json(&["snapshot", "create", "img3", "img3-s1"]);
+    let patch = dir.path().join("patch.raw");
+    std::fs::write(&patch, vec![0x5a_u8; 1 << 20]).expect("patch");
+    daemon.json(&[
+        "image",
+        "import",
+        path_str(&patch),
+        "--volume",
+        "img3",
+        "--overwrite",
+    ]);
+    let snap_out = dir.path().join("img3-s1.out");
+    daemon.json(&[
+        "image",
+        "export",
+        path_str(&snap_out),
+        "--snapshot",
+        "img3-s1",
+    ]);
+    assert!(
+        std::fs::read(&snap_out).expect("read") == original,
+        "the snapshot's export differs from the imported image"
+    );
+    let mut patched = original.clone();
+    patched[..1 << 20].fill(0x5a);
+    assert!(export_bytes(&daemon, dir.path(), "img3") == patched);
     assert!(daemon.stop_with(libc::SIGTERM).success());
 }
 
 #[test]
 fn pools_on_claimed_devices_and_their_errors() {
     let dir = workdir();
-    let daemon = Daemon::start(dir.path(), &dir.path().join("api.sock"));
+    let socket = dir.path().join("api.sock");
+    let daemon = Daemon::start(dir.path(), &socket);
     let img = image(dir.path(), "pool-p.img");
     let img_s = path_str(&img);
     failed_with(
@@ -870,6 +901,60 @@ fn pools_on_claimed_devices_and_their_errors() {
     let capacity = p2["capacity_bytes"].as_u64().expect("capacity");
     let big = format!("{}", (capacity * 2) / 4096 * 4096);
     daemon.json(&["volume", "create", "big", "--pool", "p2", "--size", &big]);
+    // ...and running out of space is RESOURCE_EXHAUSTED: an import of more data than the
+    // pool holds fails when the pool is full, saying so; the half-written volume stays
+    // marked importing and is removable; the pool still serves.
+    let fill = dir.path().join("fill.raw");
+    let fill_len = usize::try_from(capacity + (4 << 20)).expect("fits");
+    std::fs::write(&fill, seeded(fill_len, 11)).expect("fill image");
+    let full = daemon.coreblk(&[
+        "image",
+        "import",
+        path_str(&fill),
+        "--pool",
+        "p2",
+        "--name",
+        "fill",
+    ]);
+    failed_with(&full, "(RESOURCE_EXHAUSTED)");
+    failed_with(&full, "No space left on device");
+    failed_with(&full, "pool is full");
+    failed_with(&full, "volume \"fill\" stays importing");
+    let half = daemon.json(&["volume", "get", "fill"]);
+    assert_eq!(volume_of(&half)["state"], "importing", "{half}");
+    let pool_full = daemon.json(&["pool", "get", "p2"]);
+    assert_eq!(pool_full["pools"][0]["state"], "online", "{pool_full}");
+    assert_eq!(pool_full["pools"][0]["free_bytes"], 0, "{pool_full}");
+    daemon.json(&["volume", "delete", "fill"]);
+    failed_with(&daemon.coreblk(&["volume", "get", "fill"]), "(NOT_FOUND)");
+    // The pool on the claimed device, its settings, labels and volume come back after a
+    // clean stop and after kill -9: found by the device's label, imported.
+    daemon.json(&["volume", "label", "big", "tier=cold"]);
+    let before = daemon.json(&["volume", "get", "big"]);
+    let mut daemon = daemon;
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        let status = daemon.stop_with(sig);
+        assert_eq!(status.success(), sig == libc::SIGTERM, "{status:?}");
+        daemon = Daemon::start(dir.path(), &socket);
+        let p = daemon.json(&["pool", "get", "p2"]);
+        let p = &p["pools"][0];
+        assert_eq!(p["uuid"], p2["uuid"], "{p}");
+        assert_eq!(p["state"], "online", "{p}");
+        assert_eq!(p["cluster_size_bytes"], 128 << 10, "{p}");
+        assert_eq!(p["overcommit_limit"], 4.0, "{p}");
+        assert_eq!(p["capacity_bytes"], p2["capacity_bytes"], "{p}");
+        let after = daemon.json(&["volume", "get", "big"]);
+        assert_eq!(volume_of(&after)["uuid"], volume_of(&before)["uuid"]);
+        assert_eq!(
+            volume_of(&after)["size_bytes"],
+            volume_of(&before)["size_bytes"]
+        );
+        assert_eq!(
+            volume_of(&after)["labels"],
+            serde_json::json!({"tier": "cold"}),
+            "{after}"
+        );
+    }
     // The device under a pool is not released, the pool with a volume not destroyed.
     failed_with(
         &daemon.coreblk(&["device", "release", img_s]),

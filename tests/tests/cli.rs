@@ -395,5 +395,124 @@ fn snapshots_and_clones_through_the_cli_tables() {
     assert!(std::fs::read(path("s2.raw")).expect("read") == new);
     let got = run(&["snapshot", "get", "s2"]);
     assert!(got.contains("v1"), "the deleted volume's name stays: {got}");
+    // `get` shows every figure, one per line, in binary units.
+    let field = |table: &str, name: &str| -> String {
+        table
+            .lines()
+            .find_map(|l| l.strip_prefix(name).filter(|rest| rest.starts_with("  ")))
+            .unwrap_or_else(|| panic!("no {name:?} line in:\n{table}"))
+            .trim()
+            .to_owned()
+    };
+    // s2: 1 MiB less the first 64 KiB zeroed (unmapped); v1 is deleted, so s2 alone holds
+    // its clusters.
+    assert_eq!(field(&got, "allocated"), "960.0 KiB", "{got}");
+    assert_eq!(field(&got, "unique"), "960.0 KiB", "{got}");
+    let pool = run(&["pool", "get", "default"]);
+    for name in [
+        "capacity",
+        "free",
+        "allocated",
+        "reserved (thick)",
+        "held by deleted",
+        "provisioned",
+    ] {
+        assert!(field(&pool, name).ends_with('B'), "{name}: {pool}");
+    }
+    assert_eq!(field(&pool, "cluster size"), "64.0 KiB", "{pool}");
+    assert_eq!(field(&pool, "overcommit limit"), "1.00", "{pool}");
+    assert_eq!(field(&pool, "snapshots"), "1", "{pool}");
+    let c1 = run(&["volume", "get", "c1"]);
+    assert_eq!(field(&c1, "size"), "1.0 MiB", "{c1}");
+    assert_eq!(field(&c1, "provisioning"), "thin", "{c1}");
     drop(child);
+}
+
+#[test]
+fn a_config_file_configures_the_daemon_and_its_flags_win() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let file_socket = dir.path().join("from-file.sock");
+    let var = dir.path().join("var");
+    let config = dir.path().join("coreblkd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket = {:?}\nvar_dir = {:?}\ndefault_size = \"96M\"\ncores = \"0\"\npin = false\n\
+             metrics_address = \"off\"\nnode_id = \"from-file\"\n",
+            file_socket.to_str().expect("utf-8"),
+            var.to_str().expect("utf-8"),
+        ),
+    )
+    .expect("config");
+    let log_path = dir.path().join("log");
+    // The node id is in both: the flag wins; the rest comes from the file.
+    let mut child = KillOnDrop(
+        coreblkd()
+            .arg("--config")
+            .arg(&config)
+            .args(["--node-id", "from-flag"])
+            .current_dir(dir.path())
+            .stderr(std::fs::File::create(&log_path).expect("log"))
+            .spawn()
+            .expect("spawn"),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        wait_for(Duration::from_secs(30), || log()
+            .contains("pool import finished")),
+        "{}",
+        log()
+    );
+    // The socket is the file's, created 0600; COREBLK_SOCKET reaches it.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&file_socket)
+            .expect("socket from the file")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(coreblk_tests::bin("coreblk"))
+            .env("COREBLK_SOCKET", &file_socket)
+            .args(["-o", "json"])
+            .args(args)
+            .output()
+            .expect("coreblk");
+        assert!(
+            out.status.success(),
+            "coreblk {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let info = json(&["node", "info"]);
+    assert_eq!(info["node_id"], "from-flag", "{info}");
+    assert_eq!(
+        info["metrics_address"], "",
+        "metrics off by the file: {info}"
+    );
+    assert_eq!(info["reactors"].as_array().map(Vec::len), Some(1), "{info}");
+    assert_eq!(info["reactors_pinned"], false, "{info}");
+    // The default pool lives in the file's var_dir, sized by its default_size.
+    let device = var.join("default-pool.img");
+    assert_eq!(
+        std::fs::metadata(&device).expect("default device").len(),
+        96 << 20
+    );
+    let pool = json(&["pool", "get", "default"]);
+    let capacity = pool["pools"][0]["capacity_bytes"]
+        .as_u64()
+        .expect("capacity");
+    assert!(capacity > 32 << 20 && capacity < 96 << 20, "{pool}");
+    // SIGINT (Ctrl-C) stops it as cleanly as SIGTERM (the other tests' signal).
+    let pid = libc::pid_t::try_from(child.0.id()).expect("pid");
+    // SAFETY: kill takes plain integers; the pid is this test's child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let mut status = None;
+    assert!(wait_for(Duration::from_secs(20), || {
+        status = child.0.try_wait().expect("wait");
+        status.is_some()
+    }));
+    assert!(status.expect("exited").success(), "{}", log());
+    assert!(log().contains("control plane stopped"), "{}", log());
+    assert!(!file_socket.exists(), "a clean stop removes the socket");
 }

@@ -753,7 +753,10 @@ async fn pool(channel: Channel, out: Output, cmd: PoolCmd) -> CmdResult {
         }
         PoolCmd::Get { pool } => {
             let p = c.get_pool(pb::GetPoolRequest { pool }).await?.into_inner();
-            print_pools(out, &[p], "");
+            match out {
+                Output::Json => print_pools(out, &[p], ""),
+                Output::Table => print_fields(&pool_fields(&p)),
+            }
         }
         PoolCmd::Destroy {
             pool,
@@ -863,10 +866,17 @@ async fn volume(channel: Channel, out: Output, cmd: VolumeCmd) -> CmdResult {
             print_volumes(out, &r.volumes, &r.next_page_token);
             return Ok(());
         }
-        VolumeCmd::Get { volume } => c
-            .get_volume(pb::GetVolumeRequest { volume })
-            .await?
-            .into_inner(),
+        VolumeCmd::Get { volume } => {
+            let v = c
+                .get_volume(pb::GetVolumeRequest { volume })
+                .await?
+                .into_inner();
+            match out {
+                Output::Json => print_volumes(out, &[v], ""),
+                Output::Table => print_fields(&volume_fields(&v)),
+            }
+            return Ok(());
+        }
         VolumeCmd::Delete { volume } => {
             c.delete_volume(pb::DeleteVolumeRequest {
                 volume: volume.clone(),
@@ -967,7 +977,10 @@ async fn snapshot(channel: Channel, out: Output, cmd: SnapshotCmd) -> CmdResult 
                 .get_snapshot(pb::GetSnapshotRequest { snapshot })
                 .await?
                 .into_inner();
-            print_snapshots(out, &[s], "");
+            match out {
+                Output::Json => print_snapshots(out, &[s], ""),
+                Output::Table => print_fields(&snapshot_fields(&s)),
+            }
         }
         SnapshotCmd::Delete { snapshot } => {
             c.delete_snapshot(pb::DeleteSnapshotRequest {
@@ -1847,6 +1860,86 @@ fn print_node_info(out: Output, i: &pb::NodeInfo) {
         }
         print!("{}", d.render());
     }
+}
+
+/// One object's figures as a FIELD / VALUE table (what `get` prints).
+fn print_fields(rows: &[(&str, String)]) {
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    for (k, v) in rows {
+        t.row(vec![(*k).to_owned(), v.clone()]);
+    }
+    print!("{}", t.render());
+}
+
+/// Every figure of a pool (`pool get`): the space, where it went, and its settings.
+fn pool_fields(p: &pb::Pool) -> Vec<(&'static str, String)> {
+    vec![
+        ("name", p.name.clone()),
+        ("uuid", p.uuid.clone()),
+        (
+            "state",
+            enum_name(p.state().as_str_name(), "POOL_STATE_")
+                + &if p.state_message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", p.state_message)
+                },
+        ),
+        ("devices", join_or_dash(p.device_paths.iter().cloned())),
+        ("cluster size", human_size(p.cluster_size_bytes)),
+        ("capacity", human_size(p.capacity_bytes)),
+        ("free", human_size(p.free_bytes)),
+        ("allocated", human_size(p.allocated_bytes)),
+        ("reserved (thick)", human_size(p.reserved_bytes)),
+        ("held by deleted", human_size(p.held_by_deleted_bytes)),
+        ("provisioned", human_size(p.provisioned_bytes)),
+        ("overcommit limit", format!("{:.2}", p.overcommit_limit)),
+        ("volumes", p.volume_count.to_string()),
+        ("snapshots", p.snapshot_count.to_string()),
+        ("labels", labels_text(&p.labels)),
+    ]
+}
+
+/// Every figure of a volume (`volume get`).
+fn volume_fields(v: &pb::Volume) -> Vec<(&'static str, String)> {
+    vec![
+        ("name", v.name.clone()),
+        ("uuid", v.uuid.clone()),
+        ("pool", or_dash(&v.pool_name)),
+        ("state", enum_name(v.state().as_str_name(), "VOLUME_STATE_")),
+        ("size", human_size(v.size_bytes)),
+        ("allocated", human_size(v.allocated_bytes)),
+        ("unique", human_size(v.unique_bytes)),
+        (
+            "provisioning",
+            if v.thick { "thick" } else { "thin" }.to_owned(),
+        ),
+        (
+            "never written",
+            if v.never_written { "yes" } else { "no" }.to_owned(),
+        ),
+        ("source snapshot", or_dash(&v.source_snapshot_uuid)),
+        ("source volume", or_dash(&v.source_volume_uuid)),
+        ("device", or_dash(&v.device_path)),
+        ("created", or_dash(&rfc3339(v.create_time.as_ref()))),
+        ("labels", labels_text(&v.labels)),
+    ]
+}
+
+/// Every figure of a snapshot (`snapshot get`).
+fn snapshot_fields(s: &pb::Snapshot) -> Vec<(&'static str, String)> {
+    vec![
+        ("name", s.name.clone()),
+        ("uuid", s.uuid.clone()),
+        ("volume", or_dash(&s.volume_name)),
+        ("volume uuid", or_dash(&s.volume_uuid)),
+        ("size", human_size(s.size_bytes)),
+        ("allocated", human_size(s.allocated_bytes)),
+        ("unique", human_size(s.unique_bytes)),
+        ("group", or_dash(&s.group_uuid)),
+        ("created", or_dash(&rfc3339(s.create_time.as_ref()))),
+        ("labels", labels_text(&s.labels)),
+    ]
 }
 
 fn next_page(token: &str) {

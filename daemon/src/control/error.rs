@@ -136,7 +136,7 @@ pub enum Error {
         reason: String,
     },
     /// A volume IO failed.
-    #[error("{op} of volume {volume} at byte {offset_bytes} failed: {errno}")]
+    #[error("{op} of volume {volume} at byte {offset_bytes} failed: {errno}{}", io_hint(*errno))]
     VolumeIo {
         /// `read`, `write`, `flush`.
         op: &'static str,
@@ -193,6 +193,14 @@ pub enum Error {
         /// `export.max_exports`.
         limit: u32,
     },
+    /// An image import failed part way; its new volume stays importing.
+    #[error("{source}; volume {volume:?} stays importing: resume the import (`coreblk image import --resume`) or delete the volume")]
+    ImportInterrupted {
+        /// The importing volume.
+        volume: String,
+        /// Why the import failed (it picks the code).
+        source: Box<Error>,
+    },
     /// The daemon is stopping.
     #[error("coreblkd is stopping; retry once it (or its successor) is serving again")]
     ShuttingDown,
@@ -208,6 +216,16 @@ pub enum Error {
     /// A bug or an unexpected failure inside the daemon.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What a person can do about a failed volume IO, for the errnos that have an answer.
+fn io_hint(errno: Errno) -> &'static str {
+    if errno.0 == libc::ENOSPC {
+        "; the volume's pool is full (`coreblk pool get` shows its space): delete \
+         snapshots or volumes in it, then retry"
+    } else {
+        ""
+    }
 }
 
 impl Error {
@@ -254,6 +272,7 @@ impl Error {
             Self::Ublk { .. } => tonic::Code::Internal,
             Self::ExportLimit { .. } => tonic::Code::ResourceExhausted,
             Self::ShuttingDown => tonic::Code::Unavailable,
+            Self::ImportInterrupted { source, .. } => source.code(),
         }
     }
 }
@@ -351,6 +370,41 @@ mod tests {
             errno: Errno(libc::ENOSPC),
         });
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("pool is full") && status.message().contains("delete"),
+            "{}",
+            status.message()
+        );
+        let status = tonic::Status::from(Error::VolumeIo {
+            op: "read",
+            volume: "v".into(),
+            offset_bytes: 0,
+            errno: Errno(libc::EIO),
+        });
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(
+            !status.message().contains("pool is full"),
+            "{}",
+            status.message()
+        );
+        // An interrupted import keeps its cause's code and says what to do with the volume.
+        let status = tonic::Status::from(Error::ImportInterrupted {
+            volume: "img".into(),
+            source: Box::new(Error::VolumeIo {
+                op: "write",
+                volume: "img".into(),
+                offset_bytes: 4096,
+                errno: Errno(libc::ENOSPC),
+            }),
+        });
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("pool is full")
+                && status.message().contains("stays importing")
+                && status.message().contains("--resume"),
+            "{}",
+            status.message()
+        );
         assert_eq!(
             tonic::Status::from(Error::Importing { detail: "x".into() }).code(),
             tonic::Code::Unavailable

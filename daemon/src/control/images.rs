@@ -4,7 +4,10 @@
 //!
 //! Import: the first message names the new volume; each chunk is written through a
 //! session on the pool's owner reactor and acknowledged once the write completed (written,
-//! not flushed: a completed write survives a daemon crash, DESIGN §4); `finish` flushes
+//! not flushed: a completed write survives a daemon crash, DESIGN §4) and the import's
+//! progress past it is recorded in the state file. Chunks that have already arrived are
+//! written first and recorded together (one state-file replacement for up to
+//! `IMPORT_ACK_BATCH_CHUNKS`), then acknowledged one by one; `finish` flushes
 //! the pool and marks the volume ready. An interrupted import leaves the volume IMPORTING
 //! (recorded in the state file) until it is resumed or deleted. With `overwrite` the
 //! chunks go into an existing volume instead (the host-side write path until ublk
@@ -16,13 +19,15 @@
 //! (`diff(Some(since), source)`) and sends what now reads as zeroes there as `zero`
 //! chunks, so applying it over the older image gives the newer one.
 //!
-//! Must never: acknowledge a chunk before its write completed; send zero blocks as data;
+//! Must never: acknowledge a chunk before its write completed and the progress past it is
+//! recorded; send zero blocks as data;
 //! let an export's source (or an import's volume) be deleted under it (its session holds
 //! it).
 
 use std::sync::Arc;
 
 use coreblk_proto::v1 as pb;
+use futures_util::FutureExt as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -141,6 +146,41 @@ fn respond(msg: pb::import_image_response::Msg) -> Result<pb::ImportImageRespons
     Ok(pb::ImportImageResponse { msg: Some(msg) })
 }
 
+/// Most chunks written ahead of their acknowledgement: chunks that have already arrived
+/// are written one after the other and their progress recorded once for all of them (a
+/// state-file replacement per chunk cost most of an import of a fragmented image: one
+/// chunk per data run), then each is acknowledged.
+const IMPORT_ACK_BATCH_CHUNKS: usize = 32;
+/// Most bytes written ahead of their acknowledgement (what a kill makes the client resend).
+const IMPORT_ACK_BATCH_BYTES: u64 = 8 << 20;
+
+/// Records that the chunks ending at `unacked` are written (the state file replaced once,
+/// for the last) and then acknowledges each; false when the client is gone.
+async fn record_and_ack(
+    store: &Arc<Store>,
+    volume: &VolumeInfo,
+    tx: &ImportTx,
+    unacked: &mut Vec<u64>,
+) -> bool {
+    let Some(&last) = unacked.last() else {
+        return true;
+    };
+    store.import_progress(volume.uuid, last).await;
+    for end in unacked.drain(..) {
+        let ack = pb::ImportAck {
+            durable_offset_bytes: end,
+        };
+        if tx
+            .send(respond(pb::import_image_response::Msg::Ack(ack)))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
+}
+
 /// Receives chunks until `finish` (or an error, or the client going away).
 async fn run_import(
     store: Arc<Store>,
@@ -151,9 +191,42 @@ async fn run_import(
     resume_offset: u64,
 ) {
     let mut prev_end = resume_offset;
+    // Ends of the chunks written but not yet recorded and acknowledged, and their bytes.
+    let mut unacked: Vec<u64> = Vec::with_capacity(IMPORT_ACK_BATCH_CHUNKS);
+    let mut unacked_bytes = 0u64;
     let result: Result<Option<pb::Volume>> = async {
         loop {
-            let msg = match incoming.message().await {
+            // With chunks awaiting their ack, take only a message that has already
+            // arrived (and only up to the batch limits); else record and ack them first.
+            let polled = if unacked.is_empty() {
+                Some(incoming.message().await)
+            } else if unacked.len() < IMPORT_ACK_BATCH_CHUNKS
+                && unacked_bytes < IMPORT_ACK_BATCH_BYTES
+            {
+                // Cancel safe: the stream keeps its state, a message not yet whole stays
+                // for the next call.
+                incoming.message().now_or_never()
+            } else {
+                None
+            };
+            let is_chunk = matches!(
+                &polled,
+                Some(Ok(Some(pb::ImportImageRequest {
+                    msg: Some(pb::import_image_request::Msg::Chunk(_))
+                })))
+            );
+            if !is_chunk {
+                // Whatever comes next (a pause, the end, finish, an error), the chunks
+                // written so far are recorded and acknowledged first.
+                if !record_and_ack(&store, &v, &tx, &mut unacked).await {
+                    return Ok(None);
+                }
+                unacked_bytes = 0;
+            }
+            let Some(polled) = polled else {
+                continue;
+            };
+            let msg = match polled {
                 Ok(Some(m)) => m.msg,
                 Ok(None) => {
                     tracing::warn!(volume = %v.name, durable_offset_bytes = prev_end, "import stream ended without finish; the volume stays importing (resume or delete it)");
@@ -191,17 +264,8 @@ async fn run_import(
                         session.write(start, data).await?;
                     }
                     prev_end = end;
-                    store.import_progress(v.uuid, end).await;
-                    let ack = pb::ImportAck {
-                        durable_offset_bytes: end,
-                    };
-                    if tx
-                        .send(respond(pb::import_image_response::Msg::Ack(ack)))
-                        .await
-                        .is_err()
-                    {
-                        return Ok(None);
-                    }
+                    unacked.push(end);
+                    unacked_bytes += end - start;
                 }
                 Some(pb::import_image_request::Msg::Finish(f)) => {
                     if f.expected_size_bytes != 0
@@ -244,8 +308,16 @@ async fn run_import(
     let last = match result {
         Ok(Some(vol)) => respond(pb::import_image_response::Msg::Finished(vol)),
         Ok(None) => return,
-        Err(e) => {
+        Err(e) if v.importing => {
             tracing::warn!(volume = %v.name, error = %e, "import failed; the volume stays importing");
+            Err(Error::ImportInterrupted {
+                volume: v.name.clone(),
+                source: Box::new(e),
+            }
+            .into())
+        }
+        Err(e) => {
+            tracing::warn!(volume = %v.name, error = %e, "overwrite failed");
             Err(e.into())
         }
     };

@@ -2137,7 +2137,13 @@ impl Store {
                 let (v, _) = self.create_volume_locked(spec).await?;
                 lock(&self.inner).imports.insert(v.uuid, 0);
                 self.persist().await?;
-                (v, 0)
+                (
+                    VolumeInfo {
+                        importing: true,
+                        ..v
+                    },
+                    0,
+                )
             }
             Some(v) => {
                 let p = self.pool(&spec.pool)?;
@@ -2221,7 +2227,8 @@ impl Store {
     }
 
     /// Records that everything below `offset` of an importing volume is written, before
-    /// the chunk is acknowledged: the state file is replaced on every call (a rename
+    /// the chunks below it are acknowledged (the import calls it once for the chunks that
+    /// arrived together): the state file is replaced on every call (a rename
     /// without fsync survives a daemon crash, the rule imports are acknowledged by) and
     /// synced at most every [`IMPORT_RECORD_PERIOD`].
     pub async fn import_progress(self: &Arc<Self>, volume: Uuid, offset: u64) {

@@ -686,8 +686,10 @@ fn write_clusters_on(remote: &crate::reactor::Remote, vol: u32, clusters: u64) {
 }
 
 /// A pool busy creating, filling and deleting volumes (its journal growing and wrapping,
-/// checkpoints written under ring pressure) verifies clean in live mode every time; the
-/// offline rules would report the growing journal as a hole.
+/// checkpoints written under ring pressure) verifies clean in live mode every time it
+/// checks to the end (a check outpaced by checkpoints on every attempt stops without an
+/// alarm, saying so: a loaded machine made 4 in a row happen once); the offline rules
+/// would report the growing journal as a hole.
 #[test]
 fn a_busy_pool_verifies_clean_live() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -721,13 +723,25 @@ fn a_busy_pool_verifies_clean_live() {
     let mut offline_false_alarms = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut checks = 0;
+    // Checks that every attempt saw a checkpoint land and so stopped, saying so (no alarm):
+    // on a loaded machine the churn can outpace them; they do not count as checks.
+    let mut outpaced = 0;
     while checks < 12 || p.sb().generation < first_gen + 3 {
         assert!(
             Instant::now() < deadline,
-            "the pool checkpointed only {} times in 60 s",
+            "{checks} checks ran to the end ({outpaced} outpaced by checkpoints) and the pool \
+             checkpointed {} times in 60 s",
             p.sb().generation - first_gen
         );
         let r = catch_unwind(AssertUnwindSafe(|| verify_live(&p.bd))).expect("no panic");
+        if r.problems.is_empty()
+            && r.incomplete
+                .as_deref()
+                .is_some_and(|why| why.contains("wrote its superblock (a checkpoint) during each"))
+        {
+            outpaced += 1;
+            continue;
+        }
         assert!(
             r.is_clean() && r.problems.is_empty(),
             "check {checks} (writer round {}):\n{r}",
@@ -742,7 +756,7 @@ fn a_busy_pool_verifies_clean_live() {
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
     println!(
-        "{checks} live checks clean over {} writer rounds and {} superblock writes; the offline rules alarmed {offline_false_alarms} times",
+        "{checks} live checks clean ({outpaced} outpaced by checkpoints) over {} writer rounds and {} superblock writes; the offline rules alarmed {offline_false_alarms} times",
         rounds.load(Ordering::Relaxed),
         p.sb().generation - first_gen
     );
