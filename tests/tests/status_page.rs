@@ -345,6 +345,10 @@ fn the_status_page_in_a_real_browser_shows_what_the_api_reports() {
         "{dom}"
     );
     assert!(dom.contains("prod/db-0"), "the PVC is shown");
+    assert!(
+        dom.contains("id=\"daemon-state\">serving<"),
+        "the daemon's state is shown"
+    );
 
     // The script label is text: escaped in the DOM, never run.
     assert!(

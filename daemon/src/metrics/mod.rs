@@ -81,7 +81,9 @@ pub enum DaemonStateSample {
 impl DaemonStateSample {
     const ALL: [Self; 3] = [Self::Starting, Self::Serving, Self::Stopping];
 
-    fn as_str(self) -> &'static str {
+    /// The `state` label value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Starting => "starting",
             Self::Serving => "serving",

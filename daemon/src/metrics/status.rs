@@ -20,7 +20,7 @@ use std::time::SystemTime;
 
 use crate::bdev::claim::human_size;
 
-use super::{ObjectKind, ObjectSample, PoolSample, PoolStateSample, Snapshot};
+use super::{DaemonStateSample, ObjectKind, ObjectSample, PoolSample, PoolStateSample, Snapshot};
 
 /// How often the page refreshes itself.
 pub const REFRESH_SECONDS: u32 = 10;
@@ -100,9 +100,9 @@ main{padding:12px 20px}h2{font-size:15px;margin:18px 0 8px}\
 .sw.free{background:#e4e7ec;border:1px solid #c9ced6}\
 table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #dde1e7}\
 th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #eef0f3;font-size:13px;vertical-align:top}\
-th{background:#eef0f3;font-weight:600}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}\
+th{background:#eef0f3;font-weight:600}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.pvc{white-space:nowrap}\
 tr.snapshot td{color:#4a5261;font-size:12px}tr.snapshot td.name{padding-left:26px}\
-.labels{font-family:ui-monospace,monospace;font-size:11px;color:#4a5261;word-break:break-all}\
+.labels{font-family:ui-monospace,monospace;font-size:11px;color:#4a5261;word-break:break-all;max-width:480px}\
 .muted{color:#8a91a0}";
 
 const SCRIPT: &str = "\
@@ -132,13 +132,19 @@ pub fn render(s: &Snapshot) -> String {
          <title>coreblk · {node}</title>\
          <noscript><meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\"></noscript>\
          <style>{STYLE}</style></head><body>\
-         <header><h1>coreblk on {node}</h1><p>coreblkd {version} · started \
+         <header><h1>coreblk on {node}<span class=\"state {dcls}\" id=\"daemon-state\">{dstate}</span></h1>\
+         <p>coreblkd {version} · started \
          <span class=\"ts\" data-unix=\"{since}\">{started}</span> · \
          refreshes every {REFRESH_SECONDS} s · updated <span id=\"updated\">now</span> · \
          <a href=\"/metrics\" style=\"color:#c5cad3\">/metrics</a></p></header>\n<main>",
         node = esc(&s.node_id),
         version = esc(s.version),
         started = utc_text(i64::try_from(since).unwrap_or(i64::MAX)),
+        dstate = s.state.as_str(),
+        dcls = match s.state {
+            DaemonStateSample::Serving => "ok",
+            DaemonStateSample::Starting | DaemonStateSample::Stopping => "warn",
+        },
     );
     h.push_str("<h2>Pools</h2>\n");
     if s.pools.is_empty() {
@@ -197,8 +203,8 @@ fn pool(h: &mut String, p: &PoolSample) {
          <span class=\"resv\" style=\"width:{rp:.3}%\"></span></div>\
          <div class=\"legend\"><span class=\"sw alloc\"></span>allocated <b>{ah}</b> ({ap:.1}%)\
          <span class=\"sw resv\"></span>reserved <b>{rh}</b>\
-         <span class=\"sw free\"></span>free <b>{fh}</b> of <b>{ch}</b>\
-         · held by deleted objects <b>{hh}</b> (part of free, being recycled)<br>\
+         <span class=\"sw free\"></span>free <b>{fh}</b> of <b>{ch}</b> \
+          · held by deleted objects <b>{hh}</b> (part of free, being recycled)<br>\
          provisioned <b>{ph}</b> · overcommit <b>{overcommit:.2}×</b> (limit {limit:.2}×) · \
          {nv} volume(s), {ns} snapshot(s)</div></div>",
         a = f.allocated_bytes,
@@ -261,7 +267,7 @@ fn row(h: &mut String, o: &ObjectSample, extra_class: &str, note: &str) {
         h,
         "<tr class=\"{kind}{extra_class}\" data-uuid=\"{uuid}\" data-name=\"{name}\" \
          data-pool=\"{pool}\" data-size-bytes=\"{size}\" data-allocated-bytes=\"{ab}\" \
-         data-unique-bytes=\"{ub}\"><td class=\"name\">{name}{note}</td><td>{pvc}</td>\
+         data-unique-bytes=\"{ub}\"><td class=\"name\">{name}{note}</td><td class=\"pvc\">{pvc}</td>\
          <td>{pool}</td><td class=\"num\">{sh}</td><td class=\"num\">{ah}</td>\
          <td class=\"num\">{uh}</td><td>{export}</td><td class=\"labels\">{labels}</td></tr>",
         kind = o.kind.as_str(),
@@ -367,6 +373,7 @@ mod tests {
         Snapshot {
             version: "0.1.0",
             node_id: "node<1>".into(),
+            state: DaemonStateSample::Serving,
             start_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             reactors: Vec::new(),
             devices: Vec::new(),
@@ -465,6 +472,7 @@ mod tests {
         assert!(!page.contains("<script>alert"), "{page}");
         assert!(page.contains("note=&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"));
         assert!(page.contains("coreblk on node&lt;1&gt;"));
+        assert!(page.contains("id=\"daemon-state\">serving<"), "{page}");
         // The page's own script is the only one.
         assert_eq!(page.matches("<script").count(), 1, "{page}");
     }
