@@ -18,6 +18,7 @@ pub mod format;
 pub mod journal;
 pub mod map;
 pub mod pool;
+pub mod qos;
 pub mod table;
 pub mod verify;
 pub mod volume;

@@ -51,6 +51,7 @@ use super::map::{ClusterMap, LeafRetire, Mapping, RetiredLeaves, LEAF_ENTRIES};
 use super::pool::{
     volume_clusters, Imported, Maps, VolumeMeta, VolumeRecord, VolumeTable, MAX_VOLUMES,
 };
+use super::qos::{self, Limiter, QosLimits, QosStats, Throttled};
 use super::table::Lineage;
 use crate::bdev::{BlockDevice, Channel, Geometry, Io, ReqTable};
 use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, Remote};
@@ -198,6 +199,7 @@ impl VolRt {
             shared: Arc::new(VolShared {
                 size: AtomicU64::new(size),
                 deleted: AtomicBool::new(false),
+                qos: Arc::default(),
             }),
             thick: false,
             reserve: Cell::new(0),
@@ -1592,13 +1594,38 @@ impl PoolRt {
         if let Some(ch) = self.owner_chans.borrow().get(&id) {
             return Ok(Rc::clone(ch));
         }
-        let ch = self.open_volume(rx, id)?;
+        // Forwarded requests were limited where they entered.
+        let ch = self.open_channel(rx, id, false)?;
         self.owner_chans.borrow_mut().insert(id, Rc::clone(&ch));
         Ok(ch)
     }
 
-    /// Opens the IO path of volume or snapshot `id` on this reactor (snapshots read-only).
+    /// Opens the IO path of volume or snapshot `id` on this reactor (snapshots read-only),
+    /// under the volume's QoS limits.
     pub fn open_volume(&self, rx: &Reactor, id: u32) -> Result<Rc<dyn Channel>, String> {
+        self.open_channel(rx, id, true)
+    }
+
+    /// Sets the QoS limits of volume or snapshot `id` in force on every reactor (not
+    /// persisted here: the control plane keeps them in the object's control record).
+    pub fn set_qos(&self, id: u32, limits: &QosLimits) -> Result<(), String> {
+        limits.validate()?;
+        self.vol(id)?.shared.qos.set(limits);
+        Ok(())
+    }
+
+    /// The QoS limits in force on `id` and its throttling statistics.
+    pub fn qos(&self, id: u32) -> Result<(QosLimits, QosStats), String> {
+        let v = self.vol(id)?;
+        Ok((v.shared.qos.get(), v.shared.qos.stats()))
+    }
+
+    fn open_channel(
+        &self,
+        rx: &Reactor,
+        id: u32,
+        limited: bool,
+    ) -> Result<Rc<dyn Channel>, String> {
         if rx.id() != self.owner {
             return Err(format!(
                 "volume {id}: reactor {} owns the pool; open other reactors' channels through PoolRt::volume_handle",
@@ -1618,9 +1645,11 @@ impl PoolRt {
             write_zeroes_supported: true,
             volatile_cache: true,
         };
+        let qos = limited.then(|| Limiter::new(&vol.shared.qos));
         Ok(Rc::new_cyclic(|me| VolumeChannel {
             me: me.clone(),
             rt: self.rc(),
+            qos,
             vol,
             geo,
             reqs: RefCell::new(ReqTable::default()),
@@ -2215,6 +2244,8 @@ impl Grace {
 struct VolShared {
     size: AtomicU64,
     deleted: AtomicBool,
+    /// QoS limits and throttling statistics (every reactor's channels read them).
+    qos: Arc<qos::QosShared>,
 }
 
 thread_local! {
@@ -2285,6 +2316,7 @@ impl VolumeHandle {
         let key = NEXT_FORWARDER.fetch_add(1, Ordering::Relaxed);
         let ch = Rc::new_cyclic(|me| RemoteChannel {
             me: me.clone(),
+            qos: Limiter::new(&self.shared.qos),
             h: self.clone(),
             slot: self.grace.register(),
             data,
@@ -2332,6 +2364,7 @@ struct RemoteReq {
 /// or journal, which only the owner does) and their answers come back the same way.
 pub struct RemoteChannel {
     me: Weak<RemoteChannel>,
+    qos: Limiter,
     h: VolumeHandle,
     slot: Arc<GraceSlot>,
     data: Rc<dyn Channel>,
@@ -2643,12 +2676,40 @@ impl Channel for RemoteChannel {
         if let Some(e) = refuse {
             return crate::bdev::fail_request(rx, cb, tag, e, io.into_buf());
         }
-        self.in_submit.set(true);
+        let (io, cb, tag) = if self.qos.active() {
+            match qos::gate(&self.rc(), rx, io, cb, tag) {
+                Some(go) => go,
+                None => return,
+            }
+        } else {
+            (io, cb, tag)
+        };
+        self.admitted(rx, io, cb, tag);
+    }
+}
+
+impl Throttled for RemoteChannel {
+    fn limiter(&self) -> &Limiter {
+        &self.qos
+    }
+
+    fn release(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
+        if self.h.shared.deleted.load(Ordering::Acquire) {
+            return crate::bdev::fail_request(rx, cb, tag, Errno(libc::ENODEV), io.into_buf());
+        }
+        self.admitted(rx, io, cb, tag);
+    }
+}
+
+impl RemoteChannel {
+    /// A request past validation and QoS.
+    fn admitted(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
+        let was = self.in_submit.replace(true);
         match io {
             Io::Read { offset, buf } => self.read(rx, offset, buf, cb, tag),
             other => self.forward(rx, other, cb, tag),
         }
-        self.in_submit.set(false);
+        self.in_submit.set(was);
     }
 }
 
@@ -2703,6 +2764,8 @@ struct Run {
 pub struct VolumeChannel {
     me: Weak<VolumeChannel>,
     rt: Rc<PoolRt>,
+    /// QoS (none on the owner's channel for forwarded requests: limited where they entered).
+    qos: Option<Limiter>,
     vol: Rc<VolRt>,
     geo: Geometry,
     reqs: RefCell<ReqTable<Req>>,
@@ -3417,21 +3480,63 @@ impl Channel for VolumeChannel {
         if write && self.vol.snapshot {
             return crate::bdev::fail_request(rx, cb, tag, Errno(libc::EROFS), io.into_buf());
         }
+        let (io, cb, tag) = match &self.qos {
+            Some(q) if q.active() => match qos::gate(&self.rc(), rx, io, cb, tag) {
+                Some(go) => go,
+                None => return,
+            },
+            _ => (io, cb, tag),
+        };
+        self.admitted(rx, io, cb, tag);
+    }
+}
+
+impl Throttled for VolumeChannel {
+    fn limiter(&self) -> &Limiter {
+        self.qos.as_ref().expect("only a limited channel throttles")
+    }
+
+    fn release(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
+        if self.vol.deleted.get() {
+            return crate::bdev::fail_request(rx, cb, tag, Errno(libc::ENODEV), io.into_buf());
+        }
+        let was = self.in_submit.replace(true);
+        self.admitted(rx, io, cb, tag);
+        self.in_submit.set(was);
+    }
+}
+
+impl VolumeChannel {
+    /// A request past validation and QoS: parks while the volume is frozen, else runs.
+    fn admitted(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
+        let write = matches!(
+            io,
+            Io::Write { .. } | Io::Discard { .. } | Io::WriteZeroes { .. }
+        );
         if write && self.vol.frozen.get() > 0 {
             let me = self.rc();
             self.vol
                 .parked
                 .borrow_mut()
-                .push(Box::new(move |rx: &Reactor| me.submit(rx, io, cb, tag)));
+                .push(Box::new(move |rx: &Reactor| {
+                    if me.vol.deleted.get() {
+                        return crate::bdev::fail_request(
+                            rx,
+                            cb,
+                            tag,
+                            Errno(libc::ENODEV),
+                            io.into_buf(),
+                        );
+                    }
+                    me.admitted(rx, io, cb, tag);
+                }));
             return;
         }
-        self.in_submit.set(true);
+        let was = self.in_submit.replace(true);
         self.dispatch(rx, io, cb, tag);
-        self.in_submit.set(false);
+        self.in_submit.set(was);
     }
-}
 
-impl VolumeChannel {
     fn dispatch(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) {
         let cluster = self.rt.cluster_bytes();
         match io {

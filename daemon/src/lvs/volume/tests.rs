@@ -800,6 +800,7 @@ fn failed_metadata_writes_mark_the_pool_degraded() {
 }
 
 mod crash;
+mod qos;
 mod remote;
 
 /// Model-based test (issue 10): random sequences of create / write / read / FUA / discard /
