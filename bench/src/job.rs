@@ -48,9 +48,40 @@ pub struct JobParams {
 /// Tag bit marking a slot's FLUSH (the low bits are the slot).
 const FLUSH_TAG: u64 = 1 << 63;
 
+/// A control action at a given time of the measured window (a QoS change).
+pub struct Event {
+    /// When, from the start of the measured window.
+    pub at: Duration,
+    /// What it does, for the report.
+    pub what: String,
+    /// Does it (on the main thread; it may message reactors).
+    pub run: Box<dyn FnOnce() -> anyhow::Result<()>>,
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Event")
+            .field("at", &self.at)
+            .field("what", &self.what)
+            .finish()
+    }
+}
+
+/// One job's counted IOs and bytes, in total and per second of the measured window.
+#[derive(Clone, Debug, Default)]
+pub struct JobSeries {
+    /// Counted IOs.
+    pub ios: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// (IOs, bytes) completed in each whole second of the measured window.
+    pub per_sec: Vec<(u64, u64)>,
+}
+
 /// One job's outcome.
 #[derive(Debug)]
 struct JobResult {
+    series: JobSeries,
     ios: u64,
     errors: u64,
     first_error: Option<String>,
@@ -88,9 +119,16 @@ pub struct JobsResult {
     /// Bytes of every successful write, warm-up and drain included (the run's whole
     /// user-visible write volume, for write amplification).
     pub write_bytes_all: u64,
+    /// Each job's series, in the order the jobs were given.
+    pub per_job: Vec<JobSeries>,
+    /// The events run, with the time each was done (from the window's start).
+    pub events: Vec<(String, Duration)>,
 }
 
 struct Job {
+    /// (IOs, bytes) per whole second of the measured window.
+    per_sec: RefCell<Vec<(u64, u64)>>,
+    bytes: Cell<u64>,
     me: std::rc::Weak<Job>,
     ch: Rc<dyn Channel>,
     p: JobParams,
@@ -210,6 +248,11 @@ impl Job {
     fn finish(&self) {
         if let Some(tx) = self.done.borrow_mut().take() {
             let _ = tx.send(JobResult {
+                series: JobSeries {
+                    ios: self.ios.get(),
+                    bytes: self.bytes.get(),
+                    per_sec: self.per_sec.borrow().clone(),
+                },
                 ios: self.ios.get(),
                 errors: self.errors.get(),
                 first_error: self.first_error.borrow_mut().take(),
@@ -263,7 +306,15 @@ impl Job {
                 Ok(n) => {
                     if counted {
                         self.ios.set(self.ios.get() + 1);
+                        self.bytes.set(self.bytes.get() + u64::from(n));
                         self.hist.borrow_mut().saturating_record(ns);
+                        let sec = now.saturating_duration_since(self.measure_from).as_secs();
+                        if let Ok(i) = usize::try_from(sec) {
+                            if let Some(b) = self.per_sec.borrow_mut().get_mut(i) {
+                                b.0 += 1;
+                                b.1 += u64::from(n);
+                            }
+                        }
                     }
                     if write {
                         self.write_bytes_all
@@ -318,12 +369,31 @@ pub fn run_jobs(
     dev: &Arc<dyn BlockDevice>,
     p: &JobParams,
 ) -> anyhow::Result<JobsResult> {
+    let jobs: Vec<(usize, Arc<dyn BlockDevice>)> =
+        (0..set.len()).map(|i| (i, Arc::clone(dev))).collect();
+    run_jobs_on(set, &jobs, p, Vec::new())
+}
+
+/// Runs one job per `(reactor, device)` of `jobs` (several may share a reactor), runs
+/// `events` at their times of the measured window, and merges the results.
+pub fn run_jobs_on(
+    set: &ReactorSet,
+    jobs: &[(usize, Arc<dyn BlockDevice>)],
+    p: &JobParams,
+    mut events: Vec<Event>,
+) -> anyhow::Result<JobsResult> {
     let n = set.len() as u64;
     let start = Instant::now() + Duration::from_millis(20);
     let measure_from = start + p.warmup;
     let end = measure_from + p.time;
+    let secs = usize::try_from(p.time.as_secs()).unwrap_or(0);
     let mut waits = Vec::new();
-    for (i, r) in set.remotes().iter().enumerate() {
+    for (j, (i, dev)) in jobs.iter().enumerate() {
+        let (i, j) = (*i, j as u64);
+        let r = set
+            .remotes()
+            .get(i)
+            .with_context(|| format!("no reactor {i}"))?;
         let (tx, rx) = crossbeam::channel::bounded(1);
         let dev = Arc::clone(dev);
         let p2 = p.clone();
@@ -340,6 +410,8 @@ pub fn run_jobs(
                 .with_context(|| format!("opening {} on reactor {}", dev.name(), rx.id()))?;
             let hist = Histogram::new_with_bounds(1, 60_000_000_000, 3).context("histogram")?;
             let job = Rc::new_cyclic(|me| Job {
+                per_sec: RefCell::new(vec![(0, 0); secs]),
+                bytes: Cell::new(0),
                 me: me.clone(),
                 ch,
                 started: RefCell::new(vec![start; p2.qd as usize]),
@@ -352,7 +424,8 @@ pub fn run_jobs(
                 inline_completions: Cell::new(0),
                 rng: Cell::new(
                     0x9E37_79B9_7F4A_7C15
-                        ^ (rx.id() as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9),
+                        ^ (rx.id() as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+                        ^ j.wrapping_mul(0x94D0_49BB_1331_11EB),
                 ),
                 next_seq: Cell::new(0),
                 region,
@@ -390,12 +463,22 @@ pub fn run_jobs(
             );
             Ok(())
         })??;
-        waits.push(rx);
+        waits.push((i, rx));
     }
     // CPU time is sampled at the window's edges by this (sleeping) thread.
     std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
     let cpu0 = process_cpu_ns();
     let t0 = Instant::now();
+    events.sort_by_key(|e| e.at);
+    let mut done_events = Vec::new();
+    for e in events {
+        std::thread::sleep((measure_from + e.at).saturating_duration_since(Instant::now()));
+        (e.run)().with_context(|| format!("event {}", e.what))?;
+        done_events.push((
+            e.what,
+            Instant::now().saturating_duration_since(measure_from),
+        ));
+    }
     std::thread::sleep(end.saturating_duration_since(Instant::now()));
     let cpu1 = process_cpu_ns();
     let elapsed = t0.elapsed();
@@ -406,19 +489,22 @@ pub fn run_jobs(
         hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).context("histogram")?,
         elapsed,
         cpu_ns: cpu1.saturating_sub(cpu0),
-        per_core_ios: Vec::new(),
+        per_core_ios: vec![0; set.len()],
         flushes: 0,
         inline_completions: 0,
         flush_hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).context("histogram")?,
         write_bytes_all: 0,
+        per_job: Vec::new(),
+        events: done_events,
     };
-    for w in waits {
+    for (i, w) in waits {
         let r = w
             .recv_timeout(Duration::from_secs(60))
             .context("a job did not finish within 60 s after its time (stuck IO?)")?;
         out.ios += r.ios;
         out.errors += r.errors;
-        out.per_core_ios.push(r.ios);
+        out.per_core_ios[i] += r.ios;
+        out.per_job.push(r.series);
         if out.first_error.is_none() {
             out.first_error = r.first_error;
         }

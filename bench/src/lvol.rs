@@ -7,6 +7,9 @@
 //! amplification reported is measured at the device, not estimated. The wrapper costs one
 //! virtual call and a relaxed atomic add per device IO.
 //!
+//! `--volumes N` adds N - 1 more volumes of the same size ([`Lvol::add_volume`]), each
+//! benched by its own job on reactor 0, with QoS limits set through [`Lvol::set_qos`].
+//!
 //! Must never: run on more than one reactor (a volume is served on its pool's owner reactor
 //! only in this version; other reactors get EXDEV), or start timing before the import's
 //! background zeroing finished.
@@ -26,8 +29,9 @@ use coreblk_daemon::bdev::{BlockDevice, Channel, Geometry, Io};
 use coreblk_daemon::lvs::alloc::AllocCounts;
 use coreblk_daemon::lvs::journal::JournalStats;
 use coreblk_daemon::lvs::pool::{self, VolumeMeta};
+use coreblk_daemon::lvs::qos::QosLimits;
 use coreblk_daemon::lvs::volume::{PoolRt, Reply, StoreStats};
-use coreblk_daemon::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, ReactorSet};
+use coreblk_daemon::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, ReactorSet, Remote};
 
 use crate::target::LvolBacking;
 
@@ -379,6 +383,13 @@ impl Lvol {
         })
     }
 
+    /// Sets the QoS limits of volume `id` (in force on its channels at their next IO).
+    pub fn set_qos(&self, set: &ReactorSet, id: u32, limits: QosLimits) -> anyhow::Result<()> {
+        pool_op(set, "setting QoS limits", move |rx, rt, done| {
+            done(rx, rt.set_qos(id, &limits));
+        })
+    }
+
     /// Writes a checkpoint and waits until it is durable.
     pub fn checkpoint(&self, set: &ReactorSet) -> anyhow::Result<()> {
         pool_op(set, "checkpoint", |rx, rt, done| rt.checkpoint(rx, done))
@@ -615,6 +626,18 @@ const OP_TIMEOUT: Duration = Duration::from_secs(120);
 /// `done`.
 /// Overcommit limit of bench pools (× 1000): 1000× the capacity.
 const BENCH_OVERCOMMIT_MILLI: u32 = 1_000_000;
+
+/// Sets volume `id`'s QoS limits from any thread through reactor 0 (the pool's owner);
+/// returns once they are in force.
+pub fn set_qos_on(owner: &Remote, id: u32, limits: QosLimits) -> anyhow::Result<()> {
+    owner
+        .call(move |_rx: &Reactor| {
+            POOL.with(|p| p.borrow().clone())
+                .ok_or_else(|| "the pool is not running".to_string())
+                .and_then(|rt| rt.set_qos(id, &limits))
+        })?
+        .map_err(|e| anyhow::anyhow!("setting QoS limits: {e}"))
+}
 
 fn pool_op<T, F>(set: &ReactorSet, what: &'static str, f: F) -> anyhow::Result<T>
 where

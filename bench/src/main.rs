@@ -8,7 +8,10 @@
 //! counted. `--idle-wake SECS` instead measures how long the first IO takes after the
 //! reactors have slept for SECS.
 //!
-//! `lvol:` targets ([`lvol`]) format a pool on a device and bench one thin volume on it;
+//! `lvol:` targets ([`lvol`]) format a pool on a device and bench one thin volume on it
+//! (or `--volumes N` of them at once, one job each, with per-volume QoS limits `--qos` and
+//! online changes `--qos-change` ([`qos`]); the report then has each volume's IOPS and
+//! MiB/s per second of the window);
 //! `--prefill` writes the range once before timing (allocated clusters instead of first
 //! writes), `--flush-every N` follows every N-th write with a FLUSH, `--snapshots N` gives
 //! the volume an N-snapshot history first ([`history`]). Target specs are parsed in
@@ -20,6 +23,7 @@ mod job;
 mod lvol;
 mod measure_import;
 mod measure_snapshot;
+mod qos;
 mod target;
 
 use std::sync::Arc;
@@ -30,6 +34,7 @@ use clap::Parser;
 use coreblk_daemon::bdev::BlockDevice;
 use coreblk_daemon::config::parse_size;
 use coreblk_daemon::lvs::alloc::AllocCounts;
+use coreblk_daemon::lvs::qos::QosLimits;
 use coreblk_daemon::reactor::{ReactorConfig, ReactorSet};
 
 use job::{JobParams, Pattern};
@@ -136,10 +141,24 @@ struct Args {
     /// --measure: alternating load pairs (snapshot) / imports per case (import).
     #[arg(long, default_value_t = 5)]
     repeat: u32,
-    /// --measure import: volumes in the pool.
-    #[arg(long, default_value_t = 1000)]
-    volumes: u32,
+    /// lvol IO runs: thin volumes of the pool benched at once, each by its own job with
+    /// --qd requests on the one core (default 1; each of --size). --measure import: volumes
+    /// in the pool (default 1000).
+    #[arg(long)]
+    volumes: Option<u32>,
+    /// lvol: QoS limits of volume VOL (0-based) before the run: VOL:SPEC, SPEC = none or a
+    /// comma list of iops=N, read-iops=N, write-iops=N, bw=SIZE, read-bw=SIZE,
+    /// write-bw=SIZE (per second), burst-ms=N. Repeatable.
+    #[arg(long, value_name = "VOL:SPEC")]
+    qos: Vec<String>,
+    /// lvol: change volume VOL's QoS limits SECS into the measured window: SECS:VOL:SPEC.
+    /// Repeatable.
+    #[arg(long, value_name = "SECS:VOL:SPEC")]
+    qos_change: Vec<String>,
 }
+
+/// Default of `--volumes` for `--measure import`.
+const IMPORT_VOLUMES: u32 = 1000;
 
 /// What `--measure` selects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,17 +313,49 @@ fn run(args: Args) -> anyhow::Result<()> {
     if measure.is_some() && (args.repeat == 0 || args.creations == 0 || !tail_ok) {
         bail!("--measure needs --repeat ≥ 1, --creations ≥ 1 and --tail-secs ≥ 0");
     }
-    if measure == Some(Measure::Import) {
-        if args.volumes == 0 || args.volumes > 4000 {
-            bail!(
-                "--volumes {}: must be between 1 and 4000 (a pool holds 4096 objects)",
-                args.volumes
-            );
+    let volumes = args.volumes.unwrap_or(if measure == Some(Measure::Import) {
+        IMPORT_VOLUMES
+    } else {
+        1
+    });
+    if volumes == 0 || volumes > 4000 {
+        bail!("--volumes {volumes}: must be between 1 and 4000 (a pool holds 4096 objects)");
+    }
+    let qos_sets = args
+        .qos
+        .iter()
+        .map(|s| qos::parse_set(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let qos_changes = args
+        .qos_change
+        .iter()
+        .map(|s| qos::parse_change(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let multi = volumes > 1 || !qos_sets.is_empty() || !qos_changes.is_empty();
+    if multi && (measure.is_some() || args.snapshots > 0 || !spec.is_lvol()) {
+        bail!("--volumes (above 1 for IO runs), --qos and --qos-change need an lvol: target and an IO run (no --measure, no --snapshots)");
+    }
+    for v in qos_sets
+        .iter()
+        .map(|s| s.volume)
+        .chain(qos_changes.iter().map(|c| c.set.volume))
+    {
+        if v >= volumes as usize {
+            bail!("--qos/--qos-change name volume {v}, but the run has {volumes} (--volumes; indices from 0)");
         }
+    }
+    if let Some(c) = qos_changes.iter().find(|c| c.at_s >= args.time) {
+        bail!(
+            "--qos-change at {} s is not inside the measured window of --time {} s",
+            c.at_s,
+            args.time
+        );
+    }
+    if measure == Some(Measure::Import) {
         if let TargetSpec::Lvol { cluster_bytes, .. } = &spec {
             let per = measure_import::clusters_per_volume(
                 measure_import::DEFAULT_MAPPED_CLUSTERS,
-                args.volumes,
+                volumes,
             );
             size.get_or_insert(per * u64::from(*cluster_bytes));
         }
@@ -330,16 +381,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Some(spec.open_raw(args.passthrough)?)
     };
+    let jobs_per_core = if multi { volumes as usize } else { 1 };
     let cfg = ReactorConfig {
         idle_threshold_us: args.idle_threshold_us,
         busy_poll_limit_us: args.busy_poll_us,
         poll_max_gap_us: args.poll_max_gap_us,
         buf_chunk_bytes: bs as usize,
-        buf_count: args.qd as usize,
+        // One job per volume on the one core of an lvol target.
+        buf_count: args.qd as usize * jobs_per_core,
         // A volume IO can become several device IOs (one per cluster, plus journal writes);
         // a prefill keeps PREFILL_QD × PREFILL_MAX_SEGMENTS in flight.
         max_inflight: if spec.is_lvol() {
-            (args.qd * 4).max(1024)
+            (args.qd * 4 * volumes).max(1024)
         } else {
             args.qd.max(64) * 2
         },
@@ -353,6 +406,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let run = Run {
         args: &args,
+        volumes,
+        qos_sets,
+        qos_changes,
         measure,
         size,
         bs,
@@ -368,6 +424,10 @@ fn run(args: Args) -> anyhow::Result<()> {
 #[derive(Debug)]
 struct Run<'a> {
     args: &'a Args,
+    /// `--volumes` (or its default).
+    volumes: u32,
+    qos_sets: Vec<qos::QosSet>,
+    qos_changes: Vec<qos::QosChange>,
     measure: Option<Measure>,
     /// `--size` (lvol: the volume's size; import: each volume's).
     size: Option<u64>,
@@ -443,16 +503,16 @@ fn run_dev(
         return Ok(());
     }
     if let (Some(Measure::Import), Some(lv)) = (run.measure, lv) {
-        let needed = lv.volume_bytes / lv.cluster_bytes * u64::from(args.volumes);
+        let needed = lv.volume_bytes / lv.cluster_bytes * u64::from(run.volumes);
         if needed > lv.pool_clusters {
             bail!(
                 "--measure import: {} volumes of {} bytes need {needed} clusters; the pool has {} (use a larger device or a smaller --size)",
-                args.volumes,
+                run.volumes,
                 lv.volume_bytes,
                 lv.pool_clusters
             );
         }
-        return measure_import::run(reactors, lv, args.volumes, args.repeat, args.json);
+        return measure_import::run(reactors, lv, run.volumes, args.repeat, args.json);
     }
     if let Some(lv) = lv.filter(|_| args.snapshots > 0) {
         let needed = history::needed_clusters(lv.volume_bytes / lv.cluster_bytes, args.snapshots);
@@ -464,6 +524,15 @@ fn run_dev(
             );
         }
     }
+    // The volumes benched (the first is `dev`) and their ids.
+    let mut vols: Vec<(Option<u32>, Arc<dyn BlockDevice>)> =
+        vec![(lv.map(|l| l.volume_id), Arc::clone(dev))];
+    if let Some(lv) = lv {
+        for i in 1..run.volumes {
+            let (id, d) = lv.add_volume(reactors, &format!("bench{i}"), lv.volume_bytes)?;
+            vols.push((Some(id), d));
+        }
+    }
     if args.prefill || run.measure.is_some() {
         let lbs = geo.logical_block_size.max(1);
         let mut chunk = PREFILL_CHUNK_BYTES.min(geo.max_transfer_bytes);
@@ -472,17 +541,19 @@ fn run_dev(
             chunk = chunk.min(most);
         }
         let chunk = (chunk / lbs * lbs).max(lbs);
-        let r = job::prefill(reactors, dev, span, chunk, PREFILL_QD)?;
-        if let Some(lv) = lv {
-            lv.settle(reactors)?;
+        for (_, dev) in &vols {
+            let r = job::prefill(reactors, dev, span, chunk, PREFILL_QD)?;
+            if let Some(lv) = lv {
+                lv.settle(reactors)?;
+            }
+            eprintln!(
+                "prefilled {} MiB of {} in {:.2} s ({:.0} MiB/s)",
+                r.bytes >> 20,
+                dev.name(),
+                r.elapsed.as_secs_f64(),
+                r.bytes as f64 / (1 << 20) as f64 / r.elapsed.as_secs_f64().max(1e-9)
+            );
         }
-        eprintln!(
-            "prefilled {} MiB of {} in {:.2} s ({:.0} MiB/s)",
-            r.bytes >> 20,
-            dev.name(),
-            r.elapsed.as_secs_f64(),
-            r.bytes as f64 / (1 << 20) as f64 / r.elapsed.as_secs_f64().max(1e-9)
-        );
     }
     if let Some(lv) = lv.filter(|_| args.snapshots > 0) {
         let h = history::build(reactors, lv, args.snapshots)?;
@@ -516,7 +587,31 @@ fn run_dev(
         Some(lv) => Some((lv.device_counts(), lv.alloc_counts(reactors)?)),
         None => None,
     };
-    let result = job::run_jobs(reactors, dev, &params)?;
+    let mut qos_now = vec![QosLimits::default(); vols.len()];
+    let mut events = Vec::new();
+    if let Some(lv) = lv {
+        for s in &run.qos_sets {
+            let id = vols[s.volume].0.context("an lvol volume has an id")?;
+            lv.set_qos(reactors, id, s.limits)?;
+            qos_now[s.volume] = s.limits;
+        }
+        for c in &run.qos_changes {
+            let id = vols[c.set.volume].0.context("an lvol volume has an id")?;
+            let (set, limits) = (reactors.remotes()[0].clone(), c.set.limits);
+            events.push(job::Event {
+                at: Duration::from_secs_f64(c.at_s),
+                what: format!("{}:{}", c.set.volume, limits),
+                run: Box::new(move || lvol::set_qos_on(&set, id, limits)),
+            });
+        }
+    }
+    let result = if run.volumes > 1 || !run.qos_sets.is_empty() || !events.is_empty() {
+        let jobs: Vec<(usize, Arc<dyn BlockDevice>)> =
+            vols.iter().map(|(_, d)| (0, Arc::clone(d))).collect();
+        job::run_jobs_on(reactors, &jobs, &params, events)?
+    } else {
+        job::run_jobs(reactors, dev, &params)?
+    };
     let lvol_report = match (lv, before) {
         (Some(lv), Some((dev0, alloc0))) => {
             let alloc = lv.alloc_counts(reactors)?;
@@ -531,7 +626,18 @@ fn run_dev(
         }
         _ => None,
     };
-    print_result(args, &params, cores, &result, lvol_report.as_ref());
+    let multi = run.volumes > 1 || !run.qos_sets.is_empty() || !run.qos_changes.is_empty();
+    if args.json {
+        let volumes = multi
+            .then(|| print_volumes(args, &result, &qos_now))
+            .flatten();
+        print_result(args, &params, cores, &result, lvol_report.as_ref(), volumes);
+    } else {
+        print_result(args, &params, cores, &result, lvol_report.as_ref(), None);
+        if multi {
+            print_volumes(args, &result, &qos_now);
+        }
+    }
     if result.errors > 0 {
         bail!(
             "{} IOs failed (first error: {})",
@@ -540,6 +646,54 @@ fn run_dev(
         );
     }
     Ok(())
+}
+
+/// Each volume's figures of a multi-volume run: totals and per second of the window;
+/// printed as text, or returned as JSON for the run's report.
+fn print_volumes(
+    args: &Args,
+    r: &job::JobsResult,
+    qos_before: &[QosLimits],
+) -> Option<serde_json::Value> {
+    let secs = r.elapsed.as_secs_f64();
+    let mib = (1u64 << 20) as f64;
+    if args.json {
+        let vols: Vec<_> = r
+            .per_job
+            .iter()
+            .zip(qos_before)
+            .enumerate()
+            .map(|(i, (s, q))| {
+                serde_json::json!({
+                    "volume": i, "qos": q.to_string(), "ios": s.ios,
+                    "iops": s.ios as f64 / secs, "mib_s": s.bytes as f64 / mib / secs,
+                    "per_sec_iops": s.per_sec.iter().map(|p| p.0).collect::<Vec<_>>(),
+                    "per_sec_mib_s": s.per_sec.iter().map(|p| p.1 as f64 / mib).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let changes: Vec<_> = r
+            .events
+            .iter()
+            .map(|(what, at)| serde_json::json!({ "change": what, "applied_at_s": at.as_secs_f64() }))
+            .collect();
+        return Some(serde_json::json!({ "volumes": vols, "qos_changes": changes }));
+    }
+    {
+        for (i, (s, q)) in r.per_job.iter().zip(qos_before).enumerate() {
+            let per: Vec<String> = s.per_sec.iter().map(|p| p.0.to_string()).collect();
+            println!(
+                "  volume {i} (QoS {q}): {:.0} IOPS, {:.1} MiB/s; IOPS per second: {}",
+                s.ios as f64 / secs,
+                s.bytes as f64 / mib / secs,
+                per.join(" ")
+            );
+        }
+        for (what, at) in &r.events {
+            println!("  QoS change {what} applied at {:.3} s", at.as_secs_f64());
+        }
+    }
+    None
 }
 
 fn print_idle(args: &Args, r: &job::IdleWake) {
@@ -570,6 +724,7 @@ fn print_result(
     cores: &[usize],
     r: &job::JobsResult,
     lvol: Option<&LvolReport>,
+    volumes: Option<serde_json::Value>,
 ) {
     let secs = r.elapsed.as_secs_f64();
     let iops = r.ios as f64 / secs;
@@ -606,6 +761,10 @@ fn print_result(
             "per_core_iops": r.per_core_ios.iter().map(|n| *n as f64 / secs).collect::<Vec<_>>(),
             "lvol": lvol,
         });
+        let mut v = v;
+        if let (Some(obj), Some(serde_json::Value::Object(extra))) = (v.as_object_mut(), volumes) {
+            obj.extend(extra);
+        }
         println!("{v}");
     } else {
         println!(

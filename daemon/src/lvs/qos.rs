@@ -497,8 +497,10 @@ impl Limiter {
             st.share_ppm = share;
             set_rates(st, false);
         }
+        // `now` may be the loop's cached time, older than a timer's: never go back.
         let dt = match st.last_refill {
-            Some(t) => now.saturating_duration_since(t).as_secs_f64(),
+            Some(t) if t >= now => return,
+            Some(t) => now.duration_since(t).as_secs_f64(),
             None => 0.0,
         };
         st.last_refill = Some(now);
