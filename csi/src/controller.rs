@@ -484,6 +484,7 @@ impl csi::controller_server::Controller for Controller {
             .daemon
             .volumes()
             .create_volume(pb::CreateVolumeRequest {
+                qos: None,
                 pool: pool.uuid.clone(),
                 name: r.name.clone(),
                 size_bytes,

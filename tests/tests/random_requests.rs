@@ -163,6 +163,7 @@ async fn one(g: &mut Gen, ch: &Channel, known: &mut Vec<String>) -> (String, Cod
                     thick: g.chance(5),
                     labels: g.labels(),
                     source,
+                    qos: None,
                 })
                 .await;
             if r.is_ok() {

@@ -243,6 +243,8 @@ enum VolumeCmd {
         /// Labels, key=value (repeatable).
         #[arg(long = "label", value_parser = label_arg)]
         labels: Vec<(String, String)>,
+        #[command(flatten)]
+        qos: QosArgs,
     },
     /// List volumes.
     List {
@@ -296,6 +298,113 @@ enum VolumeCmd {
         /// Name or UUID.
         volume: String,
     },
+    /// Change a volume's QoS limits, online (exported or not): the limits given replace
+    /// those of the same name, the others stay (with --clear: the others are removed).
+    /// 0 is unlimited.
+    SetQos {
+        /// Name or UUID.
+        volume: String,
+        #[command(flatten)]
+        qos: QosArgs,
+        /// Remove every limit not given here.
+        #[arg(long)]
+        clear: bool,
+    },
+}
+
+/// QoS limits on the command line (0: unlimited).
+#[derive(Debug, Clone, Default, clap::Args)]
+struct QosArgs {
+    /// Reads + writes per second.
+    #[arg(long, value_name = "IOPS")]
+    max_iops: Option<u64>,
+    /// Reads per second.
+    #[arg(long, value_name = "IOPS")]
+    max_read_iops: Option<u64>,
+    /// Writes (and discards) per second.
+    #[arg(long, value_name = "IOPS")]
+    max_write_iops: Option<u64>,
+    /// Bytes read + written per second, e.g. 100MiB.
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    max_bw: Option<u64>,
+    /// Bytes read per second.
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    max_read_bw: Option<u64>,
+    /// Bytes written per second.
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    max_write_bw: Option<u64>,
+    /// Burst allowance: milliseconds of each limit's rate saved while idle (0: 100 ms).
+    #[arg(long, value_name = "MS")]
+    burst_ms: Option<u32>,
+}
+
+impl QosArgs {
+    fn is_empty(&self) -> bool {
+        self.max_iops.is_none()
+            && self.max_read_iops.is_none()
+            && self.max_write_iops.is_none()
+            && self.max_bw.is_none()
+            && self.max_read_bw.is_none()
+            && self.max_write_bw.is_none()
+            && self.burst_ms.is_none()
+    }
+
+    /// `base` with the limits given here replaced.
+    fn apply(&self, base: pb::VolumeQos) -> pb::VolumeQos {
+        pb::VolumeQos {
+            max_iops: self.max_iops.unwrap_or(base.max_iops),
+            max_read_iops: self.max_read_iops.unwrap_or(base.max_read_iops),
+            max_write_iops: self.max_write_iops.unwrap_or(base.max_write_iops),
+            max_bytes_per_sec: self.max_bw.unwrap_or(base.max_bytes_per_sec),
+            max_read_bytes_per_sec: self.max_read_bw.unwrap_or(base.max_read_bytes_per_sec),
+            max_write_bytes_per_sec: self.max_write_bw.unwrap_or(base.max_write_bytes_per_sec),
+            burst_ms: self.burst_ms.unwrap_or(base.burst_ms),
+        }
+    }
+}
+
+/// A volume's QoS limits for people: `unlimited`, or the limits set.
+fn qos_text(q: Option<&pb::VolumeQos>) -> String {
+    let Some(q) = q else {
+        return "unlimited".to_owned();
+    };
+    let mut parts = Vec::new();
+    for (name, v) in [
+        ("iops", q.max_iops),
+        ("read iops", q.max_read_iops),
+        ("write iops", q.max_write_iops),
+    ] {
+        if v > 0 {
+            parts.push(format!("{name} {v}/s"));
+        }
+    }
+    for (name, v) in [
+        ("bw", q.max_bytes_per_sec),
+        ("read bw", q.max_read_bytes_per_sec),
+        ("write bw", q.max_write_bytes_per_sec),
+    ] {
+        if v > 0 {
+            parts.push(format!("{name} {}/s", human_size(v)));
+        }
+    }
+    if parts.is_empty() {
+        return "unlimited".to_owned();
+    }
+    let burst = if q.burst_ms == 0 { 100 } else { q.burst_ms };
+    parts.push(format!("burst {burst} ms"));
+    parts.join(", ")
+}
+
+fn qos_json(q: Option<&pb::VolumeQos>) -> serde_json::Value {
+    match q {
+        None => serde_json::Value::Null,
+        Some(q) => json!({
+            "max_iops": q.max_iops, "max_read_iops": q.max_read_iops,
+            "max_write_iops": q.max_write_iops, "max_bytes_per_sec": q.max_bytes_per_sec,
+            "max_read_bytes_per_sec": q.max_read_bytes_per_sec,
+            "max_write_bytes_per_sec": q.max_write_bytes_per_sec, "burst_ms": q.burst_ms,
+        }),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -527,6 +636,7 @@ async fn run(cli: Cli) -> CmdResult {
             };
             let v = pb::volumes_client::VolumesClient::new(channel)
                 .create_volume(pb::CreateVolumeRequest {
+                    qos: None,
                     pool: String::new(),
                     name,
                     size_bytes: size.unwrap_or(0),
@@ -828,6 +938,7 @@ async fn volume(channel: Channel, out: Output, cmd: VolumeCmd) -> CmdResult {
             from,
             thick,
             labels: l,
+            qos,
         } => {
             let source = match from {
                 None => None,
@@ -839,6 +950,7 @@ async fn volume(channel: Channel, out: Output, cmd: VolumeCmd) -> CmdResult {
                 (None, None) => "default".to_owned(),
             };
             c.create_volume(pb::CreateVolumeRequest {
+                qos: (!qos.is_empty()).then(|| qos.apply(pb::VolumeQos::default())),
                 pool,
                 name,
                 size_bytes: size.unwrap_or(0),
@@ -918,6 +1030,31 @@ async fn volume(channel: Channel, out: Output, cmd: VolumeCmd) -> CmdResult {
             .inflate_volume(pb::InflateVolumeRequest { volume })
             .await?
             .into_inner(),
+        VolumeCmd::SetQos { volume, qos, clear } => {
+            if qos.is_empty() && !clear {
+                return Err(anyhow::anyhow!(
+                    "give at least one limit (--max-iops, --max-read-iops, --max-write-iops, --max-bw, --max-read-bw, --max-write-bw, --burst-ms; 0 = unlimited) or --clear"
+                )
+                .into());
+            }
+            let base = if clear {
+                pb::VolumeQos::default()
+            } else {
+                c.get_volume(pb::GetVolumeRequest {
+                    volume: volume.clone(),
+                })
+                .await?
+                .into_inner()
+                .qos
+                .unwrap_or_default()
+            };
+            c.set_volume_qos(pb::SetVolumeQosRequest {
+                volume,
+                qos: Some(qos.apply(base)),
+            })
+            .await?
+            .into_inner()
+        }
     };
     print_volumes(out, &[v], "");
     Ok(())
@@ -1923,6 +2060,7 @@ fn volume_fields(v: &pb::Volume) -> Vec<(&'static str, String)> {
         ("device", or_dash(&v.device_path)),
         ("created", or_dash(&rfc3339(v.create_time.as_ref()))),
         ("labels", labels_text(&v.labels)),
+        ("qos", qos_text(v.qos.as_ref())),
     ]
 }
 
@@ -2006,6 +2144,7 @@ fn print_volumes(out: Output, volumes: &[pb::Volume], next: &str) {
                 "source_snapshot_uuid": v.source_snapshot_uuid,
                 "source_volume_uuid": v.source_volume_uuid, "device_path": v.device_path,
                 "create_time": rfc3339(v.create_time.as_ref()), "labels": sorted_labels(&v.labels),
+                "qos": qos_json(v.qos.as_ref()),
             })).collect::<Vec<_>>(),
             "next_page_token": next,
         }));

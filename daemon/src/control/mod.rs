@@ -23,6 +23,7 @@ pub mod exports;
 pub mod images;
 pub mod names;
 pub mod node;
+pub mod objrec;
 pub mod page;
 pub mod pools;
 pub mod scrape;

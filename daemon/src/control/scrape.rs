@@ -23,12 +23,15 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::objrec::ObjectRecord;
 use super::store::{PoolInfo, PoolState, Store};
 use crate::bdev::label::Uuid;
 use crate::export::stats::{IoCounts, REGISTRY};
+use crate::lvs::qos::QosStats;
 use crate::lvs::volume::ObjectUsage;
 use crate::metrics::{
     ExportSample, ObjectKind, ObjectSample, PoolFiguresSample, PoolSample, PoolStateSample,
+    QosSample,
 };
 
 /// Most volume and snapshot maps scanned per pool per scrape.
@@ -73,6 +76,25 @@ struct ObjectRow {
     labels: std::collections::BTreeMap<String, String>,
     /// Its export record, if it has one.
     export: Option<Vec<u8>>,
+    /// Its QoS limits and throttling, when it has limits or was ever throttled.
+    qos: Option<QosSample>,
+}
+
+/// An object's export record (the export part of its control record).
+fn export_part(table: &crate::lvs::pool::VolumeTable, id: u32) -> Option<Vec<u8>> {
+    ObjectRecord::decode(table.control.get(&id).map(Vec::as_slice))
+        .ok()
+        .and_then(|r| r.export)
+}
+
+/// An object's QoS as `/metrics` shows it (read on the owner reactor).
+fn qos_sample(rt: &crate::lvs::volume::PoolRt, id: u32) -> Option<QosSample> {
+    let (limits, stats) = rt.qos(id).ok()?;
+    (!limits.is_unlimited() || stats != QosStats::default()).then_some(QosSample {
+        limits,
+        throttled_ios: stats.throttled_ios,
+        throttled_ns: stats.throttled_ns,
+    })
 }
 
 struct PoolRead {
@@ -164,7 +186,8 @@ async fn read_pool(store: &Store, p: &PoolInfo) -> super::Result<PoolRead> {
                 pvc_name: label(m, PVC_NAME_LABEL),
                 size_bytes: m.size_bytes,
                 labels: m.labels.clone(),
-                export: table.control.get(&m.id).cloned(),
+                export: export_part(&table, m.id),
+                qos: qos_sample(rt, m.id),
             })
             .collect();
         rows.extend(table.snapshots.values().map(|m| {
@@ -182,7 +205,8 @@ async fn read_pool(store: &Store, p: &PoolInfo) -> super::Result<PoolRead> {
                 pvc_name: String::new(),
                 size_bytes: m.size_bytes,
                 labels: m.labels.clone(),
-                export: table.control.get(&m.id).cloned(),
+                export: export_part(&table, m.id),
+                qos: None,
             }
         }));
         PoolRead {
@@ -309,6 +333,7 @@ async fn scrape_pool(
             allocated_bytes: cached.map(|c| c.usage.allocated_bytes),
             unique_bytes: cached.map(|c| c.usage.unique_bytes),
             export: r.export.as_deref().and_then(|rec| export_sample(rec, io)),
+            qos: r.qos,
         });
     }
     Ok((figures, objects, read.degraded))

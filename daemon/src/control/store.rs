@@ -38,11 +38,13 @@ use tokio::sync::{oneshot, watch};
 use super::claims::{ClaimInfo, Claims};
 use super::devices::blocking;
 use super::error::{Error, Result};
+use super::objrec::ObjectRecord;
 use crate::bdev::blocking::BlockingDevice;
 use crate::bdev::label::{self, Uuid};
 use crate::bdev::uring::UringDevice;
 use crate::bdev::{BlockDevice, Channel, Io};
 use crate::lvs::pool::{self, PoolError, VolumeMeta};
+use crate::lvs::qos::QosLimits;
 use crate::lvs::table::{VolumeTable, MAX_CONTROL_BYTES};
 use crate::lvs::volume::{Degraded, ObjectUsage, PoolRt, Reply};
 use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor, Remote};
@@ -57,6 +59,22 @@ pub const MIN_CLUSTER_BYTES: u64 = 4 << 10;
 pub const MAX_CLUSTER_BYTES: u64 = 4 << 20;
 /// Largest volume (bounds the cluster map a volume needs).
 pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
+/// Puts the QoS limits recorded in `rt`'s control records in force (at pool start).
+fn apply_recorded_qos(rt: &PoolRt, pool: &str) {
+    let t = rt.volumes();
+    for (id, data) in &t.control {
+        match ObjectRecord::decode(Some(data)) {
+            Ok(ObjectRecord { qos: Some(q), .. }) => {
+                if let Err(e) = rt.set_qos(*id, &q) {
+                    tracing::error!(pool, id, error = %e, "recorded QoS limits not applied");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(pool, id, error = %e, "unreadable control record"),
+        }
+    }
+}
+
 /// Longest a reactor may take to answer a control message.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a pool's import waits for its free-cluster pipeline to settle before it is
@@ -229,6 +247,8 @@ pub struct VolumeInfo {
     pub source: Option<CloneSource>,
     /// The ublk device it is exported as, while it is.
     pub device_path: Option<String>,
+    /// QoS limits (unlimited when none are set).
+    pub qos: QosLimits,
 }
 
 impl VolumeInfo {
@@ -927,6 +947,9 @@ impl Store {
         let name = info.name.clone();
         ask(self.remote(info.owner), move |r: &Reactor, tx| {
             let res = PoolRt::start(r, &dev, imp).map(|rt| {
+                // QoS limits are in force before any channel serves IO (exports are
+                // re-attached after the import).
+                apply_recorded_qos(&rt, &name);
                 // The store enforces the limit atomically at create/resize: keep it in step.
                 if rt.usage().overcommit_milli != milli {
                     rt.set_overcommit(
@@ -1259,6 +1282,10 @@ impl Store {
             created_unix: lineage.map(|l| l.created_unix),
             source,
             device_path,
+            qos: ObjectRecord::decode(table.control.get(&m.id).map(Vec::as_slice))
+                .ok()
+                .and_then(|r| r.qos)
+                .unwrap_or_default(),
         }
     }
 
@@ -1779,9 +1806,66 @@ impl Store {
         };
         let p = self.online(&obj.pool_uuid.to_string())?;
         let id = obj.id;
-        self.pool_op(&p, move |r, rt, reply| rt.set_control(r, id, data, reply))
-            .await?
-            .map_err(|reason| journal_error("record the export of", &obj.name, &p.name, reason))
+        let export = (!data.is_empty()).then_some(data);
+        // The record's other part (QoS limits) stays as it is.
+        let update = Box::new(move |cur: Option<&[u8]>| {
+            ObjectRecord {
+                export,
+                ..ObjectRecord::decode(cur)?
+            }
+            .encode()
+        });
+        self.pool_op(&p, move |r, rt, reply| {
+            rt.update_control(r, id, update, reply)
+        })
+        .await?
+        .map_err(|reason| journal_error("record the export of", &obj.name, &p.name, reason))
+    }
+
+    /// Replaces the QoS limits of volume `name_or_uuid`: recorded durably in its control
+    /// record (FORMAT.md record type 8, beside its export record), then in force on every
+    /// reactor at its channels' next IO.
+    ///
+    /// # Errors
+    /// NOT_FOUND, INVALID_ARGUMENT (an absurd limit, with the accepted range), UNAVAILABLE
+    /// (pool not online), or the store's failure.
+    pub async fn set_volume_qos(
+        &self,
+        name_or_uuid: &str,
+        limits: QosLimits,
+    ) -> Result<VolumeInfo> {
+        limits.validate().map_err(|reason| Error::InvalidArgument {
+            field: "qos",
+            reason,
+        })?;
+        let v = self.volume(name_or_uuid).await?;
+        if v.qos == limits {
+            return self.one_with_usage(v).await;
+        }
+        let p = self.online(&v.pool_uuid.to_string())?;
+        let id = v.id;
+        let update = Box::new(move |cur: Option<&[u8]>| {
+            ObjectRecord {
+                qos: Some(limits),
+                ..ObjectRecord::decode(cur)?
+            }
+            .encode()
+        });
+        self.pool_op(&p, move |r, rt, reply| {
+            let rt2 = Rc::clone(&rt);
+            rt.update_control(
+                r,
+                id,
+                update,
+                Box::new(move |r: &Reactor, res: std::result::Result<(), String>| {
+                    reply(r, res.and_then(|()| rt2.set_qos(id, &limits)));
+                }),
+            );
+        })
+        .await?
+        .map_err(|reason| journal_error("set QoS limits of volume", &v.name, &p.name, reason))?;
+        tracing::info!(volume = %v.uuid, qos = %limits, "QoS limits set");
+        self.volume_with_usage(&v.uuid.to_string()).await
     }
 
     /// Every export record kept by the online pools, by volume or snapshot UUID.
@@ -1800,7 +1884,16 @@ impl Store {
                     let t = rt.volumes();
                     t.control
                         .iter()
-                        .filter_map(|(id, data)| Some((t.get(*id)?.uuid, data.clone())))
+                        .filter_map(|(id, data)| {
+                            let uuid = t.get(*id)?.uuid;
+                            match ObjectRecord::decode(Some(data)) {
+                                Ok(r) => Some((uuid, r.export?)),
+                                Err(e) => {
+                                    tracing::error!(object = %Uuid(uuid), error = %e, "unreadable control record; its export is not re-attached");
+                                    None
+                                }
+                            }
+                        })
                         .collect::<Vec<_>>()
                 })
                 .await?;

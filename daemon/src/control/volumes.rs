@@ -1,6 +1,7 @@
 //! The `Volumes` service: create (empty, or as a clone of a snapshot or volume;
 //! idempotent by name), get, list (by pool and labels, paginated), delete (snapshots and
-//! clones of it stay whole), resize (grow), set labels, roll back to a snapshot, inflate.
+//! clones of it stay whole), resize (grow), set labels, roll back to a snapshot, inflate,
+//! set QoS limits (online; validated here and in the store).
 //! Thick volumes reserve their size in the store (clones are thin).
 //!
 //! Must never: create a volume the store could not record (its own name and label limits
@@ -18,6 +19,7 @@ use super::pools::label_map;
 use super::server::Shared;
 use super::store::{SourceRef, VolumeInfo, VolumeSpec, MAX_VOLUME_BYTES};
 use crate::lvs::pool::validate_meta;
+use crate::lvs::qos::QosLimits;
 
 /// Volume sizes are multiples of this.
 pub const VOLUME_BLOCK_BYTES: u64 = 4096;
@@ -52,7 +54,43 @@ pub fn volume_message(v: &VolumeInfo) -> pb::Volume {
         // The store records creation times of clones (and snapshots) only.
         create_time: v.created_unix.map(timestamp),
         labels: v.labels.clone().into_iter().collect(),
+        qos: (!v.qos.is_unlimited()).then(|| qos_message(&v.qos)),
     }
+}
+
+/// QoS limits as the API carries them.
+#[must_use]
+pub fn qos_message(l: &QosLimits) -> pb::VolumeQos {
+    pb::VolumeQos {
+        max_iops: l.iops,
+        max_read_iops: l.read_iops,
+        max_write_iops: l.write_iops,
+        max_bytes_per_sec: l.bytes_per_sec,
+        max_read_bytes_per_sec: l.read_bytes_per_sec,
+        max_write_bytes_per_sec: l.write_bytes_per_sec,
+        burst_ms: l.burst_ms,
+    }
+}
+
+/// QoS limits from the API (absent: unlimited), validated.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming the limit, what is wrong and the accepted range.
+pub fn qos_limits(q: Option<&pb::VolumeQos>) -> Result<QosLimits> {
+    let l = q.map_or_else(QosLimits::default, |q| QosLimits {
+        iops: q.max_iops,
+        read_iops: q.max_read_iops,
+        write_iops: q.max_write_iops,
+        bytes_per_sec: q.max_bytes_per_sec,
+        read_bytes_per_sec: q.max_read_bytes_per_sec,
+        write_bytes_per_sec: q.max_write_bytes_per_sec,
+        burst_ms: q.burst_ms,
+    });
+    l.validate().map_err(|reason| Error::InvalidArgument {
+        field: "qos",
+        reason,
+    })?;
+    Ok(l)
 }
 
 /// Seconds since the Unix epoch as a protobuf timestamp.
@@ -162,9 +200,20 @@ impl pb::volumes_server::Volumes for VolumesService {
             pb::create_volume_request::Source::SourceSnapshot(s) => SourceRef::Snapshot(s),
             pb::create_volume_request::Source::SourceVolume(v) => SourceRef::Volume(v),
         });
+        let qos = qos_limits(r.qos.as_ref())?;
         let mut spec = volume_spec(r.pool, r.name, r.size_bytes, r.labels, source)?;
         spec.thick = r.thick;
         let (v, _created) = self.shared.store.create_volume(spec).await?;
+        // QoS is mutable, so it is not part of the create's identity: a retried create (or
+        // one interrupted between the volume and its limits) ends with the limits asked.
+        let v = if v.qos == qos {
+            v
+        } else {
+            self.shared
+                .store
+                .set_volume_qos(&v.uuid.to_string(), qos)
+                .await?
+        };
         Ok(Response::new(volume_message(&v)))
     }
 
@@ -261,6 +310,17 @@ impl pb::volumes_server::Volumes for VolumesService {
             .store
             .set_volume_labels(&r.volume, label_map(r.set), &r.remove)
             .await?;
+        Ok(Response::new(volume_message(&v)))
+    }
+
+    async fn set_volume_qos(
+        &self,
+        request: Request<pb::SetVolumeQosRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        self.check()?;
+        let r = request.into_inner();
+        let qos = qos_limits(r.qos.as_ref())?;
+        let v = self.shared.store.set_volume_qos(&r.volume, qos).await?;
         Ok(Response::new(volume_message(&v)))
     }
 

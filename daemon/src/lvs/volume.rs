@@ -78,6 +78,9 @@ const CKPT_CHUNK: usize = 1 << 20;
 type Parked = Box<dyn FnOnce(&Reactor)>;
 /// Answer of a control operation on the owner reactor.
 pub type Reply<T> = Box<dyn FnOnce(&Reactor, Result<T, String>)>;
+
+/// Makes an object's new control record from its current one ([`PoolRt::update_control`]).
+pub type ControlUpdate = Box<dyn FnOnce(Option<&[u8]>) -> Result<Vec<u8>, String> + Send>;
 type IoDone = Box<dyn FnOnce(&Reactor, IoResult, Option<IoBuf>)>;
 type StepDone = Box<dyn FnOnce(&Reactor, Result<(), Errno>)>;
 /// Sources to freeze, records to commit, new ids.
@@ -766,6 +769,23 @@ impl PoolRt {
         let rt = self.rc();
         self.serialized(rx, done, move |rx, done| {
             rt.set_control_now(rx, id, data, done)
+        });
+    }
+
+    /// Replaces the control record of `id` with what `f` makes of the current one, with no
+    /// other control operation in between (a read-modify-write of records several owners
+    /// share); durable as [`set_control`](Self::set_control).
+    pub fn update_control(&self, rx: &Reactor, id: u32, f: ControlUpdate, done: Reply<()>) {
+        let rt = self.rc();
+        self.serialized(rx, done, move |rx, done| {
+            let data = {
+                let t = rt.table.borrow();
+                f(t.control.get(&id).map(Vec::as_slice))
+            };
+            match data {
+                Ok(data) => rt.set_control_now(rx, id, data, done),
+                Err(e) => done(rx, Err(e)),
+            }
         });
     }
 

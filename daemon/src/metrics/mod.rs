@@ -18,7 +18,10 @@
 //! errors and a latency histogram, recorded by its ublk queues on their reactors
 //! (`export::stats`) and summed over the queues at scrape time. `coreblk_daemon_state`
 //! says whether the daemon serves calls yet (the alert rules in
-//! `csi/deploy/monitoring/` watch it after a restart).
+//! `csi/deploy/monitoring/` watch it after a restart). Volumes with QoS limits (or that
+//! were throttled) have `coreblk_volume_qos_limit` by `limit` and
+//! `coreblk_volume_throttled_{seconds,requests}_total`, read from the volume store's
+//! per-volume atomics (`lvs::qos`) at scrape time.
 //! Start reading at [`render`].
 
 pub mod http;
@@ -32,6 +35,7 @@ use text::{Exposition, Kind};
 
 use crate::export::stats::{IoCounts, IoOp, LATENCY_BOUNDS_NS, LATENCY_CLASSES};
 use crate::lvs::journal::{LatencyCounts, WRITE_LATENCY_BOUNDS_NS};
+use crate::lvs::qos::QosLimits;
 
 /// One reactor's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -220,6 +224,19 @@ pub struct ObjectSample {
     pub unique_bytes: Option<u64>,
     /// Its ublk export, when this daemon serves one.
     pub export: Option<ExportSample>,
+    /// Its QoS limits and throttling (volumes with limits, or throttled since start).
+    pub qos: Option<QosSample>,
+}
+
+/// A volume's QoS: its limits and how much they held its requests back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QosSample {
+    /// The limits in force.
+    pub limits: QosLimits,
+    /// Requests that waited for the limits (since the pool started here).
+    pub throttled_ios: u64,
+    /// Time they waited, summed over requests, nanoseconds.
+    pub throttled_ns: u64,
 }
 
 /// One export this daemon serves, with its IO counters.
@@ -650,6 +667,62 @@ fn render_objects(e: &mut Exposition, objects: &[ObjectSample]) {
         }
     }
     render_exports(e, objects);
+    render_qos(e, objects);
+}
+
+fn render_qos(e: &mut Exposition, objects: &[ObjectSample]) {
+    let qos: Vec<(&str, &QosSample)> = objects
+        .iter()
+        .filter_map(|o| Some((o.uuid.as_str(), o.qos.as_ref()?)))
+        .collect();
+    e.family(
+        "coreblk_volume_qos_limit",
+        Kind::Gauge,
+        "QoS limits of each volume that has any, by limit (iops, read_iops, write_iops in requests per second; bytes, read_bytes, write_bytes in bytes per second); unset limits have no series.",
+    );
+    let names = [
+        "iops",
+        "read_iops",
+        "write_iops",
+        "bytes",
+        "read_bytes",
+        "write_bytes",
+    ];
+    for (uuid, q) in &qos {
+        for (v, name) in q.limits.rates().iter().zip(names) {
+            if *v > 0 {
+                e.sample(
+                    "coreblk_volume_qos_limit",
+                    &[("uuid", uuid), ("limit", name)],
+                    count(*v),
+                );
+            }
+        }
+    }
+    e.family(
+        "coreblk_volume_throttled_seconds_total",
+        Kind::Counter,
+        "Time requests of each volume waited for its QoS limits, summed over requests (two requests waiting 1 s each count 2 s), since its pool started in this daemon.",
+    );
+    for (uuid, q) in &qos {
+        e.sample(
+            "coreblk_volume_throttled_seconds_total",
+            &[("uuid", uuid)],
+            seconds(q.throttled_ns),
+        );
+    }
+    e.family(
+        "coreblk_volume_throttled_requests_total",
+        Kind::Counter,
+        "Requests of each volume that waited for its QoS limits, since its pool started in this daemon.",
+    );
+    for (uuid, q) in &qos {
+        e.sample(
+            "coreblk_volume_throttled_requests_total",
+            &[("uuid", uuid)],
+            count(q.throttled_ios),
+        );
+    }
 }
 
 fn render_exports(e: &mut Exposition, objects: &[ObjectSample]) {
@@ -863,6 +936,15 @@ mod tests {
                         persistent: true,
                         io: sample_io(),
                     }),
+                    qos: Some(QosSample {
+                        limits: QosLimits {
+                            iops: 5000,
+                            write_bytes_per_sec: 1 << 20,
+                            ..QosLimits::default()
+                        },
+                        throttled_ios: 7,
+                        throttled_ns: 1_500_000_000,
+                    }),
                 },
                 ObjectSample {
                     pool: "default".into(),
@@ -877,6 +959,7 @@ mod tests {
                     allocated_bytes: None,
                     unique_bytes: None,
                     export: None,
+                    qos: None,
                 },
             ],
             object_scans: 5,
@@ -906,6 +989,33 @@ mod tests {
         assert_eq!(bucket("2.5"), 3.0);
         assert_eq!(bucket("+Inf"), 4.0);
         assert_eq!(value(&format!("{h}_count"), &[("pool", "default")]), 4.0);
+        assert_eq!(
+            value("coreblk_volume_throttled_seconds_total", &[("uuid", "v1")]),
+            1.5
+        );
+        assert_eq!(
+            value("coreblk_volume_throttled_requests_total", &[("uuid", "v1")]),
+            7.0
+        );
+        assert_eq!(
+            value(
+                "coreblk_volume_qos_limit",
+                &[("uuid", "v1"), ("limit", "iops")]
+            ),
+            5000.0
+        );
+        assert_eq!(
+            value(
+                "coreblk_volume_qos_limit",
+                &[("uuid", "v1"), ("limit", "write_bytes")]
+            ),
+            1_048_576.0
+        );
+        assert!(
+            !page.contains("limit=\"read_iops\"")
+                && !page.contains("coreblk_volume_throttled_seconds_total{uuid=\"s1\"}"),
+            "unset limits and objects without QoS have no series:\n{page}"
+        );
         assert!((value(&format!("{h}_sum"), &[("pool", "default")]) - 3.0005).abs() < 1e-9);
         assert!(
             !page.contains(&format!("{h}_count{{pool=\"broken\"}}")),

@@ -354,6 +354,7 @@ mod tests {
             allocated_bytes: Some(4096),
             unique_bytes: None,
             export: None,
+            qos: None,
         }
     }
 
