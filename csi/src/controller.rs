@@ -28,6 +28,7 @@ use crate::params::{
     check_capabilities, node_topology, topology_allows, volume_size, SizeError, VolumeParams,
     DEFAULT_POOL, K8S_PREFIX, KEPT_AS_LABELS, PARAM_THICK, TOPOLOGY_KEY,
 };
+use crate::qos::QosParams;
 
 /// Most entries a list page holds (the daemon's page limit).
 const MAX_PAGE_ENTRIES: u32 = 1000;
@@ -35,7 +36,7 @@ const MAX_PAGE_ENTRIES: u32 = 1000;
 pub const CONTEXT_POOL: &str = "csi.coreblk.io/pool";
 
 /// The capabilities of the node plugin's controller.
-const CAPS: [Cap; 9] = [
+const CAPS: [Cap; 10] = [
     Cap::CreateDeleteVolume,
     Cap::ListVolumes,
     Cap::GetCapacity,
@@ -45,6 +46,7 @@ const CAPS: [Cap; 9] = [
     Cap::VolumeCondition,
     Cap::GetVolume,
     Cap::SingleNodeMultiWriter,
+    Cap::ModifyVolume,
 ];
 
 fn caps_response(caps: &[Cap]) -> csi::ControllerGetCapabilitiesResponse {
@@ -399,14 +401,11 @@ impl csi::controller_server::Controller for Controller {
         }
         let cap_fs = check_capabilities(&r.volume_capabilities).map_err(invalid)?;
         let params = VolumeParams::parse(&r.parameters).map_err(invalid)?;
-        if !r.mutable_parameters.is_empty() {
-            return Err(invalid(
-                "mutable_parameters are not supported (no MODIFY_VOLUME capability); remove \
-                 the VolumeAttributesClass from the claim"
-                    .to_owned(),
-            )
-            .into());
-        }
+        // A VolumeAttributesClass named by the claim: QoS keys only, over the class's.
+        QosParams::only_qos_keys(&r.mutable_parameters).map_err(invalid)?;
+        let qos = params
+            .qos
+            .overlay(&QosParams::parse(&r.mutable_parameters).map_err(invalid)?);
         if let Some(fs) = &params.fs_type {
             if !cap_fs.is_empty() && cap_fs != *fs {
                 return Err(invalid(format!(
@@ -484,7 +483,7 @@ impl csi::controller_server::Controller for Controller {
             .daemon
             .volumes()
             .create_volume(pb::CreateVolumeRequest {
-                qos: None,
+                qos: qos.limits(size_bytes).map_err(invalid)?,
                 pool: pool.uuid.clone(),
                 name: r.name.clone(),
                 size_bytes,
@@ -938,14 +937,40 @@ impl csi::controller_server::Controller for Controller {
         }))
     }
 
+    /// A VolumeAttributesClass change: the volume's QoS limits, online, on the node that
+    /// holds it (another node's volume is refused with its name). Every limit is replaced
+    /// (a class describes them all); unknown keys are refused.
     async fn controller_modify_volume(
         &self,
-        _request: Request<csi::ControllerModifyVolumeRequest>,
+        request: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        Err(unimplemented(
-            "ControllerModifyVolume",
-            "not built yet; change QoS with the coreblk CLI",
-        ))
+        const RPC: &str = "ControllerModifyVolume";
+        let r = request.into_inner();
+        let invalid = |reason: String| Error::Invalid { rpc: RPC, reason };
+        required(RPC, "volume_id", &r.volume_id)?;
+        QosParams::only_qos_keys(&r.mutable_parameters).map_err(invalid)?;
+        let qos = QosParams::parse(&r.mutable_parameters).map_err(invalid)?;
+        let not_found = || Error::NotFound {
+            rpc: RPC,
+            what: format!("volume {:?}", r.volume_id),
+        };
+        let uuid = match self.locate(Kind::Volume, &r.volume_id) {
+            Located::NoSuchId => return Err(not_found().into()),
+            Located::Elsewhere(id) => return Err(self.owned_elsewhere(RPC, id).into()),
+            Located::Here(u) => u,
+        };
+        let v = self.get_volume(RPC, &uuid).await?.ok_or_else(not_found)?;
+        let limits = qos.limits(v.size_bytes).map_err(invalid)?;
+        self.daemon
+            .volumes()
+            .set_volume_qos(pb::SetVolumeQosRequest {
+                volume: uuid.clone(),
+                qos: limits,
+            })
+            .await
+            .map_err(|s| self.err(RPC, s))?;
+        tracing::info!(volume = %uuid, ?limits, "QoS limits modified");
+        Ok(Response::new(csi::ControllerModifyVolumeResponse {}))
     }
 }
 

@@ -22,4 +22,5 @@ pub mod mounts;
 pub mod node;
 pub mod params;
 pub mod paths;
+pub mod qos;
 pub mod server;

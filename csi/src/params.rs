@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 
 use coreblk_proto::csi::v1 as csi;
+
+use crate::qos::{is_qos_key, QosParams, QOS_KEYS};
 use csi::volume_capability::access_mode::Mode;
 
 /// The topology segment key: the node a volume lives on.
@@ -52,6 +54,8 @@ pub struct VolumeParams {
     pub fs_type: Option<String>,
     /// Labels for the volume: `labels` and the kept sidecar parameters.
     pub labels: HashMap<String, String>,
+    /// QoS limits asked for (`crate::qos`).
+    pub qos: QosParams,
 }
 
 impl VolumeParams {
@@ -109,6 +113,7 @@ impl VolumeParams {
                         p.fs_type = Some(fs);
                     }
                 }
+                k if is_qos_key(k) => {}
                 k if KEPT_AS_LABELS.contains(&k) => {
                     p.labels.insert(k.to_owned(), value.clone());
                 }
@@ -116,11 +121,13 @@ impl VolumeParams {
                 other => {
                     return Err(format!(
                         "unknown parameter {other:?}: coreblk takes {PARAM_POOL}, {PARAM_THICK}, \
-                         {PARAM_LABELS} and {PARAM_FSTYPE} (fix the StorageClass)"
+                         {PARAM_LABELS}, {PARAM_FSTYPE} and the QoS keys {} (fix the StorageClass)",
+                        QOS_KEYS.join(", ")
                     ))
                 }
             }
         }
+        p.qos = QosParams::parse(parameters)?;
         Ok(p)
     }
 }
