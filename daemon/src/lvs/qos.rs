@@ -396,12 +396,16 @@ struct State {
     /// The sequence of the limits applied.
     seq: u64,
     limits: QosLimits,
+    /// Whether any limit applies to reads, to writes.
+    limited: [bool; 2],
     share_ppm: u32,
     buckets: [Bucket; 6],
     last_refill: Option<Instant>,
     held: VecDeque<Held>,
     timer: Option<TimerId>,
     last_ask: Option<Instant>,
+    /// When this channel next tries to rebalance its volume's shares.
+    next_rebalance: Option<Instant>,
 }
 
 /// One channel's limiter: its token buckets and held requests. Lives on one reactor.
@@ -441,12 +445,14 @@ impl Limiter {
             st: RefCell::new(State {
                 seq: 1,
                 limits: QosLimits::default(),
+                limited: [false; 2],
                 share_ppm: SHARE_ONE,
                 buckets: [Bucket::default(); 6],
                 last_refill: None,
                 held: VecDeque::with_capacity(64),
                 timer: None,
                 last_ask: None,
+                next_rebalance: None,
             }),
         };
         me.reload();
@@ -471,6 +477,11 @@ impl Limiter {
         st.seq = seq;
         let was_unlimited = st.limits.is_unlimited();
         st.limits = limits;
+        let r = limits.rates();
+        st.limited = [
+            READ_BUCKETS.iter().any(|&i| r[i] > 0),
+            WRITE_BUCKETS.iter().any(|&i| r[i] > 0),
+        ];
         let share = self.share();
         st.share_ppm = share;
         set_rates(&mut st, was_unlimited);
@@ -489,7 +500,16 @@ impl Limiter {
 
     /// Refills the buckets to `now`, after picking up a new share.
     fn refill(&self, st: &mut State, now: Instant) {
-        if self.shared.nslots.load(Ordering::Relaxed) > 1 {
+        // Once per loop iteration (requests of one iteration share its cached time), and
+        // `now` may be older than a timer's: never go back.
+        if st.last_refill.is_some_and(|t| t >= now) {
+            return;
+        }
+        // The rebalancer's lock is tried at most once per period per channel.
+        if self.shared.nslots.load(Ordering::Relaxed) > 1
+            && st.next_rebalance.is_none_or(|t| now >= t)
+        {
+            st.next_rebalance = Some(now + REBALANCE_PERIOD);
             self.shared.rebalance(now, REBALANCE_PERIOD);
         }
         let share = self.share();
@@ -497,9 +517,7 @@ impl Limiter {
             st.share_ppm = share;
             set_rates(st, false);
         }
-        // `now` may be the loop's cached time, older than a timer's: never go back.
         let dt = match st.last_refill {
-            Some(t) if t >= now => return,
             Some(t) => now.duration_since(t).as_secs_f64(),
             None => 0.0,
         };
@@ -517,10 +535,12 @@ impl Limiter {
     pub(crate) fn admit(&self, rx: &Reactor, io: Io, cb: Rc<dyn Completion>, tag: u64) -> Admit {
         let now = rx.now();
         let mut st = self.st.borrow_mut();
-        let Some(class) = class_of(&io, &st.limits) else {
+        let Some(class) = class_of(&io, st.limited) else {
             return Admit::Go(io, cb, tag);
         };
-        self.slot.arrivals.fetch_add(1, Ordering::Relaxed);
+        // One writer (this reactor): no locked add.
+        let a = self.slot.arrivals.load(Ordering::Relaxed);
+        self.slot.arrivals.store(a + 1, Ordering::Relaxed);
         self.refill(&mut st, now);
         if st.held.is_empty() && take(&mut st.buckets, class, io_bytes(&io)) {
             return Admit::Go(io, cb, tag);
@@ -546,7 +566,7 @@ impl Limiter {
         let Some(h) = st.held.front() else {
             return now + MAX_WAIT;
         };
-        let Some(class) = class_of(&h.io, &st.limits) else {
+        let Some(class) = class_of(&h.io, st.limited) else {
             return now;
         };
         let starved = class
@@ -594,7 +614,7 @@ impl Limiter {
                 let Some(h) = st.held.front() else {
                     break;
                 };
-                let ok = match class_of(&h.io, &st.limits) {
+                let ok = match class_of(&h.io, st.limited) {
                     None => true,
                     Some(class) => {
                         let bytes = io_bytes(&h.io);
@@ -664,14 +684,14 @@ fn set_rates(st: &mut State, fresh: bool) {
 }
 
 /// The buckets `io` draws from, or `None` when no limit applies to it.
-fn class_of(io: &Io, l: &QosLimits) -> Option<&'static [usize; 4]> {
-    let class = match io {
-        Io::Read { .. } => &READ_BUCKETS,
-        Io::Write { .. } | Io::Discard { .. } | Io::WriteZeroes { .. } => &WRITE_BUCKETS,
-        Io::Flush => return None,
-    };
-    let r = l.rates();
-    class.iter().any(|&i| r[i] > 0).then_some(class)
+fn class_of(io: &Io, limited: [bool; 2]) -> Option<&'static [usize; 4]> {
+    match io {
+        Io::Read { .. } => limited[0].then_some(&READ_BUCKETS),
+        Io::Write { .. } | Io::Discard { .. } | Io::WriteZeroes { .. } => {
+            limited[1].then_some(&WRITE_BUCKETS)
+        }
+        Io::Flush => None,
+    }
 }
 
 fn io_bytes(io: &Io) -> f64 {
