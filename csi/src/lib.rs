@@ -13,9 +13,11 @@
 pub mod busy;
 pub mod central;
 pub mod controller;
+pub mod crypt;
 pub mod daemon;
 pub mod error;
 pub mod freeze;
+pub mod fsopts;
 pub mod identity;
 pub mod ids;
 pub mod mounts;

@@ -26,8 +26,10 @@ use csi::node_service_capability::rpc::Type as Cap;
 use tonic::{Code, Request, Response, Status};
 
 use crate::busy::Busy;
+use crate::crypt;
 use crate::daemon::Daemon;
 use crate::error::Error;
+use crate::fsopts;
 use crate::ids::{CsiId, Kind};
 use crate::mounts::{self, MountInfo};
 use crate::params::{check_capabilities, node_topology};
@@ -104,6 +106,19 @@ fn access(rpc: &'static str, cap: Option<&csi::VolumeCapability>) -> Result<Acce
 /// `ublkb3` of `/dev/ublkb3`.
 fn device_name(device_path: &str) -> &str {
     device_path.rsplit('/').next().unwrap_or(device_path)
+}
+
+/// The device a volume's data is reached through on this node: the ublk device, or for
+/// a LUKS2-encrypted volume its open mapping (`/dev/dm-N`, on that ublk device); empty
+/// when there is none.
+fn top_device(v: &pb::Volume) -> String {
+    if !crypt::encrypted(&v.labels) || v.device_path.is_empty() {
+        return v.device_path.clone();
+    }
+    match crypt::mapped(&crypt::mapping_name(&v.uuid)) {
+        Some(dm) if crypt::maps_onto(&dm, device_name(&v.device_path)) => format!("/dev/{dm}"),
+        _ => String::new(),
+    }
 }
 
 fn node_err(rpc: &'static str, what: String) -> impl FnOnce(mounts::RunError) -> Error {
@@ -301,6 +316,79 @@ impl Node {
         }
     }
 
+    /// Opens volume `v`'s LUKS2 mapping on its ublk device `device` (already open on it:
+    /// nothing to do), formatting LUKS2 first only on a volume the store reports never
+    /// written and without a content source. Returns the mapping's device (`/dev/dm-N`).
+    async fn open_crypt(
+        &self,
+        rpc: &'static str,
+        volume_id: &str,
+        v: &pb::Volume,
+        device: &str,
+        pass: &crypt::Passphrase,
+    ) -> Result<String, Error> {
+        let name = crypt::mapping_name(&v.uuid);
+        let node = |what: &str, e: crypt::CryptError| Error::Node {
+            rpc,
+            reason: format!("{what} of volume {volume_id}: {e}"),
+        };
+        if let Some(dm) = crypt::mapped(&name) {
+            if crypt::maps_onto(&dm, device_name(device)) {
+                return Ok(format!("/dev/{dm}"));
+            }
+            // Left over from an earlier export of the volume (another device).
+            crypt::close(&name)
+                .await
+                .map_err(|e| node("closing a stale LUKS2 mapping", e))?;
+        }
+        let blank =
+            v.never_written && v.source_snapshot_uuid.is_empty() && v.source_volume_uuid.is_empty();
+        if blank {
+            crypt::format(device, pass)
+                .await
+                .map_err(|e| node("formatting LUKS2 on the never-written volume", e))?;
+            tracing::info!(volume = %volume_id, %device, "LUKS2 header made");
+        }
+        match crypt::open(device, &name, pass).await {
+            Ok(()) => {}
+            Err(crypt::CryptError::WrongPassphrase) => {
+                return Err(Error::Denied {
+                    rpc,
+                    reason: format!(
+                        "volume {volume_id} is LUKS2-encrypted and the passphrase of the \
+                         node-stage secret (key {:?}) does not open it; nothing was changed. \
+                         Give the Secret the passphrase the volume (or the source it was \
+                         cloned or restored from) was made with",
+                        crypt::SECRET_KEY
+                    ),
+                });
+            }
+            Err(e) => return Err(node("opening the LUKS2 mapping", e)),
+        }
+        let dm = crypt::mapped(&name).ok_or_else(|| Error::Node {
+            rpc,
+            reason: format!("cryptsetup opened {name} but /sys/block shows no such mapping"),
+        })?;
+        let path = format!("/dev/{dm}");
+        let end = Instant::now() + DEVICE_WAIT;
+        while !Path::new(&path).exists() {
+            if Instant::now() >= end {
+                return Err(Error::Node {
+                    rpc,
+                    reason: format!(
+                        "the LUKS2 mapping {name} of volume {volume_id} is open as {dm} but \
+                         {path} did not appear within {} s (is /dev a devtmpfs shared with \
+                         the host?)",
+                        DEVICE_WAIT.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(volume = %volume_id, mapping = %name, device = %path, "LUKS2 mapping open");
+        Ok(path)
+    }
+
     async fn stage(&self, r: csi::NodeStageVolumeRequest) -> Result<(), Error> {
         let rpc = "NodeStageVolume";
         let uuid = self.volume_here(rpc, &r.volume_id)?;
@@ -318,16 +406,46 @@ impl Node {
                 ),
             });
         }
+        // An encrypted volume opens only with its passphrase: checked before anything is
+        // exported or made.
+        let passphrase = if crypt::encrypted(&v.labels) {
+            Some(
+                crypt::passphrase(&r.secrets).map_err(|reason| Error::Invalid {
+                    rpc,
+                    reason: format!("volume {}: {reason}", r.volume_id),
+                })?,
+            )
+        } else {
+            None
+        };
         let Access::Mount { fs, flags } = access else {
-            // Block mode: the export is the whole of staging; publish binds the device.
-            self.export(rpc, &uuid).await?;
+            // Block mode: the export (and its LUKS2 mapping) is the whole of staging;
+            // publish binds the device.
+            let device = self.export(rpc, &uuid).await?;
+            if let Some(pass) = &passphrase {
+                self.open_crypt(rpc, &r.volume_id, &v, &device, pass)
+                    .await?;
+            }
             return Ok(());
         };
+        // The class's mkfs options, checked again for the filesystem asked now (the
+        // label is the daemon's copy; nothing is run that the allow-list does not know).
+        let mkfs_args = fsopts::mkfs_args(
+            &fs,
+            v.labels
+                .get(fsopts::PARAM_MKFS_OPTIONS)
+                .map_or("", String::as_str),
+        )
+        .map_err(|reason| Error::Invalid {
+            rpc,
+            reason: format!("volume {}: {reason}", r.volume_id),
+        })?;
         // A mount already there must be this volume's, as asked: checked before the
         // export so a conflict changes nothing.
         if let Some(m) = mounts::mounted_at(&table(rpc)?, &staging) {
-            let mine = !v.device_path.is_empty()
-                && mounts::device_numbers(device_name(&v.device_path)).is_ok_and(|n| n == m.dev);
+            let top = top_device(&v);
+            let mine = !top.is_empty()
+                && mounts::device_numbers(device_name(&top)).is_ok_and(|n| n == m.dev);
             if !mine {
                 return Err(Error::Conflict {
                     rpc,
@@ -354,7 +472,12 @@ impl Node {
             }
             return Ok(());
         }
-        let device = self.export(rpc, &uuid).await?;
+        let mut device = self.export(rpc, &uuid).await?;
+        if let Some(pass) = &passphrase {
+            device = self
+                .open_crypt(rpc, &r.volume_id, &v, &device, pass)
+                .await?;
+        }
         std::fs::create_dir_all(&staging)
             .map_err(io_err(rpc, format!("creating {}", staging.display())))?;
         // Blank by the store's word, never by probing the bytes: never written since it
@@ -362,12 +485,8 @@ impl Node {
         let blank =
             v.never_written && v.source_snapshot_uuid.is_empty() && v.source_volume_uuid.is_empty();
         if blank {
-            let (tool, args): (&str, &[&str]) = match fs.as_str() {
-                // No discard: a never-written thin volume has nothing to discard.
-                "xfs" => ("mkfs.xfs", &["-q", "-f", "-K"]),
-                _ => ("mkfs.ext4", &["-q", "-F", "-E", "nodiscard"]),
-            };
-            let mut a: Vec<&str> = args.to_vec();
+            let tool = if fs == "xfs" { "mkfs.xfs" } else { "mkfs.ext4" };
+            let mut a: Vec<&str> = mkfs_args.iter().map(String::as_str).collect();
             a.push(&device);
             mounts::run(tool, &a, MKFS_TIMEOUT).await.map_err(node_err(
                 rpc,
@@ -425,8 +544,12 @@ impl Node {
         };
         // Publishes first (kubelet's order): while one remains, nothing is unmounted or
         // unexported, so a retry after the unpublish finds the volume as it was.
-        let name = device_name(&v.device_path);
-        if let (false, Ok(numbers)) = (v.device_path.is_empty(), mounts::device_numbers(name)) {
+        let top = top_device(&v);
+        for dev in [&v.device_path, &top] {
+            let name = device_name(dev);
+            let (false, Ok(numbers)) = (dev.is_empty(), mounts::device_numbers(name)) else {
+                continue;
+            };
             let real = staging.canonicalize().unwrap_or_else(|_| staging.clone());
             let users: Vec<String> = mounts::users_of(&table(rpc)?, name, &numbers)
                 .into_iter()
@@ -437,8 +560,7 @@ impl Node {
                 return Err(Error::Precondition {
                     rpc,
                     reason: format!(
-                        "{} of volume {} is still mounted at {}; unpublish it there first",
-                        v.device_path,
+                        "{dev} of volume {} is still mounted at {}; unpublish it there first",
                         r.volume_id,
                         users.join(", ")
                     ),
@@ -446,6 +568,13 @@ impl Node {
             }
         }
         unmount_all(rpc, &staging).await?;
+        if crypt::encrypted(&v.labels) {
+            let name = crypt::mapping_name(&uuid);
+            crypt::close(&name).await.map_err(|e| Error::Node {
+                rpc,
+                reason: format!("closing the LUKS2 mapping of volume {}: {e}", r.volume_id),
+            })?;
+        }
         if v.device_path.is_empty() {
             return Ok(());
         }
@@ -473,7 +602,10 @@ impl Node {
         let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
         let access = access(rpc, r.volume_capability.as_ref())?;
         let _op = self.busy.begin(rpc, &r.volume_id)?;
-        let v = self.volume_and_export(rpc, &uuid).await?;
+        let mut v = self.volume_and_export(rpc, &uuid).await?;
+        let exported = !v.device_path.is_empty();
+        // An encrypted volume is published from its open mapping.
+        v.device_path = top_device(&v);
         let not_staged = |why: String| Error::Precondition {
             rpc,
             reason: format!(
@@ -482,7 +614,11 @@ impl Node {
             ),
         };
         if v.device_path.is_empty() {
-            return Err(not_staged("coreblkd has not exported it".to_owned()));
+            return Err(not_staged(if exported {
+                "its LUKS2 mapping is not open".to_owned()
+            } else {
+                "coreblkd has not exported it".to_owned()
+            }));
         }
         let name = device_name(&v.device_path);
         let numbers = mounts::device_numbers(name)
@@ -602,6 +738,16 @@ impl Node {
         let limit = u64::try_from(limit).map_err(|_| bad("limit_bytes", limit))?;
         let _op = self.busy.begin(rpc, &r.volume_id)?;
         let mut v = self.volume_and_export(rpc, &uuid).await?;
+        if crypt::encrypted(&v.labels) {
+            return Err(Error::Invalid {
+                rpc,
+                reason: format!(
+                    "volume {} is LUKS2-encrypted; coreblk does not expand encrypted volumes \
+                     yet (restore a snapshot into a larger volume instead)",
+                    r.volume_id
+                ),
+            });
+        }
         if required > v.size_bytes {
             // The central resizer has no way to reach this node's daemon: the volume
             // grows here (csi/README.md, Routing). Whole clusters, as CreateVolume makes.
@@ -720,7 +866,8 @@ impl Node {
             rpc,
             what: format!("volume path {}", path.display()),
         })?;
-        let v = self.volume_and_export(rpc, &uuid).await?;
+        let mut v = self.volume_and_export(rpc, &uuid).await?;
+        v.device_path = top_device(&v);
         let mut abnormal = Vec::new();
         match v.state() {
             pb::VolumeState::Ready => {}
