@@ -15,6 +15,7 @@ pub mod central;
 pub mod controller;
 pub mod crypt;
 pub mod daemon;
+pub mod ephemeral;
 pub mod error;
 pub mod freeze;
 pub mod fsopts;

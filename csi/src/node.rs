@@ -28,6 +28,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::busy::Busy;
 use crate::crypt;
 use crate::daemon::Daemon;
+use crate::ephemeral::{self, InlineAttrs};
 use crate::error::Error;
 use crate::fsopts;
 use crate::ids::{CsiId, Kind};
@@ -597,6 +598,9 @@ impl Node {
 
     async fn publish(&self, r: csi::NodePublishVolumeRequest) -> Result<(), Error> {
         let rpc = "NodePublishVolume";
+        if ephemeral::is_ephemeral(&r.volume_context) {
+            return self.publish_ephemeral(r).await;
+        }
         let uuid = self.volume_here(rpc, &r.volume_id)?;
         let target = self.path(rpc, "target_path", &r.target_path)?;
         let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
@@ -675,6 +679,12 @@ impl Node {
 
     async fn unpublish(&self, r: csi::NodeUnpublishVolumeRequest) -> Result<(), Error> {
         let rpc = "NodeUnpublishVolume";
+        // Not an ID of this driver but a name kubelet gives an inline volume: ephemeral.
+        if CsiId::parse(Kind::Volume, &r.volume_id).is_none()
+            && ephemeral::volume_name(&r.volume_id).is_ok()
+        {
+            return self.unpublish_ephemeral(r).await;
+        }
         self.volume_here(rpc, &r.volume_id)?;
         let target = self.path(rpc, "target_path", &r.target_path)?;
         let _op = self.busy.begin(rpc, &r.volume_id)?;
@@ -950,6 +960,388 @@ impl Node {
             usage,
             volume_condition,
         })
+    }
+}
+
+/// How often the plugin looks for orphaned ephemeral volumes.
+const SWEEP_PERIOD: Duration = Duration::from_secs(300);
+/// How soon it looks again when the daemon did not answer (starting, restarting).
+const SWEEP_RETRY: Duration = Duration::from_secs(5);
+/// The youngest ephemeral volume a periodic sweep removes: a publish of another plugin
+/// instance on the node (an upgrade's overlap) may be between its create and its mount.
+/// The first sweep, at start-up, takes every orphan.
+const SWEEP_MIN_AGE: Duration = Duration::from_secs(600);
+
+/// Ephemeral inline volumes (`ephemeral.rs`): publish makes, unpublish deletes, the sweep
+/// removes orphans.
+impl Node {
+    /// The daemon's volume named `name`, `None` when it has none.
+    async fn volume_named(
+        &self,
+        rpc: &'static str,
+        name: &str,
+    ) -> Result<Option<pb::Volume>, Error> {
+        match self
+            .daemon
+            .volumes()
+            .get_volume(pb::GetVolumeRequest {
+                volume: name.to_owned(),
+            })
+            .await
+        {
+            Ok(v) => Ok(Some(v.into_inner()).filter(|v| v.name == name)),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(self.err(rpc, s)),
+        }
+    }
+
+    /// NodePublishVolume of an inline ephemeral volume: create (idempotent by name),
+    /// export, make the filesystem on the never-written volume and mount it at the
+    /// target, in one step. A failure after the create removes the volume again.
+    async fn publish_ephemeral(&self, r: csi::NodePublishVolumeRequest) -> Result<(), Error> {
+        let rpc = "NodePublishVolume";
+        let invalid = |reason: String| Error::Invalid { rpc, reason };
+        let name = ephemeral::volume_name(&r.volume_id).map_err(invalid)?;
+        let target = self.path(rpc, "target_path", &r.target_path)?;
+        let access = access(rpc, r.volume_capability.as_ref())?;
+        let attrs = InlineAttrs::parse(&r.volume_context).map_err(invalid)?;
+        let Access::Mount { fs: cap_fs, flags } = access else {
+            return Err(invalid(
+                "an ephemeral inline volume is a filesystem; for a raw block device use a \
+                 generic ephemeral volume (ephemeral.volumeClaimTemplate) with volumeMode: Block"
+                    .to_owned(),
+            ));
+        };
+        let named = match &r
+            .volume_capability
+            .as_ref()
+            .and_then(|c| c.access_type.clone())
+        {
+            Some(csi::volume_capability::AccessType::Mount(m)) if !m.fs_type.is_empty() => {
+                Some(cap_fs)
+            }
+            _ => None,
+        };
+        let fs = match (named, attrs.fs_type.clone()) {
+            (Some(c), Some(a)) if c != a => {
+                return Err(invalid(format!(
+                    "the pod's fsType is {c} but volume attribute {} is {a}; give one",
+                    ephemeral::ATTR_FSTYPE
+                )))
+            }
+            (Some(f), _) | (None, Some(f)) => f,
+            (None, None) => DEFAULT_FS.to_owned(),
+        };
+        let mkfs = fsopts::mkfs_args(
+            &fs,
+            attrs
+                .labels
+                .get(fsopts::PARAM_MKFS_OPTIONS)
+                .map_or("", String::as_str),
+        )
+        .map_err(invalid)?;
+        let _op = self.busy.begin(rpc, &r.volume_id)?;
+        let existing = self.volume_named(rpc, &name).await?;
+        if let Some(v) = &existing {
+            if v.labels.get(ephemeral::LABEL_EPHEMERAL) != Some(&r.volume_id) {
+                return Err(Error::Conflict {
+                    rpc,
+                    reason: format!(
+                        "coreblkd already has a volume {name} that is not ephemeral volume {}; \
+                         rename or delete it",
+                        r.volume_id
+                    ),
+                });
+            }
+        }
+        if let Some(m) = mounts::mounted_at(&table(rpc)?, &target) {
+            if let Some(v) = &existing {
+                let mut v = v.clone();
+                v.device_path = self.exported(rpc, &v.uuid).await?.unwrap_or_default();
+                let top = top_device(&v);
+                let mine = !top.is_empty()
+                    && mounts::device_numbers(device_name(&top)).is_ok_and(|n| n == m.dev);
+                if mine && m.read_only() == r.readonly {
+                    return Ok(());
+                }
+            }
+            return Err(occupied(rpc, &target, m, &m.source, &r.volume_id));
+        }
+        let v = match existing {
+            Some(v) => v,
+            None => {
+                let pool = self
+                    .daemon
+                    .pools()
+                    .get_pool(pb::GetPoolRequest {
+                        pool: attrs.pool.clone(),
+                    })
+                    .await
+                    .map_err(|s| {
+                        if s.code() == Code::NotFound {
+                            invalid(format!(
+                                "volume attribute {} names {:?}, which this node does not \
+                                 have: create the pool or fix the pod's volumeAttributes",
+                                ephemeral::ATTR_POOL,
+                                attrs.pool
+                            ))
+                        } else {
+                            self.err(rpc, s)
+                        }
+                    })?
+                    .into_inner();
+                let cluster = pool.cluster_size_bytes.max(4096);
+                let size_bytes = attrs.size_bytes.div_ceil(cluster).saturating_mul(cluster);
+                let mut labels = attrs.labels.clone();
+                labels.insert(ephemeral::LABEL_EPHEMERAL.to_owned(), r.volume_id.clone());
+                labels.insert(
+                    ephemeral::LABEL_TARGET.to_owned(),
+                    target.to_string_lossy().into_owned(),
+                );
+                for (k, l) in [
+                    ("csi.storage.k8s.io/pod.name", "csi.storage.k8s.io/pod/name"),
+                    (
+                        "csi.storage.k8s.io/pod.namespace",
+                        "csi.storage.k8s.io/pod/namespace",
+                    ),
+                ] {
+                    if let Some(val) = r.volume_context.get(k) {
+                        labels.insert(l.to_owned(), val.clone());
+                    }
+                }
+                let v = self
+                    .daemon
+                    .volumes()
+                    .create_volume(pb::CreateVolumeRequest {
+                        pool: pool.uuid,
+                        name: name.clone(),
+                        size_bytes,
+                        thick: false,
+                        labels,
+                        source: None,
+                    })
+                    .await
+                    .map_err(|s| self.err(rpc, s))?
+                    .into_inner();
+                tracing::info!(volume = %v.uuid, ephemeral = %r.volume_id, size_bytes, "ephemeral volume created");
+                v
+            }
+        };
+        let made = self
+            .mount_ephemeral(rpc, &r, &v, &target, &fs, flags, &mkfs)
+            .await;
+        if let Err(e) = made {
+            // Nothing is left behind: kubelet retries the publish from the start.
+            let _ = unmount_all(rpc, &target).await;
+            if let Err(clean) = self.remove_ephemeral(rpc, &v.uuid).await {
+                tracing::warn!(volume = %v.uuid, error = %Status::from(clean).message(), "ephemeral volume left for the sweep");
+            }
+            return Err(e);
+        }
+        tracing::info!(volume = %v.uuid, ephemeral = %r.volume_id, target = %target.display(), "ephemeral volume published");
+        Ok(())
+    }
+
+    /// Export, filesystem (only on a never-written volume), mount at `target`.
+    #[allow(clippy::too_many_arguments)]
+    async fn mount_ephemeral(
+        &self,
+        rpc: &'static str,
+        r: &csi::NodePublishVolumeRequest,
+        v: &pb::Volume,
+        target: &Path,
+        fs: &str,
+        flags: Vec<String>,
+        mkfs: &[String],
+    ) -> Result<(), Error> {
+        let device = self.export(rpc, &v.uuid).await?;
+        if v.never_written {
+            let tool = if fs == "xfs" { "mkfs.xfs" } else { "mkfs.ext4" };
+            let mut a: Vec<&str> = mkfs.iter().map(String::as_str).collect();
+            a.push(&device);
+            mounts::run(tool, &a, MKFS_TIMEOUT).await.map_err(node_err(
+                rpc,
+                format!("making {fs} on ephemeral volume {}", r.volume_id),
+            ))?;
+        }
+        std::fs::create_dir_all(target)
+            .map_err(io_err(rpc, format!("creating {}", target.display())))?;
+        let mut opts = flags;
+        if r.readonly {
+            opts.push("ro".to_owned());
+        }
+        let t = target.to_string_lossy();
+        let mut args = vec!["-t", fs];
+        let joined = opts.join(",");
+        if !joined.is_empty() {
+            args.extend(["-o", joined.as_str()]);
+        }
+        args.extend([device.as_str(), &t]);
+        mounts::run("mount", &args, MOUNT_TIMEOUT)
+            .await
+            .map_err(node_err(rpc, format!("mounting {device} ({fs}) at {t}")))?;
+        Ok(())
+    }
+
+    /// Unexports and deletes volume `uuid` (each gone already: fine).
+    async fn remove_ephemeral(&self, rpc: &'static str, uuid: &str) -> Result<(), Error> {
+        // An unexport that fails (the device still open, or a node whose daemon cannot
+        // export at all) is reported only if the delete then fails too: the daemon
+        // refuses to delete a volume that is really exported.
+        let mut unexport_failed = None;
+        if matches!(self.exported(rpc, uuid).await, Ok(Some(_))) {
+            match self
+                .daemon
+                .exports()
+                .unexport_volume(pb::UnexportVolumeRequest {
+                    volume: uuid.to_owned(),
+                    force: false,
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => unexport_failed = Some(s),
+            }
+        }
+        match self
+            .daemon
+            .volumes()
+            .delete_volume(pb::DeleteVolumeRequest {
+                volume: uuid.to_owned(),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(self.err(rpc, unexport_failed.unwrap_or(s))),
+        }
+    }
+
+    /// NodeUnpublishVolume of an inline ephemeral volume: unmount, then unexport and
+    /// delete it (its space returns to the pool). Idempotent: a volume already gone is
+    /// fine; an unpublish that fails after the unmount (the daemon down) deletes it at
+    /// kubelet's retry, or the sweep does.
+    async fn unpublish_ephemeral(&self, r: csi::NodeUnpublishVolumeRequest) -> Result<(), Error> {
+        let rpc = "NodeUnpublishVolume";
+        let target = self.path(rpc, "target_path", &r.target_path)?;
+        let name = ephemeral::volume_name(&r.volume_id)
+            .map_err(|reason| Error::Invalid { rpc, reason })?;
+        let _op = self.busy.begin(rpc, &r.volume_id)?;
+        unmount_all(rpc, &target).await?;
+        if let Err(e) = std::fs::remove_dir(&target) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(target = %target.display(), error = %e, "target directory left in place");
+            }
+        }
+        let Some(v) = self.volume_named(rpc, &name).await? else {
+            return Ok(());
+        };
+        if v.labels.get(ephemeral::LABEL_EPHEMERAL) != Some(&r.volume_id) {
+            // Not an ephemeral volume of this ID: not ours to delete.
+            return Ok(());
+        }
+        self.remove_ephemeral(rpc, &v.uuid).await?;
+        tracing::info!(volume = %v.uuid, ephemeral = %r.volume_id, "ephemeral volume deleted");
+        Ok(())
+    }
+
+    /// Removes orphaned ephemeral volumes: labelled ephemeral, not mounted at their target
+    /// from their device, no call in progress for them, and (when `min_age` is given)
+    /// created at least that long ago. Returns how many were removed.
+    ///
+    /// # Errors
+    /// The daemon's answer when it cannot list volumes.
+    pub async fn sweep_ephemeral(&self, min_age: Option<Duration>) -> Result<usize, Error> {
+        let rpc = "sweep of ephemeral volumes";
+        let mut found = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .daemon
+                .volumes()
+                .list_volumes(pb::ListVolumesRequest {
+                    page_size: 1000,
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| self.err(rpc, s))?
+                .into_inner();
+            found.extend(
+                page.volumes
+                    .into_iter()
+                    .filter(|v| v.labels.contains_key(ephemeral::LABEL_EPHEMERAL)),
+            );
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for v in found {
+            let id = v.labels[ephemeral::LABEL_EPHEMERAL].clone();
+            if let (Some(age), Some(t)) = (min_age, v.create_time) {
+                let made = std::time::UNIX_EPOCH
+                    + Duration::from_secs(u64::try_from(t.seconds).unwrap_or(0));
+                if now.duration_since(made).unwrap_or_default() < age {
+                    continue;
+                }
+            }
+            let Ok(_op) = self.busy.begin(rpc, &id) else {
+                continue;
+            };
+            let mut v = v;
+            v.device_path = self.exported(rpc, &v.uuid).await?.unwrap_or_default();
+            let top = top_device(&v);
+            let target = v
+                .labels
+                .get(ephemeral::LABEL_TARGET)
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            let in_use = !top.is_empty()
+                && mounts::device_numbers(device_name(&top)).is_ok_and(|n| {
+                    mounts::mounted_at(&table(rpc).unwrap_or_default(), &target)
+                        .is_some_and(|m| m.dev == n)
+                });
+            if in_use {
+                continue;
+            }
+            match self.remove_ephemeral(rpc, &v.uuid).await {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::info!(volume = %v.uuid, ephemeral = %id, target = %target.display(), "orphaned ephemeral volume removed");
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %v.uuid, ephemeral = %id, error = %Status::from(e).message(), "orphaned ephemeral volume not removed; retried at the next sweep");
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Sweeps at start-up (every orphan, as soon as the daemon answers), then every
+    /// [`SWEEP_PERIOD`] (orphans older than [`SWEEP_MIN_AGE`]). Runs until the process
+    /// ends.
+    pub async fn sweep_loop(self) {
+        let mut first = true;
+        loop {
+            let min_age = (!first).then_some(SWEEP_MIN_AGE);
+            match self.sweep_ephemeral(min_age).await {
+                Ok(n) => {
+                    if first || n > 0 {
+                        tracing::info!(removed = n, "ephemeral volume sweep done");
+                    }
+                    first = false;
+                    tokio::time::sleep(SWEEP_PERIOD).await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %Status::from(e).message(), "ephemeral volume sweep: daemon not ready");
+                    tokio::time::sleep(SWEEP_RETRY).await;
+                }
+            }
+        }
     }
 }
 

@@ -308,3 +308,194 @@ fn encryption_is_a_label_inherited_by_snapshots_restores_and_clones() {
         assert_eq!(exports(dch.clone()).await, 0, "nothing was exported");
     });
 }
+
+fn inline_publish(
+    volume_id: &str,
+    target: &str,
+    cap: csi::VolumeCapability,
+    attrs: &[(&str, &str)],
+) -> csi::NodePublishVolumeRequest {
+    let mut context: HashMap<String, String> = attrs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    context.insert("csi.storage.k8s.io/ephemeral".to_owned(), "true".to_owned());
+    context.insert("csi.storage.k8s.io/pod.name".to_owned(), "web-0".to_owned());
+    csi::NodePublishVolumeRequest {
+        volume_id: volume_id.to_owned(),
+        target_path: target.to_owned(),
+        volume_capability: Some(cap),
+        volume_context: context,
+        ..Default::default()
+    }
+}
+
+async fn volume_names(daemon: Channel) -> Vec<String> {
+    let mut names: Vec<String> = pb::volumes_client::VolumesClient::new(daemon)
+        .list_volumes(pb::ListVolumesRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("ListVolumes")
+        .into_inner()
+        .volumes
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn ephemeral_inline_volumes_are_checked_cleaned_up_and_swept() {
+    let dir = workdir();
+    let daemon = Daemon::start(dir.path());
+    let kubelet = dir.path().join("kubelet");
+    std::fs::create_dir_all(&kubelet).expect("mkdir");
+    let k = kubelet.to_str().expect("utf-8").to_owned();
+    let plugin = Csi::node_with(dir.path(), "csi", &daemon, NODE, &["--kubelet-dir", &k]);
+    let eph = format!("csi-{}", "0f".repeat(32));
+    let target = format!("{k}/pods/p1/volumes/kubernetes.io~csi/scratch/mount");
+    rt().block_on(async {
+        let dch = daemon.channel().await;
+        let mut node = NodeClient::new(plugin.channel().await);
+
+        // Bad attributes and modes: INVALID_ARGUMENT, nothing made.
+        let block = csi::VolumeCapability {
+            access_type: Some(AccessType::Block(csi::volume_capability::BlockVolume {})),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter.into(),
+            }),
+        };
+        for (r, says) in [
+            (
+                inline_publish(&eph, &target, mount_cap("ext4"), &[("size", "big")]),
+                "not a size",
+            ),
+            (
+                inline_publish(&eph, &target, mount_cap("ext4"), &[("colour", "red")]),
+                "unknown volume attribute \"colour\"",
+            ),
+            (
+                inline_publish(&eph, &target, mount_cap("ext4"), &[(ENC, "luks2")]),
+                "not encrypted",
+            ),
+            (
+                inline_publish(&eph, &target, mount_cap("ext4"), &[("fsType", "xfs")]),
+                "give one",
+            ),
+            (
+                inline_publish(&eph, &target, mount_cap("xfs"), &[(MKFS, "-E nodiscard")]),
+                "xfs option \"-E\"",
+            ),
+            (
+                inline_publish(&eph, &target, block, &[]),
+                "generic ephemeral volume",
+            ),
+            (
+                inline_publish("csi/../x", &target, mount_cap("ext4"), &[]),
+                "volume_id",
+            ),
+            (
+                inline_publish(&eph, "/etc/x", mount_cap("ext4"), &[]),
+                "kubelet directory",
+            ),
+            (
+                inline_publish(&eph, &target, mount_cap("ext4"), &[("pool", "nope")]),
+                "\"nope\"",
+            ),
+        ] {
+            let (code, msg) = failed(node.node_publish_volume(r).await);
+            assert_eq!(code, Code::InvalidArgument, "{msg}");
+            assert!(msg.contains(says), "{says}: {msg}");
+        }
+        assert!(volume_names(dch.clone()).await.is_empty());
+
+        // A publish that fails after the create (no ublk on the host: the export fails)
+        // deletes what it made.
+        let (code, msg) = failed(
+            node.node_publish_volume(inline_publish(
+                &eph,
+                &target,
+                mount_cap("ext4"),
+                &[("size", "8Mi")],
+            ))
+            .await,
+        );
+        assert_ne!(code, Code::Ok, "{msg}");
+        assert!(
+            volume_names(dch.clone()).await.is_empty(),
+            "left behind after: {msg}\n{}",
+            plugin.log_text()
+        );
+
+        // Unpublish of an ephemeral volume that is gone: OK, twice.
+        for _ in 0..2 {
+            node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: eph.clone(),
+                target_path: target.clone(),
+            })
+            .await
+            .expect("NodeUnpublishVolume of a gone ephemeral volume");
+        }
+
+        // Orphans: ephemeral volumes as a plugin that crashed between create and mount
+        // left them (target not mounted), and one named like an ephemeral volume that is
+        // not labelled one (kept). A new plugin removes the orphans at start-up.
+        let vols = pb::volumes_client::VolumesClient::new(dch.clone());
+        for (name, id) in [
+            ("eph-csi-a", Some("csi-a")),
+            ("eph-csi-b", Some("csi-b")),
+            ("eph-csi-c", None),
+        ] {
+            let mut labels = HashMap::new();
+            if let Some(id) = id {
+                labels.insert("csi.coreblk.io/ephemeral".to_owned(), id.to_owned());
+                labels.insert(
+                    "csi.coreblk.io/ephemeral-target".to_owned(),
+                    format!("{k}/pods/gone/volumes/kubernetes.io~csi/{id}/mount"),
+                );
+            }
+            vols.clone()
+                .create_volume(pb::CreateVolumeRequest {
+                    pool: "default".to_owned(),
+                    name: name.to_owned(),
+                    size_bytes: 4 << 20,
+                    labels,
+                    ..Default::default()
+                })
+                .await
+                .expect("CreateVolume");
+        }
+        // Unpublish of the unlabelled one leaves it (not an ephemeral volume of that ID).
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: "csi-c".to_owned(),
+            target_path: target.clone(),
+        })
+        .await
+        .expect("NodeUnpublishVolume");
+        assert_eq!(
+            volume_names(dch.clone()).await,
+            ["eph-csi-a", "eph-csi-b", "eph-csi-c"]
+        );
+    });
+    let restarted = Csi::node_with(dir.path(), "csi-2", &daemon, NODE, &["--kubelet-dir", &k]);
+    rt().block_on(async {
+        let dch = daemon.channel().await;
+        let _ = restarted.channel().await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while volume_names(dch.clone()).await != ["eph-csi-c"] {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "orphans not swept: {:?}\n{}",
+                volume_names(dch.clone()).await,
+                restarted.log_text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(restarted
+            .log_text()
+            .contains("orphaned ephemeral volume removed"));
+    });
+}
