@@ -1051,8 +1051,14 @@ impl Controller {
         else {
             return Ok(None);
         };
-        let name = device.rsplit('/').next().unwrap_or(&device);
-        let Ok(numbers) = mounts::device_numbers(name) else {
+        let mut name = device.rsplit('/').next().unwrap_or(&device).to_owned();
+        // An encrypted volume's filesystem sits on its LUKS2 mapping over the device.
+        if let Some(dm) = crate::crypt::mapped(&crate::crypt::mapping_name(uuid)) {
+            if crate::crypt::maps_onto(&dm, &name) {
+                name = dm;
+            }
+        }
+        let Ok(numbers) = mounts::device_numbers(&name) else {
             return Ok(None);
         };
         let table = mounts::mount_table().map_err(|e| Error::Node {
