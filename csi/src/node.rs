@@ -867,7 +867,23 @@ impl Node {
         use csi::volume_usage::Unit;
         use std::os::unix::fs::FileTypeExt;
         let rpc = "NodeGetVolumeStats";
-        let uuid = self.volume_here(rpc, &r.volume_id)?;
+        // kubelet asks about inline ephemeral volumes by its own ID.
+        let inline = CsiId::parse(Kind::Volume, &r.volume_id).is_none()
+            && ephemeral::volume_name(&r.volume_id).is_ok();
+        let uuid = if inline {
+            let name = ephemeral::volume_name(&r.volume_id)
+                .map_err(|reason| Error::Invalid { rpc, reason })?;
+            self.volume_named(rpc, &name)
+                .await?
+                .filter(|v| v.labels.get(ephemeral::LABEL_EPHEMERAL) == Some(&r.volume_id))
+                .ok_or_else(|| Error::NotFound {
+                    rpc,
+                    what: format!("ephemeral volume {}", r.volume_id),
+                })?
+                .uuid
+        } else {
+            self.volume_here(rpc, &r.volume_id)?
+        };
         let path = self.path(rpc, "volume_path", &r.volume_path)?;
         if !r.staging_target_path.is_empty() {
             self.path(rpc, "staging_target_path", &r.staging_target_path)?;

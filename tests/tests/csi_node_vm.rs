@@ -1730,6 +1730,52 @@ async fn encryption(env: &mut Env, c: &mut Checks) {
     env.unpublish(&id, &target).await;
     env.unstage(&id, &staging).await;
     assert!(dm_of(&mapping).is_none() && dm_of(&format!("coreblk-{}", cv.uuid)).is_none());
+
+    // What cryptsetup's defaults (no --luks-* flags) cost here: luksFormat and open of a
+    // scratch volume, timed (a figure for the docs, not a limit).
+    let scratch = env.create("pvc-luks-defaults", 64 * MIB, None).await;
+    let dev = env.daemon_export(&scratch).await;
+    let crypt = |args: &[&str]| {
+        let t = Instant::now();
+        let mut child = Command::new("cryptsetup")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cryptsetup");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(PASSPHRASE.as_bytes())
+            .expect("passphrase");
+        let out = child.wait_with_output().expect("cryptsetup runs");
+        assert!(
+            out.status.success(),
+            "cryptsetup {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed().as_millis()
+    };
+    let format_ms = crypt(&[
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks2",
+        "--key-file=-",
+        &dev,
+    ]);
+    let open_ms = crypt(&["open", "--key-file=-", &dev, "coreblk-defaults"]);
+    assert!(Command::new("cryptsetup")
+        .args(["close", "coreblk-defaults"])
+        .status()
+        .expect("close")
+        .success());
+    env.daemon_unexport(&scratch).await;
+    c.ok(&format!(
+        "cryptsetup's default key derivation here: luksFormat {format_ms} ms, open {open_ms} ms"
+    ));
 }
 
 async fn encrypted_block(env: &mut Env, c: &mut Checks) {
@@ -1899,7 +1945,13 @@ async fn ephemeral(
         .await
         .expect("publish ephemeral again");
     assert_eq!(mounts_at(Path::new(&target)), 1);
-    c.ok("an ephemeral inline volume: publish makes, formats and mounts it in one step (64Mi, labelled); publish again changes nothing");
+    let stats = env.stats(&eph, &target).await;
+    assert!(
+        stats.volume_condition.as_ref().is_some_and(|v| !v.abnormal),
+        "{stats:?}"
+    );
+    assert_eq!(stats.usage[0].total, df(Path::new(&target)).0[0]);
+    c.ok("an ephemeral inline volume: publish makes, formats and mounts it in one step (64Mi, labelled); publish again changes nothing; stats by kubelet's ID match df");
     env.unpublish(&eph, &target).await;
     assert_eq!(mounts_at(Path::new(&target)), 0);
     assert!(!volume_exists(env.daemon.clone(), &format!("eph-{eph}")).await);
