@@ -21,6 +21,16 @@
 //! without a freeze; last, a daemon restart (SIGTERM, then a new daemon) under a staged,
 //! published and written ext4: the mounts stay, the data reads back, writes and stats
 //! work, and the plugin unpublishes and unstages afterwards.
+//!
+//! A second test (`encryption_and_ephemeral_volumes_on_ublk`, issue 15; its own daemon on
+//! a second device): LUKS2 encryption at rest (format only when never written, the raw
+//! bytes through image export hold no plaintext marker, a wrong passphrase refused with
+//! the bytes unchanged and no passphrase in errors or logs, restage reads back, a
+//! snapshot frozen through the mapping restores encrypted and opens with the same
+//! secret, block mode on the mapping, cryptsetup's default cost measured); mkfs options
+//! reaching mkfs; a generic ephemeral volume; inline ephemeral volumes (publish makes,
+//! unpublish deletes and the space returns, a coreblkd kill -9 between them, an orphan
+//! removed by the next plugin's start-up sweep).
 
 mod common;
 
@@ -1473,6 +1483,7 @@ fn encryption_and_ephemeral_volumes_on_ublk() {
             };
             encryption(&mut env, &mut checks).await;
             encrypted_block(&mut env, &mut checks).await;
+            mkfs_options(&mut env, &mut checks).await;
             generic_ephemeral(&mut env, &mut checks).await;
             ephemeral(&mut env, &mut checks, dir.path(), &device, &mut slot, &args).await;
         });
@@ -1826,6 +1837,59 @@ async fn encrypted_block(env: &mut Env, c: &mut Checks) {
     let raw = raw_bytes(env.daemon.clone(), "pvc-enc-block").await;
     assert!(raw.starts_with(b"LUKS\xba\xbe") && !contains(&raw, MARKER));
     c.ok("block mode: an encrypted volume is published as its mapping, what is written through it is not in the raw bytes");
+}
+
+/// `csi.coreblk.io/mkfs-options` of a class reaches mkfs: the filesystem has them.
+async fn mkfs_options(env: &mut Env, c: &mut Checks) {
+    eprintln!("... create_volume pvc-mkfs (mkfs options)");
+    let id = env
+        .ctl
+        .create_volume(csi::CreateVolumeRequest {
+            name: "pvc-mkfs".to_owned(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 64 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![fs_cap("ext4")],
+            parameters: std::collections::HashMap::from([(
+                "csi.coreblk.io/mkfs-options".to_owned(),
+                "-m 0 -I 512 -E lazy_itable_init=0".to_owned(),
+            )]),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id;
+    let staging = env.staging("pv-mkfs");
+    env.stage(&id, &staging, fs_cap("ext4"))
+        .await
+        .expect("stage");
+    let dev = env.exported(&id).await;
+    let out = Command::new("dumpe2fs")
+        .args(["-h", &dev])
+        .output()
+        .expect("dumpe2fs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in dumpe2fs -h:\n{text}"))
+    };
+    assert_eq!(field("Reserved block count:"), "0");
+    assert_eq!(field("Inode size:"), "512");
+    env.unstage(&id, &staging).await;
+    // Staged as xfs, the ext4 options are refused before anything happens.
+    let (code, msg) = code_of(env.stage(&id, &staging, fs_cap("xfs")).await);
+    assert_eq!(code, Code::InvalidArgument, "{msg}");
+    assert!(
+        env.exported(&id).await.is_empty(),
+        "exported after the refusal"
+    );
+    c.ok("mkfs-options of the class reach mkfs.ext4 (reserved blocks 0, inode size 512); staged as xfs they are refused before the export");
 }
 
 /// A generic ephemeral volume is a claim the pod owns: normal provisioning with the
