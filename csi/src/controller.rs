@@ -22,6 +22,7 @@ use crate::busy::Busy;
 use crate::daemon::Daemon;
 use crate::error::{elsewhere_message, Error};
 use crate::freeze::{self, FreezeError, Frozen, Fsfreeze, Window};
+use crate::fsopts;
 use crate::ids::{CsiId, Kind};
 use crate::mounts;
 use crate::params::{
@@ -400,7 +401,7 @@ impl csi::controller_server::Controller for Controller {
             .into());
         }
         let cap_fs = check_capabilities(&r.volume_capabilities).map_err(invalid)?;
-        let params = VolumeParams::parse(&r.parameters).map_err(invalid)?;
+        let mut params = VolumeParams::parse(&r.parameters).map_err(invalid)?;
         // A VolumeAttributesClass named by the claim: QoS keys only, over the class's.
         QosParams::only_qos_keys(&r.mutable_parameters).map_err(invalid)?;
         let qos = params
@@ -415,6 +416,8 @@ impl csi::controller_server::Controller for Controller {
                 .into());
             }
         }
+        self.check_node_params(&cap_fs, &mut params, r.volume_content_source.as_ref())
+            .await?;
         if !topology_allows(r.accessibility_requirements.as_ref(), &self.node_id) {
             return Err(Error::CannotPlace {
                 rpc: RPC,
@@ -733,6 +736,13 @@ impl csi::controller_server::Controller for Controller {
             Located::Elsewhere(id) => return Err(self.owned_elsewhere(RPC, id).into()),
             Located::Here(u) => u,
         };
+        // A snapshot of an encrypted volume says so: its restores are encrypted too, also
+        // once the volume is gone.
+        if let Some(v) = self.get_volume(RPC, &uuid).await? {
+            if let Some(e) = v.labels.get(fsopts::PARAM_ENCRYPTION) {
+                labels.insert(fsopts::PARAM_ENCRYPTION.to_owned(), e.clone());
+            }
+        }
         let request = pb::CreateSnapshotRequest {
             volume: uuid.clone(),
             name: r.name.clone(),
@@ -975,6 +985,85 @@ impl csi::controller_server::Controller for Controller {
 }
 
 impl Controller {
+    /// The node-side parameters of a CreateVolume (fsopts.rs): the mkfs options must suit
+    /// the filesystem, and a clone or restore of an encrypted source is encrypted too
+    /// (it holds the source's LUKS2 header and is never formatted), whatever its class
+    /// says; a class asking for encryption cannot get it from a plain source (the data
+    /// would have to be rewritten).
+    async fn check_node_params(
+        &self,
+        cap_fs: &str,
+        params: &mut VolumeParams,
+        source: Option<&csi::VolumeContentSource>,
+    ) -> Result<(), Error> {
+        const RPC: &str = "CreateVolume";
+        let fs = match (&params.fs_type, cap_fs) {
+            (Some(f), _) => f.clone(),
+            (None, "") => "ext4".to_owned(),
+            (None, f) => f.to_owned(),
+        };
+        if let Some(o) = params.labels.get(fsopts::PARAM_MKFS_OPTIONS) {
+            fsopts::mkfs_args(&fs, o).map_err(|reason| Error::Invalid { rpc: RPC, reason })?;
+        }
+        let Some(source) = source else { return Ok(()) };
+        let asked = params.labels.contains_key(fsopts::PARAM_ENCRYPTION);
+        let source_encrypted = self.source_encrypted(source).await?;
+        if asked && !source_encrypted {
+            return Err(Error::Invalid {
+                rpc: RPC,
+                reason: format!(
+                    "the StorageClass asks for {}={} but the source is not encrypted, and a                      clone or restore keeps its source's bytes; restore into a class without                      encryption, or copy the data into a new encrypted volume",
+                    fsopts::PARAM_ENCRYPTION,
+                    fsopts::ENCRYPTION_LUKS2
+                ),
+            });
+        }
+        if source_encrypted {
+            params.labels.insert(
+                fsopts::PARAM_ENCRYPTION.to_owned(),
+                fsopts::ENCRYPTION_LUKS2.to_owned(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether a clone source is LUKS2-encrypted: a volume by its label; a snapshot by
+    /// its own label (CreateSnapshot copies it) or, for a snapshot taken otherwise, by
+    /// its origin volume's while that exists. Unknown sources are refused later.
+    async fn source_encrypted(&self, source: &csi::VolumeContentSource) -> Result<bool, Error> {
+        use csi::volume_content_source::Type;
+        const RPC: &str = "CreateVolume";
+        let encrypted = |labels: &HashMap<String, String>| {
+            labels.get(fsopts::PARAM_ENCRYPTION).map(String::as_str)
+                == Some(fsopts::ENCRYPTION_LUKS2)
+        };
+        match &source.r#type {
+            Some(Type::Volume(v)) => match self.locate(Kind::Volume, &v.volume_id) {
+                Located::Here(u) => Ok(self
+                    .get_volume(RPC, &u)
+                    .await?
+                    .is_some_and(|v| encrypted(&v.labels))),
+                _ => Ok(false),
+            },
+            Some(Type::Snapshot(s)) => match self.locate(Kind::Snapshot, &s.snapshot_id) {
+                Located::Here(u) => {
+                    let Some(s) = self.get_snapshot_by_uuid(RPC, &u).await? else {
+                        return Ok(false);
+                    };
+                    if encrypted(&s.labels) {
+                        return Ok(true);
+                    }
+                    Ok(self
+                        .get_volume(RPC, &s.volume_uuid)
+                        .await?
+                        .is_some_and(|v| encrypted(&v.labels)))
+                }
+                _ => Ok(false),
+            },
+            None => Ok(false),
+        }
+    }
+
     /// A mount point through which to freeze volume `uuid`'s filesystem: `None` when the
     /// volume is not exported on this node or its device holds no mounted filesystem
     /// (block mode, not staged) — then the snapshot is taken without a freeze.
@@ -988,8 +1077,14 @@ impl Controller {
         else {
             return Ok(None);
         };
-        let name = device.rsplit('/').next().unwrap_or(&device);
-        let Ok(numbers) = mounts::device_numbers(name) else {
+        let mut name = device.rsplit('/').next().unwrap_or(&device).to_owned();
+        // An encrypted volume's filesystem sits on its LUKS2 mapping over the device.
+        if let Some(dm) = crate::crypt::mapped(&crate::crypt::mapping_name(uuid)) {
+            if crate::crypt::maps_onto(&dm, &name) {
+                name = dm;
+            }
+        }
+        let Ok(numbers) = mounts::device_numbers(&name) else {
             return Ok(None);
         };
         let table = mounts::mount_table().map_err(|e| Error::Node {

@@ -90,6 +90,16 @@ pub enum Error {
         /// What is there.
         reason: String,
     },
+    /// A credential in the request (a LUKS2 passphrase) does not unlock the volume:
+    /// PERMISSION_DENIED. The request is well formed (not INVALID_ARGUMENT, which gRPC
+    /// keeps for arguments wrong whatever the system's state); whether the secret opens
+    /// the volume depends on the volume's header.
+    Denied {
+        /// The CSI call.
+        rpc: &'static str,
+        /// What was refused and what to do.
+        reason: String,
+    },
     /// Another call for the same volume is in progress: ABORTED, as the spec asks.
     Pending {
         /// The CSI call.
@@ -181,6 +191,7 @@ impl From<Error> for Status {
                  once it has finished"
             )),
             Error::Node { rpc, reason } => Status::internal(format!("{rpc}: {reason}")),
+            Error::Denied { rpc, reason } => Status::permission_denied(format!("{rpc}: {reason}")),
             Error::FrozenTooLong { rpc, reason } => {
                 Status::deadline_exceeded(format!("{rpc}: {reason}"))
             }

@@ -453,6 +453,7 @@ mod tests {
         RunError::Failed {
             cmd: "fsfreeze".to_owned(),
             status: "exit status: 1".to_owned(),
+            code: Some(1),
             output: output.to_owned(),
         }
     }

@@ -13,9 +13,12 @@
 pub mod busy;
 pub mod central;
 pub mod controller;
+pub mod crypt;
 pub mod daemon;
+pub mod ephemeral;
 pub mod error;
 pub mod freeze;
+pub mod fsopts;
 pub mod identity;
 pub mod ids;
 pub mod mounts;

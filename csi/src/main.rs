@@ -40,6 +40,15 @@ struct Args {
     /// The kubelet's directory: the node service mounts only under it.
     #[arg(long, default_value = "/var/lib/kubelet")]
     kubelet_dir: PathBuf,
+    /// Memory (KiB) of the argon2id key derivation when a LUKS2 volume is formatted
+    /// (cryptsetup --pbkdf-memory); unset: cryptsetup's default (up to 1 GiB). Lower
+    /// values make opening cheaper for an attacker too: only for slow test machines.
+    #[arg(long, env = "COREBLK_CSI_LUKS_PBKDF_MEMORY_KIB", value_parser = clap::value_parser!(u32).range(32..=4_194_304))]
+    luks_pbkdf_memory_kib: Option<u32>,
+    /// Target time (ms) of the key derivation when a LUKS2 volume is formatted
+    /// (cryptsetup --iter-time); unset: cryptsetup's default (2000).
+    #[arg(long, env = "COREBLK_CSI_LUKS_ITER_TIME_MS", value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    luks_iter_time_ms: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +80,10 @@ fn main() -> anyhow::Result<()> {
         "--kubelet-dir {} is not an absolute path",
         args.kubelet_dir.display()
     );
+    coreblk_csi::crypt::configure(coreblk_csi::crypt::Settings {
+        pbkdf_memory_kib: args.luks_pbkdf_memory_kib,
+        iter_time_ms: args.luks_iter_time_ms,
+    });
     let config = Config {
         endpoint: server::socket_path(&args.endpoint)?,
         daemon_socket: args.daemon_socket,

@@ -1,5 +1,6 @@
 //! The node's mount table and the external tools the Node service runs: `mount`,
-//! `umount`, `mkfs.ext4`/`mkfs.xfs`, `resize2fs`, `xfs_growfs`, each with a deadline.
+//! `umount`, `mkfs.ext4`/`mkfs.xfs`, `resize2fs`, `xfs_growfs`, `cryptsetup`, each with a
+//! deadline.
 //!
 //! What is staged and published is read back from `/proc/self/mountinfo` at each call, so
 //! the plugin keeps no state files and a restart of the plugin (or of coreblkd, whose
@@ -180,6 +181,8 @@ pub enum RunError {
         cmd: String,
         /// Its exit status.
         status: String,
+        /// Its exit code (none when a signal ended it).
+        code: Option<i32>,
         /// Its stderr and stdout, trimmed.
         output: String,
     },
@@ -197,6 +200,21 @@ const KILL_WAIT: Duration = Duration::from_secs(30);
 /// # Errors
 /// [`RunError`]: not started, timed out (killed), or a non-zero exit with its output.
 pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<String, RunError> {
+    run_with_input(program, args, None, timeout).await
+}
+
+/// [`run`], with `input` written to the tool's stdin and then closed (a secret, such as a
+/// LUKS passphrase: never on the command line, which other processes can read, and never
+/// in an error or a log: only the command line and the tool's output are).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_input(
+    program: &str,
+    args: &[&str],
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<String, RunError> {
     let cmd = std::iter::once(program)
         .chain(args.iter().copied())
         .collect::<Vec<_>>()
@@ -205,7 +223,11 @@ pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<Stri
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .env("LC_ALL", "C")
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -214,9 +236,17 @@ pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<Stri
             cmd: cmd.clone(),
             source,
         })?;
-    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let (stdout, stderr, stdin) = (child.stdout.take(), child.stderr.take(), child.stdin.take());
     let waited = tokio::time::timeout(timeout, async {
-        let (out, err) = tokio::join!(read_all(stdout), read_all(stderr));
+        let feed = async {
+            use tokio::io::AsyncWriteExt;
+            if let (Some(mut pipe), Some(bytes)) = (stdin, input) {
+                // A tool that exits without reading all of it: its own error says why.
+                let _ = pipe.write_all(bytes).await;
+                let _ = pipe.shutdown().await;
+            }
+        };
+        let ((), out, err) = tokio::join!(feed, read_all(stdout), read_all(stderr));
         (child.wait().await, out, err)
     })
     .await;
@@ -245,6 +275,7 @@ pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<Stri
     Err(RunError::Failed {
         cmd,
         status: status.to_string(),
+        code: status.code(),
         output,
     })
 }
@@ -320,6 +351,24 @@ garbage line
         .await
         .expect_err("fails");
         assert!(e.to_string().contains("bad"), "{e}");
+        assert!(matches!(e, RunError::Failed { code: Some(3), .. }), "{e}");
+        // Input reaches stdin, and is not in the error.
+        assert_eq!(
+            run_with_input("cat", &[], Some(b"secret-in"), Duration::from_secs(10))
+                .await
+                .ok()
+                .as_deref(),
+            Some("secret-in")
+        );
+        let e = run_with_input(
+            "sh",
+            &["-c", "read x; exit 2"],
+            Some(b"secret-in\n"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect_err("fails");
+        assert!(!e.to_string().contains("secret-in"), "{e}");
         let e = run("sleep", &["5"], Duration::from_millis(100))
             .await
             .expect_err("times out");

@@ -26,8 +26,11 @@ use csi::node_service_capability::rpc::Type as Cap;
 use tonic::{Code, Request, Response, Status};
 
 use crate::busy::Busy;
+use crate::crypt;
 use crate::daemon::Daemon;
+use crate::ephemeral::{self, InlineAttrs};
 use crate::error::Error;
+use crate::fsopts;
 use crate::ids::{CsiId, Kind};
 use crate::mounts::{self, MountInfo};
 use crate::params::{check_capabilities, node_topology};
@@ -104,6 +107,19 @@ fn access(rpc: &'static str, cap: Option<&csi::VolumeCapability>) -> Result<Acce
 /// `ublkb3` of `/dev/ublkb3`.
 fn device_name(device_path: &str) -> &str {
     device_path.rsplit('/').next().unwrap_or(device_path)
+}
+
+/// The device a volume's data is reached through on this node: the ublk device, or for
+/// a LUKS2-encrypted volume its open mapping (`/dev/dm-N`, on that ublk device); empty
+/// when there is none.
+fn top_device(v: &pb::Volume) -> String {
+    if !crypt::encrypted(&v.labels) || v.device_path.is_empty() {
+        return v.device_path.clone();
+    }
+    match crypt::mapped(&crypt::mapping_name(&v.uuid)) {
+        Some(dm) if crypt::maps_onto(&dm, device_name(&v.device_path)) => format!("/dev/{dm}"),
+        _ => String::new(),
+    }
 }
 
 fn node_err(rpc: &'static str, what: String) -> impl FnOnce(mounts::RunError) -> Error {
@@ -301,6 +317,79 @@ impl Node {
         }
     }
 
+    /// Opens volume `v`'s LUKS2 mapping on its ublk device `device` (already open on it:
+    /// nothing to do), formatting LUKS2 first only on a volume the store reports never
+    /// written and without a content source. Returns the mapping's device (`/dev/dm-N`).
+    async fn open_crypt(
+        &self,
+        rpc: &'static str,
+        volume_id: &str,
+        v: &pb::Volume,
+        device: &str,
+        pass: &crypt::Passphrase,
+    ) -> Result<String, Error> {
+        let name = crypt::mapping_name(&v.uuid);
+        let node = |what: &str, e: crypt::CryptError| Error::Node {
+            rpc,
+            reason: format!("{what} of volume {volume_id}: {e}"),
+        };
+        if let Some(dm) = crypt::mapped(&name) {
+            if crypt::maps_onto(&dm, device_name(device)) {
+                return Ok(format!("/dev/{dm}"));
+            }
+            // Left over from an earlier export of the volume (another device).
+            crypt::close(&name)
+                .await
+                .map_err(|e| node("closing a stale LUKS2 mapping", e))?;
+        }
+        let blank =
+            v.never_written && v.source_snapshot_uuid.is_empty() && v.source_volume_uuid.is_empty();
+        if blank {
+            crypt::format(device, pass)
+                .await
+                .map_err(|e| node("formatting LUKS2 on the never-written volume", e))?;
+            tracing::info!(volume = %volume_id, %device, "LUKS2 header made");
+        }
+        match crypt::open(device, &name, pass).await {
+            Ok(()) => {}
+            Err(crypt::CryptError::WrongPassphrase) => {
+                return Err(Error::Denied {
+                    rpc,
+                    reason: format!(
+                        "volume {volume_id} is LUKS2-encrypted and the passphrase of the \
+                         node-stage secret (key {:?}) does not open it; nothing was changed. \
+                         Give the Secret the passphrase the volume (or the source it was \
+                         cloned or restored from) was made with",
+                        crypt::SECRET_KEY
+                    ),
+                });
+            }
+            Err(e) => return Err(node("opening the LUKS2 mapping", e)),
+        }
+        let dm = crypt::mapped(&name).ok_or_else(|| Error::Node {
+            rpc,
+            reason: format!("cryptsetup opened {name} but /sys/block shows no such mapping"),
+        })?;
+        let path = format!("/dev/{dm}");
+        let end = Instant::now() + DEVICE_WAIT;
+        while !Path::new(&path).exists() {
+            if Instant::now() >= end {
+                return Err(Error::Node {
+                    rpc,
+                    reason: format!(
+                        "the LUKS2 mapping {name} of volume {volume_id} is open as {dm} but \
+                         {path} did not appear within {} s (is /dev a devtmpfs shared with \
+                         the host?)",
+                        DEVICE_WAIT.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(volume = %volume_id, mapping = %name, device = %path, "LUKS2 mapping open");
+        Ok(path)
+    }
+
     async fn stage(&self, r: csi::NodeStageVolumeRequest) -> Result<(), Error> {
         let rpc = "NodeStageVolume";
         let uuid = self.volume_here(rpc, &r.volume_id)?;
@@ -318,16 +407,46 @@ impl Node {
                 ),
             });
         }
+        // An encrypted volume opens only with its passphrase: checked before anything is
+        // exported or made.
+        let passphrase = if crypt::encrypted(&v.labels) {
+            Some(
+                crypt::passphrase(&r.secrets).map_err(|reason| Error::Invalid {
+                    rpc,
+                    reason: format!("volume {}: {reason}", r.volume_id),
+                })?,
+            )
+        } else {
+            None
+        };
         let Access::Mount { fs, flags } = access else {
-            // Block mode: the export is the whole of staging; publish binds the device.
-            self.export(rpc, &uuid).await?;
+            // Block mode: the export (and its LUKS2 mapping) is the whole of staging;
+            // publish binds the device.
+            let device = self.export(rpc, &uuid).await?;
+            if let Some(pass) = &passphrase {
+                self.open_crypt(rpc, &r.volume_id, &v, &device, pass)
+                    .await?;
+            }
             return Ok(());
         };
+        // The class's mkfs options, checked again for the filesystem asked now (the
+        // label is the daemon's copy; nothing is run that the allow-list does not know).
+        let mkfs_args = fsopts::mkfs_args(
+            &fs,
+            v.labels
+                .get(fsopts::PARAM_MKFS_OPTIONS)
+                .map_or("", String::as_str),
+        )
+        .map_err(|reason| Error::Invalid {
+            rpc,
+            reason: format!("volume {}: {reason}", r.volume_id),
+        })?;
         // A mount already there must be this volume's, as asked: checked before the
         // export so a conflict changes nothing.
         if let Some(m) = mounts::mounted_at(&table(rpc)?, &staging) {
-            let mine = !v.device_path.is_empty()
-                && mounts::device_numbers(device_name(&v.device_path)).is_ok_and(|n| n == m.dev);
+            let top = top_device(&v);
+            let mine = !top.is_empty()
+                && mounts::device_numbers(device_name(&top)).is_ok_and(|n| n == m.dev);
             if !mine {
                 return Err(Error::Conflict {
                     rpc,
@@ -354,7 +473,12 @@ impl Node {
             }
             return Ok(());
         }
-        let device = self.export(rpc, &uuid).await?;
+        let mut device = self.export(rpc, &uuid).await?;
+        if let Some(pass) = &passphrase {
+            device = self
+                .open_crypt(rpc, &r.volume_id, &v, &device, pass)
+                .await?;
+        }
         std::fs::create_dir_all(&staging)
             .map_err(io_err(rpc, format!("creating {}", staging.display())))?;
         // Blank by the store's word, never by probing the bytes: never written since it
@@ -362,12 +486,8 @@ impl Node {
         let blank =
             v.never_written && v.source_snapshot_uuid.is_empty() && v.source_volume_uuid.is_empty();
         if blank {
-            let (tool, args): (&str, &[&str]) = match fs.as_str() {
-                // No discard: a never-written thin volume has nothing to discard.
-                "xfs" => ("mkfs.xfs", &["-q", "-f", "-K"]),
-                _ => ("mkfs.ext4", &["-q", "-F", "-E", "nodiscard"]),
-            };
-            let mut a: Vec<&str> = args.to_vec();
+            let tool = if fs == "xfs" { "mkfs.xfs" } else { "mkfs.ext4" };
+            let mut a: Vec<&str> = mkfs_args.iter().map(String::as_str).collect();
             a.push(&device);
             mounts::run(tool, &a, MKFS_TIMEOUT).await.map_err(node_err(
                 rpc,
@@ -425,8 +545,12 @@ impl Node {
         };
         // Publishes first (kubelet's order): while one remains, nothing is unmounted or
         // unexported, so a retry after the unpublish finds the volume as it was.
-        let name = device_name(&v.device_path);
-        if let (false, Ok(numbers)) = (v.device_path.is_empty(), mounts::device_numbers(name)) {
+        let top = top_device(&v);
+        for dev in [&v.device_path, &top] {
+            let name = device_name(dev);
+            let (false, Ok(numbers)) = (dev.is_empty(), mounts::device_numbers(name)) else {
+                continue;
+            };
             let real = staging.canonicalize().unwrap_or_else(|_| staging.clone());
             let users: Vec<String> = mounts::users_of(&table(rpc)?, name, &numbers)
                 .into_iter()
@@ -437,8 +561,7 @@ impl Node {
                 return Err(Error::Precondition {
                     rpc,
                     reason: format!(
-                        "{} of volume {} is still mounted at {}; unpublish it there first",
-                        v.device_path,
+                        "{dev} of volume {} is still mounted at {}; unpublish it there first",
                         r.volume_id,
                         users.join(", ")
                     ),
@@ -446,6 +569,13 @@ impl Node {
             }
         }
         unmount_all(rpc, &staging).await?;
+        if crypt::encrypted(&v.labels) {
+            let name = crypt::mapping_name(&uuid);
+            crypt::close(&name).await.map_err(|e| Error::Node {
+                rpc,
+                reason: format!("closing the LUKS2 mapping of volume {}: {e}", r.volume_id),
+            })?;
+        }
         if v.device_path.is_empty() {
             return Ok(());
         }
@@ -468,12 +598,18 @@ impl Node {
 
     async fn publish(&self, r: csi::NodePublishVolumeRequest) -> Result<(), Error> {
         let rpc = "NodePublishVolume";
+        if ephemeral::is_ephemeral(&r.volume_context) {
+            return self.publish_ephemeral(r).await;
+        }
         let uuid = self.volume_here(rpc, &r.volume_id)?;
         let target = self.path(rpc, "target_path", &r.target_path)?;
         let staging = self.path(rpc, "staging_target_path", &r.staging_target_path)?;
         let access = access(rpc, r.volume_capability.as_ref())?;
         let _op = self.busy.begin(rpc, &r.volume_id)?;
-        let v = self.volume_and_export(rpc, &uuid).await?;
+        let mut v = self.volume_and_export(rpc, &uuid).await?;
+        let exported = !v.device_path.is_empty();
+        // An encrypted volume is published from its open mapping.
+        v.device_path = top_device(&v);
         let not_staged = |why: String| Error::Precondition {
             rpc,
             reason: format!(
@@ -482,7 +618,11 @@ impl Node {
             ),
         };
         if v.device_path.is_empty() {
-            return Err(not_staged("coreblkd has not exported it".to_owned()));
+            return Err(not_staged(if exported {
+                "its LUKS2 mapping is not open".to_owned()
+            } else {
+                "coreblkd has not exported it".to_owned()
+            }));
         }
         let name = device_name(&v.device_path);
         let numbers = mounts::device_numbers(name)
@@ -539,6 +679,12 @@ impl Node {
 
     async fn unpublish(&self, r: csi::NodeUnpublishVolumeRequest) -> Result<(), Error> {
         let rpc = "NodeUnpublishVolume";
+        // Not an ID of this driver but a name kubelet gives an inline volume: ephemeral.
+        if CsiId::parse(Kind::Volume, &r.volume_id).is_none()
+            && ephemeral::volume_name(&r.volume_id).is_ok()
+        {
+            return self.unpublish_ephemeral(r).await;
+        }
         self.volume_here(rpc, &r.volume_id)?;
         let target = self.path(rpc, "target_path", &r.target_path)?;
         let _op = self.busy.begin(rpc, &r.volume_id)?;
@@ -602,6 +748,16 @@ impl Node {
         let limit = u64::try_from(limit).map_err(|_| bad("limit_bytes", limit))?;
         let _op = self.busy.begin(rpc, &r.volume_id)?;
         let mut v = self.volume_and_export(rpc, &uuid).await?;
+        if crypt::encrypted(&v.labels) {
+            return Err(Error::Invalid {
+                rpc,
+                reason: format!(
+                    "volume {} is LUKS2-encrypted; coreblk does not expand encrypted volumes \
+                     yet (restore a snapshot into a larger volume instead)",
+                    r.volume_id
+                ),
+            });
+        }
         if required > v.size_bytes {
             // The central resizer has no way to reach this node's daemon: the volume
             // grows here (csi/README.md, Routing). Whole clusters, as CreateVolume makes.
@@ -711,7 +867,23 @@ impl Node {
         use csi::volume_usage::Unit;
         use std::os::unix::fs::FileTypeExt;
         let rpc = "NodeGetVolumeStats";
-        let uuid = self.volume_here(rpc, &r.volume_id)?;
+        // kubelet asks about inline ephemeral volumes by its own ID.
+        let inline = CsiId::parse(Kind::Volume, &r.volume_id).is_none()
+            && ephemeral::volume_name(&r.volume_id).is_ok();
+        let uuid = if inline {
+            let name = ephemeral::volume_name(&r.volume_id)
+                .map_err(|reason| Error::Invalid { rpc, reason })?;
+            self.volume_named(rpc, &name)
+                .await?
+                .filter(|v| v.labels.get(ephemeral::LABEL_EPHEMERAL) == Some(&r.volume_id))
+                .ok_or_else(|| Error::NotFound {
+                    rpc,
+                    what: format!("ephemeral volume {}", r.volume_id),
+                })?
+                .uuid
+        } else {
+            self.volume_here(rpc, &r.volume_id)?
+        };
         let path = self.path(rpc, "volume_path", &r.volume_path)?;
         if !r.staging_target_path.is_empty() {
             self.path(rpc, "staging_target_path", &r.staging_target_path)?;
@@ -720,7 +892,8 @@ impl Node {
             rpc,
             what: format!("volume path {}", path.display()),
         })?;
-        let v = self.volume_and_export(rpc, &uuid).await?;
+        let mut v = self.volume_and_export(rpc, &uuid).await?;
+        v.device_path = top_device(&v);
         let mut abnormal = Vec::new();
         match v.state() {
             pb::VolumeState::Ready => {}
@@ -803,6 +976,390 @@ impl Node {
             usage,
             volume_condition,
         })
+    }
+}
+
+/// How often the plugin looks for orphaned ephemeral volumes.
+const SWEEP_PERIOD: Duration = Duration::from_secs(300);
+/// How soon it looks again when the daemon did not answer (starting, restarting).
+const SWEEP_RETRY: Duration = Duration::from_secs(5);
+/// The youngest ephemeral volume a periodic sweep removes: a publish of another plugin
+/// instance on the node (an upgrade's overlap) may be between its create and its mount.
+/// The first sweep, at start-up, takes every orphan.
+const SWEEP_MIN_AGE: Duration = Duration::from_secs(600);
+
+/// Ephemeral inline volumes (`ephemeral.rs`): publish makes, unpublish deletes, the sweep
+/// removes orphans.
+impl Node {
+    /// The daemon's volume named `name`, `None` when it has none.
+    async fn volume_named(
+        &self,
+        rpc: &'static str,
+        name: &str,
+    ) -> Result<Option<pb::Volume>, Error> {
+        match self
+            .daemon
+            .volumes()
+            .get_volume(pb::GetVolumeRequest {
+                volume: name.to_owned(),
+            })
+            .await
+        {
+            Ok(v) => Ok(Some(v.into_inner()).filter(|v| v.name == name)),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(self.err(rpc, s)),
+        }
+    }
+
+    /// NodePublishVolume of an inline ephemeral volume: create (idempotent by name),
+    /// export, make the filesystem on the never-written volume and mount it at the
+    /// target, in one step. A failure after the create removes the volume again.
+    async fn publish_ephemeral(&self, r: csi::NodePublishVolumeRequest) -> Result<(), Error> {
+        let rpc = "NodePublishVolume";
+        let invalid = |reason: String| Error::Invalid { rpc, reason };
+        let name = ephemeral::volume_name(&r.volume_id).map_err(invalid)?;
+        let target = self.path(rpc, "target_path", &r.target_path)?;
+        let access = access(rpc, r.volume_capability.as_ref())?;
+        let attrs = InlineAttrs::parse(&r.volume_context).map_err(invalid)?;
+        let Access::Mount { fs: cap_fs, flags } = access else {
+            return Err(invalid(
+                "an ephemeral inline volume is a filesystem; for a raw block device use a \
+                 generic ephemeral volume (ephemeral.volumeClaimTemplate) with volumeMode: Block"
+                    .to_owned(),
+            ));
+        };
+        let named = match &r
+            .volume_capability
+            .as_ref()
+            .and_then(|c| c.access_type.clone())
+        {
+            Some(csi::volume_capability::AccessType::Mount(m)) if !m.fs_type.is_empty() => {
+                Some(cap_fs)
+            }
+            _ => None,
+        };
+        let fs = match (named, attrs.fs_type.clone()) {
+            (Some(c), Some(a)) if c != a => {
+                return Err(invalid(format!(
+                    "the pod's fsType is {c} but volume attribute {} is {a}; give one",
+                    ephemeral::ATTR_FSTYPE
+                )))
+            }
+            (Some(f), _) | (None, Some(f)) => f,
+            (None, None) => DEFAULT_FS.to_owned(),
+        };
+        let mkfs = fsopts::mkfs_args(
+            &fs,
+            attrs
+                .labels
+                .get(fsopts::PARAM_MKFS_OPTIONS)
+                .map_or("", String::as_str),
+        )
+        .map_err(invalid)?;
+        let _op = self.busy.begin(rpc, &r.volume_id)?;
+        let existing = self.volume_named(rpc, &name).await?;
+        if let Some(v) = &existing {
+            if v.labels.get(ephemeral::LABEL_EPHEMERAL) != Some(&r.volume_id) {
+                return Err(Error::Conflict {
+                    rpc,
+                    reason: format!(
+                        "coreblkd already has a volume {name} that is not ephemeral volume {}; \
+                         rename or delete it",
+                        r.volume_id
+                    ),
+                });
+            }
+        }
+        if let Some(m) = mounts::mounted_at(&table(rpc)?, &target) {
+            if let Some(v) = &existing {
+                let mut v = v.clone();
+                v.device_path = self.exported(rpc, &v.uuid).await?.unwrap_or_default();
+                let top = top_device(&v);
+                let mine = !top.is_empty()
+                    && mounts::device_numbers(device_name(&top)).is_ok_and(|n| n == m.dev);
+                if mine && m.read_only() == r.readonly {
+                    return Ok(());
+                }
+            }
+            return Err(occupied(rpc, &target, m, &m.source, &r.volume_id));
+        }
+        let v = match existing {
+            Some(v) => v,
+            None => {
+                let pool = self
+                    .daemon
+                    .pools()
+                    .get_pool(pb::GetPoolRequest {
+                        pool: attrs.pool.clone(),
+                    })
+                    .await
+                    .map_err(|s| {
+                        if s.code() == Code::NotFound {
+                            invalid(format!(
+                                "volume attribute {} names {:?}, which this node does not \
+                                 have: create the pool or fix the pod's volumeAttributes",
+                                ephemeral::ATTR_POOL,
+                                attrs.pool
+                            ))
+                        } else {
+                            self.err(rpc, s)
+                        }
+                    })?
+                    .into_inner();
+                let cluster = pool.cluster_size_bytes.max(4096);
+                let size_bytes = attrs.size_bytes.div_ceil(cluster).saturating_mul(cluster);
+                let mut labels = attrs.labels.clone();
+                labels.insert(ephemeral::LABEL_EPHEMERAL.to_owned(), r.volume_id.clone());
+                labels.insert(
+                    ephemeral::LABEL_TARGET.to_owned(),
+                    target.to_string_lossy().into_owned(),
+                );
+                for (k, l) in [
+                    ("csi.storage.k8s.io/pod.name", "csi.storage.k8s.io/pod/name"),
+                    (
+                        "csi.storage.k8s.io/pod.namespace",
+                        "csi.storage.k8s.io/pod/namespace",
+                    ),
+                ] {
+                    if let Some(val) = r.volume_context.get(k) {
+                        labels.insert(l.to_owned(), val.clone());
+                    }
+                }
+                let v = self
+                    .daemon
+                    .volumes()
+                    .create_volume(pb::CreateVolumeRequest {
+                        // Inline volumes take no QoS keys (their attributes refuse them).
+                        qos: None,
+                        pool: pool.uuid,
+                        name: name.clone(),
+                        size_bytes,
+                        thick: false,
+                        labels,
+                        source: None,
+                    })
+                    .await
+                    .map_err(|s| self.err(rpc, s))?
+                    .into_inner();
+                tracing::info!(volume = %v.uuid, ephemeral = %r.volume_id, size_bytes, "ephemeral volume created");
+                v
+            }
+        };
+        let made = self
+            .mount_ephemeral(rpc, &r, &v, &target, &fs, flags, &mkfs)
+            .await;
+        if let Err(e) = made {
+            // Nothing is left behind: kubelet retries the publish from the start.
+            let _ = unmount_all(rpc, &target).await;
+            if let Err(clean) = self.remove_ephemeral(rpc, &v.uuid).await {
+                tracing::warn!(volume = %v.uuid, error = %Status::from(clean).message(), "ephemeral volume left for the sweep");
+            }
+            return Err(e);
+        }
+        tracing::info!(volume = %v.uuid, ephemeral = %r.volume_id, target = %target.display(), "ephemeral volume published");
+        Ok(())
+    }
+
+    /// Export, filesystem (only on a never-written volume), mount at `target`.
+    #[allow(clippy::too_many_arguments)]
+    async fn mount_ephemeral(
+        &self,
+        rpc: &'static str,
+        r: &csi::NodePublishVolumeRequest,
+        v: &pb::Volume,
+        target: &Path,
+        fs: &str,
+        flags: Vec<String>,
+        mkfs: &[String],
+    ) -> Result<(), Error> {
+        let device = self.export(rpc, &v.uuid).await?;
+        if v.never_written {
+            let tool = if fs == "xfs" { "mkfs.xfs" } else { "mkfs.ext4" };
+            let mut a: Vec<&str> = mkfs.iter().map(String::as_str).collect();
+            a.push(&device);
+            mounts::run(tool, &a, MKFS_TIMEOUT).await.map_err(node_err(
+                rpc,
+                format!("making {fs} on ephemeral volume {}", r.volume_id),
+            ))?;
+        }
+        std::fs::create_dir_all(target)
+            .map_err(io_err(rpc, format!("creating {}", target.display())))?;
+        let mut opts = flags;
+        if r.readonly {
+            opts.push("ro".to_owned());
+        }
+        let t = target.to_string_lossy();
+        let mut args = vec!["-t", fs];
+        let joined = opts.join(",");
+        if !joined.is_empty() {
+            args.extend(["-o", joined.as_str()]);
+        }
+        args.extend([device.as_str(), &t]);
+        mounts::run("mount", &args, MOUNT_TIMEOUT)
+            .await
+            .map_err(node_err(rpc, format!("mounting {device} ({fs}) at {t}")))?;
+        Ok(())
+    }
+
+    /// Unexports and deletes volume `uuid` (each gone already: fine).
+    async fn remove_ephemeral(&self, rpc: &'static str, uuid: &str) -> Result<(), Error> {
+        // An unexport that fails (the device still open, or a node whose daemon cannot
+        // export at all) is reported only if the delete then fails too: the daemon
+        // refuses to delete a volume that is really exported.
+        let mut unexport_failed = None;
+        if matches!(self.exported(rpc, uuid).await, Ok(Some(_))) {
+            match self
+                .daemon
+                .exports()
+                .unexport_volume(pb::UnexportVolumeRequest {
+                    volume: uuid.to_owned(),
+                    force: false,
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => unexport_failed = Some(s),
+            }
+        }
+        match self
+            .daemon
+            .volumes()
+            .delete_volume(pb::DeleteVolumeRequest {
+                volume: uuid.to_owned(),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(self.err(rpc, unexport_failed.unwrap_or(s))),
+        }
+    }
+
+    /// NodeUnpublishVolume of an inline ephemeral volume: unmount, then unexport and
+    /// delete it (its space returns to the pool). Idempotent: a volume already gone is
+    /// fine; an unpublish that fails after the unmount (the daemon down) deletes it at
+    /// kubelet's retry, or the sweep does.
+    async fn unpublish_ephemeral(&self, r: csi::NodeUnpublishVolumeRequest) -> Result<(), Error> {
+        let rpc = "NodeUnpublishVolume";
+        let target = self.path(rpc, "target_path", &r.target_path)?;
+        let name = ephemeral::volume_name(&r.volume_id)
+            .map_err(|reason| Error::Invalid { rpc, reason })?;
+        let _op = self.busy.begin(rpc, &r.volume_id)?;
+        unmount_all(rpc, &target).await?;
+        if let Err(e) = std::fs::remove_dir(&target) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(target = %target.display(), error = %e, "target directory left in place");
+            }
+        }
+        let Some(v) = self.volume_named(rpc, &name).await? else {
+            return Ok(());
+        };
+        if v.labels.get(ephemeral::LABEL_EPHEMERAL) != Some(&r.volume_id) {
+            // Not an ephemeral volume of this ID: not ours to delete.
+            return Ok(());
+        }
+        self.remove_ephemeral(rpc, &v.uuid).await?;
+        tracing::info!(volume = %v.uuid, ephemeral = %r.volume_id, "ephemeral volume deleted");
+        Ok(())
+    }
+
+    /// Removes orphaned ephemeral volumes: labelled ephemeral, not mounted at their target
+    /// from their device, no call in progress for them, and (when `min_age` is given)
+    /// created at least that long ago. Returns how many were removed.
+    ///
+    /// # Errors
+    /// The daemon's answer when it cannot list volumes.
+    pub async fn sweep_ephemeral(&self, min_age: Option<Duration>) -> Result<usize, Error> {
+        let rpc = "sweep of ephemeral volumes";
+        let mut found = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .daemon
+                .volumes()
+                .list_volumes(pb::ListVolumesRequest {
+                    page_size: 1000,
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| self.err(rpc, s))?
+                .into_inner();
+            found.extend(
+                page.volumes
+                    .into_iter()
+                    .filter(|v| v.labels.contains_key(ephemeral::LABEL_EPHEMERAL)),
+            );
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for v in found {
+            let id = v.labels[ephemeral::LABEL_EPHEMERAL].clone();
+            if let (Some(age), Some(t)) = (min_age, v.create_time) {
+                let made = std::time::UNIX_EPOCH
+                    + Duration::from_secs(u64::try_from(t.seconds).unwrap_or(0));
+                if now.duration_since(made).unwrap_or_default() < age {
+                    continue;
+                }
+            }
+            let Ok(_op) = self.busy.begin(rpc, &id) else {
+                continue;
+            };
+            let mut v = v;
+            v.device_path = self.exported(rpc, &v.uuid).await?.unwrap_or_default();
+            let top = top_device(&v);
+            let target = v
+                .labels
+                .get(ephemeral::LABEL_TARGET)
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            let in_use = !top.is_empty()
+                && mounts::device_numbers(device_name(&top)).is_ok_and(|n| {
+                    mounts::mounted_at(&table(rpc).unwrap_or_default(), &target)
+                        .is_some_and(|m| m.dev == n)
+                });
+            if in_use {
+                continue;
+            }
+            match self.remove_ephemeral(rpc, &v.uuid).await {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::info!(volume = %v.uuid, ephemeral = %id, target = %target.display(), "orphaned ephemeral volume removed");
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %v.uuid, ephemeral = %id, error = %Status::from(e).message(), "orphaned ephemeral volume not removed; retried at the next sweep");
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Sweeps at start-up (every orphan, as soon as the daemon answers), then every
+    /// [`SWEEP_PERIOD`] (orphans older than [`SWEEP_MIN_AGE`]). Runs until the process
+    /// ends.
+    pub async fn sweep_loop(self) {
+        let mut first = true;
+        loop {
+            let min_age = (!first).then_some(SWEEP_MIN_AGE);
+            match self.sweep_ephemeral(min_age).await {
+                Ok(n) => {
+                    if first || n > 0 {
+                        tracing::info!(removed = n, "ephemeral volume sweep done");
+                    }
+                    first = false;
+                    tokio::time::sleep(SWEEP_PERIOD).await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %Status::from(e).message(), "ephemeral volume sweep: daemon not ready");
+                    tokio::time::sleep(SWEEP_RETRY).await;
+                }
+            }
+        }
     }
 }
 

@@ -71,6 +71,12 @@ impl VolumeParams {
         keys.sort();
         for key in keys {
             let value = &parameters[key];
+            // Filesystem and encryption parameters (fsopts.rs): kept as labels for the node.
+            if let Some(checked) = crate::fsopts::check_class_param(key, value) {
+                checked?;
+                p.labels.insert(key.clone(), value.clone());
+                continue;
+            }
             match key.as_str() {
                 PARAM_POOL => {
                     if value.is_empty() {
@@ -99,6 +105,13 @@ impl VolumeParams {
                         if k.trim().is_empty() {
                             return Err(format!("parameter labels: {pair:?} has an empty key"));
                         }
+                        if k.trim().starts_with(crate::fsopts::COREBLK_PREFIX) {
+                            return Err(format!(
+                                "parameter labels: key {:?} is reserved for the driver; give it \
+                                 as a parameter of its own",
+                                k.trim()
+                            ));
+                        }
                         p.labels.insert(k.trim().to_owned(), v.trim().to_owned());
                     }
                 }
@@ -121,7 +134,9 @@ impl VolumeParams {
                 other => {
                     return Err(format!(
                         "unknown parameter {other:?}: coreblk takes {PARAM_POOL}, {PARAM_THICK}, \
-                         {PARAM_LABELS}, {PARAM_FSTYPE} and the QoS keys {} (fix the StorageClass)",
+                         {PARAM_LABELS}, {PARAM_FSTYPE}, {}, {} and the QoS keys {} (fix the StorageClass)",
+                        crate::fsopts::PARAM_MKFS_OPTIONS,
+                        crate::fsopts::PARAM_ENCRYPTION,
                         QOS_KEYS.join(", ")
                     ))
                 }
@@ -343,12 +358,22 @@ mod tests {
         assert_eq!(p.fs_type.as_deref(), Some("xfs"));
         assert_eq!(p.labels.len(), 3);
         assert_eq!(p.labels["csi.storage.k8s.io/pvc/name"], "data");
+        let p = VolumeParams::parse(&m(&[
+            ("csi.coreblk.io/encryption", "luks2"),
+            ("csi.coreblk.io/mkfs-options", "-m 0"),
+        ]))
+        .expect("valid");
+        assert_eq!(p.labels["csi.coreblk.io/encryption"], "luks2");
+        assert_eq!(p.labels["csi.coreblk.io/mkfs-options"], "-m 0");
         for bad in [
             m(&[("pol", "x")]),
             m(&[("thick", "yes")]),
             m(&[("labels", "novalue")]),
             m(&[("fsType", "btrfs")]),
             m(&[("fsType", "ext4"), ("csi.storage.k8s.io/fstype", "xfs")]),
+            m(&[("csi.coreblk.io/encryption", "yes")]),
+            m(&[("csi.coreblk.io/other", "1")]),
+            m(&[("labels", "csi.coreblk.io/encryption=luks2")]),
         ] {
             assert!(VolumeParams::parse(&bad).is_err(), "{bad:?}");
         }

@@ -183,12 +183,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 .add_service(csi::controller_server::ControllerServer::new(
                     Controller::new(daemon.clone(), &config.node_id, busy.clone()),
                 ))
-                .add_service(csi::node_server::NodeServer::new(Node::new(
-                    daemon,
-                    &config.node_id,
-                    config.kubelet_dir.clone(),
-                    busy,
-                )))
+                .add_service(csi::node_server::NodeServer::new({
+                    let node = Node::new(daemon, &config.node_id, config.kubelet_dir.clone(), busy);
+                    // Orphaned ephemeral volumes: at start-up and then periodically.
+                    tokio::spawn(node.clone().sweep_loop());
+                    node
+                }))
         }
         Mode::Controller => router
             .add_service(csi::identity_server::IdentityServer::new(Identity::new(
