@@ -331,8 +331,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|s| qos::parse_change(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let multi = volumes > 1 || !qos_sets.is_empty() || !qos_changes.is_empty();
-    if multi && (measure.is_some() || args.snapshots > 0 || !spec.is_lvol()) {
+    let qos_flags = !qos_sets.is_empty() || !qos_changes.is_empty();
+    // --measure import reads --volumes as its own count.
+    let multi = measure.is_none() && (volumes > 1 || qos_flags);
+    if (multi || qos_flags) && (measure.is_some() || args.snapshots > 0 || !spec.is_lvol()) {
         bail!("--volumes (above 1 for IO runs), --qos and --qos-change need an lvol: target and an IO run (no --measure, no --snapshots)");
     }
     for v in qos_sets

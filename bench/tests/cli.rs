@@ -406,3 +406,99 @@ fn measure_import_times_a_crash_import_and_counts_metadata() {
         "{v}"
     );
 }
+
+#[test]
+fn several_volumes_with_qos_report_each_volume_per_second() {
+    let out = bench(&[
+        "--target",
+        "lvol:malloc:64M",
+        "--size",
+        "8M",
+        "--volumes",
+        "2",
+        "--qos",
+        "0:iops=500",
+        "--qos-change",
+        "0.5:1:read-iops=100000",
+        "--qd",
+        "8",
+        "--time",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let vols = v["volumes"].as_array().expect("volumes");
+    assert_eq!(vols.len(), 2, "{v}");
+    assert_eq!(vols[0]["qos"], "iops=500 burst=100ms");
+    assert_eq!(vols[1]["qos"], "unlimited");
+    for vol in vols {
+        assert_eq!(
+            vol["per_sec_iops"].as_array().map(Vec::len),
+            Some(1),
+            "{vol}"
+        );
+    }
+    // The cap is never exceeded: 500/s over the window plus the 50 saved at the start
+    // (and one request of overdraft); an upper bound only.
+    let ios = vols[0]["ios"].as_u64().expect("ios");
+    assert!(
+        ios <= 500 + 50 + 1,
+        "volume 0 did {ios} IOs in 1 s under a 500 IOPS cap"
+    );
+    assert!(vols[1]["ios"].as_u64().is_some_and(|n| n > 0), "{v}");
+    let changes = v["qos_changes"].as_array().expect("changes");
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0]["change"], "1:read-iops=100000 burst=100ms");
+    assert!(changes[0]["applied_at_s"]
+        .as_f64()
+        .is_some_and(|t| t >= 0.5));
+}
+
+#[test]
+fn bad_qos_arguments_fail_cleanly() {
+    for (args, says) in [
+        (
+            &[
+                "--target",
+                "lvol:malloc:64M",
+                "--volumes",
+                "2",
+                "--qos",
+                "5:iops=1",
+            ][..],
+            "name volume 5",
+        ),
+        (
+            &[
+                "--target",
+                "lvol:malloc:64M",
+                "--time",
+                "1",
+                "--qos-change",
+                "9:0:iops=1",
+            ][..],
+            "not inside the measured window",
+        ),
+        (
+            &["--target", "malloc:64M", "--qos", "0:iops=1"][..],
+            "need an lvol",
+        ),
+        (
+            &["--target", "lvol:malloc:64M", "--qos", "0:speed=1"][..],
+            "unknown key",
+        ),
+    ] {
+        let out = bench(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
