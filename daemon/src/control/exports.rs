@@ -776,6 +776,8 @@ impl Exports {
     /// reissues them to the next daemon). The devices stay. All devices at once; returns
     /// once no request is being served (or after the timeouts).
     pub async fn detach_all(&self) {
+        // Requests held by QoS limits must not make the quiesce wait at the cap's pace.
+        self.store.lift_qos_for_stop().await;
         let live = self.live.lock().await;
         let quiesce = self.kernel.as_ref().is_ok_and(|k| k.choice.quiesce);
         futures_util::stream::iter(live.values())

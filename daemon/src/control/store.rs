@@ -2456,6 +2456,21 @@ impl Store {
 
     // ---- stop and state --------------------------------------------------------------
 
+    /// At a stop, before exports are quiesced: lifts the QoS limits of every volume of the
+    /// online pools in the running daemon only (their records keep them for the next
+    /// daemon), so requests a limit holds finish now instead of at the cap's pace (a volume
+    /// capped at a few IOPS with a deep queue would otherwise hold the stop for minutes).
+    pub async fn lift_qos_for_stop(&self) {
+        for p in self.pools() {
+            if p.state != PoolState::Online {
+                continue;
+            }
+            if let Err(e) = self.pool_query(&p, |rt| rt.lift_qos()).await {
+                tracing::warn!(pool = %p.name, error = %e, "could not lift QoS limits for the stop");
+            }
+        }
+    }
+
     /// Flushes every online pool, writes a metadata checkpoint (so the next start
     /// replays no journal), and stops the pool runtimes. Called once the API has stopped
     /// serving.

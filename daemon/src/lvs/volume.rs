@@ -1634,6 +1634,17 @@ impl PoolRt {
         Ok(())
     }
 
+    /// Lifts every object's QoS limits on every reactor (at a daemon stop: requests held
+    /// by a limit finish now instead of at the cap's pace while devices are quiesced; the
+    /// control plane's records keep the limits for the next daemon).
+    pub fn lift_qos(&self) {
+        for v in self.vols.borrow().values() {
+            if !v.shared.qos.get().is_unlimited() {
+                v.shared.qos.set(&QosLimits::default());
+            }
+        }
+    }
+
     /// The QoS limits in force on `id` and its throttling statistics.
     pub fn qos(&self, id: u32) -> Result<(QosLimits, QosStats), String> {
         let v = self.vol(id)?;

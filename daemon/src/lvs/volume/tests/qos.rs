@@ -252,12 +252,18 @@ fn qos_an_unlimited_volume_is_never_throttled_and_limits_die_with_nothing_held()
             );
         })
         .expect("call");
-    // Held (the bucket owes 60 KiB at 4 KiB/s); lifting the cap releases it.
+    // Held (the bucket owes 60 KiB at 4 KiB/s); lifting the limits (as a daemon stop
+    // does) releases it.
     assert!(
         rx_done.recv_timeout(Duration::from_millis(200)).is_err(),
         "the second write waits"
     );
-    set_qos(&h, vol, QosLimits::default());
+    h.control(|rx, rt, reply| {
+        rt.lift_qos();
+        reply(rx, Ok(()));
+    })
+    .expect("lift");
+    assert_eq!(qos_of(&h, vol).0, QosLimits::default());
     rx_done
         .recv_timeout(Duration::from_secs(5))
         .expect("released")
