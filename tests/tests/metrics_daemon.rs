@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{rt, scrape, seeded, workdir, Daemon};
+use common::{api_view, rt, scrape, seeded, workdir, ApiView, Daemon};
 use coreblk_daemon::metrics::text::{self, ParsedSample};
 use coreblk_proto::v1 as pb;
 
@@ -104,66 +104,6 @@ async fn overwrite(channel: tonic::transport::Channel, name: &str, offset: u64, 
         .expect("overwrite")
         .into_inner();
     while resp.message().await.expect("overwrite runs").is_some() {}
-}
-
-/// What the API says, to compare with the page.
-struct ApiView {
-    pool: pb::Pool,
-    volumes: Vec<pb::Volume>,
-    snapshots: Vec<pb::Snapshot>,
-}
-
-async fn api_view(channel: tonic::transport::Channel) -> ApiView {
-    let pool = pb::pools_client::PoolsClient::new(channel.clone())
-        .get_pool(pb::GetPoolRequest {
-            pool: "default".into(),
-        })
-        .await
-        .expect("get pool")
-        .into_inner();
-    let mut vc = pb::volumes_client::VolumesClient::new(channel.clone());
-    let listed = vc
-        .list_volumes(pb::ListVolumesRequest {
-            pool: "default".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list volumes")
-        .into_inner()
-        .volumes;
-    let mut volumes = Vec::new();
-    for v in listed {
-        volumes.push(
-            vc.get_volume(pb::GetVolumeRequest { volume: v.uuid })
-                .await
-                .expect("get volume")
-                .into_inner(),
-        );
-    }
-    let mut sc = pb::snapshots_client::SnapshotsClient::new(channel);
-    let listed = sc
-        .list_snapshots(pb::ListSnapshotsRequest {
-            pool: "default".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list snapshots")
-        .into_inner()
-        .snapshots;
-    let mut snapshots = Vec::new();
-    for s in listed {
-        snapshots.push(
-            sc.get_snapshot(pb::GetSnapshotRequest { snapshot: s.uuid })
-                .await
-                .expect("get snapshot")
-                .into_inner(),
-        );
-    }
-    ApiView {
-        pool,
-        volumes,
-        snapshots,
-    }
 }
 
 /// Every figure the page and the API both show, as (what, page, api); `None` on the page

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{rt, seeded, workdir, Daemon};
+use common::{api_view, rt, seeded, workdir, ApiView, Daemon};
 use coreblk_proto::v1 as pb;
 
 /// The label whose value must show as text.
@@ -121,52 +121,6 @@ fn tags(html: &str, prefix: &str) -> Vec<HashMap<String, String>> {
         rest = &tag[end..];
     }
     out
-}
-
-/// What the API says now: the pool, and every volume and snapshot by uuid.
-struct ApiView {
-    pool: pb::Pool,
-    volumes: Vec<pb::Volume>,
-    snapshots: Vec<pb::Snapshot>,
-}
-
-async fn api_view(channel: tonic::transport::Channel) -> ApiView {
-    let pool = pb::pools_client::PoolsClient::new(channel.clone())
-        .get_pool(pb::GetPoolRequest {
-            pool: "default".into(),
-        })
-        .await
-        .expect("get pool")
-        .into_inner();
-    let mut vc = pb::volumes_client::VolumesClient::new(channel.clone());
-    let mut volumes = Vec::new();
-    let listed = vc
-        .list_volumes(pb::ListVolumesRequest::default())
-        .await
-        .expect("list volumes")
-        .into_inner()
-        .volumes;
-    for v in listed {
-        let r = pb::GetVolumeRequest { volume: v.uuid };
-        volumes.push(vc.get_volume(r).await.expect("get volume").into_inner());
-    }
-    let mut sc = pb::snapshots_client::SnapshotsClient::new(channel);
-    let mut snapshots = Vec::new();
-    let listed = sc
-        .list_snapshots(pb::ListSnapshotsRequest::default())
-        .await
-        .expect("list snapshots")
-        .into_inner()
-        .snapshots;
-    for s in listed {
-        let r = pb::GetSnapshotRequest { snapshot: s.uuid };
-        snapshots.push(sc.get_snapshot(r).await.expect("get snapshot").into_inner());
-    }
-    ApiView {
-        pool,
-        volumes,
-        snapshots,
-    }
 }
 
 /// Where the DOM and the API differ (empty: they agree).

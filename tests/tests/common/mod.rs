@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use coreblk_proto::v1 as pb;
+
 /// Longest a start may take.
 pub const START_DEADLINE: Duration = Duration::from_secs(30);
 /// Longest a stop may take.
@@ -270,5 +272,70 @@ impl Drop for Csi {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// What the API says of the default pool and its volumes and snapshots (each by its Get
+/// call), to compare with a page that shows them.
+pub struct ApiView {
+    /// `GetPool default`.
+    pub pool: pb::Pool,
+    /// `GetVolume` of each volume of the pool.
+    pub volumes: Vec<pb::Volume>,
+    /// `GetSnapshot` of each snapshot of the pool.
+    pub snapshots: Vec<pb::Snapshot>,
+}
+
+/// The API's view now.
+pub async fn api_view(channel: tonic::transport::Channel) -> ApiView {
+    let pool = pb::pools_client::PoolsClient::new(channel.clone())
+        .get_pool(pb::GetPoolRequest {
+            pool: "default".into(),
+        })
+        .await
+        .expect("get pool")
+        .into_inner();
+    let mut vc = pb::volumes_client::VolumesClient::new(channel.clone());
+    let listed = vc
+        .list_volumes(pb::ListVolumesRequest {
+            pool: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list volumes")
+        .into_inner()
+        .volumes;
+    let mut volumes = Vec::new();
+    for v in listed {
+        volumes.push(
+            vc.get_volume(pb::GetVolumeRequest { volume: v.uuid })
+                .await
+                .expect("get volume")
+                .into_inner(),
+        );
+    }
+    let mut sc = pb::snapshots_client::SnapshotsClient::new(channel);
+    let listed = sc
+        .list_snapshots(pb::ListSnapshotsRequest {
+            pool: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list snapshots")
+        .into_inner()
+        .snapshots;
+    let mut snapshots = Vec::new();
+    for s in listed {
+        snapshots.push(
+            sc.get_snapshot(pb::GetSnapshotRequest { snapshot: s.uuid })
+                .await
+                .expect("get snapshot")
+                .into_inner(),
+        );
+    }
+    ApiView {
+        pool,
+        volumes,
+        snapshots,
     }
 }
