@@ -732,12 +732,19 @@ mod tests {
     fn readers_on_other_threads_see_only_values_the_writer_stored() {
         let map = Arc::new(ClusterMap::new(LEAF_ENTRIES as u64));
         let stop = Arc::new(AtomicBool::new(false));
+        // The writer starts once both readers run, and each reader makes at least one
+        // pass after that, so on a loaded machine the readers cannot miss the writes
+        // altogether (they once read nothing before the writer had finished).
+        let started = Arc::new(std::sync::Barrier::new(3));
         let readers: Vec<_> = (0..2)
             .map(|_| {
                 let (map, stop) = (Arc::clone(&map), Arc::clone(&stop));
+                let started = Arc::clone(&started);
                 std::thread::spawn(move || {
                     let mut reads = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
+                    started.wait();
+                    loop {
+                        let done = stop.load(Ordering::Relaxed);
                         let len = map.len();
                         for lc in (0..len).step_by(977) {
                             if let Some(m) = map.get(lc) {
@@ -751,11 +758,15 @@ mod tests {
                             }
                             reads += 1;
                         }
+                        if done {
+                            break;
+                        }
                     }
                     reads
                 })
             })
             .collect();
+        started.wait();
         for round in 1..=40u64 {
             map.grow(round * LEAF_ENTRIES as u64 * 3);
             for lc in (0..map.len()).step_by(31) {
