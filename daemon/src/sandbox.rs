@@ -202,8 +202,8 @@ pub fn enter_own_mount_namespace() -> anyhow::Result<Isolation> {
         return Err(e).context("unshare(CLONE_NEWNS)");
     }
     let slash = CString::new("/").expect("no NUL");
-    // SAFETY: `slash` is a live NUL-terminated string; the other pointers may be NULL for
-    // a propagation change.
+    // The other pointers may be NULL for a propagation change.
+    // SAFETY: `slash` is a live NUL-terminated string for the whole call.
     let rc = unsafe {
         libc::mount(
             std::ptr::null(),

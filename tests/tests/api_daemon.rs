@@ -97,8 +97,9 @@ impl Daemon {
 
     fn signal(&self, sig: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
-        // SAFETY: kill takes plain integers; the pid is our own child, not yet reaped (we
-        // hold its `Child` and have not waited for it), so it cannot name another process.
+        // The pid is our own child, not yet reaped (we hold its `Child` and have not
+        // waited for it), so it cannot name another process.
+        // SAFETY: kill takes plain integers, and the pid names only our child (above).
         let rc = unsafe { libc::kill(pid, sig) };
         assert_eq!(rc, 0, "kill({pid}, {sig})");
     }

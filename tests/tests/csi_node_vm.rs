@@ -507,8 +507,9 @@ impl Drop for Bg {
                 .stderr(Stdio::null())
                 .status();
             let pgid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
-            // SAFETY: kill takes plain integers; the group is the one our own unreaped
-            // child leads (spawned with process_group(0)), so it names no other process.
+            // The group is the one our own unreaped child leads (spawned with
+            // process_group(0)), so it names no other process.
+            // SAFETY: kill takes plain integers, and the group is our child's (above).
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
             let _ = self.child.wait();
         }

@@ -197,9 +197,9 @@ async fn import_round(
                 {
                     round.killer = Some(std::thread::spawn(move || {
                         std::thread::sleep(k.delay);
-                        // SAFETY: kill takes plain integers; the pid is the test's child,
-                        // which it reaps only after joining this thread, so it names no
-                        // other process.
+                        // The pid is the test's child, which it reaps only after joining
+                        // this thread, so it names no other process.
+                        // SAFETY: kill takes plain integers, and the pid is our child (above).
                         unsafe { libc::kill(k.pid, libc::SIGKILL) };
                     }));
                 }

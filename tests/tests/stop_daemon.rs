@@ -15,8 +15,9 @@ const PROMPT: Duration = Duration::from_secs(5);
 
 fn sigterm(d: &Daemon) {
     let pid = libc::pid_t::try_from(d.child.id()).expect("pid fits");
-    // SAFETY: kill takes plain integers; the pid is our own child, not yet reaped (we hold
-    // its `Child` and have not waited for it), so it cannot name another process.
+    // The pid is our own child, not yet reaped (we hold its `Child` and have not
+    // waited for it), so it cannot name another process.
+    // SAFETY: kill takes plain integers, and the pid names only our child (above).
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(rc, 0);
 }

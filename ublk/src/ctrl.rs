@@ -171,17 +171,18 @@ impl Payload {
     /// Copies a plain `repr(C)` value in.
     fn put<T: Plain>(&mut self, v: &T) {
         let n = std::mem::size_of::<T>();
-        // SAFETY: `T: Plain` is a `repr(C)` struct of integers without padding bytes
-        // (checked by the layout asserts in `sys`), so all `n` bytes are initialised;
-        // `n <= 256` by the asserts above.
+        // `T: Plain` is a `repr(C)` struct of integers without padding bytes (checked by
+        // the layout asserts in `sys`); `n <= 256` by the asserts above.
+        // SAFETY: `v` is valid for `n` bytes and all of them are initialised (no padding).
         let bytes = unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), n) };
         self.0[..n].copy_from_slice(bytes);
     }
 
     /// Reads a plain `repr(C)` value out.
     fn get<T: Plain>(&self) -> T {
-        // SAFETY: the buffer is at least `size_of::<T>()` bytes (asserts above), 8-byte
-        // aligned (as `T` needs at most), and every bit pattern is a valid `T: Plain`.
+        // The buffer is at least `size_of::<T>()` bytes (asserts above) and 8-byte aligned
+        // (as `T` needs at most).
+        // SAFETY: the read is in bounds and aligned; every bit pattern is a valid `T: Plain`.
         unsafe { std::ptr::read(self.0.as_ptr().cast::<T>()) }
     }
 
