@@ -240,6 +240,33 @@ fn check_point(m: &Model, image: &Image, b: Bounds, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The log must not contradict the workload: data the workload wrote in step `S` (its
+/// stamp carries `S` in the high half) exists only once step `S` began, i.e. after mark
+/// `s<S-1>`. A block that breaks this is not something the store can cause; the log itself
+/// is wrong (an extraction or parse error, or a log of another run), so the check refuses
+/// it instead of blaming the store. `last` is the newest step that may have begun at this
+/// point of the log; `at` the entry's device offset.
+fn check_causality(k: usize, at: u64, data: &[u8], last: usize, nsteps: usize) -> Result<()> {
+    let skip = usize::try_from((BLK - at % BLK) % BLK)?;
+    for (j, blk) in data
+        .get(skip..)
+        .unwrap_or(&[])
+        .chunks_exact(BLK_USIZE)
+        .enumerate()
+    {
+        let v = u64::from_le_bytes(blk[..8].try_into()?);
+        let step = usize::try_from(v >> 32)?;
+        if step == 0 || step > nsteps || step <= last || *blk != stamp(v)[..] {
+            continue;
+        }
+        bail!(
+            "the log contradicts the workload: entry {k} carries step {step}'s data ({v:#x}) at device offset {}, where at most step {last} can have begun — the log is not this run's or was misread (not a store failure)",
+            at + (skip + j * BLK_USIZE) as u64
+        );
+    }
+    Ok(())
+}
+
 /// The step a mark named `s<i>` stands for.
 fn mark_step(name: &str) -> Option<usize> {
     name.strip_prefix('s')?.parse().ok()
@@ -270,6 +297,15 @@ impl Replay<'_> {
         self.distinct.insert(key);
         self.last_key = Some(key);
         Ok(())
+    }
+}
+
+/// The newest step that may have begun at a point of the log after mark `s<mark>`.
+fn begun(mark: Option<usize>, ended: bool, nsteps: usize) -> usize {
+    match mark {
+        _ if ended => nsteps,
+        None => 0,
+        Some(ms) => (ms + 1).min(nsteps),
     }
 }
 
@@ -315,6 +351,7 @@ pub fn run(log_path: &Path, model_path: &Path) -> Result<usize> {
     let mut mark: Option<usize> = None;
     let mut ended = false;
     let mut flushes_since_mark = 0usize;
+    let mut run_seen: Option<u64> = None;
     let (mut data_entries, mut flush_entries, mut fua_entries) = (0usize, 0usize, 0usize);
     let mut subsets = 0usize;
     // Log indices of the last two FLUSH entries.
@@ -334,6 +371,7 @@ pub fn run(log_path: &Path, model_path: &Path) -> Result<usize> {
                 let mut d = vec![0u8; usize::try_from(e.len)?];
                 f.read_exact_at(&mut d, e.data_at)
                     .with_context(|| format!("reading entry {k}'s data"))?;
+                check_causality(k, e.offset, &d, begun(mark, ended, nsteps), nsteps)?;
                 Some(d)
             } else {
                 None
@@ -397,6 +435,7 @@ pub fn run(log_path: &Path, model_path: &Path) -> Result<usize> {
             let mut d = vec![0u8; usize::try_from(e.len)?];
             f.read_exact_at(&mut d, e.data_at)
                 .with_context(|| format!("reading entry {k}'s data"))?;
+            check_causality(k, e.offset, &d, begun(mark, ended, nsteps), nsteps)?;
             let how = How {
                 at: k,
                 fua: e.flags & FLAG_FUA != 0,
@@ -416,6 +455,19 @@ pub fn run(log_path: &Path, model_path: &Path) -> Result<usize> {
         if let Some(name) = &e.mark {
             if name == "dm-log-writes-end" {
                 ended = true;
+            } else if let Some(id) = name.strip_prefix("run-") {
+                let id = u64::from_str_radix(id, 16)
+                    .map_err(|_| anyhow!("entry {k}: bad run mark {name:?}"))?;
+                ensure!(
+                    mark.is_none() && run_seen.is_none(),
+                    "entry {k}: run mark {name} after the workload began"
+                );
+                ensure!(
+                    m.run_id == 0 || id == m.run_id,
+                    "entry {k}: the log is of run {id:016x}, the model of run {:016x}: they do not belong together",
+                    m.run_id
+                );
+                run_seen = Some(id);
             } else {
                 let s =
                     mark_step(name).ok_or_else(|| anyhow!("entry {k}: unknown mark {name:?}"))?;
@@ -453,6 +505,11 @@ pub fn run(log_path: &Path, model_path: &Path) -> Result<usize> {
         mark == Some(nsteps),
         "the log ends at mark {mark:?}, the workload ran {nsteps} steps"
     );
+    ensure!(
+        m.run_id == 0 || run_seen.is_some(),
+        "the log has no run mark, the model is of run {:016x}",
+        m.run_id
+    );
     println!(
         "powerloss replay (seed {}): {} points checked ({} distinct, {subsets} of them subsets of a FLUSH's writes) over {} log entries ({data_entries} writes/discards, {flush_entries} FLUSH, {fua_entries} FUA), {nsteps} steps, {} objects, log {} MiB in {}-byte sectors",
         m.seed,
@@ -464,4 +521,43 @@ pub fn run(log_path: &Path, model_path: &Path) -> Result<usize> {
         log.sector_bytes
     );
     Ok(r.points)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causality_refuses_data_of_a_step_that_cannot_have_begun() {
+        let mut data = stamp(0x13_0000_0001);
+        data.extend(stamp(0x24_0000_0018));
+        // Step 19's data after mark s18 is fine; step 36's is not.
+        let err = check_causality(7, 8192, &data, 19, 40)
+            .expect_err("step 36 must be refused")
+            .to_string();
+        assert!(err.contains("entry 7 carries step 36"), "{err}");
+        assert!(err.contains("offset 12288"), "{err}");
+        check_causality(7, 8192, &data, 36, 40).expect("must pass");
+    }
+
+    #[test]
+    fn causality_ignores_what_is_not_a_workload_stamp() {
+        // Zeroes, metadata (a step beyond the run) and a block that is not a whole stamp.
+        let mut data = vec![0u8; BLK_USIZE];
+        data.extend(stamp(0x99_0000_0001));
+        let mut torn = stamp(0x24_0000_0001);
+        torn[100] ^= 1;
+        data.extend(torn);
+        check_causality(0, 0, &data, 1, 40).expect("must pass");
+    }
+
+    #[test]
+    fn causality_reads_blocks_at_device_block_boundaries() {
+        // An entry starting 512 bytes before a block boundary: its first 512 bytes belong
+        // to the previous block; the stamp after them is checked.
+        let mut data = vec![0u8; 512];
+        data.extend(stamp(0x24_0000_0001));
+        assert!(check_causality(0, BLK - 512, &data, 10, 40).is_err());
+        check_causality(0, BLK - 512, &data, 36, 40).expect("must pass");
+    }
 }

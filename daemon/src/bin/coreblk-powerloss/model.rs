@@ -30,6 +30,11 @@ pub struct Step {
 pub struct Model {
     /// Seed of the workload.
     pub seed: u64,
+    /// This run's identity: the workload marks `run-<run_id as 16 hex digits>` into the log
+    /// before `s0`, so a log can be matched to the model it belongs to (the seed alone does
+    /// not tell two runs apart). 0 in models from before it existed.
+    #[serde(default)]
+    pub run_id: u64,
     /// Size of the device the pool was formatted on.
     pub device_bytes: u64,
     /// The pool's cluster size.

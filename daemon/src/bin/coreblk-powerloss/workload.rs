@@ -240,11 +240,14 @@ pub fn run(args: &Args) -> Result<()> {
     }
     client.flush().map_err(|e| anyhow!("flush: {e}"))?;
     let setup_us = d.us();
+    let run_id = run_id();
+    d.mark(&format!("run-{run_id:016x}"))?;
     d.mark("s0")?;
     let mut jl =
         BufWriter::new(File::create(args.out.join("steps.jsonl")).context("creating steps.jsonl")?);
     let mut model = Model {
         seed: args.seed,
+        run_id,
         device_bytes,
         cluster_bytes: u64::from(sb.cluster_bytes),
         steps: vec![Step {
@@ -297,6 +300,17 @@ pub fn run(args: &Args) -> Result<()> {
         setup_us / 1000
     );
     Ok(())
+}
+
+/// A run identity that differs between runs of the same seed (time and process id).
+fn run_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() & u128::from(u64::MAX));
+    let mixed = u64::try_from(nanos).unwrap_or(0)
+        ^ (u64::from(std::process::id()) << 40)
+        ^ 0x9e37_79b9_7f4a_7c15;
+    Rng::new(mixed).next_u64().max(1)
 }
 
 /// Runs step `i`; returns its name, how many requests it made and whether it was a flush.
