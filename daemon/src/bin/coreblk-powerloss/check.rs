@@ -267,6 +267,9 @@ fn check_causality(k: usize, at: u64, data: &[u8], last: usize, nsteps: usize) -
     Ok(())
 }
 
+/// The mark `settle` puts once the workload is done (no step: it only drains the queue).
+pub const SETTLED: &str = "settled";
+
 /// The step a mark named `s<i>` stands for.
 fn mark_step(name: &str) -> Option<usize> {
     name.strip_prefix('s')?.parse().ok()
@@ -455,6 +458,11 @@ pub fn run(log_path: &Path, model_path: &Path) -> Result<usize> {
         if let Some(name) = &e.mark {
             if name == "dm-log-writes-end" {
                 ended = true;
+            } else if name == SETTLED {
+                ensure!(
+                    mark == Some(nsteps),
+                    "entry {k}: mark {name} before the workload's last step"
+                );
             } else if let Some(id) = name.strip_prefix("run-") {
                 let id = u64::from_str_radix(id, 16)
                     .map_err(|_| anyhow!("entry {k}: bad run mark {name:?}"))?;

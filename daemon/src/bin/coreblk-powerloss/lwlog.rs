@@ -166,3 +166,39 @@ pub fn extract(dev: &Path, out: &Path) -> Result<Log> {
     o.sync_all()?;
     Ok(log)
 }
+
+/// Waits until the log on `dev` (a live dm-log-writes log device) holds the mark `name`,
+/// re-reading it from the device each time.
+///
+/// dm-log-writes logs from a queue that a kernel thread drains, and under TCG that thread
+/// can lag far behind the workload. When the target is removed, its destructor puts the
+/// writes no FLUSH covered at the *head* of that queue (`list_splice_init`), so they land
+/// in the log before entries that were queued long before them — a log that contradicts
+/// the workload (CI once saw step 36's writes logged after mark `s18`). Putting a mark
+/// once the workload is done and waiting for it to reach the log drains the queue, so the
+/// destructor's writes go to the end where they belong.
+pub fn settle(dev: &Path, name: &str, timeout: std::time::Duration) -> Result<Log> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    let what = dev.display().to_string();
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // The log's writes bypass the page cache of `dev`: drop what an earlier pass
+        // read, so this one sees the device.
+        // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open
+        // for the call's duration (`f` lives until the end of this function).
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        ensure!(rc == 0, "posix_fadvise on {what}: error {rc}");
+        let log = parse(&f, &what)?;
+        if log.entries.iter().any(|e| e.mark.as_deref() == Some(name)) {
+            return Ok(log);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{what}: mark {name:?} not in the log after {timeout:?} ({} entries, last {:?})",
+            log.entries.len(),
+            log.entries.last()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

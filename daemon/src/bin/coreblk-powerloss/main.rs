@@ -55,6 +55,22 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Puts mark NAME into the dm-log-writes target TARGET and waits until the log on
+    /// LOG_DEVICE holds it (drains the target's logging queue before it is removed).
+    Settle {
+        /// dm-log-writes target (dm name).
+        #[arg(long)]
+        target: String,
+        /// Its log device.
+        #[arg(long)]
+        log_device: PathBuf,
+        /// Mark to put and wait for.
+        #[arg(long, default_value = check::SETTLED)]
+        mark: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Replays LOG and checks every FLUSH, FUA and mark point against MODEL.
     Check {
         /// The log (a log device or an extracted copy).
@@ -97,6 +113,22 @@ fn main() -> ExitCode {
                 out.display()
             );
         }),
+        Cmd::Settle {
+            target,
+            log_device,
+            mark,
+            timeout,
+        } => workload::mark(&target, &mark)
+            .and_then(|()| {
+                lwlog::settle(&log_device, &mark, std::time::Duration::from_secs(timeout))
+            })
+            .map(|log| {
+                println!(
+                    "dm-log-writes target {target}: the log on {} holds mark {mark} ({} entries)",
+                    log_device.display(),
+                    log.entries.len()
+                );
+            }),
         Cmd::Check {
             log,
             model,

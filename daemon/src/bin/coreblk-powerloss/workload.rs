@@ -85,15 +85,10 @@ impl Driver {
 
     /// Puts mark `name` into the dm-log-writes log.
     fn mark(&self, name: &str) -> Result<()> {
-        let Some(t) = &self.mark_target else {
-            return Ok(());
-        };
-        let st = Command::new("dmsetup")
-            .args(["message", t, "0", "mark", name])
-            .status()
-            .context("running dmsetup message")?;
-        ensure!(st.success(), "dmsetup message {t} 0 mark {name}: {st}");
-        Ok(())
+        match &self.mark_target {
+            Some(t) => mark(t, name),
+            None => Ok(()),
+        }
     }
 
     /// Runs a control operation of the pool runtime on its reactor and waits for its reply.
@@ -299,6 +294,16 @@ pub fn run(args: &Args) -> Result<()> {
         d.us() / 1000,
         setup_us / 1000
     );
+    Ok(())
+}
+
+/// Puts mark `name` into the log of dm-log-writes target `target`.
+pub fn mark(target: &str, name: &str) -> Result<()> {
+    let st = Command::new("dmsetup")
+        .args(["message", target, "0", "mark", name])
+        .status()
+        .context("running dmsetup message")?;
+    ensure!(st.success(), "dmsetup message {target} 0 mark {name}: {st}");
     Ok(())
 }
 
