@@ -8,8 +8,17 @@
 pub const BLOCK_BYTES: usize = 4096;
 /// Superblock magic.
 pub const SB_MAGIC: [u8; 16] = *b"COREBLK\0POOL\0\0v1";
-/// Format version this code reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Superblock format version new pools get. Version 2 adds the journal reach (offset 164);
+/// a version 1 superblock has none and its reach is [`V1_JOURNAL_REACH`].
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest superblock format version this code reads (and keeps writing for such a pool).
+pub const MIN_FORMAT_VERSION: u32 = 1;
+/// Journal and checkpoint block format version (unchanged by superblock version 2).
+pub const BLOCK_FORMAT_VERSION: u32 = 1;
+/// The journal reach of a version 1 pool (FORMAT.md §3).
+pub const V1_JOURNAL_REACH: u32 = 64;
+/// Smallest journal reach: one journal write's largest size in blocks.
+pub const MIN_JOURNAL_REACH: u32 = 64;
 /// Journal block magic ("CBLJ").
 pub const JOURNAL_MAGIC: u32 = 0x4A4C_4243;
 /// Journal block header size; records follow.
@@ -30,7 +39,7 @@ pub enum DecodeError {
     #[error("bad magic")]
     BadMagic,
     /// Written by a format we do not know.
-    #[error("unsupported format version {0} (this coreblkd reads version {FORMAT_VERSION})")]
+    #[error("unsupported format version {0} (this coreblkd reads superblock versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION} and journal/checkpoint block version {BLOCK_FORMAT_VERSION}; a newer coreblkd may have written it)")]
     Version(u32),
     /// Checksum mismatch: torn or corrupted.
     #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
@@ -105,14 +114,26 @@ pub struct Superblock {
     pub journal_tag: u64,
     /// Flags (bit 0: clean shutdown).
     pub flags: u32,
+    /// Superblock format version ([`MIN_FORMAT_VERSION`]..=[`FORMAT_VERSION`]); a pool
+    /// keeps the version it was created with.
+    pub version: u32,
+    /// Journal reach in blocks (FORMAT.md §3): how far the journal writer may run past
+    /// the last completed flush, so how far past a gap import accepts valid blocks as a
+    /// torn tail and how many positions the start-up fence zeroes. Version 1: 64.
+    pub journal_reach: u32,
 }
 
 impl Superblock {
+    /// The journal reach in blocks (see the field).
+    pub fn journal_reach_blocks(&self) -> u64 {
+        u64::from(self.journal_reach)
+    }
+
     /// Encodes copy `generation % 2`.
     pub fn encode(&self) -> [u8; BLOCK_BYTES] {
         let mut b = [0u8; BLOCK_BYTES];
         b[0..16].copy_from_slice(&SB_MAGIC);
-        put_u32(&mut b, 16, FORMAT_VERSION);
+        put_u32(&mut b, 16, self.version);
         put_u32(&mut b, 20, self.copy());
         b[24..40].copy_from_slice(&self.pool_uuid);
         put_u64(&mut b, 40, self.generation);
@@ -133,6 +154,9 @@ impl Superblock {
         put_u64(&mut b, 144, self.first_seq);
         put_u64(&mut b, 152, self.journal_tag);
         put_u32(&mut b, 160, self.flags);
+        if self.version >= 2 {
+            put_u32(&mut b, 164, self.journal_reach);
+        }
         let crc = crc32c::crc32c(&b[..BLOCK_BYTES - 4]);
         put_u32(&mut b, BLOCK_BYTES - 4, crc);
         b
@@ -154,7 +178,7 @@ impl Superblock {
             return Err(DecodeError::Checksum { stored, computed });
         }
         let version = get_u32(b, 16);
-        if version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(DecodeError::Version(version));
         }
         if get_u32(b, 20) != copy {
@@ -182,6 +206,12 @@ impl Superblock {
             first_seq: get_u64(b, 144),
             journal_tag: get_u64(b, 152),
             flags: get_u32(b, 160),
+            version,
+            journal_reach: if version >= 2 {
+                get_u32(b, 164)
+            } else {
+                V1_JOURNAL_REACH
+            },
         };
         sb.check()?;
         Ok(sb)
@@ -206,6 +236,17 @@ impl Superblock {
             return bad(
                 "journal_bytes",
                 format!("{} is not a multiple of 4 KiB ≥ 16 KiB", self.journal_bytes),
+            );
+        }
+        let ring = self.journal_bytes / BLOCK_BYTES as u64;
+        if self.journal_reach < MIN_JOURNAL_REACH || u64::from(self.journal_reach) > ring / 2 {
+            return bad(
+                "journal_reach",
+                format!(
+                    "{} blocks: not within {MIN_JOURNAL_REACH}..=half the journal ring ({} blocks)",
+                    self.journal_reach,
+                    ring / 2
+                ),
             );
         }
         if self.active_ckpt > 1 && self.active_ckpt != NO_CHECKPOINT {
@@ -374,7 +415,7 @@ pub fn encode_journal_blocks(tag: u64, first_seq: u64, records: &[Record]) -> Ve
     let flush = |out: &mut Vec<u8>, payload: &mut Vec<u8>, count: &mut u16, seq: &mut u64| {
         let mut b = [0u8; BLOCK_BYTES];
         put_u32(&mut b, 0, JOURNAL_MAGIC);
-        put_u32(&mut b, 4, FORMAT_VERSION);
+        put_u32(&mut b, 4, BLOCK_FORMAT_VERSION);
         put_u64(&mut b, 8, tag);
         put_u64(&mut b, 16, *seq);
         b[24..26].copy_from_slice(&count.to_le_bytes());
@@ -431,7 +472,7 @@ pub fn decode_journal_block(b: &[u8], tag: u64, seq: u64) -> Result<Vec<Record>,
         return Err(DecodeError::BadMagic);
     }
     let version = get_u32(b, 4);
-    if version != FORMAT_VERSION {
+    if version != BLOCK_FORMAT_VERSION {
         return Err(DecodeError::Version(version));
     }
     let stored = get_u32(b, 28);
@@ -507,6 +548,60 @@ mod tests {
             first_seq: 1,
             journal_tag: 0xfeed,
             flags: 0,
+            version: FORMAT_VERSION,
+            journal_reach: 256,
+        }
+    }
+
+    #[test]
+    fn version_2_carries_the_journal_reach_and_version_1_reads_as_64() {
+        let sb = sample_sb();
+        let b = sb.encode();
+        assert_eq!(get_u32(&b, 16), 2);
+        assert_eq!(get_u32(&b, 164), 256);
+        assert_eq!(
+            Superblock::decode(&b, 1)
+                .expect("v2")
+                .journal_reach_blocks(),
+            256
+        );
+        // A version 1 superblock (what an older coreblkd wrote: zero at 164) reads with a
+        // reach of 64 and is written back as version 1, still zero at 164.
+        let mut v1 = b;
+        put_u32(&mut v1, 16, 1);
+        put_u32(&mut v1, 164, 0);
+        let crc = crc32c::crc32c(&v1[..BLOCK_BYTES - 4]);
+        put_u32(&mut v1, BLOCK_BYTES - 4, crc);
+        let old = Superblock::decode(&v1, 1).expect("v1");
+        assert_eq!((old.version, old.journal_reach_blocks()), (1, 64));
+        let again = old.encode();
+        assert_eq!((get_u32(&again, 16), get_u32(&again, 164)), (1, 0));
+        assert_eq!(again, v1);
+    }
+
+    #[test]
+    fn unknown_versions_and_bad_reaches_are_refused_with_the_reason() {
+        let mut newer = sample_sb();
+        newer.version = FORMAT_VERSION + 1;
+        let err = Superblock::decode(&newer.encode(), 1).expect_err("version 3");
+        assert_eq!(err, DecodeError::Version(3));
+        assert!(
+            err.to_string().contains("reads superblock versions 1 to 2"),
+            "{err}"
+        );
+        for reach in [0, 63, 513] {
+            let mut sb = sample_sb();
+            sb.journal_reach = reach; // the ring has 1024 blocks: at most 512
+            assert!(
+                matches!(
+                    Superblock::decode(&sb.encode(), 1),
+                    Err(DecodeError::Field {
+                        field: "journal_reach",
+                        ..
+                    })
+                ),
+                "reach {reach}"
+            );
         }
     }
 

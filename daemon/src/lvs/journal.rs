@@ -30,7 +30,7 @@ use crate::reactor::{Completion, Errno, IoBuf, IoResult, Reactor};
 pub type Done = Box<dyn FnOnce(&Reactor, Result<u64, Errno>)>;
 
 /// Most blocks one journal write carries (bounded IO size).
-const MAX_BLOCKS_PER_WRITE: u64 = 64;
+pub const MAX_BLOCKS_PER_WRITE: u64 = 64;
 
 /// A callback the journal holds (the pressure hook).
 pub type Hook = Rc<dyn Fn(&Reactor)>;
@@ -249,34 +249,43 @@ impl Journal {
         *self.pressure.borrow_mut() = Some(hook);
     }
 
-    /// Start-up fence, before the first write of a freshly imported pool: a torn
-    /// multi-block write may have left valid blocks past the point where replay stopped;
-    /// new writes would overwrite only some of them, and after another crash replay would
-    /// run on into those stale, never-acknowledged records. So the positions one journal
-    /// write could have reached past `next_seq` are zeroed and flushed first; appends and
-    /// flushes wait for that.
-    pub fn fence(&self, rx: &Reactor) {
+    /// Start-up fence, before the first write of a freshly imported pool: a power loss
+    /// may have left valid blocks past the point where replay stopped (any of the blocks
+    /// written after the last flush, up to the journal reach past it, may be missing or
+    /// present); new writes would overwrite only some of them, and after another crash
+    /// replay would run on into those stale, never-flushed records. Import found every
+    /// such block (`stale`: their sequences, from [`super::pool::Imported::torn_tail`]),
+    /// so exactly those are zeroed (in writes of at most one journal write's size), then
+    /// the device is flushed (which also makes every replayed block durable); appends and
+    /// flushes wait for that. A position holding no valid block past the stop cannot
+    /// become one: only this writer writes the ring, and it has not started.
+    pub fn fence(&self, rx: &Reactor, stale: &[u64]) {
         let ring = self.sb.journal_blocks();
         let first = self.next_seq.get();
-        let room = (self.reusable_below.get() + ring).saturating_sub(first);
-        let n = MAX_BLOCKS_PER_WRITE.min(room);
-        if n == 0 {
+        // Runs of consecutive sequences that do not wrap the ring, each at most one
+        // journal write long.
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
+        for &seq in stale.iter().filter(|&&s| s >= first) {
+            match pieces.last_mut() {
+                Some((start, n))
+                    if *start + *n == seq && *n < MAX_BLOCKS_PER_WRITE && (seq % ring) != 0 =>
+                {
+                    *n += 1;
+                }
+                _ => pieces.push((seq, 1)),
+            }
+        }
+        if pieces.is_empty() {
+            self.fencing.set(1);
+            self.ch
+                .submit(rx, Io::Flush, self.completion(), TAG_FENCE_FLUSH);
             return;
         }
-        let pos = first % ring;
-        let first_part = n.min(ring - pos);
-        let mut ranges = vec![(self.sb.journal_block_offset(first), first_part)];
-        if n > first_part {
-            ranges.push((
-                self.sb.journal_block_offset(first + first_part),
-                n - first_part,
-            ));
-        }
         self.fencing
-            .set(u32::try_from(ranges.len()).expect("one or two ranges"));
-        for (offset, blocks) in ranges {
+            .set(u32::try_from(pieces.len()).expect("a bounded fence"));
+        for (seq, blocks) in pieces {
             let io = Io::WriteZeroes {
-                offset,
+                offset: self.sb.journal_block_offset(seq),
                 len: blocks * BLOCK_BYTES as u64,
             };
             self.ch.submit(rx, io, self.completion(), TAG_FENCE);
@@ -391,11 +400,12 @@ impl Journal {
             );
             return self.fail_pending(rx, Errno::ENOSPC);
         }
-        // Never more than TORN_TAIL_BLOCKS past the last flush: after a power loss any of
-        // them may be missing, and import tells a torn tail from a damaged journal by that
-        // distance. Flush first when the journal is that far ahead.
+        // Never more than the pool's journal reach past the last flush: after a power loss
+        // any of those blocks may be missing, and import tells a torn tail from a damaged
+        // journal by that distance. Flush first when the journal is that far ahead.
+        let reach = self.sb.journal_reach_blocks();
         let ahead = (first - 1).saturating_sub(self.flushed.get());
-        if ahead >= TORN_TAIL_BLOCKS {
+        if ahead >= reach {
             if self.flush_inflight.borrow().is_none() && self.flush_waiting.borrow().is_empty() {
                 self.flush_waiting
                     .borrow_mut()
@@ -403,7 +413,7 @@ impl Journal {
             }
             return self.try_start_flush(rx);
         }
-        let max_blocks = max_blocks.min(TORN_TAIL_BLOCKS - ahead);
+        let max_blocks = max_blocks.min(reach - ahead);
         // Take whole records that fit in `max_blocks`.
         let mut pending = self.pending.borrow_mut();
         let mut blocks = 1u64;
@@ -581,11 +591,6 @@ pub struct Replay {
     /// Why replay stopped there.
     pub stop: format::DecodeError,
 }
-
-/// Most blocks one journal write carries: valid blocks past the end of replay closer than
-/// this can be the torn tail of the last write; farther ones mean a damaged block in the
-/// middle of the journal.
-pub const TORN_TAIL_BLOCKS: u64 = MAX_BLOCKS_PER_WRITE;
 
 /// The sequences of valid journal blocks past `stop` (the end of replay) found in `ring`,
 /// the whole journal area's bytes, sorted.

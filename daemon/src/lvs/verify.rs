@@ -39,8 +39,9 @@
 //!
 //! - valid journal blocks past the end of replay are the journal growing while it was
 //!   read, not a hole — unless block `stop` still does not read back once blocks a whole
-//!   journal write past it are on the device (writes are ≤ [`journal::TORN_TAIL_BLOCKS`]
-//!   blocks, one in flight at a time, so the write holding `stop` had completed): that
+//!   journal write past it are on the device (writes are ≤
+//!   [`journal::MAX_BLOCKS_PER_WRITE`] blocks, one in flight at a time, so the write
+//!   holding `stop` had completed): that
 //!   is a hole, as offline; the in-flight write's torn tail is no warning;
 //! - a superblock write landing during the check (a checkpoint) can make earlier reads
 //!   stale: when the generation moved and anything was reported, the check runs again
@@ -969,20 +970,23 @@ impl Checker<'_> {
         );
         if self.live {
             // The journal grew while it was read: block `stop` reads back now. Or the
-            // write in flight (at most one, of at most TORN_TAIL_BLOCKS blocks) holds it.
+            // write in flight (at most one, of at most MAX_BLOCKS_PER_WRITE blocks) holds it.
             let b = self.read(sb.journal_block_offset(stop), BLOCK_BYTES as u64)?;
             if format::decode_journal_block(&b, sb.journal_tag, stop).is_ok()
-                || last - stop < journal::TORN_TAIL_BLOCKS
+                || last - stop < journal::MAX_BLOCKS_PER_WRITE
             {
                 return Ok(());
             }
         }
-        if last - stop < journal::TORN_TAIL_BLOCKS {
+        // Offline, a power loss may have left any of the blocks written since the last
+        // flush missing: valid blocks within the pool's journal reach past the gap are
+        // that torn tail. Live, only the write in flight can be missing (checked above).
+        if !self.live && last - stop < sb.journal_reach_blocks() {
             self.warning(
                 Part::Journal,
                 format!("journal block {stop}"),
                 format!(
-                    "{what}: the torn tail of the last journal write (never acknowledged), or a damaged block whose successors are lost; the next import can replay them once the writer reaches them again"
+                    "{what}: the torn tail of the journal writes after the last flush (never flushed), or a damaged block whose successors are lost; the next import can replay them once the writer reaches them again"
                 ),
             );
         } else {

@@ -356,6 +356,7 @@ impl PoolRt {
         alloc.set_window(ready_window(imp.sb.clusters, imp.sb.cluster_bytes));
         let mut imp = imp;
         imp.table.zeroed = Default::default();
+        let torn_tail = std::mem::take(&mut imp.torn_tail);
         let lbs = dev
             .geometry()
             .logical_block_size
@@ -419,7 +420,7 @@ impl PoolRt {
                 rt.schedule_checkpoint(rx);
             }
         }));
-        rt.journal.fence(rx);
+        rt.journal.fence(rx, &torn_tail);
         rt.kick_recycle(rx);
         Ok(rt)
     }

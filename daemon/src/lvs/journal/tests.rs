@@ -39,6 +39,8 @@ fn superblock(journal_blocks: u64) -> Superblock {
         first_seq: 1,
         journal_tag: 0x1234_5678_9abc_def0,
         flags: 0,
+        version: format::FORMAT_VERSION,
+        journal_reach: format::MIN_JOURNAL_REACH,
     }
 }
 

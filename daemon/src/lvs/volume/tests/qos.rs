@@ -191,9 +191,14 @@ fn qos_caps_a_volume_served_from_two_reactors_and_lifts_online() {
         a + b
     );
     // Requests are held now (16 in flight, 400/s): lifting the cap online lets them go.
+    // Poll rather than sleep a fixed time: on a loaded machine the reactors may run late.
     set_qos(&h, vol, QosLimits::default());
-    std::thread::sleep(Duration::from_millis(50));
-    let (a2, b2) = (loop_counts(&h, 0).0, loop_counts(&h, 1).0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut a2, mut b2) = (a, b);
+    while a2 + b2 <= a + b + 16 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        (a2, b2) = (loop_counts(&h, 0).0, loop_counts(&h, 1).0);
+    }
     stop_loop(&h, 0);
     stop_loop(&h, 1);
     drain(&h, &[0, 1]);
