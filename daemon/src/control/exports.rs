@@ -42,6 +42,12 @@ const REACTOR_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a re-attach waits for the previous daemon's hold on a device to go.
 const RECOVERY_WAIT: Duration = Duration::from_secs(10);
+/// Tries of a re-attach at start before its device is left paused (pauses of 0.5, 1, 2
+/// s between them: the start-up recovery, which Exports calls wait up to
+/// [`RECOVERED_WAIT`] for, is not held up much longer than the first try's own wait).
+const REATTACH_ATTEMPTS: u32 = 4;
+/// Pause after the first failed re-attach (doubled after each further one).
+const REATTACH_FIRST_PAUSE: Duration = Duration::from_millis(500);
 /// Exports re-attached at once at start.
 const RECOVERY_CONCURRENCY: usize = 16;
 /// Longest QUIESCE_DEV at a daemon stop waits for the device's in-flight requests.
@@ -273,7 +279,23 @@ impl Exports {
                 limit: self.settings.max_exports,
             });
         }
-        let path = export_path(kernel);
+        let mut path = export_path(kernel);
+        let zc_live = live
+            .values()
+            .filter(|l| l.rec.path == PathKind::ZeroCopy)
+            .count();
+        let zc_max = zero_copy_capacity(&self.settings);
+        if path == PathKind::ZeroCopy && zc_live >= zc_max {
+            // Every reactor's fixed-buffer table is full: the queues would fall back to
+            // copy anyway, so say so in the record, the export list and the answer.
+            tracing::warn!(
+                volume = %obj.name,
+                zero_copy_exports = zc_live,
+                "zero-copy slots exhausted ({zc_max} exports of queue depth {} fit io_uring's fixed-buffer table); this export uses the copy path",
+                self.settings.queue_depth
+            );
+            path = PathKind::Copy;
+        }
         let nr_queues = u16::try_from(self.remotes.len()).map_err(|_| Error::InvalidArgument {
             field: "cores",
             reason: "more reactors than ublk queues".to_owned(),
@@ -494,6 +516,30 @@ impl Exports {
         Ok((char_dev, path))
     }
 
+    /// [`Exports::reattach`], tried again after a failure (the previous daemon's queues
+    /// may take longer than [`RECOVERY_WAIT`] to go, a reactor may be busy) with a
+    /// doubling pause, up to [`REATTACH_ATTEMPTS`] tries, while the device exists.
+    async fn reattach_retrying(
+        &self,
+        obj: &ObjectRef,
+        rec: &Record,
+    ) -> Result<(Arc<File>, PathKind)> {
+        let mut pause = REATTACH_FIRST_PAUSE;
+        let mut attempt = 1;
+        loop {
+            match self.reattach(obj, rec).await {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < REATTACH_ATTEMPTS && ublk::char_path(rec.dev_id).exists() => {
+                    tracing::warn!(volume = %obj.name, dev_id = rec.dev_id, attempt, error = %e, retry_in_ms = pause.as_millis(), "re-attaching the export failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// At start, once the pools are imported: every recorded export is served again —
     /// its device re-attached where it still exists, re-created after a node reboot when
     /// it is persistent (the others' records are dropped: kubelet stages its volumes
@@ -555,7 +601,7 @@ impl Exports {
         if ublk::char_path(rec.dev_id).exists() {
             // No Exports call runs before the recovery is done (`wait_recovered`), so the
             // table is locked only to insert.
-            match self.reattach(&obj, &rec).await {
+            match self.reattach_retrying(&obj, &rec).await {
                 Ok((char_dev, path)) => {
                     let rec = if path == rec.path {
                         rec
@@ -576,7 +622,7 @@ impl Exports {
                     );
                 }
                 Err(e) => {
-                    tracing::error!(volume = %obj.name, device = %dev, error = %e, "cannot re-attach the export; `coreblk export cleanup` removes the device")
+                    tracing::error!(volume = %obj.name, device = %dev, error = %e, attempts = REATTACH_ATTEMPTS, "cannot re-attach the export; its IO stays paused: restart coreblkd to try again, or `coreblk export cleanup` removes the device")
                 }
             }
         } else if rec.persistent {
@@ -888,6 +934,16 @@ pub(crate) fn export_path(k: &KernelUblk) -> PathKind {
     }
 }
 
+/// How many exports can be served zero copy at once: each holds `queue_depth` fixed-buffer
+/// slots on every reactor, and a reactor has `max_exports × queue_depth` of them, bounded
+/// by io_uring's table (16383 besides index 0: 127 exports at the default depth of 128).
+pub(crate) fn zero_copy_capacity(settings: &ExportSettings) -> usize {
+    let depth = u64::from(settings.queue_depth.max(1));
+    let slots = (u64::from(settings.max_exports) * depth)
+        .min(u64::from(crate::reactor::kslots::MAX_TABLE - 1));
+    usize::try_from(slots / depth).unwrap_or(usize::MAX)
+}
+
 /// ADD flags for an export on `path`: the chosen flags (AUTO_BUF_REG|USER_COPY for zero
 /// copy); for the copy path USER_COPY without AUTO_BUF_REG, also where zero copy was
 /// chosen but USER_COPY is missing (no fallback for requests that need the bytes).
@@ -1009,5 +1065,29 @@ impl pb::exports_server::Exports for ExportsService {
             exports,
             next_page_token,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_copy_capacity_is_what_fits_the_fixed_buffer_table() {
+        let d = ExportSettings::default();
+        // 256 exports of depth 128 would need 32768 slots; the table holds 16383.
+        assert_eq!(zero_copy_capacity(&d), 127);
+        let small = ExportSettings {
+            max_exports: 40,
+            queue_depth: 64,
+            ..ExportSettings::default()
+        };
+        assert_eq!(zero_copy_capacity(&small), 40);
+        let deep = ExportSettings {
+            max_exports: 4096,
+            queue_depth: 4096,
+            ..ExportSettings::default()
+        };
+        assert_eq!(zero_copy_capacity(&deep), 3);
     }
 }
