@@ -143,6 +143,10 @@ pub struct Summary {
     pub superblock_copy: Option<u32>,
     /// Its generation.
     pub generation: u64,
+    /// Its format version (1 or 2).
+    pub format_version: u32,
+    /// The pool's journal reach in blocks (FORMAT.md §3).
+    pub journal_reach: u64,
     /// Cluster size.
     pub cluster_bytes: u32,
     /// Data clusters in the pool.
@@ -252,8 +256,8 @@ impl fmt::Display for Report {
         if let Some(copy) = s.superblock_copy {
             writeln!(
                 f,
-                "  superblock: copy {copy}, generation {}, {} clusters of {} bytes",
-                s.generation, s.clusters, s.cluster_bytes
+                "  superblock: copy {copy}, generation {}, format version {}, {} clusters of {} bytes, journal reach {} blocks",
+                s.generation, s.format_version, s.clusters, s.cluster_bytes, s.journal_reach
             )?;
             match &s.checkpoint_area {
                 Some(a) => writeln!(
@@ -587,6 +591,8 @@ impl<'a> Checker<'a> {
         s.pool_uuid = Some(label::Uuid(sb.pool_uuid).to_string());
         s.superblock_copy = Some(copy);
         s.generation = sb.generation;
+        s.format_version = sb.version;
+        s.journal_reach = sb.journal_reach_blocks();
         s.cluster_bytes = sb.cluster_bytes;
         s.clusters = sb.clusters;
         // Geometry problems of the copy in use make every offset suspect: stop here.
