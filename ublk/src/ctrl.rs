@@ -291,10 +291,11 @@ impl Control {
             .build()
             .user_data(1);
         let mut ring = self.take_ring()?;
-        // SAFETY: the SQE points the kernel at `payload` (when len > 0), a heap buffer
-        // that outlives the command: either we reap the completion below before
-        // returning, or, when we must give up with the command possibly in flight, the
-        // buffer is leaked and never freed.
+        // The SQE points the kernel at `payload` (when len > 0), a heap buffer that
+        // outlives the command: either we reap the completion below before returning, or,
+        // when we must give up with the command possibly in flight, the buffer is leaked
+        // and never freed.
+        // SAFETY: the SQE's buffer outlives the command (above).
         if unsafe { ring.submission().push(&sqe) }.is_err() {
             return Err(Error::Ring(std::io::Error::other("control ring full")));
         }

@@ -135,10 +135,10 @@ impl IoDescs {
             return Err(err(std::io::Error::from_raw_os_error(libc::EINVAL)));
         }
         let page = page_size();
-        // SAFETY: a shared read-only mapping of the kernel's descriptor array. The kernel
-        // rewrites descriptors while it is mapped, so its bytes are never borrowed as
-        // `&[u8]`: they are only read through `get` with volatile reads of whole
-        // descriptors. The mapping lives as long as `self`.
+        // A shared read-only mapping of the kernel's descriptor array. The kernel rewrites
+        // descriptors while it is mapped, so its bytes are never borrowed as `&[u8]`:
+        // they are only read through `get` with volatile reads of whole descriptors.
+        // SAFETY: read-only, never borrowed as a slice, and it lives as long as `self`.
         let map = unsafe {
             MmapOptions::new()
                 .offset(descs_offset(q_id, page))
@@ -162,10 +162,11 @@ impl IoDescs {
             self.queue_depth
         );
         let base = self.map.as_ptr().cast::<sys::ublksrv_io_desc>();
-        // SAFETY: `tag < queue_depth`, and the mapping holds `queue_depth` descriptors
-        // (its length was rounded up from `queue_depth * 24`); the base is page aligned
-        // and 24-byte strides keep 8-byte alignment. Volatile, because the kernel writes
-        // the array behind the compiler's back.
+        // `tag < queue_depth`, and the mapping holds `queue_depth` descriptors (its length
+        // was rounded up from `queue_depth * 24`); the base is page aligned and 24-byte
+        // strides keep 8-byte alignment. Volatile, because the kernel writes the array
+        // behind the compiler's back.
+        // SAFETY: in bounds and aligned (above).
         let raw = unsafe { std::ptr::read_volatile(base.add(usize::from(tag))) };
         IoDesc::decode(&raw)
     }
@@ -396,8 +397,9 @@ mod tests {
     /// 16-byte command at offset 48, addr at offset 16.
     fn sqe_bytes(e: &squeue::Entry) -> [u8; 64] {
         const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
-        // SAFETY: test only: `squeue::Entry` is a `repr(C)` wrapper of the 64-byte SQE,
-        // built from a zeroed SQE, so every byte is initialised.
+        // Test only: `squeue::Entry` is a `repr(C)` wrapper of the 64-byte SQE, built
+        // from a zeroed SQE, so every byte is initialised.
+        // SAFETY: same size (asserted above) and every byte initialised.
         unsafe { std::mem::transmute_copy(e) }
     }
 

@@ -799,9 +799,10 @@ fn serve_queue(dev_id: u32, choice: &Choice, backing: &File, stop: &AtomicBool) 
                                     .build()
                             };
                             let sqe = sqe.user_data(KIND_BACKING | u64::from(tag));
-                            // SAFETY: the IO targets the buffer the kernel registered at
-                            // index `tag` for this request; it stays registered until
-                            // this tag's COMMIT, which waits for this completion.
+                            // The IO targets the buffer the kernel registered at index
+                            // `tag` for this request; it stays registered until this
+                            // tag's COMMIT, which waits for this completion.
+                            // SAFETY: the registered buffer outlives the IO (above).
                             unsafe { ring.submission().push(&sqe) }.expect("room");
                             continue;
                         }
@@ -886,8 +887,9 @@ fn drop_effective_cap(cap: u32) {
         pid: 0,
     };
     let mut data = [CapData::default(); 2];
-    // SAFETY: capget writes two `CapData` (version 3) into `data`, which has room for
-    // exactly two, and reads the header.
+    // capget writes two `CapData` (version 3) into `data`, which has room for exactly
+    // two, and reads the header.
+    // SAFETY: both pointers are valid for what capget reads and writes.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_capget,

@@ -315,15 +315,11 @@ fn begun(mark: Option<usize>, ended: bool, nsteps: usize) -> usize {
 /// The bounds after mark `s<ms>` (or after the target's end mark).
 fn bounds(m: &Model, ms: usize, ended: bool) -> Bounds {
     let nsteps = m.steps.len() - 1;
-    let (acked, last) = if ended {
-        (nsteps, nsteps)
-    } else {
-        (ms, (ms + 1).min(nsteps))
-    };
+    let acked = if ended { nsteps } else { ms };
     Bounds {
         floor: m.floor(acked),
         acked,
-        last,
+        last: begun(Some(ms), ended, nsteps),
     }
 }
 

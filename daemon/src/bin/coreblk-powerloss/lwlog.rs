@@ -185,8 +185,9 @@ pub fn settle(dev: &Path, name: &str, timeout: std::time::Duration) -> Result<Lo
     loop {
         // The log's writes bypass the page cache of `dev`: drop what an earlier pass
         // read, so this one sees the device.
-        // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open
-        // for the call's duration (`f` lives until the end of this function).
+        // posix_fadvise only reads its integer arguments, and `f` lives until the end of
+        // this function.
+        // SAFETY: a plain syscall on a descriptor that is open for the call's duration.
         let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         ensure!(rc == 0, "posix_fadvise on {what}: error {rc}");
         let log = parse(&f, &what)?;
