@@ -33,16 +33,17 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Duration;
 
 use coreblk_ublk as ublk;
-use io_uring::{opcode, types};
+use io_uring::types;
 
 use super::{commit_errno, piece_bytes, piece_len, plan, serve_zero_copy, DescOp, Plan};
 use crate::bdev::{Channel, Io};
-use crate::reactor::{BufWaiter, Completion, Errno, IoBuf, IoResult, OpKind, Reactor};
+use crate::reactor::{BufWaiter, Completion, Errno, IoBuf, IoResult, Reactor};
 
 /// Phases of a tag's request (bits 32.. of a completion tag; 0 = the standing command).
 const PH_FETCH: u64 = 0;
@@ -527,7 +528,13 @@ impl Queue {
     }
 
     /// Moves a piece's bytes between `buf` and the request: in (a write's data into
-    /// `buf`) or out (a read's data to the request).
+    /// `buf`) or out (a read's data to the request), then goes on as its completion would.
+    ///
+    /// A plain `pread`/`pwrite` on `/dev/ublkcN`, here on the reactor, not an io_uring
+    /// READ/WRITE: the char device does not offer non-blocking IO (no FMODE_NOWAIT on
+    /// 6.12 or 7.x), so io_uring punts every such SQE to an io-wq worker thread, a thread
+    /// hop and two wake-ups per piece. The driver's user copy is a memcpy between this
+    /// buffer and the request's pages, which are already in memory: it never waits.
     fn copy(&self, rx: &Reactor, tag: u16, mut buf: IoBuf, out: bool) {
         let done = self.tags.borrow()[usize::from(tag)].done;
         let off = ublk::user_copy_offset(
@@ -535,35 +542,27 @@ impl Queue {
             tag,
             u32::try_from(done).expect("a request is at most max_io_bytes"),
         );
-        let len = u32::try_from(buf.len()).expect("a piece fits u32");
-        let fd = self.char_fd();
-        let Some(ptr) = buf.mem_ptr() else {
-            unreachable!("the copy path copies into pooled buffers, never kernel ones")
-        };
-        // Never READ_FIXED / WRITE_FIXED here, even from a registered buffer: the driver's
-        // user copy takes only a user-backed iterator and answers EACCES to a registered
-        // buffer's bvec iterator (6.12), which failed every request with EIO.
-        let sqe = if out {
-            opcode::Write::new(fd, ptr, len).offset(off).build()
-        } else {
-            opcode::Read::new(fd, ptr, len).offset(off).build()
+        let file: &File = &self.spec.char_dev;
+        let res = loop {
+            let r = if out {
+                let Some(bytes) = buf.as_slice() else {
+                    unreachable!("the copy path copies from pooled buffers, never kernel ones")
+                };
+                file.write_at(bytes, off)
+            } else {
+                let Some(bytes) = buf.as_mut_slice() else {
+                    unreachable!("the copy path copies into pooled buffers, never kernel ones")
+                };
+                file.read_at(bytes, off)
+            };
+            match r {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Ok(n) => break Ok(u32::try_from(n).unwrap_or(u32::MAX)),
+                Err(e) => break Err(Errno(e.raw_os_error().unwrap_or(libc::EIO))),
+            }
         };
         let ph = if out { PH_COPY_OUT } else { PH_COPY_IN };
-        // the SQE points into `buf`, which moves into the request slot and comes
-        // back only with the completion; the fd is the char device this queue holds open.
-        // SAFETY: the reasons above hold for this call.
-        let r = unsafe { rx.submit(sqe, OpKind::Fast, self.rc(), tag_with(tag, ph), Some(buf)) };
-        if let Err((_, buf)) = r {
-            // Full request table: try again shortly (the buffer stays with the tag).
-            let me = self.rc();
-            let Some(buf) = buf else {
-                return self.commit(rx, tag, -libc::EIO);
-            };
-            rx.add_timer(
-                RETRY_AFTER,
-                Box::new(move |rx: &Reactor| me.copy(rx, tag, buf, out)),
-            );
-        }
+        self.on_io(rx, tag, ph, res, Some(buf));
     }
 
     fn on_io(&self, rx: &Reactor, tag: u16, phase: u64, res: IoResult, buf: Option<IoBuf>) {
