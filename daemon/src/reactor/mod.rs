@@ -199,6 +199,14 @@ pub const DEFAULT_POLL_MAX_GAP_US: u64 = 30;
 /// A sample is capped at 2 × [`NAP_MAX`], so one long idle period makes the next burst
 /// of IO nap, not sleep, and only for a few IOs.
 ///
+/// A poll is also bounded by the gap itself ([`Self::poll_window`]): work that has not come
+/// within 4 × the learned gap (at least 2 × `poll_max_gap_us`) is late, and the reactor
+/// sleeps until it comes. Without that bound a late answer kept the reactor spinning up
+/// to `busy_poll_limit_us` (2 ms), and when whatever it waits for needs this core (the
+/// application submitting the next request on a shared core; under TCG every vCPU shares
+/// one host thread) the spin itself made the answer late: 1 request in ~20 took 2 ms at
+/// QD1 in the VM.
+///
 /// Must never: keep the reactor polling past the configured limits, or take a lock.
 #[derive(Debug)]
 pub struct PollPolicy {
@@ -256,6 +264,19 @@ impl PollPolicy {
         } else {
             IdlePlan::Sleep
         }
+    }
+
+    /// How long a [`IdlePlan::Poll`] of this kind of wait may poll before it sleeps: 4 × the
+    /// learned gap, at least 2 × `poll_max_gap_us`; `None` with the policy off (poll up to
+    /// the configured limits).
+    pub fn poll_window(&self, fast: bool) -> Option<Duration> {
+        if self.max_gap_ns == 0 {
+            return None;
+        }
+        let gap = self.gap_ns[usize::from(fast)];
+        Some(Duration::from_nanos(
+            gap.saturating_mul(4).max(self.max_gap_ns.saturating_mul(2)),
+        ))
     }
 
     /// The learned gap of a kind of wait (for tests and logs).
@@ -1012,8 +1033,9 @@ impl Reactor {
                 (Some(t), Some(c)) => Some(t.min(c)),
                 (t, c) => t.or(c),
             };
+            let poll_limit = policy.poll_window(kind).map_or(limit, |w| w.min(limit));
             match policy.plan(kind) {
-                IdlePlan::Poll if idle_for < limit => {}
+                IdlePlan::Poll if idle_for < poll_limit => {}
                 IdlePlan::Nap(nap, _) if !napped => {
                     napped = true;
                     self.stats.early_sleeps.fetch_add(1, Ordering::Relaxed);

@@ -310,6 +310,11 @@ fn the_poll_policy_learns_the_gap_per_kind_of_wait() {
         p.gap(true)
     );
     assert_eq!(p.plan(false), IdlePlan::Poll, "the other kind is untouched");
+    assert_eq!(
+        p.poll_window(false),
+        Some(Duration::from_micros(60)),
+        "a poll with no history waits twice poll_max_gap_us for work"
+    );
     // A 200 µs device: nap for half of it, then poll until twice it.
     for _ in 0..60 {
         p.observe(true, Duration::from_micros(200));
@@ -333,6 +338,17 @@ fn the_poll_policy_learns_the_gap_per_kind_of_wait() {
         );
     }
     assert!(n >= 2, "{n}");
+    // Polling again, the window is 4 x the learned gap (at least 60 µs).
+    let w = p.poll_window(true).expect("the policy is on");
+    assert_eq!(w, (p.gap(true) * 4).max(Duration::from_micros(60)), "{w:?}");
+    for _ in 0..60 {
+        p.observe(true, Duration::from_micros(25));
+    }
+    let w = p.poll_window(true).expect("the policy is on");
+    assert!(
+        w > Duration::from_micros(90) && w <= Duration::from_micros(101),
+        "a 25 µs device polls up to ~100 µs: {w:?}"
+    );
     // One long idle period makes a busy queue nap, not sleep, and only for a few requests.
     for _ in 0..60 {
         p.observe(false, Duration::from_micros(3));
@@ -353,6 +369,11 @@ fn the_poll_policy_learns_the_gap_per_kind_of_wait() {
     let mut off = PollPolicy::new(0);
     off.observe(true, Duration::from_secs(1));
     assert_eq!(off.plan(true), IdlePlan::Poll);
+    assert_eq!(
+        off.poll_window(true),
+        None,
+        "off: the configured limits alone"
+    );
 }
 
 /// Reads of a pipe another thread writes every 2 ms, submitted as fast IO: a device that
