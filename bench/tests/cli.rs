@@ -446,10 +446,12 @@ fn several_volumes_with_qos_report_each_volume_per_second() {
         );
     }
     // The cap is never exceeded: 500/s over the window plus the 50 saved at the start
-    // (and one request of overdraft); an upper bound only.
+    // (and one request of overdraft); an upper bound only. A request issued before the
+    // window's end counts even when the cap lets it complete after the end: up to --qd (8)
+    // more (CI saw 558 on a loaded machine).
     let ios = vols[0]["ios"].as_u64().expect("ios");
     assert!(
-        ios <= 500 + 50 + 1,
+        ios <= 500 + 50 + 1 + 8,
         "volume 0 did {ios} IOs in 1 s under a 500 IOPS cap"
     );
     assert!(vols[1]["ios"].as_u64().is_some_and(|n| n > 0), "{v}");
