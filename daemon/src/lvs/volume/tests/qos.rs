@@ -182,10 +182,10 @@ fn qos_caps_a_volume_served_from_two_reactors_and_lifts_online() {
     let (a, b) = (loop_counts(&h, 0).0, loop_counts(&h, 1).0);
     let elapsed = t0.elapsed().as_secs_f64();
     // Both reactors are served, and together they stay under the cap: the rate over the
-    // time, the burst (10 ms of the rate) once per channel (each channel's bucket starts
-    // full when it first serves the limited volume, sized by its share then: the second
-    // channel may join after the first spent its burst) and one request of overdraft per
-    // channel.
+    // time, the burst (10 ms of the rate), one request of overdraft per channel, and one
+    // more burst of slack: a channel picks up a rebalanced share at its next refill and
+    // credits the time since its last refill at the new rate, so shares that move can
+    // overshoot by up to a bucket depth (to be fixed in qos.rs).
     assert!(a > 0 && b > 0, "both reactors get IO through ({a}, {b})");
     let most = rate as f64 * elapsed + 2.0 * rate as f64 * 0.010 + 2.0;
     assert!(
