@@ -505,18 +505,9 @@ impl Limiter {
         if st.last_refill.is_some_and(|t| t >= now) {
             return;
         }
-        // The rebalancer's lock is tried at most once per period per channel.
-        if self.shared.nslots.load(Ordering::Relaxed) > 1
-            && st.next_rebalance.is_none_or(|t| now >= t)
-        {
-            st.next_rebalance = Some(now + REBALANCE_PERIOD);
-            self.shared.rebalance(now, REBALANCE_PERIOD);
-        }
-        let share = self.share();
-        if share != st.share_ppm {
-            st.share_ppm = share;
-            set_rates(st, false);
-        }
+        // The time since the last refill is credited at the rates this channel had then;
+        // a share that moved applies from now on (crediting the past at a raised share
+        // gave a channel tokens for time another channel held that rate).
         let dt = match st.last_refill {
             Some(t) => now.duration_since(t).as_secs_f64(),
             None => 0.0,
@@ -528,6 +519,18 @@ impl Limiter {
                     b.tokens = (b.tokens + b.rate * dt).min(b.depth);
                 }
             }
+        }
+        // The rebalancer's lock is tried at most once per period per channel.
+        if self.shared.nslots.load(Ordering::Relaxed) > 1
+            && st.next_rebalance.is_none_or(|t| now >= t)
+        {
+            st.next_rebalance = Some(now + REBALANCE_PERIOD);
+            self.shared.rebalance(now, REBALANCE_PERIOD);
+        }
+        let share = self.share();
+        if share != st.share_ppm {
+            st.share_ppm = share;
+            set_rates(st, false);
         }
     }
 
